@@ -1,0 +1,153 @@
+"""The one place that knows the devices: CUDA GPUs, Ascend NPUs (torch_npu), Tecorigin SDAA
+(torch_sdaa), Apple MPS and the CPU.
+
+`resolve_device('auto' | 'cuda' | 'npu' | 'sdaa' | 'mps' | 'cpu')` returns a `Device` that answers
+everything the rest of the code needs: the torch.device, autocast, the GradScaler, the
+distributed backend, synchronize and peak memory. The vendor plugins are imported only when
+their device is asked for (or probed by 'auto'); a missing plugin or device is a UsageError
+that names what to install.
+"""
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from util.errors import UsageError
+
+# What each accelerator needs beyond torch, and its collective-communication backend.
+_PLUGINS = {'npu': 'torch_npu', 'sdaa': 'torch_sdaa'}
+_INSTALL_HINTS = {
+    'npu': 'install the Ascend plugin (pip install torch-npu, matching your CANN and torch versions)',
+    'sdaa': "install Tecorigin's torch_sdaa plugin from the Tecorigin SDK (TecoPyTorch)",
+    'cuda': 'install a CUDA build of PyTorch and check that nvidia-smi sees a GPU',
+    'mps': 'use an Apple-silicon Mac with macOS 12.3 or newer and a PyTorch build with MPS',
+}
+_BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'sdaa': 'tccl', 'mps': 'gloo', 'cpu': 'gloo'}
+AUTO_ORDER = ('npu', 'sdaa', 'cuda', 'mps', 'cpu')
+PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')
+_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
+
+
+def _accelerator_module(device_type):
+    """torch.cuda, torch.npu, torch.sdaa or torch.mps; None for the CPU."""
+    return None if device_type == 'cpu' else getattr(torch, device_type, None)
+
+
+def _import_plugin(device_type):
+    """Import the vendor plugin of a device; False when it is not installed."""
+    plugin = _PLUGINS.get(device_type)
+    if plugin is None:
+        return True
+    try:
+        importlib.import_module(plugin)
+    except ImportError:
+        return False
+    return True
+
+
+def _is_available(device_type):
+    if device_type == 'cpu':
+        return True
+    if not _import_plugin(device_type):
+        return False
+    module = _accelerator_module(device_type)
+    return module is not None and module.is_available()
+
+
+@dataclass
+class Device:
+    """One process's device and what the training code asks of it."""
+    type: str            # 'cuda', 'npu', 'sdaa', 'mps' or 'cpu'
+    index: int | None    # local device index (LOCAL_RANK) on accelerators with several devices
+
+    @property
+    def torch_device(self):
+        return torch.device(self.type if self.index is None else f'{self.type}:{self.index}')
+
+    @property
+    def module(self):
+        return _accelerator_module(self.type)
+
+    @property
+    def dist_backend(self):
+        return _BACKENDS[self.type]
+
+    def supports_bf16(self):
+        if self.type == 'cpu':
+            return True
+        is_supported = getattr(self.module, 'is_bf16_supported', None)
+        return bool(is_supported()) if is_supported is not None else False
+
+    def resolve_precision(self, precision):
+        """'auto' is bf16 where the accelerator supports it, else fp16; fp32 on the CPU, whose
+        bf16 kernels are slower than fp32 on most processors."""
+        if precision not in PRECISIONS:
+            raise UsageError(f'--precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+        if precision != 'auto':
+            return precision
+        if self.type == 'cpu':
+            return 'fp32'
+        return 'bf16' if self.supports_bf16() else 'fp16'
+
+    def autocast(self, precision):
+        """Autocast context for a resolved precision; fp32 is a no-op."""
+        if precision == 'fp32':
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.type, dtype=_DTYPES[precision])
+
+    def grad_scaler(self, precision):
+        """A GradScaler for fp16 (its small exponent range needs loss scaling); None otherwise."""
+        if precision != 'fp16':
+            return None
+        vendor_amp = getattr(self.module, 'amp', None) if self.type in _PLUGINS else None
+        if vendor_amp is not None and hasattr(vendor_amp, 'GradScaler'):
+            return vendor_amp.GradScaler()
+        return torch.amp.GradScaler(self.type)
+
+    def supports_fused_adamw(self):
+        return self.type in ('cuda', 'cpu')
+
+    def synchronize(self):
+        if self.module is not None and hasattr(self.module, 'synchronize'):
+            self.module.synchronize()
+
+    def max_memory_allocated(self):
+        """Peak bytes allocated on this device by this process (0 where not tracked)."""
+        if self.type in ('cuda', 'npu', 'sdaa'):
+            return self.module.max_memory_allocated(self.torch_device)
+        if self.type == 'mps':
+            return torch.mps.driver_allocated_memory()
+        return 0
+
+
+def local_rank_from_env():
+    return int(os.environ.get('LOCAL_RANK', 0))
+
+
+def resolve_device(name='auto', local_rank=None):
+    """Pick the device for this process and make it the current one.
+
+    name: 'auto' (the first present of npu, sdaa, cuda, mps, cpu) or one of them explicitly
+    local_rank: index of this process on its machine; default: $LOCAL_RANK (torchrun sets it)
+    """
+    if name == 'auto':
+        name = next(t for t in AUTO_ORDER if _is_available(t))
+    if name not in _BACKENDS:
+        raise UsageError(f'--device must be auto, {", ".join(AUTO_ORDER)}; got {name!r}')
+    if name in _PLUGINS and not _import_plugin(name):
+        raise UsageError(f'--device {name} needs the {_PLUGINS[name]} package: {_INSTALL_HINTS[name]}')
+    if not _is_available(name):
+        raise UsageError(f'--device {name} was asked for but no {name} device is available: '
+                         f'{_INSTALL_HINTS[name]}, or choose another --device')
+
+    if name in ('cpu', 'mps'):
+        return Device(name, None)
+    local_rank = local_rank_from_env() if local_rank is None else local_rank
+    count = _accelerator_module(name).device_count()
+    if local_rank >= count:
+        raise UsageError(f'local rank {local_rank} needs {local_rank + 1} {name} devices, '
+                         f'but {count} are visible: start fewer processes per node')
+    _accelerator_module(name).set_device(local_rank)
+    return Device(name, local_rank)

@@ -1,0 +1,115 @@
+"""Distributed training: joining the process group (torchrun or SLURM), rank helpers,
+reductions and rank-0-only printing.
+
+A single process (plain `python main_pretrain.py`) is a world of size 1 and needs no process
+group; every helper here works in both cases.
+"""
+import builtins
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from util.errors import UsageError
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def read_world_from_env():
+    """This process's place from torchrun's variables, or from SLURM's under `srun`.
+
+    SLURM's are copied to torchrun's names so that everything downstream (the device shim's
+    LOCAL_RANK, init_method='env://') reads one set of variables.
+    """
+    if 'RANK' not in os.environ and 'SLURM_PROCID' in os.environ:
+        os.environ['RANK'] = os.environ['SLURM_PROCID']
+        os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+        os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
+        if int(os.environ['WORLD_SIZE']) > 1 and 'MASTER_ADDR' not in os.environ:
+            raise UsageError('under SLURM set MASTER_ADDR and MASTER_PORT (e.g. MASTER_ADDR=$(scontrol '
+                             'show hostnames $SLURM_JOB_NODELIST | head -n 1) MASTER_PORT=29500)')
+    return World(rank=int(os.environ.get('RANK', 0)),
+                 world_size=int(os.environ.get('WORLD_SIZE', 1)),
+                 local_rank=int(os.environ.get('LOCAL_RANK', 0)))
+
+
+def init_process_group(world, device, timeout_minutes=30):
+    """Join the process group with the device's backend (nccl, hccl, tccl or gloo)."""
+    if world.distributed:
+        dist.init_process_group(backend=device.dist_backend, init_method='env://',
+                                world_size=world.world_size, rank=world.rank,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.barrier()
+    print_only_on_main_process(world.rank == 0)
+
+
+def destroy_process_group():
+    if is_dist_initialized():
+        dist.destroy_process_group()
+
+
+def print_only_on_main_process(is_main):
+    """Silence print() on every rank but 0; print(..., force=True) still prints everywhere."""
+    builtin_print = builtins.__dict__.setdefault('_builtin_print', builtins.print)
+
+    def rank_print(*args, force=False, **kwargs):
+        if is_main or force:
+            builtin_print(*args, **kwargs)
+    builtins.print = rank_print
+
+
+def is_dist_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor):
+    """Mean of a tensor over all ranks (the tensor itself on a single process)."""
+    if not is_dist_initialized():
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor / get_world_size()
+
+
+def all_reduce_max(tensor):
+    if not is_dist_initialized():
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def wrap_ddp(model, device):
+    """DistributedDataParallel on one device per process; the model itself when not distributed."""
+    if not is_dist_initialized():
+        return model
+    device_ids = None if device.index is None else [device.index]
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -1,0 +1,199 @@
+"""THE training loop, shared by pre-training and fine-tuning.
+
+What is particular to a method stays behind `loss_fn(model, batch) -> loss`; the loop does
+the rest: the per-step learning rate, autocast, loss scaling (fp16), gradient accumulation
+(DDP gradients synchronised on the last micro-batch only), clipping, and logging every
+`--log_freq` steps. The host waits for the device only at those log steps, where the loss is
+read, checked for NaN/inf and reported with the images/s of the interval.
+"""
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from util import checkpoint, dist
+from util.errors import UsageError
+from util.lr_sched import adjust_learning_rate
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Progress:
+    step: int = 0       # optimizer steps since training began (carried in checkpoints)
+    run_steps: int = 0  # optimizer steps of this invocation (--max_steps counts these)
+
+
+class Throughput:
+    """Images per second between log steps. The first interval of a run holds start-up
+    (workers, compilation, autotuning) and is left out of the steady-state figure whenever a
+    later interval exists."""
+
+    def __init__(self):
+        self.first = None
+        self.images = 0
+        self.seconds = 0.0
+
+    def add(self, images, seconds):
+        if self.first is None:
+            self.first = (images, seconds)
+        else:
+            self.images += images
+            self.seconds += seconds
+        return images / max(seconds, 1e-9)
+
+    @property
+    def steady_state(self):
+        if self.seconds > 0:
+            return self.images / self.seconds
+        return self.first[0] / max(self.first[1], 1e-9) if self.first else 0.0
+
+
+def to_device(batch, device):
+    """Move the tensors of a (nested) batch to the device, without waiting for the copy."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def iters_per_epoch(loader, accum_iter):
+    """Micro-batches in a full epoch of this rank, a whole number of optimizer steps."""
+    full_batches = loader.sampler.num_samples // loader.batch_size
+    return full_batches // accum_iter * accum_iter
+
+
+def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
+                    progress, throughput, logger, start_iter=0):
+    """Train for one epoch (or what remains of it after `start_iter` micro-batches).
+
+    returns: {'loss': mean over the epoch's logged steps, 'lr': last lr, 'ips': steady-state
+              images/s so far, 'iters': micro-batches done in this epoch, 'complete': bool}
+    """
+    model.train()
+    accum = args.accum_iter
+    epoch_iters = iters_per_epoch(loader, accum)
+    steps_per_epoch = epoch_iters // accum
+    images_per_step = args.batch_size * accum * dist.get_world_size()
+    dev = device.torch_device
+
+    loss_sum = torch.zeros((), device=dev)  # micro-batch losses since the last log, on the device
+    micro_batches = 0
+    epoch_loss, epoch_micro_batches = 0.0, 0
+    images, tic = 0, time.perf_counter()
+    lr, grad_norm = 0.0, None
+    it = start_iter
+    data = iter(loader)
+    for it in range(start_iter, epoch_iters):
+        batch = to_device(next(data), dev)
+        if it % accum == 0:
+            lr = adjust_learning_rate(optimizer, epoch + it / epoch_iters, args)
+
+        last_micro_batch = (it + 1) % accum == 0
+        sync_grads = contextlib.nullcontext() if last_micro_batch or not hasattr(model, 'no_sync') \
+            else model.no_sync()
+        with sync_grads:
+            with device.autocast(precision):
+                loss = loss_fn(model, batch)
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+        micro_batches += 1
+        if not last_micro_batch:
+            continue
+
+        if args.clip_grad:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.run_steps += 1
+        images += images_per_step
+
+        step_in_epoch = (it + 1) // accum
+        out_of_steps = args.max_steps is not None and progress.run_steps >= args.max_steps
+        if progress.step % args.log_freq and step_in_epoch < steps_per_epoch and not out_of_steps:
+            continue
+
+        # a log step: the one place where the host waits for the device
+        mean_loss = dist.all_reduce_mean(loss_sum / micro_batches).item()
+        toc = time.perf_counter()
+        ips = throughput.add(images, toc - tic)
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(
+                f'the loss is {mean_loss} at epoch {epoch}, step {progress.step}: training stopped; the last '
+                f'good checkpoint is the last one written. Lower --blr, set --clip_grad, or use --precision '
+                f'bf16/fp32')
+        record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips}
+        if grad_norm is not None:
+            record['grad_norm'] = grad_norm.item()
+        if device.max_memory_allocated():
+            record['mem_mb'] = round(device.max_memory_allocated() / 2 ** 20)
+        seconds_per_step = (toc - tic) / (images / images_per_step)
+        logger.log_step(record, steps_per_epoch, step_in_epoch, (steps_per_epoch - step_in_epoch) * seconds_per_step)
+        epoch_loss += mean_loss * micro_batches
+        epoch_micro_batches += micro_batches
+        loss_sum.zero_()
+        micro_batches, images, tic = 0, 0, time.perf_counter()
+        if out_of_steps:
+            break
+
+    done = it + 1 if epoch_iters > start_iter else start_iter
+    return {'loss': epoch_loss / max(epoch_micro_batches, 1), 'lr': lr, 'ips': throughput.steady_state,
+            'iters': done, 'complete': done >= epoch_iters}
+
+
+def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
+          start_epoch=0, start_iter=0, progress=None, after_epoch=None):
+    """The epoch loop: train, write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` every
+    --save_freq epochs and at the end), log the epoch, stop at --epochs or --max_steps.
+
+    after_epoch(epoch, stats) -> dict of extra epoch results (fine-tuning evaluates there)
+    returns: the stats of the last epoch run ({} when there was nothing left to train)
+    """
+    progress = progress or Progress()
+    throughput = Throughput()
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.perf_counter()
+        loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size)
+        stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
+                                progress, throughput, logger, start_iter=start_iter)
+        start_iter = 0
+        if after_epoch is not None:
+            stats.update(after_epoch(epoch, stats))
+        save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args)
+        logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
+                          **{k: v for k, v in stats.items() if k.startswith('test_')},
+                          'epoch': epoch, 'step': progress.step,
+                          'epoch_seconds': round(time.perf_counter() - epoch_start, 1)})
+        if not stats['complete']:
+            break
+    return stats
+
+
+def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, args):
+    """checkpoint-last.pth always; checkpoint-{epoch}.pth on --save_freq epochs and the last one.
+    An epoch cut short by --max_steps is recorded as such, so a resume finishes it."""
+    if not args.output_dir or not dist.is_main_process():
+        return
+    completed = epoch if stats['complete'] else epoch - 1
+    state = checkpoint.training_state(model, optimizer, scaler, completed, progress.step, args,
+                                      epoch_iters=0 if stats['complete'] else stats['iters'])
+    checkpoint.atomic_save(state, os.path.join(args.output_dir, checkpoint.LAST))
+    if stats['complete'] and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+        checkpoint.atomic_save(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))

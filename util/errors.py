@@ -1,0 +1,15 @@
+"""Errors that are the user's to fix: printed as one line, never as a traceback."""
+import sys
+
+
+class UsageError(Exception):
+    """Bad input (a flag, a path, a checkpoint): the message says what to do."""
+
+
+def run_cli(main, *args):
+    """Run an entry point; a UsageError ends the program with its one-line message."""
+    try:
+        return main(*args)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,69 @@
+"""Logging of a training run, on the main process only:
+- the console: one line per logged step, carrying `train.loss : X` and `train.ips : Y` for the
+  Tecorigin/Ascend tooling;
+- <output_dir>/log.jsonl: one JSON object per logged step (epoch, step, loss, lr, ips, ...);
+- <output_dir>/log.txt: one JSON object per epoch (the official MAE format);
+- TensorBoard scalars in <log_dir>.
+"""
+import datetime
+import json
+import os
+
+
+def _format(value):
+    if isinstance(value, float):
+        return f'{value:.6g}'
+    return str(value)
+
+
+class RunLogger:
+    def __init__(self, output_dir, log_dir, enabled):
+        self.enabled = enabled
+        self.output_dir = output_dir
+        self.log_dir = log_dir
+        self.writer = None
+        if not enabled:
+            return
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only where it writes
+            self.writer = SummaryWriter(log_dir=log_dir)
+
+    def _append(self, name, record):
+        if self.output_dir:
+            with open(os.path.join(self.output_dir, name), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    def log_step(self, record, steps_in_epoch, step_in_epoch, eta_seconds):
+        """record: {'epoch', 'step', 'loss', 'lr', 'ips', ...}; one console line, one JSON line,
+        TensorBoard scalars against the global step."""
+        if not self.enabled:
+            return
+        width = len(str(steps_in_epoch))
+        extras = '  '.join(f'{k}: {_format(v)}' for k, v in record.items()
+                           if k not in ('epoch', 'step', 'loss', 'lr', 'ips'))
+        eta = str(datetime.timedelta(seconds=int(eta_seconds)))
+        print(f"Epoch: [{record['epoch']}]  [{step_in_epoch:>{width}}/{steps_in_epoch}]  eta: {eta}  "
+              f"lr: {record['lr']:.6e}  {extras + '  ' if extras else ''}"
+              f"train.loss : {record['loss']:.6f}  train.ips : {record['ips']:.2f}", flush=True)
+        self._append('log.jsonl', record)
+        if self.writer is not None:
+            for key in ('loss', 'lr', 'ips'):
+                self.writer.add_scalar(f'train/{key}', record[key], record['step'])
+
+    def log_epoch(self, record):
+        """record: {'train_loss', 'train_lr', ..., 'epoch'} in MAE's log.txt format."""
+        if not self.enabled:
+            return
+        self._append('log.txt', record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != 'epoch' and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f'epoch/{key}', value, record['epoch'])
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,42 @@
+"""The one place that knows the model files and finds a model by name.
+
+Each model file decorates its factories with `register_pretrain_model`; `create_pretrain_model`
+imports the model files (so the decorators run) and builds a model by its official name or
+an alias. An unknown name is a `UsageError` that lists the closest known names.
+"""
+import difflib
+import importlib
+
+from util.errors import UsageError
+
+# The flat model files at the top of the repository; a new method adds its file here.
+MODEL_FILES = ('models_mae',)
+
+_PRETRAIN_MODELS = {}
+
+
+def register_pretrain_model(*aliases):
+    """Register a factory under its own name and under each alias."""
+    def register(factory):
+        for name in (factory.__name__, *aliases):
+            if name in _PRETRAIN_MODELS and _PRETRAIN_MODELS[name] is not factory:
+                raise ValueError(f'model name {name!r} is registered twice')
+            _PRETRAIN_MODELS[name] = factory
+        return factory
+    return register
+
+
+def pretrain_model_names():
+    for module in MODEL_FILES:
+        importlib.import_module(module)
+    return sorted(_PRETRAIN_MODELS)
+
+
+def create_pretrain_model(name, **kwargs):
+    """Build a pre-training model (forward returns (loss, pred, mask)) by name."""
+    names = pretrain_model_names()
+    if name not in _PRETRAIN_MODELS:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+        hint = f'closest: {", ".join(close)}' if close else f'known: {", ".join(names)}'
+        raise UsageError(f'unknown pre-training model {name!r} ({hint})')
+    return _PRETRAIN_MODELS[name](**kwargs)
