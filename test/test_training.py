@@ -1,0 +1,157 @@
+"""The training loop end to end: the schedule, parameter groups, the demo run, resumption,
+gradient accumulation, two processes, and what happens on bad input or a diverging loss."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, read_jsonl, run_pretrain, run_script
+from util import checkpoint
+from util.lr_sched import adjust_learning_rate, lr_at
+
+COMMON = ['--model', 'mae_vit_tiny', '--input_size', 64, '--num_workers', 0, '--device', 'cpu', '--log_freq', 1]
+
+
+def losses_by_step(output_dir):
+    return {r['step']: r['loss'] for r in read_jsonl(os.path.join(output_dir, 'log.jsonl'))}
+
+
+def test_lr_schedule_known_points():
+    lr, min_lr, warmup, epochs = 1e-3, 1e-5, 10, 110
+    assert lr_at(0, lr, min_lr, warmup, epochs) == 0
+    assert lr_at(2.5, lr, min_lr, warmup, epochs) == pytest.approx(lr * 0.25)
+    assert lr_at(10, lr, min_lr, warmup, epochs) == pytest.approx(lr)
+    # half-way through the cosine: cos(pi/2) = 0, the mean of lr and min_lr
+    assert lr_at(60, lr, min_lr, warmup, epochs) == pytest.approx((lr + min_lr) / 2)
+    # a quarter of the way: min + (lr - min) * (1 + cos(pi/4)) / 2
+    assert lr_at(35, lr, min_lr, warmup, epochs) == pytest.approx(min_lr + (lr - min_lr) * (1 + 2 ** -0.5) / 2)
+    assert lr_at(110, lr, min_lr, warmup, epochs) == pytest.approx(min_lr)
+
+
+def test_adjust_learning_rate_scales_each_group():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{'params': [params[0]]}, {'params': [params[1]], 'lr_scale': 0.1}], lr=1)
+    args = type('Args', (), dict(lr=2.0, min_lr=0.0, warmup_epochs=4, epochs=8))()
+    assert adjust_learning_rate(optimizer, 1.0, args) == pytest.approx(0.5)
+    assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.5, 0.05])
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens():
+    from models_mae import mae_vit_tiny_patch8
+    from util.optim import param_groups
+    model = mae_vit_tiny_patch8(depth=1)
+    groups = param_groups(model, 0.05)
+    by_decay = {g['weight_decay']: {id(p) for p in g['params']} for g in groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[i] for i in by_decay[0.0]}
+    decay = {names[i] for i in by_decay[0.05]}
+    assert {'cls_token', 'mask_token', 'blocks.0.norm1.weight', 'blocks.0.attn.qkv.bias'} <= no_decay
+    assert {'blocks.0.attn.qkv.weight', 'decoder_pred.weight', 'patch_embed.proj.weight'} <= decay
+    # the frozen sin-cos tables are not optimised at all
+    assert 'pos_embed' not in no_decay | decay and 'decoder_pos_embed' not in no_decay | decay
+    assert no_decay | decay == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_demo_pretraining_runs_and_loss_falls(demo_root, tmp_path):
+    out = tmp_path / 'demo'
+    run_pretrain(*COMMON, '--data_path', 'demo', '--batch_size', 32, '--epochs', 1, '--warmup_epochs', 0,
+                 '--blr', 2e-3, '--max_steps', 30, '--log_freq', 5, '--output_dir', out)
+    records = read_jsonl(out / 'log.jsonl')
+    assert [r['step'] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert all({'epoch', 'step', 'loss', 'lr', 'ips'} <= set(r) for r in records)
+    # normalised-pixel MSE starts near the target's variance (about 1) and must fall clearly
+    assert records[-1]['loss'] < 0.8 * records[0]['loss']
+    assert os.path.isfile(out / 'checkpoint-last.pth')
+    assert os.path.isfile(out / 'log.txt')
+    assert any(name.startswith('events.out.tfevents') for name in os.listdir(out))
+
+
+def test_resumed_run_continues_exactly(small_folder, tmp_path):
+    """3 epochs in one go == a run stopped part-way through epoch 1 and resumed by itself."""
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--epochs', 3, '--warmup_epochs', 1,
+             '--blr', 1e-3]
+    run_pretrain(*flags, '--output_dir', tmp_path / 'straight')
+    run_pretrain(*flags, '--output_dir', tmp_path / 'resumed', '--max_steps', 6)
+    ckpt = checkpoint.load(tmp_path / 'resumed' / checkpoint.LAST)
+    assert (ckpt['epoch'], ckpt['epoch_iters'], ckpt['step']) == (0, 2, 6)  # 4 steps an epoch
+    run_pretrain(*flags, '--output_dir', tmp_path / 'resumed')
+
+    straight, resumed = losses_by_step(tmp_path / 'straight'), losses_by_step(tmp_path / 'resumed')
+    assert sorted(straight) == list(range(1, 13))
+    assert resumed == straight  # bit for bit: same data order, crops, masks and optimizer state
+    epochs = [r['epoch'] for r in read_jsonl(tmp_path / 'resumed' / 'log.txt')]
+    assert epochs == [0, 1, 1, 2]  # epoch 1 logged when cut short, then when finished
+
+    # a finished run asked for more epochs starts at the next one
+    run_pretrain(*flags[:-4], '--epochs', 4, '--warmup_epochs', 1, '--blr', 1e-3,
+                 '--output_dir', tmp_path / 'straight')
+    assert [r['epoch'] for r in read_jsonl(tmp_path / 'straight' / 'log.txt')] == [0, 1, 2, 3]
+    assert checkpoint.load(tmp_path / 'straight' / checkpoint.LAST)['epoch'] == 3
+    assert os.path.isfile(tmp_path / 'straight' / 'checkpoint-3.pth')  # the last epoch is kept
+
+
+def test_gradient_accumulation_matches_a_larger_batch(small_folder, tmp_path):
+    """2 micro-batches of 8 = one batch of 16: the same samples, the same mean gradient."""
+    flags = [*COMMON, '--data_path', small_folder, '--epochs', 1, '--warmup_epochs', 0, '--lr', 1e-3,
+             '--max_steps', 3]
+    run_pretrain(*flags, '--batch_size', 16, '--output_dir', tmp_path / 'big')
+    run_pretrain(*flags, '--batch_size', 8, '--accum_iter', 2, '--output_dir', tmp_path / 'accum')
+    big, accum = losses_by_step(tmp_path / 'big'), losses_by_step(tmp_path / 'accum')
+    assert sorted(big) == sorted(accum) == [1, 2, 3]
+    for step in big:
+        assert accum[step] == pytest.approx(big[step], rel=1e-4)
+    w_big = checkpoint.load(tmp_path / 'big' / checkpoint.LAST)['model']['decoder_pred.weight']
+    w_accum = checkpoint.load(tmp_path / 'accum' / checkpoint.LAST)['model']['decoder_pred.weight']
+    torch.testing.assert_close(w_accum, w_big, rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_train_like_one(small_folder, tmp_path):
+    """torchrun with 2 gloo processes of 8 images = 1 process of 16: DDP averages the gradients
+    of the same 16 samples, so the losses agree to rounding."""
+    flags = [*COMMON, '--data_path', small_folder, '--epochs', 1, '--warmup_epochs', 0, '--lr', 1e-3,
+             '--max_steps', 3]
+    run_pretrain(*flags, '--batch_size', 16, '--output_dir', tmp_path / 'one')
+    result = run_script(sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2,
+                        '--master_port', 29517, 'main_pretrain.py', *flags, '--batch_size', 8,
+                        '--output_dir', tmp_path / 'two')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'x 2 processes' in result.stdout
+    assert result.stdout.count('train.ips') == 3  # rank 0 prints, rank 1 does not
+    one, two = losses_by_step(tmp_path / 'one'), losses_by_step(tmp_path / 'two')
+    assert sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4)
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(small_folder, tmp_path, monkeypatch):
+    import main_pretrain
+    from util.engine import TrainingDiverged
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--epochs', 3, '--warmup_epochs', 1,
+             '--output_dir', tmp_path]
+    run_pretrain(*flags[:-4], '--epochs', 1, '--warmup_epochs', 1, '--output_dir', tmp_path)
+    good = checkpoint.load(tmp_path / checkpoint.LAST)
+
+    def nan_after_two_steps(model, batch, forward_kwargs, calls=[0]):
+        calls[0] += 1
+        loss = model(batch[0], **batch[1], **forward_kwargs)[0]
+        return loss * float('nan') if calls[0] > 2 else loss
+    monkeypatch.setattr(main_pretrain, 'mim_loss', nan_after_two_steps)
+    with pytest.raises(TrainingDiverged, match='loss is nan at epoch 1, step 7'):
+        run_pretrain(*flags)
+    kept = checkpoint.load(tmp_path / checkpoint.LAST)
+    assert kept['epoch'] == good['epoch'] == 0
+    torch.testing.assert_close(kept['model'], good['model'])
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    result = run_script(sys.executable, 'main_pretrain.py', '--data_path', tmp_path / 'missing', '--device', 'cpu')
+    assert result.returncode == 2
+    assert 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: --data_path') and 'train/' in lines[0]
+
+    result = run_script(sys.executable, 'main_pretrain.py', '--data_path', 'demo', '--model', 'mae_vit_bse')
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert "unknown pre-training model 'mae_vit_bse'" in result.stderr and 'mae_vit_base' in result.stderr
