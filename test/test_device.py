@@ -538,6 +538,7 @@ def test_world_from_slurm(world_env, procid, ntasks, localid):
     world_env.setenv('SLURM_NTASKS', str(ntasks))
     world_env.setenv('SLURM_LOCALID', str(localid))
     world_env.setenv('MASTER_ADDR', 'node001')
+    world_env.setenv('MASTER_PORT', '29500')
     world = read_world_from_env()
     assert world == World(rank=procid, world_size=ntasks, local_rank=localid)
     assert world.distributed
@@ -572,3 +573,64 @@ def test_torchrun_variables_win_over_slurm(world_env):
     world_env.setenv('SLURM_LOCALID', '1')
     assert read_world_from_env() == World(rank=3, world_size=4, local_rank=0)
     assert os.environ['RANK'] == '3' and os.environ['LOCAL_RANK'] == '0'
+
+
+# ----------------------------------------------------------------------------- broken plugins and bad ranks
+
+class BrokenPluginFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes `import <name>` fail the way an installed plugin without its driver libraries does."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, fullname, path, target=None):
+        import importlib.util
+        return importlib.util.spec_from_loader(fullname, self) if fullname == self.name else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise OSError('libhccl.so: cannot open shared object file: No such file or directory')
+
+
+def install_broken_plugin(monkeypatch, device_type):
+    monkeypatch.delitem(sys.modules, PLUGINS[device_type])
+    monkeypatch.setattr(sys, 'meta_path', [BrokenPluginFinder(PLUGINS[device_type])] + sys.meta_path)
+
+
+@pytest.mark.parametrize('device_type', ['npu', 'sdaa'])
+def test_broken_plugin_asked_for_is_a_clear_error(monkeypatch, device_type):
+    install_broken_plugin(monkeypatch, device_type)
+    with pytest.raises(UsageError) as info:
+        resolve_device(device_type)
+    message = str(info.value)
+    assert '\n' not in message and PLUGINS[device_type] in message and 'libhccl.so' in message
+
+
+def test_auto_skips_a_broken_plugin_with_a_warning(monkeypatch):
+    install_broken_plugin(monkeypatch, 'npu')
+    fake_cuda = FakeCuda(monkeypatch)
+    with pytest.warns(UserWarning, match='torch_npu is installed but does not import'):
+        device = resolve_device('auto', local_rank=1)
+    assert (device.type, device.index, fake_cuda.set_device_calls) == ('cuda', 1, [1])
+
+
+@pytest.mark.parametrize('value', ['-1', 'one'])
+def test_bad_local_rank_env(monkeypatch, value):
+    install_fake(monkeypatch, 'npu')
+    monkeypatch.setenv('LOCAL_RANK', value)
+    with pytest.raises(UsageError, match='LOCAL_RANK'):
+        resolve_device('npu')
+
+
+def test_negative_local_rank(monkeypatch):
+    fake = install_fake(monkeypatch, 'npu')
+    with pytest.raises(UsageError, match='0 or more'):
+        resolve_device('npu', local_rank=-1)
+    assert fake.set_device_calls == []
+
+
+def test_slurm_without_ntasks_is_one_task(world_env):
+    world_env.setenv('SLURM_PROCID', '0')
+    assert read_world_from_env() == World(0, 1, 0)

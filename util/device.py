@@ -10,6 +10,7 @@ that names what to install.
 import contextlib
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,21 +37,32 @@ def _accelerator_module(device_type):
 
 
 def _import_plugin(device_type):
-    """Import the vendor plugin of a device; False when it is not installed."""
+    """Import the vendor plugin of a device.
+
+    returns: None when imported (or none is needed), else why not: 'missing' when it is not
+    installed, or the first line of the error an installed but broken plugin raised (torch_npu
+    without its CANN libraries, say, fails with OSError or RuntimeError, not ImportError).
+    """
     plugin = _PLUGINS.get(device_type)
     if plugin is None:
-        return True
+        return None
     try:
         importlib.import_module(plugin)
-    except ImportError:
-        return False
-    return True
+    except ModuleNotFoundError as e:
+        return 'missing' if e.name == plugin else f'{type(e).__name__}: {e}'
+    except Exception as e:  # noqa: BLE001 - any failure inside a vendor plugin
+        return f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+    return None
 
 
 def _is_available(device_type):
     if device_type == 'cpu':
         return True
-    if not _import_plugin(device_type):
+    problem = _import_plugin(device_type)
+    if problem is not None:
+        if problem != 'missing':
+            warnings.warn(f'{_PLUGINS[device_type]} is installed but does not import ({problem}); '
+                          f'--device auto skips {device_type}')
         return False
     module = _accelerator_module(device_type)
     return module is not None and module.is_available()
@@ -114,16 +126,18 @@ class Device:
             self.module.synchronize()
 
     def max_memory_allocated(self):
-        """Peak bytes allocated on this device by this process (0 where not tracked)."""
+        """Peak bytes allocated on this device by this process; 0 where no peak is tracked
+        (the CPU; MPS, which reports only current usage)."""
         if self.type in ('cuda', 'npu', 'sdaa'):
             return self.module.max_memory_allocated(self.torch_device)
-        if self.type == 'mps':
-            return torch.mps.driver_allocated_memory()
         return 0
 
 
 def local_rank_from_env():
-    return int(os.environ.get('LOCAL_RANK', 0))
+    value = os.environ.get('LOCAL_RANK', '0')
+    if not value.isdigit():
+        raise UsageError(f'LOCAL_RANK must be a whole number 0 or more, got {value!r}')
+    return int(value)
 
 
 def resolve_device(name='auto', local_rank=None):
@@ -136,8 +150,12 @@ def resolve_device(name='auto', local_rank=None):
         name = next(t for t in AUTO_ORDER if _is_available(t))
     if name not in _BACKENDS:
         raise UsageError(f'--device must be auto, {", ".join(AUTO_ORDER)}; got {name!r}')
-    if name in _PLUGINS and not _import_plugin(name):
+    problem = _import_plugin(name)
+    if problem == 'missing':
         raise UsageError(f'--device {name} needs the {_PLUGINS[name]} package: {_INSTALL_HINTS[name]}')
+    if problem is not None:
+        raise UsageError(f'--device {name}: {_PLUGINS[name]} is installed but fails to import ({problem}); '
+                         f'check that its driver/toolkit environment is set up (e.g. source its set_env.sh)')
     if not _is_available(name):
         raise UsageError(f'--device {name} was asked for but no {name} device is available: '
                          f'{_INSTALL_HINTS[name]}, or choose another --device')
@@ -145,6 +163,8 @@ def resolve_device(name='auto', local_rank=None):
     if name in ('cpu', 'mps'):
         return Device(name, None)
     local_rank = local_rank_from_env() if local_rank is None else local_rank
+    if local_rank < 0:
+        raise UsageError(f'the local rank must be 0 or more, got {local_rank}: check LOCAL_RANK')
     count = _accelerator_module(name).device_count()
     if local_rank >= count:
         raise UsageError(f'local rank {local_rank} needs {local_rank + 1} {name} devices, '

@@ -34,9 +34,9 @@ def read_world_from_env():
     """
     if 'RANK' not in os.environ and 'SLURM_PROCID' in os.environ:
         os.environ['RANK'] = os.environ['SLURM_PROCID']
-        os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+        os.environ['WORLD_SIZE'] = os.environ.get('SLURM_NTASKS', os.environ.get('SLURM_NPROCS', '1'))
         os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
-        if int(os.environ['WORLD_SIZE']) > 1 and 'MASTER_ADDR' not in os.environ:
+        if int(os.environ['WORLD_SIZE']) > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):
             raise UsageError('under SLURM set MASTER_ADDR and MASTER_PORT (e.g. MASTER_ADDR=$(scontrol '
                              'show hostnames $SLURM_JOB_NODELIST | head -n 1) MASTER_PORT=29500)')
     return World(rank=int(os.environ.get('RANK', 0)),
