@@ -5,6 +5,7 @@ what exact resumption needs: `step` (optimizer steps so far) and `epoch_iters` (
 already done in the epoch after `epoch` when a run stopped part-way through it). `epoch` is
 the last completed epoch, -1 when none is, so a run resumes at epoch + 1.
 """
+import argparse
 import os
 import pickle
 
@@ -28,11 +29,13 @@ def atomic_save(obj, path):
 
 
 def load(path):
-    """Load a checkpoint as data (weights_only: no code runs) onto the CPU."""
+    """Load a checkpoint as data (weights_only: no code runs) onto the CPU. argparse.Namespace
+    is allowed besides tensors and containers: the official MAE code stores its args as one."""
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path!r} does not exist')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f'cannot load {path!r} as a checkpoint ({first_line}); '

@@ -1,0 +1,156 @@
+"""The demo data set, the per-sample seeding of augmentation and masks, checkpoints on disk,
+and the model lookup."""
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import REPO
+from util import checkpoint, demo_data
+from util.datasets import EpochSampler, SeededSamples, build_image_folder, pretrain_transform
+from util.errors import UsageError
+from util.masking import UniformNoise
+from util.registry import create_pretrain_model
+
+
+def test_demo_set_layout(demo_root):
+    for split, per_class in demo_data.SPLITS.items():
+        class_dirs = sorted(os.listdir(os.path.join(demo_root, split)))
+        assert len(class_dirs) == len(demo_data.CLASSES) >= 10
+        for class_dir in class_dirs:
+            assert len(os.listdir(os.path.join(demo_root, split, class_dir))) == per_class
+    image = Image.open(os.path.join(demo_root, 'train', class_dirs[0], '0000.png'))
+    assert image.size == (64, 64) and image.mode == 'RGB'
+
+
+def test_demo_images_are_deterministic_and_varied(demo_root):
+    on_disk = np.asarray(Image.open(os.path.join(demo_root, 'val', '03_ring', '0007.png')))
+    np.testing.assert_array_equal(on_disk, demo_data.render_image(3, seed=[demo_data.VERSION, 1, 3, 7]))
+    # two images of one class differ (colour, place, size), and every class draws a shape
+    assert not np.array_equal(demo_data.render_image(0, seed=[0]), demo_data.render_image(0, seed=[1]))
+    for c in range(len(demo_data.CLASSES)):
+        rng = np.random.default_rng(c)
+        alpha = demo_data._draw_shape(demo_data.CLASSES[c], rng)
+        assert 0.02 < alpha.mean() < 0.6, demo_data.CLASSES[c]
+
+
+def test_demo_generation_is_safe_to_race(tmp_path):
+    """Two processes generating into the same place at once both end with a complete set."""
+    code = (f'import sys; sys.path.insert(0, {REPO!r}); from util.demo_data import ensure_demo_dataset; '
+            f'print(ensure_demo_dataset({str(tmp_path / "demo")!r}))')
+    procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs == [str(tmp_path / 'demo')] * 2
+    assert sorted(os.listdir(tmp_path)) == ['demo']  # no temporary directory left behind
+    count = sum(len(files) for _, _, files in os.walk(tmp_path / 'demo'))
+    assert count == len(demo_data.CLASSES) * sum(demo_data.SPLITS.values())
+
+
+def seeded_dataset(demo_root, seed=0):
+    folder = build_image_folder('demo', 'train', pretrain_transform(32))
+    return SeededSamples(folder, seed, mask_generator=UniformNoise(16))
+
+
+def test_sample_randomness_depends_on_seed_epoch_and_index_only(demo_root):
+    dataset = seeded_dataset(demo_root)
+    image, masks = dataset[(5, 2)]
+    torch.manual_seed(123)  # the global generator does not matter
+    image_again, masks_again = dataset[(5, 2)]
+    torch.testing.assert_close(image_again, image, rtol=0, atol=0)
+    torch.testing.assert_close(masks_again['noise'], masks['noise'], rtol=0, atol=0)
+    image_next_epoch, masks_next_epoch = dataset[(5, 3)]
+    assert not torch.equal(image_next_epoch, image) and not torch.equal(masks_next_epoch['noise'], masks['noise'])
+    other_seed_image, _ = seeded_dataset(demo_root, seed=1)[(5, 2)]
+    assert not torch.equal(other_seed_image, image)
+    assert masks['noise'].shape == (16,) and 0 <= masks['noise'].min() and masks['noise'].max() < 1
+
+
+def test_sampling_leaves_the_process_generators_alone(demo_root):
+    dataset = seeded_dataset(demo_root)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    dataset[(0, 0)]
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_epoch_sampler_shards_and_resumes():
+    data = list(range(20))
+    full = EpochSampler(data, num_replicas=1, rank=0, seed=3)
+    full.set_epoch(4)
+    order = [i for i, _ in full]
+    assert sorted(order) == data and all(epoch == 4 for _, epoch in full)
+    # two ranks together see the one-process order, interleaved
+    ranks = [EpochSampler(data, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(4)
+    assert [i for i, _ in ranks[0]] == order[0::2] and [i for i, _ in ranks[1]] == order[1::2]
+    # starting part-way skips exactly the first samples of the same order
+    full.set_epoch(4, start=6)
+    assert [i for i, _ in full] == order[6:] and len(full) == 14
+    full.set_epoch(5)
+    assert [i for i, _ in full] != order
+
+
+def test_missing_data_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match='no train/ folder'):
+        build_image_folder(str(tmp_path), 'train', None)
+    (tmp_path / 'train').mkdir()
+    with pytest.raises(UsageError, match='cannot read the train images'):
+        build_image_folder(str(tmp_path), 'train', None)
+
+
+class Payload:
+    """An arbitrary class: loading it from a checkpoint would import and run code."""
+
+
+def test_atomic_save_and_load_as_data(tmp_path):
+    path = tmp_path / 'ckpt.pth'
+    checkpoint.atomic_save({'model': {'w': torch.ones(2)}, 'epoch': 3}, str(path))
+    assert os.listdir(tmp_path) == ['ckpt.pth']
+    assert checkpoint.load(str(path))['epoch'] == 3
+
+    torch.save({'model': Payload()}, tmp_path / 'code.pth')  # unpickling this would run its code
+    with pytest.raises(UsageError, match='cannot load'):
+        checkpoint.load(str(tmp_path / 'code.pth'))
+
+    (tmp_path / 'cut.pth').write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UsageError, match='cannot load'):
+        checkpoint.load(str(tmp_path / 'cut.pth'))
+    with pytest.raises(UsageError, match='does not exist'):
+        checkpoint.load(str(tmp_path / 'missing.pth'))
+
+    # checkpoints written by the official MAE code keep their args as an argparse.Namespace:
+    # plain data, allowed
+    torch.save({'model': {}, 'args': argparse.Namespace(blr=1.5e-4)}, tmp_path / 'official.pth')
+    assert checkpoint.load(str(tmp_path / 'official.pth'))['args'].blr == 1.5e-4
+
+
+def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint-last.pth')
+    checkpoint.atomic_save({'epoch': 1}, path)
+
+    def disk_full(obj, f):
+        with open(f, 'wb') as out:
+            out.write(b'partial')
+        raise OSError('No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(OSError):
+        checkpoint.atomic_save({'epoch': 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)['epoch'] == 1
+    assert os.listdir(tmp_path) == ['checkpoint-last.pth']
+
+
+def test_model_lookup_by_official_name_and_alias():
+    official = create_pretrain_model('mae_vit_tiny_patch8', depth=1)
+    alias = create_pretrain_model('mae_vit_tiny', depth=1)
+    assert type(official) is type(alias) and official.patch_embed.patch_size == (8, 8)
+    with pytest.raises(UsageError, match=r"unknown pre-training model 'mae_vit_larg'.*mae_vit_large"):
+        create_pretrain_model('mae_vit_larg')
