@@ -155,3 +155,14 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     result = run_script(sys.executable, 'main_pretrain.py', '--data_path', 'demo', '--model', 'mae_vit_bse')
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert "unknown pre-training model 'mae_vit_bse'" in result.stderr and 'mae_vit_base' in result.stderr
+
+
+def test_fp16_with_loss_scaling_and_clipping(small_folder, tmp_path):
+    """--precision fp16 takes the GradScaler path (unscale before clipping); the scaler's state is
+    checkpointed so a resume continues with the same loss scale."""
+    run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 4, '--epochs', 1, '--max_steps', 2,
+                 '--precision', 'fp16', '--clip_grad', 1.0, '--output_dir', tmp_path)
+    records = read_jsonl(tmp_path / 'log.jsonl')
+    assert all(math.isfinite(r['loss']) and r['grad_norm'] > 0 for r in records)
+    scaler = checkpoint.load(tmp_path / checkpoint.LAST)['scaler']
+    assert scaler is not None and scaler['scale'] > 0
