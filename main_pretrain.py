@@ -131,7 +131,11 @@ def main(args):
     logger = RunLogger(args.output_dir, args.log_dir, enabled=dist.is_main_process())
     loss_fn = partial(mim_loss, forward_kwargs={'mask_ratio': args.mask_ratio})
 
-    print(f'training epochs {start_epoch} to {args.epochs - 1}')
+    if start_epoch >= args.epochs:
+        print(f'nothing to train: the run in {args.output_dir} has finished its {args.epochs} epochs '
+              f'(raise --epochs to train longer)')
+    else:
+        print(f'training epochs {start_epoch} to {args.epochs - 1}')
     start_time = time.time()
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
                   start_epoch=start_epoch, start_iter=start_iter, progress=progress)

@@ -166,3 +166,19 @@ def test_fp16_with_loss_scaling_and_clipping(small_folder, tmp_path):
     assert all(math.isfinite(r['loss']) and r['grad_norm'] > 0 for r in records)
     scaler = checkpoint.load(tmp_path / checkpoint.LAST)['scaler']
     assert scaler is not None and scaler['scale'] > 0
+
+
+def test_max_steps_at_an_epoch_boundary_stops_there(small_folder, tmp_path):
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--epochs', 3, '--output_dir', tmp_path]
+    run_pretrain(*flags, '--max_steps', 4)  # exactly one epoch of 64 images
+    assert max(losses_by_step(tmp_path)) == 4
+    ckpt = checkpoint.load(tmp_path / checkpoint.LAST)
+    assert (ckpt['epoch'], ckpt['epoch_iters'], ckpt['step']) == (0, 0, 4)
+    run_pretrain(*flags)
+    assert sorted(losses_by_step(tmp_path)) == list(range(1, 13))
+
+
+def test_image_size_must_fit_the_patches(small_folder, tmp_path):
+    from util.errors import UsageError
+    with pytest.raises(UsageError, match='multiple of the patch size 8'):
+        run_pretrain(*COMMON[:2], '--input_size', 60, '--data_path', small_folder, '--output_dir', tmp_path)

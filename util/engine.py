@@ -181,7 +181,7 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                           **{k: v for k, v in stats.items() if k.startswith('test_')},
                           'epoch': epoch, 'step': progress.step,
                           'epoch_seconds': round(time.perf_counter() - epoch_start, 1)})
-        if not stats['complete']:
+        if not stats['complete'] or (args.max_steps is not None and progress.run_steps >= args.max_steps):
             break
     return stats
 

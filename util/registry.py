@@ -39,4 +39,7 @@ def create_pretrain_model(name, **kwargs):
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
         hint = f'closest: {", ".join(close)}' if close else f'known: {", ".join(names)}'
         raise UsageError(f'unknown pre-training model {name!r} ({hint})')
-    return _PRETRAIN_MODELS[name](**kwargs)
+    try:
+        return _PRETRAIN_MODELS[name](**kwargs)
+    except (TypeError, ValueError) as e:  # e.g. an image size the patch size does not divide
+        raise UsageError(f'cannot build {name} with {kwargs}: {e}') from None
