@@ -170,4 +170,6 @@ def resolve_device(name='auto', local_rank=None):
         raise UsageError(f'local rank {local_rank} needs {local_rank + 1} {name} devices, '
                          f'but {count} are visible: start fewer processes per node')
     _accelerator_module(name).set_device(local_rank)
+    if name == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     return Device(name, local_rank)
