@@ -147,6 +147,7 @@ def ensure_demo_dataset(root=None):
     root = root or default_cache_dir()
     if os.path.isdir(os.path.join(root, 'val')):
         return root
+    print(f'generating the demo data set in {root} (once; a few seconds)', flush=True)
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix='.demo-', dir=parent)
