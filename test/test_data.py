@@ -44,7 +44,7 @@ def test_demo_generation_is_safe_to_race(tmp_path):
     code = (f'import sys; sys.path.insert(0, {REPO!r}); from util.demo_data import ensure_demo_dataset; '
             f'print(ensure_demo_dataset({str(tmp_path / "demo")!r}))')
     procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    outputs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs == [str(tmp_path / 'demo')] * 2
     assert sorted(os.listdir(tmp_path)) == ['demo']  # no temporary directory left behind
