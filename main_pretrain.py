@@ -69,7 +69,8 @@ def get_args_parser():
                         help='stop after this many optimizer steps (smoke and performance runs)')
     parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
     parser.add_argument('--log_freq', default=20, type=int, help='log every N optimizer steps')
-    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int,
+                        help='data-loading processes per training process (default: 10, or the number of CPUs if fewer)')
     parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
                         help='pin host memory in the data loader for faster copies to the device')
     return parser
