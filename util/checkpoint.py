@@ -84,3 +84,60 @@ def restore_training_state(path, model, optimizer, scaler):
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     return ckpt['epoch'] + 1, ckpt.get('epoch_iters', 0), ckpt.get('step', 0)
+
+
+# Keys that belong to pre-training only (MAE's decoder and mask token), and the ones a
+# classifier re-initialises.
+PRETRAIN_ONLY_PREFIXES = ('decoder_', 'mask_token')
+HEAD_PREFIXES = ('head.', 'fc_norm.', 'norm.')
+
+
+def model_state_of(ckpt, path):
+    """The weights inside a checkpoint: {'model': ...} (this project, the official MAE releases),
+    {'state_dict': ...}, or a bare state dict."""
+    for key in ('model', 'state_dict'):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt
+    raise UsageError(f'{path!r} holds no model weights (expected a "model" entry or a state dict)')
+
+
+def resize_pos_embed(pos_embed, model):
+    """Resample a checkpoint's (1, prefix + H*W, D) position table to the model's grid."""
+    from timm.layers import resample_abs_pos_embed
+    num_prefix = getattr(model, 'num_prefix_tokens', 1)
+    new_grid = list(model.patch_embed.grid_size)
+    return resample_abs_pos_embed(pos_embed, new_size=new_grid, num_prefix_tokens=num_prefix)
+
+
+def load_pretrained(model, path, head_init_std=2e-5):
+    """Initialise a classifier from a pre-trained (or fine-tuned) checkpoint for fine-tuning.
+
+    Pre-training-only weights are dropped, the position table is resampled when the image size
+    differs, the head is re-initialised (normal, std 2e-5, as MAE does). A checkpoint whose
+    weights do not fit the model is a UsageError naming the first mismatching keys.
+    returns: a report {'loaded', 'missing', 'unexpected', 'dropped', 'resized'}
+    """
+    state = dict(model_state_of(load(path), path))
+    dropped = sorted(k for k in state if k.startswith(PRETRAIN_ONLY_PREFIXES) or k.startswith('head.'))
+    for key in dropped:
+        del state[key]
+    own = model.state_dict()
+    resized = []
+    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
+        old_shape = tuple(state['pos_embed'].shape)
+        state['pos_embed'] = resize_pos_embed(state['pos_embed'], model)
+        resized.append(f'pos_embed {old_shape} -> {tuple(state["pos_embed"].shape)}')
+    wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing_body = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
+    if wrong or missing_body or not any(k in own for k in state):
+        raise UsageError(f'{path!r} does not fit this model: shapes {wrong[:3]}, missing {missing_body[:3]}, '
+                         f'checkpoint keys {list(state)[:3]}')
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if hasattr(model, 'head') and isinstance(model.head, torch.nn.Linear):
+        torch.nn.init.normal_(model.head.weight, std=head_init_std)
+        torch.nn.init.zeros_(model.head.bias)
+    return {'loaded': len(state) - len(unexpected), 'missing': sorted(missing), 'unexpected': sorted(unexpected),
+            'dropped': dropped, 'resized': resized}

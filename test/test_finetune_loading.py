@@ -1,0 +1,74 @@
+"""Loading pre-trained weights into a classifier (--finetune): the official MAE layout, image-size
+changes, the key report, and checkpoints that do not fit."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import models_mae
+import models_vit  # noqa: F401  (registers the vit_* classifiers with timm)
+from util import checkpoint
+from util.errors import UsageError
+
+
+def official_encoder_checkpoint(tmp_path, img_size=224):
+    """A checkpoint in the layout of the released mae_pretrain_vit_base.pth: {'model': encoder
+    weights}, keys from the official model, random values."""
+    torch.manual_seed(0)
+    mae = models_mae.mae_vit_base_patch16(img_size=img_size)
+    encoder = {k: torch.randn_like(v) for k, v in mae.state_dict().items() if k in mae.encoder_keys()}
+    path = tmp_path / 'mae_pretrain_vit_base.pth'
+    torch.save({'model': encoder}, path)
+    return path, encoder
+
+
+def test_official_encoder_checkpoint_at_another_image_size(tmp_path):
+    path, encoder = official_encoder_checkpoint(tmp_path)
+    model = timm.create_model('vit_base_patch16', img_size=64, num_classes=10)
+    report = checkpoint.load_pretrained(model, str(path))
+
+    assert report['missing'] == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    assert report['unexpected'] == ['norm.bias', 'norm.weight']  # global pooling uses fc_norm instead
+    assert report['resized'] == ['pos_embed (1, 197, 768) -> (1, 17, 768)']
+    state = model.state_dict()
+    torch.testing.assert_close(state['blocks.11.mlp.fc2.weight'], encoder['blocks.11.mlp.fc2.weight'])
+    torch.testing.assert_close(state['cls_token'], encoder['cls_token'])
+    # the 14x14 grid of the table resampled to 4x4 (bicubic, anti-aliased), the cls row kept
+    grid = encoder['pos_embed'][:, 1:].reshape(1, 14, 14, 768).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(4, 4), mode='bicubic', antialias=True, align_corners=False)
+    torch.testing.assert_close(state['pos_embed'][:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 16, 768),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state['pos_embed'][:, :1], encoder['pos_embed'][:, :1])
+    # the head starts tiny (std 2e-5) with zero bias
+    assert 0 < state['head.weight'].std() < 1e-4 and not state['head.bias'].any()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_full_pretraining_checkpoint_drops_the_decoder(tmp_path):
+    mae = models_mae.mae_vit_tiny_patch8(depth=2)
+    torch.save(mae.state_dict(), tmp_path / 'bare.pth')  # a bare state dict, decoder included
+    model = timm.create_model('vit_tiny_patch8', depth=2, num_classes=5, global_pool='token')
+    report = checkpoint.load_pretrained(model, str(tmp_path / 'bare.pth'))
+    assert 'mask_token' in report['dropped'] and 'decoder_pred.weight' in report['dropped']
+    assert report['missing'] == ['head.bias', 'head.weight'] and report['unexpected'] == []
+    torch.testing.assert_close(model.norm.weight, mae.norm.weight)  # the cls-token form keeps norm
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    mae = models_mae.mae_vit_tiny_patch8(depth=2)
+    torch.save({'model': mae.state_dict()}, tmp_path / 'tiny.pth')
+    model = timm.create_model('vit_small_patch16', img_size=64, depth=2, num_classes=5)
+    with pytest.raises(UsageError, match=r'does not fit this model: shapes \[.*192.*384'):
+        checkpoint.load_pretrained(model, str(tmp_path / 'tiny.pth'))
+    torch.save({'epoch': 3}, tmp_path / 'empty.pth')
+    with pytest.raises(UsageError, match='holds no model weights'):
+        checkpoint.load_pretrained(model, str(tmp_path / 'empty.pth'))
+
+
+def test_classifiers_by_name():
+    from util.registry import create_classifier
+    model = create_classifier('vit_tiny_patch8', num_classes=7, drop_path_rate=0.1)
+    assert model.head.out_features == 7 and model.global_pool == 'avg'
+    assert create_classifier('resnet18', num_classes=3).fc.out_features == 3  # any timm model
+    with pytest.raises(UsageError, match=r"unknown model 'vit_base_patch61'.*vit_base_patch16"):
+        create_classifier('vit_base_patch61')
