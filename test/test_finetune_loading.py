@@ -72,3 +72,27 @@ def test_classifiers_by_name():
     assert create_classifier('resnet18', num_classes=3).fc.out_features == 3  # any timm model
     with pytest.raises(UsageError, match=r"unknown model 'vit_base_patch61'.*vit_base_patch16"):
         create_classifier('vit_base_patch61')
+
+
+def test_layer_decay_scales():
+    """lr_scale = decay ** (depth + 1 - layer_id): embeddings are layer 0, block i is layer i + 1,
+    the final norm and head are layer depth + 1."""
+    from util.optim import param_groups
+    depth, decay = 3, 0.65
+    model = timm.create_model('vit_tiny_patch8', depth=depth, num_classes=5)
+
+    def layer_id(name):
+        if name.startswith(('cls_token', 'pos_embed', 'patch_embed')):
+            return 0
+        if name.startswith('blocks.'):
+            return int(name.split('.')[1]) + 1
+        return depth + 1
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in param_groups(model, 0.05, layer_decay=decay):
+        for p in group['params']:
+            name = names[id(p)]
+            seen.add(name)
+            assert group['lr_scale'] == pytest.approx(decay ** (depth + 1 - layer_id(name))), name
+            assert group['weight_decay'] == (0.05 if p.ndim > 1 and name not in ('cls_token', 'pos_embed') else 0.0)
+    assert seen == set(dict(model.named_parameters()))

@@ -1,7 +1,7 @@
 """Optimizer construction: parameter groups without weight decay where decay does harm, and
 AdamW in its fastest available form."""
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 
 def no_weight_decay_names(model):
@@ -9,10 +9,18 @@ def no_weight_decay_names(model):
     return set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
 
 
-def param_groups(model, weight_decay):
-    """Two groups: decay for weight matrices; none for 1-D parameters (norms), biases and the
-    names in model.no_weight_decay(). Frozen parameters are left out."""
-    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+def param_groups(model, weight_decay, layer_decay=None):
+    """Decay for weight matrices; none for 1-D parameters (norms), biases and the names in
+    model.no_weight_decay(). Frozen parameters are left out.
+
+    layer_decay: fine-tuning's layer-wise lr decay: a parameter of layer i (0 = embeddings,
+    1..depth = blocks, depth + 1 = the head) gets lr_scale = layer_decay ** (depth + 1 - i).
+    timm finds the layers from the model's group_matcher (ViT, Swin, HiViT, ...).
+    """
+    no_decay = no_weight_decay_names(model)
+    if layer_decay is None:
+        return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
 
 
 def build_adamw(groups, lr, betas, device):
