@@ -96,3 +96,27 @@ def test_layer_decay_scales():
             assert group['lr_scale'] == pytest.approx(decay ** (depth + 1 - layer_id(name))), name
             assert group['weight_decay'] == (0.05 if p.ndim > 1 and name not in ('cls_token', 'pos_embed') else 0.0)
     assert seen == set(dict(model.named_parameters()))
+
+
+def test_evaluate_counts_exactly():
+    """Accuracy of a fixed 'model' (the logits are the inputs) against a count by hand, with
+    uneven shards from ShardSampler covering every image once."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from util.datasets import SeededSamples, ShardSampler
+    from util.device import Device
+    from util.engine import evaluate
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(23, 7, generator=g)
+    targets = torch.randint(0, 7, (23,), generator=g)
+    dataset = SeededSamples(TensorDataset(logits, targets), seed=0)
+    shards = [list(ShardSampler(dataset, 3, r)) for r in range(3)]
+    assert sorted(i for shard in shards for i, _ in shard) == list(range(23))
+
+    loader = DataLoader(dataset, sampler=ShardSampler(dataset, 1, 0), batch_size=5)
+    stats = evaluate(torch.nn.Identity(), loader, Device('cpu', None), 'fp32')
+    ranks = (logits > logits[torch.arange(23), targets][:, None]).sum(1)  # classes scored higher
+    assert stats['images'] == 23
+    assert stats['acc1'] == pytest.approx(100 * (ranks == 0).float().mean().item())
+    assert stats['acc5'] == pytest.approx(100 * (ranks < 5).float().mean().item())
+    expected_loss = -torch.log_softmax(logits.double(), 1)[torch.arange(23), targets].mean().item()
+    assert stats['loss'] == pytest.approx(expected_loss, rel=1e-6)

@@ -135,3 +135,18 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True)
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=args.num_workers > 0)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation order for one rank: every rank-th image, without the padding of
+    DistributedSampler, so that the ranks together see each image exactly once and the summed
+    counts give the exact accuracy. Yields (index, 0) for SeededSamples."""
+
+    def __init__(self, dataset, num_replicas, rank):
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter([(i, 0) for i in self.indices])
+
+    def __len__(self):
+        return len(self.indices)

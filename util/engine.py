@@ -197,3 +197,31 @@ def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, 
     checkpoint.atomic_save(state, os.path.join(args.output_dir, checkpoint.LAST))
     if stats['complete'] and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
         checkpoint.atomic_save(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision):
+    """Top-1, top-5 accuracy (%) and mean cross-entropy over the loader's images, summed over all
+    ranks (exact when each image is on one rank: util.datasets.ShardSampler). Prints the line
+    `* Acc@1 X Acc@5 Y loss Z` that the ModelZoo scripts read."""
+    model.eval()
+    dev = device.torch_device
+    totals = torch.zeros(4, dtype=torch.float64, device=dev)  # correct@1, correct@5, loss sum, images
+    for images, targets in loader:
+        images, targets = to_device(images, dev), to_device(targets, dev)
+        with device.autocast(precision):
+            logits = model(images)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == targets[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               torch.nn.functional.cross_entropy(logits, targets, reduction='sum'),
+                               torch.tensor(len(targets), device=dev)]).double()
+    if dist.is_dist_initialized():
+        torch.distributed.all_reduce(totals)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    count = max(count, 1)
+    stats = {'acc1': 100 * correct1 / count, 'acc5': 100 * correct5 / count, 'loss': loss_sum / count,
+             'images': int(count)}
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
+    return stats
