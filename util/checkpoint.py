@@ -11,7 +11,7 @@ import pickle
 
 import torch
 
-from util.errors import UsageError
+from util.errors import UsageError, first_line
 
 LAST = 'checkpoint-last.pth'
 
@@ -37,8 +37,7 @@ def load(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f'cannot load {path!r} as a checkpoint ({first_line}); '
+        raise UsageError(f'cannot load {path!r} as a checkpoint ({first_line(e)}); '
                          f'is it a complete PyTorch checkpoint file?') from None
 
 

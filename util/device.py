@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from util.errors import UsageError
+from util.errors import UsageError, first_line
 
 # What each accelerator needs beyond torch, and its collective-communication backend.
 _PLUGINS = {'npu': 'torch_npu', 'sdaa': 'torch_sdaa'}
@@ -51,7 +51,7 @@ def _import_plugin(device_type):
     except ModuleNotFoundError as e:
         return 'missing' if e.name == plugin else f'{type(e).__name__}: {e}'
     except Exception as e:  # noqa: BLE001 - any failure inside a vendor plugin
-        return f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+        return f'{type(e).__name__}: {first_line(e)}'
     return None
 
 

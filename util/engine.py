@@ -54,6 +54,11 @@ class Throughput:
         return self.first[0] / max(self.first[1], 1e-9) if self.first else 0.0
 
 
+def out_of_steps(progress, args):
+    """--max_steps optimizer steps have run in this invocation."""
+    return args.max_steps is not None and progress.run_steps >= args.max_steps
+
+
 def to_device(batch, device):
     """Move the tensors of a (nested) batch to the device, without waiting for the copy."""
     if isinstance(batch, torch.Tensor):
@@ -125,8 +130,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
         images += images_per_step
 
         step_in_epoch = (it + 1) // accum
-        out_of_steps = args.max_steps is not None and progress.run_steps >= args.max_steps
-        if progress.step % args.log_freq and step_in_epoch < steps_per_epoch and not out_of_steps:
+        stopping = out_of_steps(progress, args)
+        if progress.step % args.log_freq and step_in_epoch < steps_per_epoch and not stopping:
             continue
 
         # a log step: the one place where the host waits for the device
@@ -149,7 +154,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
         epoch_micro_batches += micro_batches
         loss_sum.zero_()
         micro_batches, images, tic = 0, 0, time.perf_counter()
-        if out_of_steps:
+        if stopping:
             break
 
     done = it + 1 if epoch_iters > start_iter else start_iter
@@ -181,7 +186,7 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                           **{k: v for k, v in stats.items() if k.startswith('test_')},
                           'epoch': epoch, 'step': progress.step,
                           'epoch_seconds': round(time.perf_counter() - epoch_start, 1)})
-        if not stats['complete'] or (args.max_steps is not None and progress.run_steps >= args.max_steps):
+        if not stats['complete'] or out_of_steps(progress, args):
             break
     return stats
 

@@ -13,3 +13,10 @@ def run_cli(main, *args):
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def first_line(exc):
+    """The first line of an exception's message (its type name when the message is empty), for
+    one-line errors that quote what a library said."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
