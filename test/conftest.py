@@ -22,12 +22,14 @@ def demo_root():
 
 @pytest.fixture(scope='session')
 def small_folder(demo_root, tmp_path_factory):
-    """An ImageFolder with 2 classes x 32 training images from the demo set: short epochs."""
+    """An ImageFolder with 2 classes x 32 training images and 9 + 8 validation images from the
+    demo set: short epochs, and a validation set of odd size that does not split evenly."""
     root = tmp_path_factory.mktemp('small')
-    for class_dir in sorted(os.listdir(os.path.join(demo_root, 'train')))[:2]:
-        src = os.path.join(demo_root, 'train', class_dir)
-        dst = root / 'train' / class_dir
-        dst.mkdir(parents=True)
-        for name in sorted(os.listdir(src))[:32]:
-            shutil.copy(os.path.join(src, name), dst / name)
+    for split, counts in (('train', (32, 32)), ('val', (9, 8))):
+        for class_dir, count in zip(sorted(os.listdir(os.path.join(demo_root, split)))[:2], counts):
+            src = os.path.join(demo_root, split, class_dir)
+            dst = root / split / class_dir
+            dst.mkdir(parents=True)
+            for name in sorted(os.listdir(src))[:count]:
+                shutil.copy(os.path.join(src, name), dst / name)
     return str(root)

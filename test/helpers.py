@@ -14,6 +14,14 @@ def run_pretrain(*argv):
     return args
 
 
+def run_finetune(*argv):
+    """main_finetune.py with these arguments, in this process."""
+    import main_finetune
+    args = main_finetune.get_args_parser().parse_args([str(a) for a in argv])
+    main_finetune.main(args)
+    return args
+
+
 def run_script(*argv, env=None, timeout=600):
     """A command in a subprocess from the repository root; returns CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

@@ -154,3 +154,18 @@ def test_model_lookup_by_official_name_and_alias():
     assert type(official) is type(alias) and official.patch_embed.patch_size == (8, 8)
     with pytest.raises(UsageError, match=r"unknown pre-training model 'mae_vit_larg'.*mae_vit_large"):
         create_pretrain_model('mae_vit_larg')
+
+
+def test_randaugment_posterize_at_top_magnitude_keeps_working():
+    """RandAugment 'inc' posterize at level 10 keeps 0 bits: a black image (Pillow >= 13 refuses 0
+    bits; the fine-tuning transform swaps in an op that does what Pillow < 13 did)."""
+    from timm.data.auto_augment import AugmentOp
+    from util.datasets import finetune_transform
+    finetune_transform(argparse.Namespace(input_size=32, color_jitter=None, aa='rand-m9-mstd0.5-inc1',
+                                          reprob=0.0, remode='pixel', recount=1))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    black = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(image)
+    assert black.size == image.size and not np.asarray(black).any()
+    # 2 bits kept at level 5: every channel value is a multiple of 64, as Pillow computes it
+    two_bits = np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(image))
+    np.testing.assert_array_equal(two_bits, np.asarray(image) & 0b11000000)

@@ -14,6 +14,7 @@ import torch
 from util.errors import UsageError, first_line
 
 LAST = 'checkpoint-last.pth'
+BEST = 'checkpoint-best.pth'  # fine-tuning: the weights of the epoch with the best top-1
 
 
 def atomic_save(obj, path):
@@ -49,40 +50,57 @@ def resume_path(resume, output_dir):
     return last if last and os.path.isfile(last) else None
 
 
-def training_state(model, optimizer, scaler, epoch, step, args, epoch_iters=0):
-    """What a training checkpoint holds; `args` as a plain dict so it loads as data."""
-    return {
+def plain_args(args):
+    """The run's arguments as a dict of plain values, so that a checkpoint loads as data."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def training_state(model, optimizer, scaler, epoch, step, args, epoch_iters=0, ema=None):
+    """What a training checkpoint holds; `args` as a plain dict so it loads as data; the EMA of
+    the weights (fine-tuning's --model_ema) as `model_ema`."""
+    state = {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict() if scaler is not None else None,
         'epoch': epoch,
         'epoch_iters': epoch_iters,
         'step': step,
-        'args': {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+        'args': plain_args(args),
     }
+    if ema is not None:
+        state['model_ema'] = ema.module.state_dict()
+    return state
 
 
-def restore_training_state(path, model, optimizer, scaler):
-    """Load a training checkpoint into model, optimizer and scaler.
+def restore_training_state(path, model, optimizer, scaler, ema=None):
+    """Load a training checkpoint into model, optimizer, scaler (and the EMA of the weights).
 
     returns: (start_epoch, epoch_iters, step) to continue from
     """
     ckpt = load(path)
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         raise UsageError(f'{path!r} is not a training checkpoint (no "model" entry)')
-    try:
-        missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
-    except RuntimeError as e:  # shapes that differ
-        raise UsageError(f'{path!r} does not fit this model: {str(e).splitlines()[1].strip()}') from None
-    if missing or unexpected:
-        raise UsageError(f'{path!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}')
+    load_weights(model, ckpt['model'], path)
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         # weights only (e.g. a released model): start training from them
         return 0, 0, 0
     optimizer.load_state_dict(ckpt['optimizer'])
+    if ema is not None:
+        # a run that starts its EMA on resumption starts it from the resumed weights
+        load_weights(ema.module, ckpt.get('model_ema', ckpt['model']), path)
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     return ckpt['epoch'] + 1, ckpt.get('epoch_iters', 0), ckpt.get('step', 0)
+
+
+def load_weights(model, state, path):
+    """Load a state dict exactly (every key, every shape) or say which keys do not fit."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ
+        raise UsageError(f'{path!r} does not fit this model: {str(e).splitlines()[1].strip()}') from None
+    if missing or unexpected:
+        raise UsageError(f'{path!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}')
 
 
 # Keys that belong to pre-training only (MAE's decoder and mask token), and the ones a

@@ -13,8 +13,9 @@ import random
 
 import numpy as np
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
 
 from util import demo_data
@@ -34,12 +35,53 @@ def resolve_data_root(data_path):
     return data_path
 
 
-def pretrain_transform(input_size):
-    """MAE's pre-training augmentation: RandomResizedCrop(0.2-1, bicubic) and a flip."""
+def pretrain_transform(input_size, scale=(0.2, 1.0)):
+    """MAE's pre-training augmentation: RandomResizedCrop(0.2-1, bicubic) and a flip. With
+    scale=(0.08, 1) it is the linear-probing augmentation."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+
+def posterize_allowing_zero_bits(img, bits_to_keep, **_):
+    """timm's posterize op, with 0 bits kept giving a black image as Pillow did before version 13.
+    RandAugment's 'inc' policies ask for 0 bits at the top magnitude (level 10, which
+    rand-m9-mstd0.5 draws about once in 40 posterize ops); Pillow 13 refuses 0 and would stop the
+    training in a data-loader worker."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _use_compatible_posterize():
+    from timm.data import auto_augment
+    for name, op in auto_augment.NAME_TO_OP.items():
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = posterize_allowing_zero_bits
+
+
+def finetune_transform(args):
+    """The fine-tuning augmentation of MAE and DeiT, built by timm: RandomResizedCrop (bicubic),
+    flip, RandAugment (--aa), colour jitter (--color_jitter, only without --aa), random erasing
+    (--reprob/--remode/--recount)."""
+    _use_compatible_posterize()
+    return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                            auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
+                            re_mode=args.remode, re_count=args.recount,
+                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def eval_transform(input_size):
+    """Resize to input_size / 0.875 (224 -> 256; no margin above 224 px, as MAE does), then crop
+    the centre."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return transforms.Compose([
+        transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
         transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
 
@@ -80,13 +122,15 @@ class SeededSamples(Dataset):
     """Wraps a map-style dataset of (image, target) pairs; indexed by (index, epoch).
 
     With a mask generator, a sample is (image, mask_kwargs) for pre-training, the target
-    dropped; without one it is (image, target).
+    dropped; with `batch_seeds` it is (image, target, seed) and `MixupCollate` draws the mix of
+    a batch from the seed of its first sample; else it is (image, target).
     """
 
-    def __init__(self, dataset, seed, mask_generator=None):
+    def __init__(self, dataset, seed, mask_generator=None, batch_seeds=False):
         self.dataset = dataset
         self.seed = seed
         self.mask_generator = mask_generator
+        self.batch_seeds = batch_seeds
 
     def __len__(self):
         return len(self.dataset)
@@ -96,9 +140,26 @@ class SeededSamples(Dataset):
         aug_seed, mask_seed = sample_seeds(self.seed, epoch, index)
         with seeded_global_rngs(aug_seed):
             image, target = self.dataset[index]
-        if self.mask_generator is None:
-            return image, target
-        return image, self.mask_generator(torch.Generator().manual_seed(mask_seed))
+        if self.mask_generator is not None:
+            return image, self.mask_generator(torch.Generator().manual_seed(mask_seed))
+        if self.batch_seeds:
+            return image, target, mask_seed
+        return image, target
+
+
+class MixupCollate:
+    """Collate a batch, then apply timm's Mixup/CutMix (which also turns the targets into
+    smoothed one-hot vectors) on the CPU in the loader's workers. The random draws of the mix
+    come from the seed of the batch's first sample, so a batch is mixed the same way whatever
+    the number of workers, and again after a resumption."""
+
+    def __init__(self, mixup):
+        self.mixup = mixup
+
+    def __call__(self, samples):
+        images, targets = default_collate([(image, target) for image, target, _ in samples])
+        with seeded_global_rngs(samples[0][2]):
+            return self.mixup(images, targets)
 
 
 class EpochSampler(DistributedSampler):
@@ -125,7 +186,7 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True):
+def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True, collate_fn=None):
     """A DataLoader over SeededSamples with an EpochSampler for this rank."""
     sampler = EpochSampler(dataset, num_replicas=world.world_size, rank=world.rank, seed=args.seed,
                            shuffle=shuffle)
@@ -133,8 +194,15 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True)
         raise UsageError(f'{len(dataset)} images give each of {world.world_size} processes {len(sampler)}, '
                          f'fewer than --batch_size {args.batch_size}: lower --batch_size')
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last,
+                      pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_fn,
                       persistent_workers=args.num_workers > 0)
+
+
+def build_eval_loader(dataset, world, args, pin_memory, distributed):
+    """Evaluation batches: this rank's shard when `distributed`, else every image."""
+    num_replicas, rank = (world.world_size, world.rank) if distributed else (1, 0)
+    return DataLoader(dataset, sampler=ShardSampler(dataset, num_replicas, rank), batch_size=args.batch_size,
+                      num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False)
 
 
 class ShardSampler(torch.utils.data.Sampler):

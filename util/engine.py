@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from util import checkpoint, dist
@@ -59,6 +60,13 @@ def out_of_steps(progress, args):
     return args.max_steps is not None and progress.run_steps >= args.max_steps
 
 
+def seed_model_randomness(seed, epoch, iteration):
+    """Seed the generators the model draws from (drop path, dropout) for one micro-batch from
+    (seed, epoch, micro-batch, rank): a resumed run draws what the uninterrupted one drew, and
+    each rank draws differently."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, iteration, dist.get_rank()]).generate_state(1)[0]))
+
+
 def to_device(batch, device):
     """Move the tensors of a (nested) batch to the device, without waiting for the copy."""
     if isinstance(batch, torch.Tensor):
@@ -77,8 +85,9 @@ def iters_per_epoch(loader, accum_iter):
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
-                    progress, throughput, logger, start_iter=0):
+                    progress, throughput, logger, start_iter=0, ema=None):
     """Train for one epoch (or what remains of it after `start_iter` micro-batches).
+    `ema` (timm ModelEmaV3), when given, follows the weights after every optimizer step.
 
     returns: {'loss': mean over the epoch's logged steps, 'lr': last lr, 'ips': steady-state
               images/s so far, 'iters': micro-batches done in this epoch, 'complete': bool}
@@ -99,6 +108,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
     data = iter(loader)
     for it in range(start_iter, epoch_iters):
         batch = to_device(next(data), dev)
+        seed_model_randomness(args.seed, epoch, it)
         if it % accum == 0:
             lr = adjust_learning_rate(optimizer, epoch + it / epoch_iters, args)
 
@@ -125,6 +135,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
         progress.step += 1
         progress.run_steps += 1
         images += images_per_step
@@ -163,7 +175,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
 
 
 def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
-          start_epoch=0, start_iter=0, progress=None, after_epoch=None):
+          start_epoch=0, start_iter=0, progress=None, after_epoch=None, ema=None):
     """The epoch loop: train, write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` every
     --save_freq epochs and at the end), log the epoch, stop at --epochs or --max_steps.
 
@@ -177,11 +189,11 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
         epoch_start = time.perf_counter()
         loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size)
         stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
-                                progress, throughput, logger, start_iter=start_iter)
+                                progress, throughput, logger, start_iter=start_iter, ema=ema)
         start_iter = 0
         if after_epoch is not None:
             stats.update(after_epoch(epoch, stats))
-        save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args)
+        save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args, ema)
         logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
                           **{k: v for k, v in stats.items() if k.startswith('test_')},
                           'epoch': epoch, 'step': progress.step,
@@ -191,24 +203,25 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
     return stats
 
 
-def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, args):
+def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, args, ema=None):
     """checkpoint-last.pth always; checkpoint-{epoch}.pth on --save_freq epochs and the last one.
     An epoch cut short by --max_steps is recorded as such, so a resume finishes it."""
     if not args.output_dir or not dist.is_main_process():
         return
     completed = epoch if stats['complete'] else epoch - 1
     state = checkpoint.training_state(model, optimizer, scaler, completed, progress.step, args,
-                                      epoch_iters=0 if stats['complete'] else stats['iters'])
+                                      epoch_iters=0 if stats['complete'] else stats['iters'], ema=ema)
     checkpoint.atomic_save(state, os.path.join(args.output_dir, checkpoint.LAST))
     if stats['complete'] and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
         checkpoint.atomic_save(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, precision):
+def evaluate(model, loader, device, precision, sum_over_ranks=True):
     """Top-1, top-5 accuracy (%) and mean cross-entropy over the loader's images, summed over all
-    ranks (exact when each image is on one rank: util.datasets.ShardSampler). Prints the line
-    `* Acc@1 X Acc@5 Y loss Z` that the ModelZoo scripts read."""
+    ranks when `sum_over_ranks` (exact when each image is on one rank: util.datasets.ShardSampler;
+    else every rank has evaluated every image). Prints the line `* Acc@1 X Acc@5 Y loss Z` that
+    the ModelZoo scripts read."""
     model.eval()
     dev = device.torch_device
     totals = torch.zeros(4, dtype=torch.float64, device=dev)  # correct@1, correct@5, loss sum, images
@@ -222,7 +235,7 @@ def evaluate(model, loader, device, precision):
         totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
                                torch.nn.functional.cross_entropy(logits, targets, reduction='sum'),
                                torch.tensor(len(targets), device=dev)]).double()
-    if dist.is_dist_initialized():
+    if sum_over_ranks and dist.is_dist_initialized():
         torch.distributed.all_reduce(totals)
     correct1, correct5, loss_sum, count = totals.tolist()
     count = max(count, 1)

@@ -28,3 +28,14 @@ def build_adamw(groups, lr, betas, device):
     (multi-tensor where the device supports it)."""
     fused = True if device.supports_fused_adamw() else None
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def build_lars(model, lr, weight_decay):
+    """LARS for linear probing (MAE's protocol): SGD with momentum 0.9 whose weight matrices get
+    the layer-wise trust ratio 0.001 * |w| / |g| (and the weight decay); biases and other 1-D
+    parameters take plain momentum steps. timm's Lars does the arithmetic."""
+    from timm.optim import Lars
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in trainable if p.ndim > 1], 'weight_decay': weight_decay, 'always_adapt': True},
+              {'params': [p for p in trainable if p.ndim <= 1], 'weight_decay': 0.0, 'always_adapt': False}]
+    return Lars([g for g in groups if g['params']], lr=lr, momentum=0.9, trust_coeff=0.001)

@@ -9,7 +9,7 @@ with timm, and `create_classifier` builds any timm model by name. An unknown nam
 import difflib
 import importlib
 
-from util.errors import UsageError
+from util.errors import UsageError, first_line
 
 # The flat model files at the top of the repository; a new method adds its file here.
 MODEL_FILES = ('models_mae', 'models_vit')
@@ -40,18 +40,28 @@ def _unknown(kind, name, names):
     return UsageError(f'unknown {kind} {name!r} ({hint})')
 
 
-def create_classifier(name, **kwargs):
+def create_classifier(name, img_size=None, **kwargs):
     """Build a classification model by its timm name (this project's registered ones included),
-    e.g. create_classifier('vit_base_patch16', num_classes=1000, drop_path_rate=0.1)."""
+    e.g. create_classifier('vit_base_patch16', img_size=224, num_classes=1000, drop_path_rate=0.1).
+
+    img_size goes to the models whose shape depends on it (vision transformers: the position
+    table); a model that takes no img_size (a convolutional network) is built without it.
+    """
     import timm
     for module in MODEL_FILES:
         importlib.import_module(module)
     if not timm.is_model(name):
         raise _unknown('model', name, timm.list_models())
+    sized = {**kwargs, 'img_size': img_size} if img_size is not None else kwargs
     try:
-        return timm.create_model(name, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f'cannot build {name} with {kwargs}: {e}') from None
+        try:
+            return timm.create_model(name, **sized)
+        except TypeError as e:
+            if 'img_size' not in str(e) or sized is kwargs:
+                raise
+            return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UsageError(f'cannot build {name} with {sized}: {first_line(e)}') from None
 
 
 def create_pretrain_model(name, **kwargs):

@@ -1,0 +1,307 @@
+"""Classification: fine-tuning a pre-trained encoder, linear probing, evaluation, and
+supervised training from scratch.
+
+    # fine-tune the released MAE ViT-B encoder (published recipe: 100 epochs, batch 1024)
+    torchrun --nproc_per_node 8 main_finetune.py --model vit_base_patch16 --finetune mae_pretrain_vit_base.pth \\
+        --data_path /imagenet --batch_size 32 --accum_iter 4
+    # linear probing (frozen encoder, BatchNorm + linear head on the cls token, LARS)
+    torchrun --nproc_per_node 8 main_finetune.py --linprobe --model vit_base_patch16 \\
+        --finetune mae_pretrain_vit_base.pth --data_path /imagenet --batch_size 512 --accum_iter 4
+    # evaluate a fine-tuned checkpoint
+    python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 --data_path /imagenet
+    # supervised from scratch (no --finetune): the DeiT recipe, any timm model
+    torchrun --nproc_per_node 8 main_finetune.py --model vit_base_patch16 --data_path /imagenet
+
+The defaults are the published recipe of the mode (RECIPES below): MAE's fine-tuning recipe
+with --finetune, MAE's linear-probing recipe with --linprobe, DeiT's without either. This file
+parses arguments and wires the parts together; the loop is util/engine.py.
+"""
+import argparse
+import json
+import os
+import time
+from functools import partial
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+
+from util import checkpoint, dist
+from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build_image_folder, build_loader,
+                           eval_transform, finetune_transform, pretrain_transform)
+from util.engine import evaluate, train
+from util.errors import UsageError, run_cli
+from util.launch import (add_run_args, add_schedule_args, compile_and_wrap, print_outputs, resume_training,
+                         set_learning_rate, start_run)
+from util.logger import RunLogger
+from util.optim import build_adamw, build_lars, param_groups
+from util.registry import create_classifier
+
+AA_DEFAULT = 'rand-m9-mstd0.5-inc1'
+# The published recipes; None in a flag's default means "the recipe of the mode decides".
+RECIPES = {
+    # MAE fine-tuning, ViT-B/16: 83.6 top-1 (batch 1024; ViT-L/H: layer decay 0.75, drop path 0.2/0.3, 50 epochs)
+    'finetune': dict(epochs=100, blr=5e-4, weight_decay=0.05, min_lr=1e-6, warmup_epochs=5, layer_decay=0.65,
+                     drop_path=0.1, aa=AA_DEFAULT, reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
+                     global_pool=True),
+    # MAE linear probing, ViT-B/16: 68.0 top-1 (batch 16384, LARS)
+    'linprobe': dict(epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0, warmup_epochs=10, layer_decay=None,
+                     drop_path=0.0, aa=None, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
+                     global_pool=False),
+    # DeiT, supervised from scratch: 300 epochs, lr 5e-4 per 512 images (batch 1024), min lr 1e-5
+    'scratch': dict(epochs=300, blr=2.5e-4, weight_decay=0.05, min_lr=1e-5, warmup_epochs=5, layer_decay=None,
+                    drop_path=0.1, aa=AA_DEFAULT, reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
+                    global_pool=True),
+}
+BY_MODE = 'default by mode, fine-tune / --linprobe / from scratch: {}'
+
+
+def recipe_note(key):
+    return BY_MODE.format(' / '.join(str(RECIPES[m][key]) for m in ('finetune', 'linprobe', 'scratch')))
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Fine-tuning, linear probing and evaluation of classifiers', add_help=True)
+    by_mode = ('epochs', 'blr', 'weight_decay', 'min_lr', 'warmup_epochs')
+    add_schedule_args(parser, dict(batch_size=64, **dict.fromkeys(by_mode)), {k: recipe_note(k) for k in by_mode})
+    parser.add_argument('--layer_decay', type=float, default=None,
+                        help='layer-wise lr decay; ' + recipe_note('layer_decay') + ' (1 or none: off)')
+
+    parser.add_argument('--model', default='vit_base_patch16', type=str,
+                        help='any timm model name, e.g. vit_base_patch16, vit_large_patch16, seresnet50')
+    parser.add_argument('--input_size', default=224, type=int, help='image size in pixels')
+    parser.add_argument('--drop_path', type=float, default=None, help='stochastic depth; ' + recipe_note('drop_path'))
+    parser.add_argument('--nb_classes', default=None, type=int,
+                        help='classes of the head (default: the number of class folders in train/)')
+    parser.add_argument('--global_pool', action='store_true', default=None,
+                        help='classify the average of the patch tokens (default except with --linprobe)')
+    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
+                        help='classify the cls token instead (default with --linprobe)')
+
+    parser.add_argument('--finetune', default='', help='pre-trained checkpoint to start from (weights only)')
+    parser.add_argument('--linprobe', action='store_true',
+                        help='linear probing: freeze the encoder, train BatchNorm (no affine) + a linear head, LARS')
+    parser.add_argument('--eval', action='store_true',
+                        help='only evaluate the weights of --resume (or <output_dir>/checkpoint-last.pth)')
+    parser.add_argument('--dist_eval', default=True, action=argparse.BooleanOptionalAction,
+                        help='each process evaluates its own share of the validation images (exact: no padding)')
+    parser.add_argument('--model_ema', action='store_true', help='keep an exponential moving average of the weights')
+    parser.add_argument('--model_ema_decay', type=float, default=0.99996, help='decay of --model_ema per step')
+
+    # augmentation (timm), MAE's names
+    parser.add_argument('--color_jitter', type=float, default=None, help='colour jitter strength (used without --aa)')
+    parser.add_argument('--aa', type=str, default=None,
+                        help=f'RandAugment policy, "none" for none; {recipe_note("aa")}')
+    parser.add_argument('--smoothing', type=float, default=None, help='label smoothing; ' + recipe_note('smoothing'))
+    parser.add_argument('--reprob', type=float, default=None, help='random erasing probability; ' + recipe_note('reprob'))
+    parser.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
+    parser.add_argument('--recount', type=int, default=1, help='random erasing count')
+    parser.add_argument('--resplit', action='store_true', default=False,
+                        help='accepted for compatibility with MAE; has no effect (no augmentation splits)')
+    parser.add_argument('--mixup', type=float, default=None, help='mixup alpha; ' + recipe_note('mixup'))
+    parser.add_argument('--cutmix', type=float, default=None, help='cutmix alpha; ' + recipe_note('cutmix'))
+    parser.add_argument('--cutmix_minmax', type=float, nargs=2, default=None,
+                        help='cutmix box ratio range (overrides --cutmix alpha)')
+    parser.add_argument('--mixup_prob', type=float, default=1.0, help='probability of mixing a batch')
+    parser.add_argument('--mixup_switch_prob', type=float, default=0.5,
+                        help='probability of cutmix instead of mixup when both are on')
+    parser.add_argument('--mixup_mode', type=str, default='batch', choices=('batch', 'pair', 'elem'),
+                        help='one mix per batch, per pair or per image')
+    add_run_args(parser)
+    return parser
+
+
+def fill_recipe(args):
+    """Set every flag left at None to the recipe of the mode. returns: the mode."""
+    mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
+    for key, value in RECIPES[mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if isinstance(args.aa, str) and args.aa.lower() == 'none':
+        args.aa = None
+    if args.layer_decay == 1.0:
+        args.layer_decay = None
+    return mode
+
+
+def check_args(args):
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise UsageError(f'--layer_decay must be in (0, 1], got {args.layer_decay}')
+    if mixup_active(args) and args.batch_size % 2:
+        raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
+                         f'{args.batch_size} (or turn mixing off with --mixup 0 --cutmix 0)')
+    if args.finetune and args.eval:
+        raise UsageError('--eval evaluates a fine-tuned checkpoint given with --resume, not --finetune')
+
+
+def mixup_active(args):
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def build_mixup(args, num_classes):
+    if not mixup_active(args):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def build_criterion(args):
+    """Soft-target cross-entropy with mixing (the targets are already smoothed), else
+    cross-entropy with label smoothing when it is on."""
+    if mixup_active(args):
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def classification_loss(model, batch, criterion):
+    images, targets = batch
+    return criterion(model(images), targets)
+
+
+def add_probe_head(model):
+    """MAE's linear probe: the classifier becomes BatchNorm1d (no affine, eps 1e-6) then the
+    linear layer, and only the linear layer is trained."""
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise UsageError(f'--linprobe needs a model whose classifier is one linear layer, not {type(head).__name__}')
+    parent_name, _, attr = next(name for name, m in model.named_modules() if m is head).rpartition('.')
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, torch.nn.Sequential(torch.nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head))
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in head.parameters():
+        p.requires_grad = True
+
+
+def build_model(args, num_classes, resuming):
+    """The classifier, initialised from --finetune unless a training checkpoint will overwrite it."""
+    model = create_classifier(args.model, img_size=args.input_size, num_classes=num_classes,
+                              drop_path_rate=args.drop_path, global_pool='avg' if args.global_pool else 'token')
+    if args.finetune and not resuming:
+        report = checkpoint.load_pretrained(model, args.finetune, head_init_std=0.01 if args.linprobe else 2e-5)
+        print(f"loaded {report['loaded']} tensors from {args.finetune}")
+        for key in ('missing', 'unexpected', 'dropped', 'resized'):
+            if report[key]:
+                print(f'  {key}: {", ".join(report[key])}')
+    elif not args.finetune and not args.eval:
+        print(f'no --finetune: training {args.model} from random initialisation')
+    if args.linprobe:
+        add_probe_head(model)
+    return model
+
+
+def build_optimizer(args, model, device):
+    if args.linprobe:
+        return build_lars(model, args.lr, args.weight_decay)
+    return build_adamw(param_groups(model, args.weight_decay, args.layer_decay), args.lr, (0.9, 0.999), device)
+
+
+def best_accuracy_so_far(output_dir):
+    """The best top-1 of earlier epochs of this run (from its log.txt), when resuming."""
+    path = os.path.join(output_dir or '', 'log.txt')
+    if not output_dir or not os.path.isfile(path):
+        return float('-inf')
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return max((r['test_acc1'] for r in records if 'test_acc1' in r), default=float('-inf'))
+
+
+class EpochEvaluation:
+    """After each epoch: evaluate (and the EMA weights with --model_ema), keep checkpoint-best.pth."""
+
+    def __init__(self, model, ema, loader, device, precision, args):
+        self.model, self.ema, self.loader = model, ema, loader
+        self.device, self.precision, self.args = device, precision, args
+        self.best = best_accuracy_so_far(args.output_dir)
+
+    def __call__(self, epoch, stats):
+        results = {f'test_{k}': v for k, v in self.evaluate(self.model).items() if k != 'images'}
+        if self.ema is not None:
+            results.update({f'test_ema_{k}': v for k, v in self.evaluate(self.ema.module).items() if k != 'images'})
+        if results['test_acc1'] > self.best:
+            self.best = results['test_acc1']
+            if self.args.output_dir and dist.is_main_process():
+                checkpoint.atomic_save({'model': self.model.state_dict(), 'epoch': epoch, 'acc1': self.best,
+                                        'args': checkpoint.plain_args(self.args)},
+                                       os.path.join(self.args.output_dir, checkpoint.BEST))
+        print(f"top-1 accuracy of epoch {epoch}: {results['test_acc1']:.2f}%; best so far: {self.best:.2f}%")
+        return results
+
+    def evaluate(self, model):
+        return evaluate(model, self.loader, self.device, self.precision, sum_over_ranks=self.args.dist_eval)
+
+
+def run_eval(args, model, loader, device, precision):
+    """--eval: the accuracy of the weights in --resume (a fine-tuned checkpoint of this project or
+    an official MAE release)."""
+    path = checkpoint.resume_path(args.resume, args.output_dir)
+    if not path:
+        raise UsageError('--eval needs weights: --resume <fine-tuned checkpoint> (or a run in --output_dir)')
+    checkpoint.load_weights(model, checkpoint.model_state_of(checkpoint.load(path), path), path)
+    stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
+    print(f"accuracy of {path} on the {stats['images']} validation images: top-1 {stats['acc1']:.2f}%, "
+          f"top-5 {stats['acc5']:.2f}%")
+    return stats
+
+
+def main(args):
+    mode = fill_recipe(args)
+    check_args(args)
+    world, device, precision = start_run(args)
+    print(f'mode: {"evaluation" if args.eval else mode}')
+    pin_memory = args.pin_mem and device.type != 'cpu'
+
+    train_transform = pretrain_transform(args.input_size, scale=(0.08, 1.0)) if args.linprobe \
+        else finetune_transform(args)
+    train_folder = build_image_folder(args.data_path, 'train', train_transform)
+    val_folder = build_image_folder(args.data_path, 'val', eval_transform(args.input_size))
+    num_classes = args.nb_classes or len(train_folder.classes)
+    if num_classes < len(train_folder.classes):
+        raise UsageError(f'--nb_classes {num_classes} is fewer than the {len(train_folder.classes)} class '
+                         f'folders of the training data')
+    val_loader = build_eval_loader(SeededSamples(val_folder, args.seed), world, args, pin_memory, args.dist_eval)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    resuming = checkpoint.resume_path(args.resume, args.output_dir) is not None
+    model = build_model(args, num_classes, resuming).to(device.torch_device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, '
+          f'{trainable / 1e6:.2f} M trained, {num_classes} classes')
+    if args.eval:
+        stats = run_eval(args, model, val_loader, device, precision)
+        dist.destroy_process_group()
+        return stats
+
+    mixup = build_mixup(args, num_classes)
+    dataset = SeededSamples(train_folder, args.seed, batch_seeds=mixup is not None)
+    loader = build_loader(dataset, world, args, pin_memory, collate_fn=MixupCollate(mixup) if mixup else None)
+    print(f'{len(dataset)} training images, {len(val_folder)} validation images, '
+          f'{len(loader)} batches of {args.batch_size} per process')
+
+    set_learning_rate(args, world)
+    optimizer = build_optimizer(args, model, device)
+    scaler = device.grad_scaler(precision)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler, ema=ema)
+
+    model_ddp = compile_and_wrap(model, device, args)
+    logger = RunLogger(args.output_dir, args.log_dir, enabled=dist.is_main_process())
+    loss_fn = partial(classification_loss, criterion=build_criterion(args))
+    evaluation = EpochEvaluation(model, ema, val_loader, device, precision, args)
+    start_time = time.time()
+    stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
+                  start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=evaluation, ema=ema)
+    logger.close()
+    print_outputs(args, stats, time.time() - start_time)
+    if stats:
+        print(f"final top-1 accuracy {stats['test_acc1']:.2f}%, best {evaluation.best:.2f}% "
+              f"({os.path.join(args.output_dir, checkpoint.BEST) if args.output_dir else 'not saved'})")
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser().parse_args())

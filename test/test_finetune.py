@@ -1,0 +1,207 @@
+"""main_finetune.py as a user runs it: the published recipes as defaults, fine-tuning from a demo
+pre-training, linear probing, evaluation of saved checkpoints, exact resumption with RandAugment
+and mixup, the EMA of the weights, other timm models, and bad input."""
+import math
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from helpers import read_jsonl, run_finetune, run_pretrain, run_script
+from util import checkpoint
+from util.errors import UsageError
+
+TINY = ['--model', 'vit_tiny_patch8', '--input_size', 64, '--num_workers', 0, '--device', 'cpu']
+
+
+def parse(*argv):
+    import main_finetune
+    args = main_finetune.get_args_parser().parse_args(['--data_path', 'demo', *map(str, argv)])
+    return main_finetune.fill_recipe(args), args
+
+
+def test_defaults_are_the_published_recipes():
+    # MAE fine-tuning of ViT-B (He et al. 2022, Table 9): AdamW (0.9, 0.999), blr 5e-4, layer decay 0.65,
+    # wd 0.05, 100 epochs, 5 warm-up, drop path 0.1, RandAug (9, 0.5), mixup 0.8, cutmix 1.0,
+    # label smoothing 0.1, random erasing 0.25, global average pooling
+    mode, a = parse('--finetune', 'mae_pretrain_vit_base.pth')
+    assert mode == 'finetune'
+    assert (a.blr, a.layer_decay, a.weight_decay, a.epochs, a.warmup_epochs, a.min_lr, a.drop_path) == \
+        (5e-4, 0.65, 0.05, 100, 5, 1e-6, 0.1)
+    assert (a.aa, a.mixup, a.cutmix, a.smoothing, a.reprob, a.global_pool) == \
+        ('rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.1, 0.25, True)
+    # MAE linear probing (Table 10): LARS, blr 0.1, wd 0, 90 epochs, 10 warm-up, no mixing or RandAug,
+    # the cls token
+    mode, a = parse('--linprobe', '--finetune', 'mae_pretrain_vit_base.pth')
+    assert mode == 'linprobe'
+    assert (a.blr, a.weight_decay, a.epochs, a.warmup_epochs, a.layer_decay, a.drop_path) == (0.1, 0, 90, 10, None, 0)
+    assert (a.aa, a.mixup, a.cutmix, a.smoothing, a.reprob, a.global_pool) == (None, 0, 0, 0, 0, False)
+    # DeiT-B from scratch: 300 epochs, lr 5e-4 per 512 images, min lr 1e-5, 5 warm-up, wd 0.05
+    mode, a = parse()
+    assert mode == 'scratch'
+    assert (a.blr * 512 / 256, a.epochs, a.min_lr, a.warmup_epochs, a.weight_decay, a.layer_decay) == \
+        (5e-4, 300, 1e-5, 5, 0.05, None)
+    # any flag given wins over the recipe; "none" turns RandAugment off; decay 1 is no decay
+    _, a = parse('--finetune', 'x.pth', '--blr', 1e-3, '--aa', 'none', '--layer_decay', 1, '--cls_token')
+    assert (a.blr, a.aa, a.layer_decay, a.global_pool) == (1e-3, None, None, False)
+
+
+def test_lars_step_matches_the_mae_formula():
+    """build_lars against MAE's LARS written out: weight matrices get momentum SGD on
+    g * 0.001 * |w| / |g|, 1-D parameters plain momentum SGD."""
+    from util.optim import build_lars
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    momentum = {n: torch.zeros_like(p) for n, p in reference.items()}
+    optimizer = build_lars(model, lr=0.5, weight_decay=0.0)
+    for _ in range(3):
+        grads = {n: torch.randn_like(p) for n, p in reference.items()}
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        optimizer.step()
+        for n, w in reference.items():
+            step = grads[n]
+            if w.ndim > 1:
+                step = step * (0.001 * w.norm() / step.norm())
+            momentum[n] = 0.9 * momentum[n] + step
+            w -= 0.5 * momentum[n]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), reference[n], rtol=1e-5, atol=1e-7)
+
+
+def test_mixup_targets_are_smoothed_mixtures_and_seeded_per_batch():
+    import main_finetune
+    from util.datasets import MixupCollate
+    _, args = parse('--finetune', 'x.pth')
+    collate = MixupCollate(main_finetune.build_mixup(args, num_classes=4))
+    samples = [(torch.full((3, 8, 8), float(i)), i % 4, 1234) for i in range(6)]
+    images, targets = collate(samples)
+    assert images.shape == (6, 3, 8, 8) and targets.shape == (6, 4)
+    torch.testing.assert_close(targets.sum(1), torch.ones(6))
+    assert targets.min() >= 0.1 / 4 - 1e-6  # label smoothing 0.1 spreads 0.1 over the 4 classes
+    again_images, again_targets = collate(samples)
+    torch.testing.assert_close(again_images, images)  # the same seed mixes the same way
+    torch.testing.assert_close(again_targets, targets)
+    mixes = {tuple(collate([(x, y, seed) for x, y, _ in samples])[1][0].tolist()) for seed in range(8)}
+    assert len(mixes) > 1  # other seeds, other mixes
+
+
+def test_linear_probe_trains_only_the_head(small_folder, tmp_path):
+    import main_finetune
+    from models_mae import mae_vit_tiny_patch8
+    torch.manual_seed(1)
+    pretrained = mae_vit_tiny_patch8().state_dict()
+    torch.save({'model': pretrained}, tmp_path / 'pretrained.pth')
+
+    # in the model: BatchNorm without affine before the linear head, gradients only in the head
+    _, args = parse('--linprobe', '--finetune', tmp_path / 'pretrained.pth', '--model', 'vit_tiny_patch8',
+                    '--input_size', 64)
+    model = main_finetune.build_model(args, num_classes=2, resuming=False)
+    assert isinstance(model.head[0], torch.nn.BatchNorm1d) and model.head[0].weight is None
+    model(torch.randn(4, 3, 64, 64)).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {'head.1.weight', 'head.1.bias'}
+
+    # through the entry point: after training, every encoder tensor is the pre-trained one
+    run_finetune(*TINY, '--linprobe', '--finetune', tmp_path / 'pretrained.pth', '--data_path', small_folder,
+                 '--batch_size', 16, '--epochs', 2, '--warmup_epochs', 1, '--output_dir', tmp_path / 'probe')
+    state = checkpoint.load(tmp_path / 'probe' / checkpoint.LAST)['model']
+    for key, value in state.items():
+        if not key.startswith('head.'):
+            torch.testing.assert_close(value, pretrained[key], msg=key)
+    assert state['head.0.num_batches_tracked'] == 8  # BatchNorm statistics of the 8 training steps
+    assert state['head.1.weight'].abs().sum() > 0
+    assert all(math.isfinite(r['test_acc1']) for r in read_jsonl(tmp_path / 'probe' / 'log.txt'))
+
+
+def test_eval_reproduces_the_accuracy_at_the_end_of_training(small_folder, tmp_path):
+    out = tmp_path / 'ft'
+    run_finetune(*TINY, '--data_path', small_folder, '--batch_size', 16, '--epochs', 2, '--warmup_epochs', 1,
+                 '--output_dir', out)
+    last = read_jsonl(out / 'log.txt')[-1]
+    import main_finetune
+    args = main_finetune.get_args_parser().parse_args(
+        [str(a) for a in (*TINY, '--data_path', small_folder, '--eval', '--resume', out / checkpoint.LAST)])
+    args.output_dir = ''
+    stats = main_finetune.main(args)
+    assert stats['images'] == 17
+    assert (stats['acc1'], stats['acc5']) == (last['test_acc1'], last['test_acc5'])
+    assert stats['loss'] == pytest.approx(last['test_loss'], rel=1e-6)
+
+    best = checkpoint.load(out / checkpoint.BEST)
+    assert best['acc1'] == max(r['test_acc1'] for r in read_jsonl(out / 'log.txt'))
+
+
+def test_two_process_evaluation_is_exact(small_folder, tmp_path):
+    """--eval with 2 processes over 17 images (9 + 8, no padding) = 1 process."""
+    from models_vit import vit_tiny_patch8
+    torch.manual_seed(0)
+    torch.save({'model': vit_tiny_patch8(num_classes=2).state_dict()}, tmp_path / 'weights.pth')
+    flags = [*TINY, '--data_path', small_folder, '--eval', '--resume', tmp_path / 'weights.pth', '--batch_size', 4,
+             '--output_dir', '']
+    one = run_script(sys.executable, 'main_finetune.py', *flags)
+    two = run_script(sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2, '--master_port', 29519,
+                     'main_finetune.py', *flags)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    line = [ln for ln in one.stdout.splitlines() if ln.startswith('* Acc@1')]
+    assert len(line) == 1 and 'on the 17 validation images' in one.stdout
+    assert [ln for ln in two.stdout.splitlines() if ln.startswith('* Acc@1')] == line
+    assert 'on the 17 validation images' in two.stdout
+
+
+def test_resumed_finetuning_with_randaugment_and_mixup_continues_exactly(small_folder, tmp_path):
+    """RandAugment, random erasing, mixup/cutmix and drop path are all drawn from seeded
+    generators: a run stopped part-way and resumed gives the same losses, bit for bit."""
+    flags = [*TINY, '--data_path', small_folder, '--batch_size', 16, '--epochs', 2, '--warmup_epochs', 1,
+             '--log_freq', 1]
+    run_finetune(*flags, '--output_dir', tmp_path / 'straight')
+    run_finetune(*flags, '--output_dir', tmp_path / 'resumed', '--max_steps', 3)
+    run_finetune(*flags, '--output_dir', tmp_path / 'resumed')
+    straight = {r['step']: r['loss'] for r in read_jsonl(tmp_path / 'straight' / 'log.jsonl')}
+    resumed = {r['step']: r['loss'] for r in read_jsonl(tmp_path / 'resumed' / 'log.jsonl')}
+    assert sorted(straight) == list(range(1, 9)) and resumed == straight
+
+
+def test_model_ema_follows_the_weights(small_folder, tmp_path):
+    """After one step from w0 to w1, the EMA holds decay * w0 + (1 - decay) * w1 (timm ModelEmaV3,
+    no warm-up); it is checkpointed and evaluated."""
+    from models_vit import vit_tiny_patch8
+    torch.manual_seed(0)
+    start = vit_tiny_patch8(num_classes=2).state_dict()
+    torch.save({'model': start}, tmp_path / 'start.pth')
+    decay = 0.9
+    run_finetune(*TINY, '--data_path', small_folder, '--finetune', tmp_path / 'start.pth', '--batch_size', 16,
+                 '--epochs', 1, '--warmup_epochs', 0, '--lr', 1e-3, '--max_steps', 1, '--model_ema',
+                 '--model_ema_decay', decay, '--output_dir', tmp_path / 'ema')
+    ckpt = checkpoint.load(tmp_path / 'ema' / checkpoint.LAST)
+    key = 'blocks.0.attn.qkv.weight'
+    assert not torch.equal(ckpt['model'][key], start[key])
+    torch.testing.assert_close(ckpt['model_ema'][key], decay * start[key] + (1 - decay) * ckpt['model'][key])
+    assert 'test_ema_acc1' in read_jsonl(tmp_path / 'ema' / 'log.txt')[-1]
+
+
+def test_any_timm_model_trains_from_scratch(small_folder, tmp_path):
+    run_finetune('--model', 'resnet10t', '--input_size', 64, '--num_workers', 0, '--device', 'cpu',
+                 '--data_path', small_folder, '--batch_size', 16, '--epochs', 1, '--max_steps', 2,
+                 '--output_dir', tmp_path)
+    record = read_jsonl(tmp_path / 'log.txt')[-1]
+    assert math.isfinite(record['train_loss']) and 0 <= record['test_acc1'] <= 100
+
+
+def test_bad_input_is_one_line(small_folder, tmp_path):
+    result = run_script(sys.executable, 'main_finetune.py', *TINY, '--data_path', small_folder, '--eval',
+                        '--output_dir', tmp_path)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip() == 'error: --eval needs weights: --resume <fine-tuned checkpoint> ' \
+                                    '(or a run in --output_dir)'
+    with pytest.raises(UsageError, match='--batch_size must be even'):
+        run_finetune(*TINY, '--data_path', small_folder, '--batch_size', 15, '--output_dir', tmp_path)
+    with pytest.raises(UsageError, match='--nb_classes 1 is fewer than the 2 class folders'):
+        run_finetune(*TINY, '--data_path', small_folder, '--nb_classes', 1, '--output_dir', tmp_path)
+    only_train = tmp_path / 'only_train'
+    shutil.copytree(os.path.join(small_folder, 'train'), only_train / 'train')
+    with pytest.raises(UsageError, match='cannot read the val images'):
+        run_finetune(*TINY, '--data_path', only_train, '--output_dir', tmp_path)

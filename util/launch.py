@@ -1,0 +1,137 @@
+"""What every entry point does around the training loop, written once: the flags they share,
+joining the run (processes, device, precision), the learning rate from the base rate,
+resumption, and the summary printed at the end."""
+import argparse
+import json
+import os
+
+import torch
+
+from util import checkpoint, dist
+from util.device import AUTO_ORDER, PRECISIONS, resolve_device
+from util.engine import Progress
+from util.errors import UsageError
+
+
+def add_schedule_args(parser, recipe, notes=None):
+    """Batch, schedule and optimizer flags. `recipe` holds the defaults (the published recipe);
+    a default of None is filled in later by the entry point (it depends on the mode), and
+    `notes` {flag: text} then says so in --help."""
+    notes = notes or {}
+
+    def help_text(key, text):
+        return f'{text}; {notes[key]}' if key in notes else f'{text} (default: {recipe[key]})'
+    parser.add_argument('--batch_size', default=recipe['batch_size'], type=int,
+                        help=help_text('batch_size', 'images per device per step; effective batch = batch_size * '
+                                                     'accum_iter * devices'))
+    parser.add_argument('--epochs', default=recipe['epochs'], type=int, help=help_text('epochs', 'epochs to train'))
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='accumulate gradients over this many micro-batches per optimizer step')
+    parser.add_argument('--weight_decay', type=float, default=recipe['weight_decay'],
+                        help=help_text('weight_decay', 'weight decay'))
+    parser.add_argument('--lr', type=float, default=None, help='absolute learning rate (default: blr * batch / 256)')
+    parser.add_argument('--blr', type=float, default=recipe['blr'],
+                        help=help_text('blr', 'base learning rate: lr = blr * effective batch size / 256'))
+    parser.add_argument('--min_lr', type=float, default=recipe['min_lr'],
+                        help=help_text('min_lr', 'lower bound of the cosine schedule'))
+    parser.add_argument('--warmup_epochs', type=int, default=recipe['warmup_epochs'],
+                        help=help_text('warmup_epochs', 'epochs of linear warm-up'))
+    parser.add_argument('--clip_grad', type=float, default=None,
+                        help='clip the gradient norm to this value (off in the published MAE recipes)')
+
+
+def add_run_args(parser):
+    """Data, output, device and loop-control flags."""
+    parser.add_argument('--data_path', required=True, type=str,
+                        help='ImageFolder root with train/ (and val/), e.g. ImageNet, or "demo" for the built-in set')
+    parser.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.jsonl, log.txt')
+    parser.add_argument('--log_dir', default=None, help='TensorBoard directory (default: output_dir)')
+    parser.add_argument('--device', default='auto', choices=('auto',) + AUTO_ORDER,
+                        help='auto picks the first present of ' + ', '.join(AUTO_ORDER))
+    parser.add_argument('--precision', default='auto', choices=PRECISIONS,
+                        help='autocast dtype; auto: bf16 where supported, else fp16 (with loss scaling), '
+                             'fp32 on the CPU')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='',
+                        help='checkpoint to resume from (default: <output_dir>/checkpoint-last.pth if present)')
+    parser.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
+    parser.add_argument('--max_steps', default=None, type=int,
+                        help='stop after this many optimizer steps (smoke and performance runs)')
+    parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    parser.add_argument('--log_freq', default=20, type=int, help='log every N optimizer steps')
+    parser.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int,
+                        help='data-loading processes per training process (default: 10, or the number of CPUs if fewer)')
+    parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
+                        help='pin host memory in the data loader for faster copies to the device')
+
+
+def check_run_args(args):
+    for name in ('batch_size', 'epochs', 'accum_iter', 'log_freq', 'save_freq'):
+        if getattr(args, name) < 1:
+            raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f'--max_steps must be at least 1, got {args.max_steps}')
+    if args.num_workers < 0:
+        raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
+
+
+def start_run(args):
+    """Join the run: this process's rank, its device, the process group, the precision.
+
+    returns: (world, device, precision)
+    """
+    check_run_args(args)
+    world = dist.read_world_from_env()
+    device = resolve_device(args.device, world.local_rank)
+    dist.init_process_group(world, device)
+    precision = device.resolve_precision(args.precision)
+    args.log_dir = args.log_dir or args.output_dir
+    print(f'device: {device.torch_device} x {world.world_size} processes, precision: {precision}')
+    print(json.dumps(vars(args), indent=1))
+    return world, device, precision
+
+
+def set_learning_rate(args, world):
+    """lr = blr * effective batch / 256 unless --lr is given."""
+    eff_batch_size = args.batch_size * args.accum_iter * world.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f'effective batch size {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e})')
+
+
+def resume_training(args, model, optimizer, scaler, ema=None):
+    """Continue from --resume, or from <output_dir>/checkpoint-last.pth when a run left one.
+
+    returns: (start_epoch, start_iter, progress)
+    """
+    start_epoch, start_iter, progress = args.start_epoch, 0, Progress()
+    resume = checkpoint.resume_path(args.resume, args.output_dir)
+    if resume:
+        start_epoch, start_iter, progress.step = checkpoint.restore_training_state(
+            resume, model, optimizer, scaler, ema=ema)
+        print(f'resumed from {resume}: epoch {start_epoch}, iteration {start_iter}, step {progress.step}')
+    if start_epoch >= args.epochs:
+        print(f'nothing to train: the run in {args.output_dir} has finished its {args.epochs} epochs '
+              f'(raise --epochs to train longer)')
+    else:
+        print(f'training epochs {start_epoch} to {args.epochs - 1}')
+    return start_epoch, start_iter, progress
+
+
+def compile_and_wrap(model, device, args):
+    """DDP around the model when distributed, then torch.compile with --compile."""
+    model_ddp = dist.wrap_ddp(model, device)
+    return torch.compile(model_ddp) if args.compile else model_ddp
+
+
+def print_outputs(args, stats, seconds):
+    """The closing lines: time, throughput, final loss, and where the files are."""
+    print(f'training time {seconds:.0f} s')
+    if stats:
+        print(f"steady-state throughput: {stats['ips']:.1f} images/s; final loss {stats['loss']:.4f}")
+    if args.output_dir:
+        print(f'checkpoint: {os.path.join(args.output_dir, checkpoint.LAST)}\n'
+              f'logs: {os.path.join(args.output_dir, "log.jsonl")} (steps), '
+              f'{os.path.join(args.output_dir, "log.txt")} (epochs)\n'
+              f'TensorBoard: tensorboard --logdir {args.log_dir}')
