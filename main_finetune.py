@@ -90,6 +90,8 @@ def get_args_parser():
     parser.add_argument('--model_ema_decay', type=float, default=0.99996, help='decay of --model_ema per step')
 
     # augmentation (timm), MAE's names
+    parser.add_argument('--crop_min', type=float, default=0.08,
+                        help='smallest area of the random crop, as a fraction of the image (fine-tuning and probing)')
     parser.add_argument('--color_jitter', type=float, default=None, help='colour jitter strength (used without --aa)')
     parser.add_argument('--aa', type=str, default=None,
                         help=f'RandAugment policy, "none" for none; {recipe_note("aa")}')
@@ -255,7 +257,7 @@ def main(args):
     print(f'mode: {"evaluation" if args.eval else mode}')
     pin_memory = args.pin_mem and device.type != 'cpu'
 
-    train_transform = pretrain_transform(args.input_size, scale=(0.08, 1.0)) if args.linprobe \
+    train_transform = pretrain_transform(args.input_size, scale=(args.crop_min, 1.0)) if args.linprobe \
         else finetune_transform(args)
     train_folder = build_image_folder(args.data_path, 'train', train_transform)
     val_folder = build_image_folder(args.data_path, 'val', eval_transform(args.input_size))

@@ -39,6 +39,17 @@ def test_demo_images_are_deterministic_and_varied(demo_root):
         assert 0.02 < alpha.mean() < 0.6, demo_data.CLASSES[c]
 
 
+def test_demo_shapes_are_lighter_than_their_background():
+    """Every class: the shape's pixels are light in all channels, the background's dark in all
+    channels, so the contrast that outlines a shape has the same sign in every image."""
+    for c in range(len(demo_data.CLASSES)):
+        for i in range(5):
+            image = demo_data.render_image(c, seed=[c, i]).astype(int)
+            light = (image >= 140).all(-1).mean()
+            dark = (image <= 135).all(-1).mean()
+            assert 0.02 < light < 0.6 and light + dark > 0.9, (demo_data.CLASSES[c], i, light, dark)
+
+
 def test_demo_generation_is_safe_to_race(tmp_path):
     """Two processes generating into the same place at once both end with a complete set."""
     code = (f'import sys; sys.path.insert(0, {REPO!r}); from util.demo_data import ensure_demo_dataset; '
@@ -162,7 +173,7 @@ def test_randaugment_posterize_at_top_magnitude_keeps_working():
     from timm.data.auto_augment import AugmentOp
     from util.datasets import finetune_transform
     finetune_transform(argparse.Namespace(input_size=32, color_jitter=None, aa='rand-m9-mstd0.5-inc1',
-                                          reprob=0.0, remode='pixel', recount=1))
+                                          reprob=0.0, remode='pixel', recount=1, crop_min=0.08))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     black = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(image)
     assert black.size == image.size and not np.asarray(black).any()

@@ -65,11 +65,12 @@ def _use_compatible_posterize():
 
 
 def finetune_transform(args):
-    """The fine-tuning augmentation of MAE and DeiT, built by timm: RandomResizedCrop (bicubic),
-    flip, RandAugment (--aa), colour jitter (--color_jitter, only without --aa), random erasing
+    """The fine-tuning augmentation of MAE and DeiT, built by timm: RandomResizedCrop (bicubic,
+    at least --crop_min of the image), flip, RandAugment (--aa), colour jitter (--color_jitter, only without --aa), random erasing
     (--reprob/--remode/--recount)."""
     _use_compatible_posterize()
-    return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+    return create_transform(input_size=args.input_size, is_training=True, scale=(args.crop_min, 1.0),
+                            color_jitter=args.color_jitter,
                             auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
                             re_mode=args.remode, re_count=args.recount,
                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
