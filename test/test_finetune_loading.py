@@ -120,3 +120,22 @@ def test_evaluate_counts_exactly():
     assert stats['acc5'] == pytest.approx(100 * (ranks < 5).float().mean().item())
     expected_loss = -torch.log_softmax(logits.double(), 1)[torch.arange(23), targets].mean().item()
     assert stats['loss'] == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_layer_decay_scales_for_swin():
+    """Hierarchical models too: Swin's blocks, counted in order through its stages, are layers
+    1..n (downsampling goes with the first block of its stage), the patch embedding layer 0,
+    the head layer n + 1."""
+    from util.optim import param_groups
+    decay, depths = 0.5, (1, 1, 2, 1)
+    model = timm.create_model('swin_tiny_patch4_window7_224', img_size=64, window_size=4, embed_dim=24,
+                              depths=depths, num_heads=(1, 1, 1, 1), num_classes=3)
+    blocks = [f'layers.{s}.blocks.{b}.' for s, n in enumerate(depths) for b in range(n)]
+    n = len(blocks)
+    names = {id(p): name for name, p in model.named_parameters()}
+    scales = {names[id(p)]: g['lr_scale'] for g in param_groups(model, 0.05, layer_decay=decay) for p in g['params']}
+    assert scales['patch_embed.proj.weight'] == pytest.approx(decay ** (n + 1))
+    for layer, prefix in enumerate(blocks, start=1):
+        in_block = [s for name, s in scales.items() if name.startswith(prefix)]
+        assert in_block and all(s == pytest.approx(decay ** (n + 1 - layer)) for s in in_block), prefix
+    assert scales['head.fc.weight'] == 1.0
