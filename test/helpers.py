@@ -6,20 +6,20 @@ import subprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_main(module_name, *argv):
+    """An entry point (main_pretrain, main_finetune) with these arguments, in this process.
+    returns: what its main() returns"""
+    import importlib
+    module = importlib.import_module(module_name)
+    return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
+
+
 def run_pretrain(*argv):
-    """main_pretrain.py with these arguments, in this process."""
-    import main_pretrain
-    args = main_pretrain.get_args_parser().parse_args([str(a) for a in argv])
-    main_pretrain.main(args)
-    return args
+    return run_main('main_pretrain', *argv)
 
 
 def run_finetune(*argv):
-    """main_finetune.py with these arguments, in this process."""
-    import main_finetune
-    args = main_finetune.get_args_parser().parse_args([str(a) for a in argv])
-    main_finetune.main(args)
-    return args
+    return run_main('main_finetune', *argv)
 
 
 def run_script(*argv, env=None, timeout=600):
