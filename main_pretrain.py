@@ -17,8 +17,8 @@ from util import dist
 from util.datasets import SeededSamples, build_image_folder, build_loader, pretrain_transform
 from util.engine import train
 from util.errors import UsageError, run_cli
-from util.launch import (add_run_args, add_schedule_args, compile_and_wrap, print_outputs, resume_training,
-                         set_learning_rate, start_run)
+from util.launch import (add_run_args, add_schedule_args, compile_and_wrap, fingerprint, print_outputs,
+                         resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
 from util.masking import UniformNoise
 from util.optim import build_adamw, param_groups
@@ -39,6 +39,11 @@ def get_args_parser():
                         help='per-patch normalised pixels as the target (published recipe; '
                              '--no-norm_pix_loss for raw pixels)')
     add_run_args(parser)
+    parser.add_argument('--align', action='store_true',
+                        help='loss-curve alignment with a run on another device: deterministic kernels, fp32 unless '
+                             '--precision is given, a log line every step unless --log_freq is given, and '
+                             'fingerprints of the initial weights and the first sample printed. Weights, data '
+                             'order, crops and masks come from seeded CPU generators in every run')
     return parser
 
 
@@ -49,18 +54,37 @@ def mim_loss(model, batch, forward_kwargs):
     return loss
 
 
+def use_alignment_defaults(args):
+    """--align: fp32 and a log line every step, unless the flags say otherwise."""
+    if args.precision == 'auto':
+        args.precision = 'fp32'  # 'auto' would be bf16 on a GPU and fp32 on the CPU
+    if args.log_freq is None:
+        args.log_freq = 1
+
+
+def print_fingerprints(model, dataset):
+    """Hashes of the initial weights and of sample 0 of epoch 0 (its crop and its mask noise):
+    two runs to be aligned must print the same two."""
+    image, mask_kwargs = dataset[(0, 0)]
+    print(f'align: initial weights {fingerprint(model.state_dict().values())}, '
+          f'first sample {fingerprint([image, *mask_kwargs.values()])}')
+
+
 def main(args):
     if not 0 <= args.mask_ratio < 1:
         raise UsageError(f'--mask_ratio must be in [0, 1), got {args.mask_ratio}')
-    world, device, precision = start_run(args)
+    if args.align:
+        use_alignment_defaults(args)
+    world, device, precision = start_run(args, deterministic=args.align)
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    torch.manual_seed(args.seed)  # the same initial weights on every rank, drawn on the CPU
     model = create_pretrain_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
-    model.to(device.torch_device)
     print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
-
     dataset = SeededSamples(build_image_folder(args.data_path, 'train', pretrain_transform(args.input_size)),
                             args.seed, mask_generator=UniformNoise(model.num_patches))
+    if args.align:
+        print_fingerprints(model, dataset)
+    model.to(device.torch_device)
     loader = build_loader(dataset, world, args, pin_memory=args.pin_mem and device.type != 'cpu')
     print(f'{len(dataset)} training images, {len(loader)} batches of {args.batch_size} per process')
 

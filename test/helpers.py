@@ -22,10 +22,10 @@ def run_finetune(*argv):
     return run_main('main_finetune', *argv)
 
 
-def run_script(*argv, env=None, timeout=600):
-    """A command in a subprocess from the repository root; returns CompletedProcess."""
+def run_script(*argv, env=None, timeout=600, cwd=REPO):
+    """A command in a subprocess, from the repository root unless `cwd` says; returns CompletedProcess."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(a) for a in argv], cwd=REPO, env=full_env, capture_output=True, text=True,
+    return subprocess.run([str(a) for a in argv], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
 
 

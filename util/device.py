@@ -121,6 +121,22 @@ class Device:
     def supports_fused_adamw(self):
         return self.type in ('cuda', 'cpu')
 
+    def use_deterministic_algorithms(self):
+        """Same inputs, same outputs on this device, run after run (for --align): deterministic
+        kernels (a warning, not an error, where an op has none), full-precision fp32 matmuls and
+        convolutions (no TF32), no benchmark-mode kernel choice, and deterministic collectives on
+        Ascend. Call before the process group and the first matmul: the two environment
+        variables are read when HCCL and cuBLAS start."""
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_float32_matmul_precision('highest')
+        if self.type == 'cuda':
+            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.allow_tf32 = False
+        if self.type == 'npu':
+            os.environ.setdefault('HCCL_DETERMINISTIC', 'true')
+
     def synchronize(self):
         if self.module is not None and hasattr(self.module, 'synchronize'):
             self.module.synchronize()

@@ -2,6 +2,7 @@
 joining the run (processes, device, precision), the learning rate from the base rate,
 resumption, and the summary printed at the end."""
 import argparse
+import hashlib
 import json
 import os
 
@@ -59,7 +60,7 @@ def add_run_args(parser):
     parser.add_argument('--max_steps', default=None, type=int,
                         help='stop after this many optimizer steps (smoke and performance runs)')
     parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
-    parser.add_argument('--log_freq', default=20, type=int, help='log every N optimizer steps')
+    parser.add_argument('--log_freq', default=None, type=int, help='log every N optimizer steps (default: 20)')
     parser.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int,
                         help='data-loading processes per training process (default: 10, or the number of CPUs if fewer)')
     parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
@@ -67,6 +68,8 @@ def add_run_args(parser):
 
 
 def check_run_args(args):
+    if args.log_freq is None:
+        args.log_freq = 20
     for name in ('batch_size', 'epochs', 'accum_iter', 'log_freq', 'save_freq'):
         if getattr(args, name) < 1:
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
@@ -76,20 +79,32 @@ def check_run_args(args):
         raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
 
 
-def start_run(args):
+def start_run(args, deterministic=False):
     """Join the run: this process's rank, its device, the process group, the precision.
+    `deterministic` asks the device for run-to-run identical arithmetic (--align).
 
     returns: (world, device, precision)
     """
     check_run_args(args)
     world = dist.read_world_from_env()
     device = resolve_device(args.device, world.local_rank)
+    if deterministic:
+        device.use_deterministic_algorithms()
     dist.init_process_group(world, device)
     precision = device.resolve_precision(args.precision)
     args.log_dir = args.log_dir or args.output_dir
     print(f'device: {device.torch_device} x {world.world_size} processes, precision: {precision}')
     print(json.dumps(vars(args), indent=1))
     return world, device, precision
+
+
+def fingerprint(tensors):
+    """A short hash of the values of some tensors (in the given order), to check that two runs,
+    on two machines or devices, start from the same weights and read the same data."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def set_learning_rate(args, world):

@@ -1,0 +1,238 @@
+"""The ModelZoo cases behind test/*_performance_*.sh and test/*_full_8p.sh, written once.
+
+    python test/modelzoo.py pretrain|finetune performance|full NPROC --data_path=... [--key=value ...]
+
+A case launches the entry point through torchrun, copies its console to
+<output_dir>/train_<CaseName>.log, and then reports what accelerator teams hand in:
+
+    Final Performance images/sec : X     images/s of all ranks together, steady state (the loop's own
+                                         figure from log.txt: its first logging interval, holding
+                                         start-up and compilation, is left out)
+    Final Train Accuracy : Y             top-1 on val/ after the last epoch (fine-tuning)
+    E2E Training Duration sec : Z        wall time of the whole launch
+
+and writes <CaseName>.log (Network, RankSize, BatchSize, DeviceType, CaseName, ActualFPS,
+TrainingTime, TrainAccuracy, ActualLoss, E2ETrainingTime; TrainingTime is the time of one
+optimizer step in ms) and train_<CaseName>_loss.txt (the logged losses, one a line), where
+<output_dir> is test/output/<device id> unless --output_dir= says otherwise. The run itself
+(checkpoints, log.jsonl, log.txt, TensorBoard) goes to <output_dir>/<CaseName>/.
+
+Performance cases run a short, fixed number of steps and start afresh each time (their run
+folder is emptied first). Full cases run the published recipe: the entry point's defaults, with
+gradient accumulation reaching the recipe's effective batch on the devices given; they resume an
+interrupted run from its folder.
+"""
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What each kind of case runs by default; every value is overridden by the same --key=value.
+ENTRY_POINTS = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py'}
+DEFAULT_MODELS = {'pretrain': 'mae_vit_base', 'finetune': 'vit_base_patch16'}
+# Per-device batch and effective batch of the published recipes: MAE pre-training 64 x 4096,
+# MAE fine-tuning 32 x 1024 (ViT-B/L/H alike).
+RECIPE_BATCHES = {'pretrain': (64, 4096), 'finetune': (32, 1024)}
+PERFORMANCE_STEPS = 200  # enough for a steady state; the first --log_freq steps are not counted
+PERFORMANCE_LOG_FREQ = 10
+# Keys the case reads; any other --key=value goes to the entry point as it is.
+CASE_KEYS = ('data_path', 'model', 'device', 'batch_size', 'nproc', 'epochs', 'max_steps', 'finetune_pth',
+             'output_dir', 'precision', 'accum_iter', 'log_freq')
+DEVICE_VISIBILITY = {'cuda': 'CUDA_VISIBLE_DEVICES', 'npu': 'ASCEND_RT_VISIBLE_DEVICES',
+                     'sdaa': 'SDAA_VISIBLE_DEVICES'}
+
+
+class CaseError(Exception):
+    """A problem with the arguments or the run: printed as one line, exit status 2."""
+
+
+def parse_case_args(argv):
+    """ModelZoo-style arguments: --key=value for the case's keys, anything else passed on.
+    returns: ({key: value}, [arguments for the entry point])"""
+    known, passed_on = {}, []
+    for arg in argv:
+        key, has_value, value = arg[2:].partition('=') if arg.startswith('--') else ('', False, '')
+        if key in CASE_KEYS:
+            if not has_value or not value:
+                raise CaseError(f'write --{key}=VALUE (got {arg!r})')
+            known[key] = value
+        else:
+            passed_on.append(arg)
+    if 'data_path' not in known:
+        raise CaseError('--data_path= is required: the ImageFolder root with train/ and val/ (e.g. '
+                        '--data_path=/data/imagenet), or --data_path=demo for the built-in demo set')
+    for key in ('data_path', 'finetune_pth', 'output_dir'):
+        if key in known and not (key == 'data_path' and known[key] == 'demo'):
+            known[key] = os.path.join(os.environ.get('CASE_CALLER_DIR', os.getcwd()), known[key])
+    for key in ('batch_size', 'nproc', 'epochs', 'max_steps', 'accum_iter', 'log_freq'):
+        if key in known and not (known[key].isdigit() and int(known[key]) > 0):
+            raise CaseError(f'--{key}= must be a whole number above 0, got {known[key]!r}')
+    return known, passed_on
+
+
+def device_id():
+    """The device id that names the output folder, as the ModelZoo scripts do."""
+    return os.environ.get('ASCEND_DEVICE_ID', os.environ.get('DEVICE_ID', '0'))
+
+
+def accumulation_for_recipe(kind, batch_size, nproc):
+    """Micro-batches per optimizer step that reach the recipe's effective batch."""
+    effective = RECIPE_BATCHES[kind][1]
+    if effective % (batch_size * nproc):
+        raise CaseError(f'the {kind} recipe has an effective batch of {effective}, which {batch_size} images x '
+                        f'{nproc} devices does not divide: choose --batch_size= so that it does, or set '
+                        f'--accum_iter= yourself')
+    return effective // (batch_size * nproc)
+
+
+class Case:
+    def __init__(self, kind, length, default_nproc, argv):
+        if kind not in ENTRY_POINTS or length not in ('performance', 'full'):
+            raise CaseError(f'usage: modelzoo.py pretrain|finetune performance|full NPROC --data_path=... '
+                            f'(got {kind} {length})')
+        args, self.passed_on = parse_case_args(argv)
+        self.kind, self.length = kind, length
+        self.model = args.get('model', DEFAULT_MODELS[kind])
+        self.device = args.get('device', 'auto')
+        self.nproc = int(args.get('nproc', default_nproc))
+        self.batch_size = int(args.get('batch_size', RECIPE_BATCHES[kind][0]))
+        self.args = args
+        self.network = f'{self.model}_{kind}'
+        self.name = f"{self.network}_bs{self.batch_size}_{self.nproc}p_{'perf' if length == 'performance' else 'acc'}"
+        self.output_dir = os.path.normpath(args.get('output_dir', os.path.join(REPO, 'test', 'output', device_id())))
+        self.run_dir = os.path.join(self.output_dir, self.name)
+        self.console_log = os.path.join(self.output_dir, f'train_{self.name}.log')
+        if kind == 'pretrain' and 'finetune_pth' in args:
+            raise CaseError('--finetune_pth= is for the fine-tuning scripts; pre-training starts from random weights')
+        if length == 'full' and kind == 'finetune' and 'finetune_pth' not in args:
+            raise CaseError('--finetune_pth= is required: the pre-trained checkpoint to fine-tune, e.g. '
+                            'test/output/0/mae_vit_base_pretrain_bs64_8p_acc/checkpoint-799.pth')
+        self.accum_iter = int(args['accum_iter']) if 'accum_iter' in args else \
+            accumulation_for_recipe(kind, self.batch_size, self.nproc) if length == 'full' else 1
+
+    def entry_point_args(self):
+        args = ['--model', self.model, '--data_path', self.args['data_path'], '--device', self.device,
+                '--batch_size', self.batch_size, '--accum_iter', self.accum_iter, '--output_dir', self.run_dir]
+        for key in ('epochs', 'max_steps', 'precision', 'log_freq'):
+            if key in self.args:
+                args += [f'--{key}', self.args[key]]
+        if self.length == 'performance':
+            if 'max_steps' not in self.args:
+                args += ['--max_steps', PERFORMANCE_STEPS]
+            if 'log_freq' not in self.args:
+                args += ['--log_freq', PERFORMANCE_LOG_FREQ]
+        if 'finetune_pth' in self.args:
+            args += ['--finetune', self.args['finetune_pth']]
+        return [str(a) for a in args] + self.passed_on
+
+    def command(self):
+        return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={self.nproc}',
+                os.path.join(REPO, ENTRY_POINTS[self.kind])] + self.entry_point_args()
+
+    def environment(self):
+        """One chosen device for a one-device case when the ModelZoo device id is set."""
+        env = dict(os.environ)
+        if self.nproc == 1 and ('ASCEND_DEVICE_ID' in env or 'DEVICE_ID' in env):
+            names = [DEVICE_VISIBILITY[self.device]] if self.device in DEVICE_VISIBILITY else DEVICE_VISIBILITY.values()
+            for name in names:
+                env.setdefault(name, device_id())
+        return env
+
+    def prepare_run_dir(self):
+        """A performance run starts afresh; a full run continues what its folder holds."""
+        if self.length == 'performance' and os.path.isdir(self.run_dir):
+            print(f'removing the previous performance run {self.run_dir}')
+            shutil.rmtree(self.run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        if self.length == 'performance' and self.kind == 'finetune' and 'finetune_pth' not in self.args:
+            print('no --finetune_pth=: timing a randomly initialised model (the speed does not depend on the weights)')
+
+    def run(self):
+        self.prepare_run_dir()
+        offsets = {name: file_size(os.path.join(self.run_dir, name)) for name in ('log.jsonl', 'log.txt')}
+        command = self.command()
+        print(' '.join(command), flush=True)
+        start = time.time()
+        with open(self.console_log, 'a') as log:
+            log.write(' '.join(command) + '\n')
+            process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, bufsize=1)
+            errors = []  # the entry point's one-line errors, repeated below torchrun's report
+            for line in process.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+                if line.startswith('error: '):
+                    errors.append(line[len('error: '):].strip())
+            returncode = process.wait()
+        e2e_seconds = time.time() - start
+        if returncode != 0:
+            cause = f'{errors[0]}; ' if errors else ''
+            raise CaseError(f'training failed (exit status {returncode}): {cause}the whole output is in '
+                            f'{self.console_log}')
+        steps = read_new_records(os.path.join(self.run_dir, 'log.jsonl'), offsets['log.jsonl'])
+        epochs = read_new_records(os.path.join(self.run_dir, 'log.txt'), offsets['log.txt'])
+        if not steps or not epochs:
+            raise CaseError(f'the run logged no training steps in {self.run_dir} (nothing left to train? a '
+                            f'finished full run resumes with nothing to do); see {self.console_log}')
+        return self.report(steps, epochs, e2e_seconds)
+
+    def report(self, steps, epochs, e2e_seconds):
+        fps = epochs[-1]['train_ips']
+        images_per_step = self.batch_size * self.accum_iter * self.nproc
+        accuracy = epochs[-1].get('test_acc1')
+        summary = {
+            'Network': self.network,
+            'RankSize': self.nproc,
+            'BatchSize': self.batch_size,
+            'DeviceType': platform.machine(),
+            'CaseName': self.name,
+            'ActualFPS': f'{fps:.2f}',
+            'TrainingTime': f'{images_per_step * 1000 / fps:.2f}',
+            'TrainAccuracy': 'None' if accuracy is None else f'{accuracy:.3f}',
+            'ActualLoss': f"{steps[-1]['loss']:.6f}",
+            'E2ETrainingTime': f'{e2e_seconds:.0f}',
+        }
+        with open(os.path.join(self.output_dir, f'train_{self.name}_loss.txt'), 'w') as f:
+            f.writelines(f"{record['loss']:.6f}\n" for record in steps)
+        with open(os.path.join(self.output_dir, f'{self.name}.log'), 'w') as f:
+            f.writelines(f'{key} = {value}\n' for key, value in summary.items())
+        print('------------------ Final result ------------------')
+        print(f"Final Performance images/sec : {summary['ActualFPS']}")
+        if self.kind == 'finetune':
+            print(f"Final Train Accuracy : {summary['TrainAccuracy']}")
+        print(f"E2E Training Duration sec : {summary['E2ETrainingTime']}")
+        print(f"summary: {os.path.join(self.output_dir, self.name + '.log')}; run: {self.run_dir}")
+        return summary
+
+
+def file_size(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def read_new_records(path, offset):
+    """The JSON lines a run appended to a log after `offset` bytes (a resumed full run appends)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        f.seek(offset)
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv):
+    if len(argv) < 3:
+        raise CaseError('usage: modelzoo.py pretrain|finetune performance|full NPROC --data_path=... [--key=value]')
+    kind, length, default_nproc = argv[:3]
+    Case(kind, length, int(default_nproc), argv[3:]).run()
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except CaseError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)

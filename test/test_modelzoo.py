@@ -1,0 +1,172 @@
+"""The ModelZoo scripts (test/*_performance_*.sh, test/*_full_8p.sh) as accelerator teams run
+them: on the CPU here, with tiny models, the demo data and a few steps (the 8-device scripts with
+--nproc=2). Their reported figures are checked against the run's own step log."""
+import os
+import re
+import sys
+
+import pytest
+
+from helpers import REPO, read_jsonl, run_script
+
+sys.path.insert(0, os.path.join(REPO, 'test'))
+import modelzoo  # noqa: E402
+
+TINY = ['--input_size', '64', '--num_workers', '1', '--device=cpu', '--data_path=demo']
+PRETRAIN = ['--model=mae_vit_tiny', '--batch_size=16', *TINY]
+FINETUNE = ['--model=vit_tiny_patch8', '--batch_size=16', *TINY]
+SUMMARY_KEYS = ['Network', 'RankSize', 'BatchSize', 'DeviceType', 'CaseName', 'ActualFPS', 'TrainingTime',
+                'TrainAccuracy', 'ActualLoss', 'E2ETrainingTime']
+
+
+def run_case(script, *args, cwd=None):
+    result = run_script('bash', os.path.join('test', script), *args) if cwd is None else \
+        run_script('bash', script, *args, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def read_summary(path):
+    with open(path) as f:
+        return dict(line.rstrip('\n').split(' = ', 1) for line in f)
+
+
+def final_figure(stdout, label):
+    return float(re.search(rf'^{re.escape(label)} : (\S+)$', stdout, re.MULTILINE).group(1))
+
+
+def steady_state_ips(records, images_per_step):
+    """Images over seconds of every logging interval but the first, from the per-interval
+    images/s of log.jsonl: the interval of steps s0 -> s1 took (s1 - s0) * images / ips seconds."""
+    images = seconds = 0.0
+    for previous, record in zip(records, records[1:]):
+        n = (record['step'] - previous['step']) * images_per_step
+        images += n
+        seconds += n / record['ips']
+    return images / seconds
+
+
+def check_case(stdout, output_dir, case_name, images_per_step, finetune):
+    summary = read_summary(os.path.join(output_dir, f'{case_name}.log'))
+    assert list(summary) == SUMMARY_KEYS
+    assert summary['CaseName'] == case_name
+    records = read_jsonl(os.path.join(output_dir, case_name, 'log.jsonl'))
+    fps = final_figure(stdout, 'Final Performance images/sec')
+    assert float(summary['ActualFPS']) == fps > 0
+    assert fps == pytest.approx(steady_state_ips(records, images_per_step), rel=1e-3)
+    assert float(summary['TrainingTime']) == pytest.approx(images_per_step * 1000 / fps, rel=1e-3)
+    assert float(summary['ActualLoss']) == pytest.approx(records[-1]['loss'], abs=1e-6)
+    with open(os.path.join(output_dir, f'train_{case_name}_loss.txt')) as f:
+        assert [float(v) for v in f.read().split()] == pytest.approx([r['loss'] for r in records], abs=1e-6)
+    assert final_figure(stdout, 'E2E Training Duration sec') == float(summary['E2ETrainingTime']) > 0
+    with open(os.path.join(output_dir, f'train_{case_name}.log')) as f:
+        assert 'train.loss : ' in f.read()  # the console, copied
+    if finetune:
+        assert float(summary['TrainAccuracy']) == final_figure(stdout, 'Final Train Accuracy')
+        accuracy = read_jsonl(os.path.join(output_dir, case_name, 'log.txt'))[-1]['test_acc1']
+        assert float(summary['TrainAccuracy']) == pytest.approx(accuracy, abs=1e-3)
+    else:
+        assert summary['TrainAccuracy'] == 'None' and 'Final Train Accuracy' not in stdout
+    return summary
+
+
+def test_pretrain_performance_1p(demo_root, tmp_path):
+    out = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=12', '--log_freq=3',
+                   f'--output_dir={tmp_path}')
+    summary = check_case(out, tmp_path, 'mae_vit_tiny_pretrain_bs16_1p_perf', 16, finetune=False)
+    assert summary['RankSize'] == '1' and summary['Network'] == 'mae_vit_tiny_pretrain'
+    assert [r['step'] for r in read_jsonl(tmp_path / summary['CaseName'] / 'log.jsonl')] == [3, 6, 9, 12]
+
+
+def test_pretrain_performance_8p_with_two_processes_from_the_test_folder(demo_root, tmp_path):
+    out = run_case('pretrain_performance_8p.sh', *PRETRAIN, '--nproc=2', '--max_steps=6', '--log_freq=2',
+                   f'--output_dir={tmp_path}', cwd=os.path.join(REPO, 'test'))
+    summary = check_case(out, tmp_path, 'mae_vit_tiny_pretrain_bs16_2p_perf', 32, finetune=False)
+    assert summary['RankSize'] == '2'
+    assert 'device: cpu x 2 processes' in out
+
+
+def test_pretrain_full_then_finetune_full_and_resume(demo_root, tmp_path):
+    out = run_case('pretrain_full_8p.sh', *PRETRAIN, '--nproc=2', '--accum_iter=2', '--epochs=1',
+                   '--max_steps=4', '--log_freq=2', f'--output_dir={tmp_path}')
+    case = 'mae_vit_tiny_pretrain_bs16_2p_acc'
+    check_case(out, tmp_path, case, 16 * 2 * 2, finetune=False)
+    assert 'effective batch size 64' in out
+
+    # a full run resumes its folder, and reports only what this launch trained
+    out = run_case('pretrain_full_8p.sh', *PRETRAIN, '--nproc=2', '--accum_iter=2', '--epochs=1',
+                   '--max_steps=2', '--log_freq=1', f'--output_dir={tmp_path}')
+    assert 'resumed from' in out
+    with open(tmp_path / f'train_{case}_loss.txt') as f:
+        assert len(f.read().split()) == 2
+    assert [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')] == [2, 4, 5, 6]
+
+    checkpoint = tmp_path / case / 'checkpoint-last.pth'
+    out = run_case('finetune_full_8p.sh', *FINETUNE, '--nproc=2', '--accum_iter=1', '--epochs=1',
+                   '--max_steps=3', '--log_freq=1', f'--finetune_pth={checkpoint}', f'--output_dir={tmp_path}')
+    check_case(out, tmp_path, 'vit_tiny_patch8_finetune_bs16_2p_acc', 32, finetune=True)
+    assert 'mode: finetune' in out
+
+
+def test_finetune_performance_scripts(demo_root, tmp_path):
+    out = run_case('finetune_performance_1p.sh', *FINETUNE, '--max_steps=6', '--log_freq=2',
+                   f'--output_dir={tmp_path}')
+    check_case(out, tmp_path, 'vit_tiny_patch8_finetune_bs16_1p_perf', 16, finetune=True)
+    assert 'timing a randomly initialised model' in out
+    out = run_case('finetune_performance_8p.sh', *FINETUNE, '--nproc=2', '--max_steps=4', '--log_freq=2',
+                   f'--output_dir={tmp_path}')
+    check_case(out, tmp_path, 'vit_tiny_patch8_finetune_bs16_2p_perf', 32, finetune=True)
+
+
+def test_a_performance_run_starts_afresh(demo_root, tmp_path):
+    for _ in range(2):
+        run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=2', '--log_freq=1',
+                 f'--output_dir={tmp_path}')
+    assert [r['step'] for r in read_jsonl(tmp_path / 'mae_vit_tiny_pretrain_bs16_1p_perf' / 'log.jsonl')] == [1, 2]
+
+
+@pytest.mark.parametrize('script, args, message', [
+    ('pretrain_performance_1p.sh', ['--model=mae_vit_tiny'], '--data_path= is required'),
+    ('finetune_full_8p.sh', ['--data_path=demo'], '--finetune_pth= is required'),
+    ('pretrain_full_8p.sh', ['--data_path=demo', '--batch_size=48'], 'does not divide'),
+    ('pretrain_performance_1p.sh', ['--data_path=demo', '--nproc=two'], '--nproc= must be a whole number'),
+    ('pretrain_performance_1p.sh', ['--data_path=/nowhere', '--device=cpu'], "has no train/ folder"),
+    ('pretrain_performance_1p.sh', ['--data_path=demo', '--device=npu'], 'needs the torch_npu package'),
+    ('pretrain_performance_1p.sh', ['--data_path=demo', '--device=sdaa'], 'needs the torch_sdaa package'),
+])
+def test_bad_input_is_a_clear_error(script, args, message, tmp_path):
+    result = run_script('bash', os.path.join('test', script), *args, f'--output_dir={tmp_path}')
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith('error: ') and message in last_line
+
+
+def test_full_cases_accumulate_to_the_published_effective_batch():
+    pretrain = modelzoo.Case('pretrain', 'full', 8, ['--data_path=demo'])
+    args = pretrain.entry_point_args()
+    # MAE: 64 images x 8 devices x 8 micro-batches = 4096; the epochs are the entry point's (800)
+    assert args[args.index('--batch_size') + 1] == '64' and args[args.index('--accum_iter') + 1] == '8'
+    assert '--epochs' not in args and '--max_steps' not in args
+    finetune = modelzoo.Case('finetune', 'full', 8, ['--data_path=demo', '--finetune_pth=x.pth', '--nproc=4'])
+    args = finetune.entry_point_args()
+    # MAE fine-tuning: 32 x 4 x 8 = 1024
+    assert args[args.index('--accum_iter') + 1] == '8' and args[args.index('--finetune') + 1].endswith('x.pth')
+    assert finetune.name == 'vit_base_patch16_finetune_bs32_4p_acc'
+
+
+def test_performance_cases_run_a_fixed_number_of_steps_and_pass_other_flags_on():
+    case = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo', '--mask_ratio', '0.6', '--compile'])
+    args = case.entry_point_args()
+    assert args[args.index('--max_steps') + 1] == str(modelzoo.PERFORMANCE_STEPS)
+    assert args[args.index('--accum_iter') + 1] == '1'
+    assert args[-3:] == ['--mask_ratio', '0.6', '--compile']
+
+
+def test_relative_paths_are_the_callers(tmp_path, monkeypatch):
+    monkeypatch.setenv('CASE_CALLER_DIR', str(tmp_path))
+    case = modelzoo.Case('finetune', 'full', 8, ['--data_path=imagenet', '--finetune_pth=ckpt.pth',
+                                                 '--output_dir=out'])
+    args = case.entry_point_args()
+    assert args[args.index('--data_path') + 1] == str(tmp_path / 'imagenet')
+    assert args[args.index('--finetune') + 1] == str(tmp_path / 'ckpt.pth')
+    assert case.run_dir == str(tmp_path / 'out' / case.name)
