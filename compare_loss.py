@@ -1,0 +1,504 @@
+"""Compare the loss curve of a run on a device under test with a reference run's.
+
+    python compare_loss.py npu_run/log.jsonl gpu_run/log.jsonl
+    python compare_loss.py train_MAE_loss.txt gpu_run/ --skip_first 20 --plot loss.jpg
+
+Accelerator ports (Ascend NPU, Tecorigin SDAA) show that training on their device matches a GPU
+run by comparing the two loss curves step by step. The first file is the CANDIDATE (the device
+under test), the second the REFERENCE (e.g. the CUDA run).
+
+Each file's format is found from its content, not its name:
+- this project's log.jsonl (`step` and `loss` of one JSON object per line); a directory means
+  <dir>/log.jsonl;
+- this project's console log (`Epoch: [E]  [I/N] ... train.loss : X`; position E * N + I, the
+  global step of log.jsonl);
+- Tecorigin TCAPPDLL lines (`train.loss : X` or `train.loss_avg : X`, rank 0 only);
+- Ascend loss files (train_<Case>_loss.txt: one number per line);
+- as a fallback, lines with `loss: X`, `loss = X` or `loss is X`.
+Formats without a step number count positions 1, 2, 3, ... so that they line up with a log.jsonl
+written at every step.
+
+The curves are compared on the steps both have (after --skip_first, within --last) with the
+signed means of the ModelZoo/Tecorigin tools:
+    MeanRelativeError = mean((cand - ref) / ref),   MeanAbsoluteError = mean(cand - ref)
+The run passes when |MeanRelativeError| <= --rel_tol or |MeanAbsoluteError| <= --abs_tol. The
+magnitudes are judged, unlike the vendors' loss.py (which compares the signed means, so a curve
+10% below the reference passes there): a loss lower than the reference is a mismatch too.
+
+Exit codes: 0 pass; 1 fail (the means exceed both tolerances, or the candidate's loss is nan/inf);
+2 unusable input (a missing or unreadable file, no loss values, no common steps, nothing left
+after --skip_first/--last, a nan/inf reference loss, bad flag values), with one `error:` line.
+
+Only numpy is needed (Pillow for --plot): this file does not import torch.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class UnusableInput(Exception):
+    """The comparison cannot be made (exit 2): the message says what is wrong and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading loss logs
+
+# A number as the loggers print it: 0.5853, 1.741860, 1.2e-04, .5, nan, inf.
+NUMBER = r'[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf(?:inity)?)'
+TRAIN_LOSS = re.compile(r'train\.loss\s*:\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
+TRAIN_LOSS_AVG = re.compile(r'train\.loss_avg\s*:\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
+CONSOLE_POSITION = re.compile(r'Epoch:\s*\[\s*(\d+)\s*\]\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]')
+RANK = re.compile(r'\brank\s*:\s*(\d+)', re.IGNORECASE)
+# `loss` as a word of its own: not `train_loss`, `val_loss`, `lr:` or `Acc@1`.
+GENERIC_LOSS = re.compile(r'(?<![\w@])loss\s*(?:[:=]|\bis\b)\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
+
+FORMATS_HINT = ("expected log.jsonl, console lines with 'train.loss : X', TCAPPDLL lines "
+                "or one number per line")
+
+
+def parse_tcappdll(text):
+    """Tecorigin tcap_dllogger lines: rank 0's losses (a line without a rank is rank 0), at
+    positions 1, 2, 3, ... None when the text has no TCAPPDLL loss lines."""
+    losses, other_ranks, seen = {}, set(), False
+    for line in text.splitlines():
+        if 'TCAPPDLL' not in line:
+            continue
+        match = TRAIN_LOSS.search(line) or TRAIN_LOSS_AVG.search(line)
+        if not match:
+            continue
+        seen = True
+        rank = RANK.search(line)
+        if rank and int(rank.group(1)) != 0:
+            other_ranks.add(int(rank.group(1)))
+            continue
+        losses[len(losses) + 1] = float(match.group(1))
+    if not seen:
+        return None
+    if not losses:
+        # Falling through to another format would read the other ranks' lines as rank 0's.
+        raise UnusableInput(f'TCAPPDLL loss lines of rank(s) {", ".join(map(str, sorted(other_ranks)))} '
+                            f'but none of rank 0: pass the log of rank 0')
+    return losses
+
+
+def parse_console(text):
+    """This project's console lines `Epoch: [E]  [I/N] ... train.loss : X` at global step
+    E * N + I (the step of log.jsonl); a loss line without that pattern counts its position.
+    Other lines (prints, argument dumps, evaluation results) are ignored. None when no line
+    has `train.loss :`."""
+    losses, count = {}, 0
+    for line in text.splitlines():
+        match = TRAIN_LOSS.search(line)
+        if not match:
+            continue
+        count += 1
+        position = CONSOLE_POSITION.search(line)
+        step = int(position.group(1)) * int(position.group(3)) + int(position.group(2)) if position else count
+        losses[step] = float(match.group(1))  # a resumed run logs its steps again: the later value wins
+    return losses or None
+
+
+def parse_jsonl(text):
+    """This project's log.jsonl: one JSON object per line with `loss` and `step` (positions
+    1, 2, 3, ... where `step` is missing). Lines that are not such objects (a line cut short by a
+    killed run) are skipped. None when no line is one."""
+    losses, count = {}, 0
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith('{'):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or 'loss' not in record:
+            continue
+        loss = record['loss']
+        if loss is None:
+            loss = math.nan
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            continue
+        count += 1
+        step = record.get('step')
+        step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else count
+        losses[step] = float(loss)  # a resumed run appends its steps again: the later value wins
+    return losses or None
+
+
+def parse_numbers(text):
+    """Ascend loss files: one number per line (blank lines ignored) at positions 1, 2, 3, ...
+    None unless every other line is a single number."""
+    values = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if not re.fullmatch(NUMBER, line, re.IGNORECASE):
+            return None
+        values.append(float(line))
+    return {i + 1: v for i, v in enumerate(values)} or None
+
+
+def parse_generic(text):
+    """Any other log: the first `loss: X`, `loss = X` or `loss is X` of each line, at positions
+    1, 2, 3, ... None when there is none."""
+    values = [float(m.group(1)) for m in map(GENERIC_LOSS.search, text.splitlines()) if m]
+    return {i + 1: v for i, v in enumerate(values)} or None
+
+
+# In this order: TCAPPDLL lines also carry `train.loss :`, and a console log may contain JSON.
+PARSERS = (('TCAPPDLL', parse_tcappdll), ('console', parse_console), ('log.jsonl', parse_jsonl),
+           ('one number per line', parse_numbers), ('loss: X lines', parse_generic))
+
+
+def read_log(path):
+    """(format name, {step: loss}) of a loss log; a directory means its log.jsonl."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, 'log.jsonl')):
+            raise UnusableInput(f'{path} is a directory without a log.jsonl: pass the loss log itself')
+        path = os.path.join(path, 'log.jsonl')
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            text = f.read()
+    except OSError as e:
+        raise UnusableInput(f'cannot read {path}: {e.strerror or e}') from None
+    for name, parser in PARSERS:
+        losses = parser(text)
+        if losses:
+            return name, losses
+    hint = " (this looks like MAE's per-epoch log.txt: pass log.jsonl, which has every logged step)" \
+        if '"train_loss"' in text else ''
+    raise UnusableInput(f'no loss values found in {path}: {FORMATS_HINT}{hint}')
+
+
+def read_losses(path):
+    """{step: loss} of a loss log in any of the formats above."""
+    return read_log(path)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing
+
+def align(cand, ref, skip_first=0, last=None):
+    """The steps both curves have, sorted, less the first `skip_first`, then the last `last` of
+    those. returns: (steps, cand values, ref values) as numpy arrays."""
+    common = sorted(set(cand) & set(ref))
+    if not common:
+        raise UnusableInput(f'the two logs have no step in common (candidate {describe_steps(sorted(cand))}, '
+                            f'reference {describe_steps(sorted(ref))}): compare logs of the same run '
+                            f'length and logging frequency')
+    kept = common[skip_first:]
+    if last is not None:
+        kept = kept[-last:] if last > 0 else []
+    if not kept:
+        raise UnusableInput(f'nothing left to compare: {len(common)} common steps, --skip_first {skip_first}'
+                            f'{f" --last {last}" if last is not None else ""}: skip fewer steps')
+    steps = np.array(kept, dtype=np.int64)
+    return (steps, np.array([cand[s] for s in kept], dtype=np.float64),
+            np.array([ref[s] for s in kept], dtype=np.float64))
+
+
+@dataclass
+class Result:
+    steps: np.ndarray          # the compared steps
+    cand: np.ndarray
+    ref: np.ndarray
+    rel: np.ndarray            # (cand - ref) / ref per step; nan where ref is 0
+    passed: bool
+    rule: str                  # the verdict line
+    rel_tol: float
+    abs_tol: float
+    bad_step: int = None       # the first step where the candidate's loss is nan/inf
+    mean_rel: float = math.nan
+    mean_abs: float = math.nan
+    mean_abs_rel: float = math.nan
+    max_abs_rel: float = math.nan
+    max_step: int = None
+    zero_ref: int = 0          # points left out of the relative means (ref == 0)
+
+
+def compare(steps, cand, ref, rel_tol, abs_tol):
+    """The signed means and the verdict on their magnitudes (see the module docstring)."""
+    bad = ~np.isfinite(ref)
+    if bad.any():
+        raise UnusableInput(f'the reference loss is {ref[bad][0]} at step {steps[bad][0]}: the reference run '
+                            f'diverged; leave those steps out with --skip_first/--last or use another reference')
+    with np.errstate(divide='ignore', invalid='ignore'):
+        rel = np.where(ref != 0, (cand - ref) / ref, np.nan)
+    bad = ~np.isfinite(cand)
+    if bad.any():
+        step = int(steps[bad][0])
+        return Result(steps, cand, ref, rel, False, f'fail: the candidate loss is {cand[bad][0]} at step {step}: '
+                      f'the run diverged', rel_tol, abs_tol, bad_step=step)
+    nonzero = ref != 0
+    if not nonzero.any():
+        raise UnusableInput('every compared reference loss is 0: the relative error is undefined; '
+                            'check the reference log')
+    mean_rel = float(np.mean(rel[nonzero]))
+    mean_abs = float(np.mean(cand - ref))
+    abs_rel = np.abs(rel[nonzero])
+    worst = int(np.argmax(abs_rel))
+    rel_ok, abs_ok = abs(mean_rel) <= rel_tol, abs(mean_abs) <= abs_tol
+    passed = rel_ok or abs_ok
+    rule = (f'{"pass" if passed else "fail"}: |MeanRelativeError| {abs(mean_rel):.6g} {"<=" if rel_ok else ">"} '
+            f'{rel_tol:g} {"or" if passed else "and"} |MeanAbsoluteError| {abs(mean_abs):.6g} '
+            f'{"<=" if abs_ok else ">"} {abs_tol:g}')
+    return Result(steps, cand, ref, rel, passed, rule, rel_tol, abs_tol, mean_rel=mean_rel, mean_abs=mean_abs,
+                  mean_abs_rel=float(abs_rel.mean()), max_abs_rel=float(abs_rel[worst]),
+                  max_step=int(steps[nonzero][worst]), zero_ref=int((~nonzero).sum()))
+
+
+def describe_steps(steps):
+    """A short description of sorted steps: '1..200', '10..2000 every 10', '3, 5, 9'."""
+    if len(steps) <= 5:
+        return ', '.join(map(str, steps))
+    strides = set(np.diff(steps).tolist())
+    if len(strides) == 1:
+        stride = strides.pop()
+        return f'{steps[0]}..{steps[-1]}' + (f' every {stride}' if stride != 1 else '')
+    return f'{steps[0]}..{steps[-1]} (irregular)'
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot (Pillow only: matplotlib is not a dependency)
+
+PLOT_SIZE = (1000, 700)
+CAND_COLOR, REF_COLOR, DIFF_COLOR = (214, 39, 40), (31, 119, 180), (110, 60, 160)
+GRID, AXIS, TEXT, BAND = (230, 230, 230), (90, 90, 90), (20, 20, 20), (215, 240, 215)
+
+
+def faint(color, amount=0.7):
+    """The color mixed with white, for the raw curves behind the smoothed ones."""
+    return tuple(int(c + (255 - c) * amount) for c in color)
+
+
+def smooth(values, k):
+    """Centred moving average over k points (fewer at the ends); a nan spoils only its windows."""
+    k = max(1, min(int(k), len(values)))
+    if k == 1:
+        return np.asarray(values, dtype=np.float64)
+    kernel = np.ones(k)
+    return np.convolve(values, kernel, mode='same') / np.convolve(np.ones(len(values)), kernel, mode='same')
+
+
+def nice_ticks(lo, hi, count=5):
+    """About `count` round values (steps of 1, 2, 2.5 or 5 x 10^n) between lo and hi."""
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def limits(*arrays, pad=0.05):
+    """(lo, hi) around the finite values of the arrays, padded; (0, 1) when there are none."""
+    finite = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return 0.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    margin = (hi - lo) * pad or abs(hi) * pad or 1e-3
+    return lo - margin, hi + margin
+
+
+@dataclass
+class Panel:
+    """A plotting area: a pixel box (left, top, right, bottom) showing data limits xlim, ylim."""
+    box: tuple
+    xlim: tuple
+    ylim: tuple
+
+    def to_pixels(self, x, y):
+        left, top, right, bottom = self.box
+        (x0, x1), (y0, y1) = self.xlim, self.ylim
+        px = left + (x - x0) / ((x1 - x0) or 1) * (right - left)
+        py = bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)
+        return px, py
+
+
+def draw_axes(draw, font, panel, label):
+    """The panel's frame, grid lines and tick labels (step on x), and its label above it."""
+    left, top, right, bottom = panel.box
+    for x in nice_ticks(*panel.xlim, count=8):
+        px, _ = panel.to_pixels(x, 0)
+        draw.line([(px, top), (px, bottom)], fill=GRID)
+        text = f'{x:g}'
+        draw.text((px - draw.textlength(text, font=font) / 2, bottom + 4), text, fill=TEXT, font=font)
+    for y in nice_ticks(*panel.ylim, count=5):
+        _, py = panel.to_pixels(0, y)
+        draw.line([(left, py), (right, py)], fill=GRID)
+        text = f'{y:.4g}'
+        draw.text((left - 6 - draw.textlength(text, font=font), py - 6), text, fill=TEXT, font=font)
+    draw.rectangle(panel.box, outline=AXIS)
+    draw.text((left, top - 16), label, fill=TEXT, font=font)
+
+
+def draw_curve(draw, panel, xs, ys, color, width=1):
+    """A polyline through the points, broken where a value is nan/inf."""
+    segment = []
+    for x, y in zip(xs, ys):
+        if math.isfinite(y):
+            segment.append(panel.to_pixels(float(x), float(y)))
+            continue
+        if len(segment) > 1:
+            draw.line(segment, fill=color, width=width)
+        segment = []
+    if len(segment) > 1:
+        draw.line(segment, fill=color, width=width)
+    elif segment:
+        draw.point(segment, fill=color)
+
+
+def short_name(path, width=45):
+    return path if len(path) <= width else '...' + path[-(width - 3):]
+
+
+def draw_plot(path, result, cand_name, ref_name, smooth_k):
+    """Top: both curves, smoothed over smooth_k points, raw ones faintly behind; bottom: the
+    relative difference (cand - ref) / ref (smoothed) with the +-rel_tol band; the verdict in
+    the title. The format follows the file extension."""
+    rel_tol = result.rel_tol
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new('RGB', PLOT_SIZE, 'white')
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    steps = result.steps.astype(np.float64)
+    xlim = (float(steps[0]), float(steps[-1])) if len(steps) > 1 else (steps[0] - 1.0, steps[0] + 1.0)
+
+    if result.bad_step is not None:
+        title = f'FAIL: the candidate loss is not finite from step {result.bad_step}'
+    else:
+        title = (f'{"PASS" if result.passed else "FAIL"}   MeanRelativeError {result.mean_rel:.4g}   '
+                 f'MeanAbsoluteError {result.mean_abs:.4g}   (rel_tol {result.rel_tol:g}, abs_tol {result.abs_tol:g})')
+    draw.text((80, 10), title, fill=CAND_COLOR if not result.passed else (30, 130, 60), font=font)
+
+    top = Panel((80, 60, 970, 420), xlim, limits(result.cand, result.ref))
+    draw_axes(draw, font, top, f'loss (smoothed over {smooth_k} steps)')
+    for values, color in ((result.ref, REF_COLOR), (result.cand, CAND_COLOR)):
+        draw_curve(draw, top, steps, values, faint(color))
+    for values, color in ((result.ref, REF_COLOR), (result.cand, CAND_COLOR)):
+        draw_curve(draw, top, steps, smooth(values, smooth_k), color, width=2)
+    for row, (name, color) in enumerate(((f'candidate: {short_name(cand_name)}', CAND_COLOR),
+                                         (f'reference: {short_name(ref_name)}', REF_COLOR))):
+        y = 70 + 16 * row
+        draw.line([(690, y + 6), (715, y + 6)], fill=color, width=2)
+        draw.text((720, y), name, fill=TEXT, font=font)
+
+    rel = smooth(result.rel, smooth_k)
+    bottom = Panel((80, 470, 970, 650), xlim, limits(rel, [-rel_tol, rel_tol], pad=0.15))
+    band_top, band_bottom = bottom.to_pixels(0, rel_tol)[1], bottom.to_pixels(0, -rel_tol)[1]
+    draw.rectangle((80, band_top, 970, band_bottom), fill=BAND)
+    draw_axes(draw, font, bottom, f'(candidate - reference) / reference, smoothed; band: +-rel_tol {rel_tol:g}')
+    zero = bottom.to_pixels(0, 0)[1]
+    draw.line([(80, zero), (970, zero)], fill=AXIS)
+    draw_curve(draw, bottom, steps, rel, DIFF_COLOR, width=2)
+    draw.text((520, 676), 'step', fill=TEXT, font=font)
+    image.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        'compare_loss.py', description='Compare a device run\'s loss curve (CANDIDATE) with a reference '
+        'run\'s (REFERENCE), e.g. NPU/SDAA against CUDA.',
+        epilog='Inputs: log.jsonl (or its directory), console logs with "train.loss : X", TCAPPDLL lines, '
+               'one number per line. Pass when |MeanRelativeError| <= rel_tol or |MeanAbsoluteError| <= '
+               'abs_tol, with MeanRelativeError = mean((cand - ref) / ref) and MeanAbsoluteError = '
+               'mean(cand - ref). Exit codes: 0 pass, 1 fail, 2 unusable input.')
+    parser.add_argument('candidate', help='loss log of the device under test')
+    parser.add_argument('reference', help='loss log of the reference run (e.g. CUDA)')
+    parser.add_argument('--rel_tol', type=float, default=0.05, help='tolerance on |MeanRelativeError| (default 0.05)')
+    parser.add_argument('--abs_tol', type=float, default=0.0002,
+                        help='tolerance on |MeanAbsoluteError| (default 0.0002)')
+    parser.add_argument('--skip_first', type=int, default=0, metavar='N',
+                        help='leave out the first N common steps (start-up noise)')
+    parser.add_argument('--last', type=int, default=None, metavar='N',
+                        help='compare only the last N common steps (after --skip_first)')
+    parser.add_argument('--plot', default=None, metavar='PATH', help='draw both curves and their relative '
+                        'difference into an image (.png, .jpg, ...)')
+    parser.add_argument('--smooth', type=int, default=None, metavar='K',
+                        help='moving-average window of the plot in points (default: 1/50 of the points)')
+    return parser
+
+
+def check_args(args):
+    """Flag values the comparison cannot use, before any file is read."""
+    for name in ('rel_tol', 'abs_tol'):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UnusableInput(f'--{name} must be a number >= 0, got {value}')
+    if args.skip_first < 0:
+        raise UnusableInput(f'--skip_first must be >= 0, got {args.skip_first}')
+    if args.last is not None and args.last < 1:
+        raise UnusableInput(f'--last must be >= 1, got {args.last}')
+    if args.smooth is not None and args.smooth < 1:
+        raise UnusableInput(f'--smooth must be >= 1, got {args.smooth}')
+    if args.plot:
+        from PIL import Image
+        extension = os.path.splitext(args.plot)[1].lower()
+        if extension not in Image.registered_extensions():
+            raise UnusableInput(f'--plot {args.plot}: unknown image type {extension or "(none)"}; use .png or .jpg')
+        folder = os.path.dirname(args.plot)
+        if folder and not os.path.isdir(folder):
+            raise UnusableInput(f'--plot {args.plot}: the folder {folder} does not exist')
+
+
+def report(args, cand, ref, cand_format, ref_format, steps, result):
+    """The comparison's lines on stdout, the verdict last."""
+    common = len(set(cand) & set(ref))
+    print(f'candidate: {args.candidate} ({cand_format}, {len(cand)} losses, steps {describe_steps(sorted(cand))})')
+    print(f'reference: {args.reference} ({ref_format}, {len(ref)} losses, steps {describe_steps(sorted(ref))})')
+    print(f'steps: {len(steps)} compared ({describe_steps(steps.tolist())}), of {common} in common')
+    only_cand, only_ref = len(cand) - common, len(ref) - common
+    if only_cand or only_ref:
+        print(f'note: {only_cand} candidate and {only_ref} reference steps have no counterpart and are left out')
+    if result.bad_step is None:
+        print(f'MeanRelativeError: {result.mean_rel:.6e}')
+        print(f'MeanAbsoluteError: {result.mean_abs:.6e}')
+        print(f'mean |relative error|: {result.mean_abs_rel:.6e}')
+        print(f'max |relative error|: {result.max_abs_rel:.6e} at step {result.max_step}')
+        if result.zero_ref:
+            print(f'note: {result.zero_ref} steps with a reference loss of 0 are left out of the relative errors')
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        check_args(args)
+        cand_format, cand = read_log(args.candidate)
+        ref_format, ref = read_log(args.reference)
+        steps, cand_values, ref_values = align(cand, ref, args.skip_first, args.last)
+        result = compare(steps, cand_values, ref_values, args.rel_tol, args.abs_tol)
+        report(args, cand, ref, cand_format, ref_format, steps, result)
+        compared = set(steps.tolist())
+        elsewhere = [s for s in sorted(cand) if s not in compared and not math.isfinite(cand[s])]
+        if elsewhere:
+            print(f'note: the candidate loss is {cand[elsewhere[0]]} at step {elsewhere[0]}, '
+                  f'outside the compared steps')
+        if args.plot:
+            smooth_k = args.smooth or max(1, len(steps) // 50)
+            try:
+                draw_plot(args.plot, result, args.candidate, args.reference, smooth_k)
+            except OSError as e:
+                raise UnusableInput(f'cannot write the plot {args.plot}: {e.strerror or e}') from None
+            print(f'plot: {args.plot}')
+        print(result.rule)
+        return 0 if result.passed else 1
+    except UnusableInput as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

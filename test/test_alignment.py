@@ -1,0 +1,73 @@
+"""--align: two pre-training runs that must see the same weights, images, crops and masks, as a
+run on an accelerator and its GPU reference would, and differ at most in arithmetic."""
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+from helpers import read_jsonl, run_script
+
+ALIGN = ['main_pretrain.py', '--align', '--model', 'mae_vit_tiny', '--input_size', 64, '--data_path', 'demo',
+         '--device', 'cpu', '--epochs', 1, '--warmup_epochs', 0, '--blr', 1e-3, '--max_steps', 6]
+
+
+def aligned_run(output_dir, *extra, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    result = run_script(*launcher, *ALIGN, '--output_dir', output_dir, *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fingerprints = re.search(r'align: initial weights (\w+), first sample (\w+)', result.stdout).groups()
+    return read_jsonl(os.path.join(output_dir, 'log.jsonl')), fingerprints, result.stdout
+
+
+def test_two_aligned_runs_give_identical_curves(demo_root, tmp_path):
+    """The data-loading layout (workers) must not change what a run sees."""
+    first, prints_first, out = aligned_run(tmp_path / 'a', '--batch_size', 16, '--num_workers', 0)
+    second, prints_second, _ = aligned_run(tmp_path / 'b', '--batch_size', 16, '--num_workers', 2)
+    assert [r['step'] for r in first] == [1, 2, 3, 4, 5, 6]  # every step logged
+    assert '"precision": "fp32"' in out
+    assert prints_first == prints_second
+    assert [r['loss'] for r in first] == [r['loss'] for r in second]
+
+    # the fingerprints and the curve do depend on the seed: they are not constants
+    other, prints_other, _ = aligned_run(tmp_path / 'c', '--batch_size', 16, '--num_workers', 0, '--seed', 1)
+    assert prints_other[0] != prints_first[0] and prints_other[1] != prints_first[1]
+    assert other[0]['loss'] != first[0]['loss']
+
+
+def test_one_process_and_two_processes_see_the_same_global_batches(demo_root, tmp_path):
+    """16 images on one process == 8 on each of two: the same samples, crops and masks per step,
+    so the curves differ only by the order of floating-point sums (gradient all-reduce)."""
+    single, prints_single, _ = aligned_run(tmp_path / 'one', '--batch_size', 16, '--num_workers', 1)
+    double, prints_double, _ = aligned_run(tmp_path / 'two', '--batch_size', 8, '--num_workers', 1, nproc=2)
+    assert prints_single == prints_double
+    losses_single = np.array([r['loss'] for r in single])
+    losses_double = np.array([r['loss'] for r in double])
+    np.testing.assert_allclose(losses_double, losses_single, rtol=1e-4)
+    assert losses_single[-1] < losses_single[0]  # it trained
+
+    result = run_script(sys.executable, 'compare_loss.py', tmp_path / 'two' / 'log.jsonl',
+                        tmp_path / 'one' / 'log.jsonl')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r'^pass', result.stdout, re.MULTILINE)
+
+
+def test_flags_given_with_align_are_kept(demo_root, tmp_path):
+    records, _, out = aligned_run(tmp_path / 'a', '--batch_size', 16, '--num_workers', 0, '--log_freq', 3,
+                                  '--precision', 'bf16')
+    assert [r['step'] for r in records] == [3, 6]
+    assert '"precision": "bf16"' in out
+
+
+def test_deterministic_algorithms_are_switched_on():
+    from util.device import Device
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        Device('cpu', None).use_deterministic_algorithms()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.get_float32_matmul_precision() == 'highest'
+    finally:
+        torch.use_deterministic_algorithms(False)
+

@@ -1,0 +1,321 @@
+"""compare_loss.py: the verdict and exit codes, every input format, --skip_first/--last, nan
+losses and the plot, on made-up curves. Expected numbers come from numpy here, not from the tool."""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import compare_loss
+from helpers import REPO
+
+STEPS = np.arange(1, 201)
+
+
+def curve(steps=STEPS):
+    """A decaying loss with a small deterministic wiggle, rounded to the 6 decimals the console
+    prints, so that every format written from it reads back to exactly the same floats."""
+    values = 2 * np.exp(-steps / 50) + 0.5 + 0.01 * np.sin(steps * 0.7)
+    return np.array([float(f'{v:.6f}') for v in values])
+
+
+def write_jsonl(path, values, steps=STEPS):
+    with open(path, 'w') as f:
+        for step, loss in zip(steps, values):
+            f.write(json.dumps({'epoch': int((step - 1) // 40), 'step': int(step), 'loss': float(loss),
+                                'lr': 1e-4, 'ips': 100.0}) + '\n')
+    return str(path)
+
+
+def write_numbers(path, values):
+    with open(path, 'w') as f:
+        f.writelines(f'{float(v)!r}\n' for v in values)
+    return str(path)
+
+
+def run_cli(*argv):
+    """compare_loss.py in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, 'compare_loss.py', *map(str, argv)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def printed(output, name):
+    """The value of a `Name: value` line of the tool's output."""
+    match = re.search(rf'^{re.escape(name)}: (\S+)$', output, re.MULTILINE)
+    assert match, f'no {name} line in:\n{output}'
+    return float(match.group(1))
+
+
+def compared_count(output):
+    return int(re.search(r'^steps: (\d+) compared', output, re.MULTILINE).group(1))
+
+
+def verdict(output):
+    return output.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def reference(tmp_path):
+    return write_jsonl(tmp_path / 'ref.jsonl', curve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict and exit codes
+
+def test_identical_curves_pass(tmp_path, reference):
+    result = run_cli(write_jsonl(tmp_path / 'cand.jsonl', curve()), reference)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert printed(result.stdout, 'MeanRelativeError') == 0
+    assert printed(result.stdout, 'MeanAbsoluteError') == 0
+    assert compared_count(result.stdout) == 200
+    assert verdict(result.stdout).startswith('pass')
+
+
+@pytest.mark.parametrize('factor', [1.10, 0.90])
+def test_ten_percent_off_fails_in_either_direction(tmp_path, reference, factor):
+    ref = curve()
+    result = run_cli(write_numbers(tmp_path / 'cand.txt', ref * factor), reference)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert verdict(result.stdout).startswith('fail')
+    # the printed means keep their sign; only the verdict uses the magnitude
+    cand = ref * factor
+    assert printed(result.stdout, 'MeanRelativeError') == pytest.approx(factor - 1, abs=1e-6)
+    assert printed(result.stdout, 'MeanAbsoluteError') == pytest.approx(np.mean(cand - ref), rel=1e-5)
+
+
+def test_one_percent_passes_unless_rel_tol_is_tightened(tmp_path, reference):
+    cand = write_numbers(tmp_path / 'cand.txt', curve() * 1.01)
+    result = run_cli(cand, reference)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert printed(result.stdout, 'MeanRelativeError') == pytest.approx(0.01, abs=1e-6)
+
+    tight = run_cli(cand, reference, '--rel_tol', '0.005')
+    assert tight.returncode == 1, tight.stdout + tight.stderr
+    assert verdict(tight.stdout).startswith('fail')
+
+
+def test_tiny_absolute_offset_passes_through_abs_tol(tmp_path, reference):
+    ref = curve()
+    cand = write_numbers(tmp_path / 'cand.txt', ref + 0.0001)
+    # with no relative tolerance at all, only |MeanAbsoluteError| = 1e-4 <= 2e-4 can pass it
+    assert np.mean((ref + 0.0001 - ref) / ref) > 0
+    assert compare_loss.main([cand, reference, '--rel_tol', '0']) == 0
+    assert compare_loss.main([cand, reference, '--rel_tol', '0', '--abs_tol', '0.00005']) == 1
+
+
+def test_reference_zeros_are_left_out_of_the_relative_mean(tmp_path, capsys):
+    ref = np.array([0.0, 1.0, 2.0, 0.0, 4.0])
+    cand = np.array([0.5, 1.1, 2.2, 0.1, 4.4])
+    code = compare_loss.main([write_numbers(tmp_path / 'c.txt', cand), write_numbers(tmp_path / 'r.txt', ref)])
+    out = capsys.readouterr().out
+    nonzero = ref != 0
+    assert printed(out, 'MeanRelativeError') == pytest.approx(np.mean((cand - ref)[nonzero] / ref[nonzero]))
+    assert printed(out, 'MeanAbsoluteError') == pytest.approx(np.mean(cand - ref))
+    assert 'reference loss of 0' in out
+    assert code == 1  # 10% above, and 0.26 absolute
+
+    zeros = write_numbers(tmp_path / 'z.txt', np.zeros(5))
+    assert compare_loss.main([write_numbers(tmp_path / 'c.txt', cand), zeros]) == 2
+    assert capsys.readouterr().err.startswith('error: ')
+
+
+# ---------------------------------------------------------------------------------------------
+# Unusable input: exit 2 with one `error:` line
+
+def assert_unusable(result, words):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    assert words in lines[0]
+    assert 'Traceback' not in result.stderr
+
+
+def test_missing_file(tmp_path, reference):
+    assert_unusable(run_cli(tmp_path / 'no_such_log.jsonl', reference), 'no_such_log.jsonl')
+
+
+def test_garbage_file(tmp_path, reference):
+    garbage = tmp_path / 'garbage.log'
+    garbage.write_text('hello world\nlr: 1.0e-04\n* Acc@1 45.000 Acc@5 90.000\n{"batch_size": 64}\n')
+    assert_unusable(run_cli(garbage, reference), 'no loss values found')
+    binary = tmp_path / 'binary.bin'
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert_unusable(run_cli(reference, binary), 'no loss values found')
+
+
+def test_no_common_steps(tmp_path, reference):
+    later = write_jsonl(tmp_path / 'later.jsonl', curve(), steps=STEPS + 1000)
+    assert_unusable(run_cli(later, reference), 'no step in common')
+
+
+def test_bad_flags(tmp_path, reference):
+    assert_unusable(run_cli(reference, reference, '--rel_tol', '-0.1'), '--rel_tol')
+    assert_unusable(run_cli(reference, reference, '--last', '0'), '--last')
+    assert_unusable(run_cli(reference, reference, '--skip_first', '200'), 'nothing left')
+
+
+def test_directory_means_its_log_jsonl(tmp_path, reference):
+    run_dir = tmp_path / 'npu_run'
+    run_dir.mkdir()
+    write_jsonl(run_dir / 'log.jsonl', curve())
+    assert compare_loss.main([str(run_dir), reference]) == 0
+    assert compare_loss.main([str(tmp_path / 'npu_run'), str(tmp_path)]) == 2  # tmp_path has no log.jsonl
+
+
+# ---------------------------------------------------------------------------------------------
+# Input formats
+
+def write_console(path, values):
+    """This project's console log: 5 epochs of 40 steps, with lines that are not losses."""
+    lines = ['Namespace(batch_size=64, blr=0.00015, epochs=5)',
+             json.dumps({'batch_size': 64, 'lr': 0.001, 'epochs': 5}, indent=2),
+             'UserWarning: something about a deprecated argument']
+    for step, loss in zip(STEPS, values):
+        epoch, in_epoch = (step - 1) // 40, (step - 1) % 40 + 1
+        lines.append(f'Epoch: [{epoch}]  [{in_epoch:>2}/40]  eta: 0:00:12  lr: {1e-4 * step:.6e}  '
+                     f'grad_norm: 1.5  train.loss : {loss:.6f}  train.ips : 120.50')
+        if in_epoch == 40:
+            lines.append(f'* Acc@1 {10.0 + epoch:.3f} Acc@5 {50.0 + epoch:.3f} loss {3.0:.3f}')
+            lines.append(f'Epoch {epoch} done in 0:00:31')
+    path.write_text('\n'.join(lines) + '\n')
+    return str(path)
+
+
+def write_tcappdll(path, values):
+    """Tecorigin tcap_dllogger lines of ranks 0 and 1, interleaved, in its variants."""
+    lines = ['TCAPPDLL 2024-05-01 10:00:00.000000 - PARAMETER batch_size : 64']
+    for i, loss in enumerate(values):
+        stamp = f'TCAPPDLL 2024-05-01 10:00:{i % 60:02d}.123456 -'
+        rank0 = ['rank : 0', 'rank: 0'][i % 2]
+        number = f'{loss:.6e}' if i % 3 == 0 else f'{loss:.6f}'
+        key = 'train.loss_avg' if i % 5 == 0 else 'train.loss'
+        position = f'Epoch: {i // 40} Iteration: {i % 40 + 1} ' if i % 7 else ''
+        lines.append(f'{stamp} {position} {rank0}  {key} : {number}  train.ips : 500.1 imgs/s')
+        lines.append(f'{stamp} {position} rank : 1  train.loss : {loss * 3 + 1:.6f}  train.ips : 499.0 imgs/s')
+    path.write_text('\n'.join(lines) + '\n')
+    return str(path)
+
+
+def write_loss_txt(path, values):
+    """Ascend train_<Case>_loss.txt: one number per line, with blank lines."""
+    path.write_text(''.join(f'{float(v)!r}\n' + ('\n' if i % 17 == 0 else '') for i, v in enumerate(values)))
+    return str(path)
+
+
+@pytest.mark.parametrize('write, name', [(write_jsonl, 'log.jsonl'), (write_console, 'console.log'),
+                                         (write_tcappdll, 'tcap.log'), (write_loss_txt, 'train_MAE_loss.txt')])
+def test_every_format_reads_the_same_curve(tmp_path, reference, write, name):
+    path = write(tmp_path / name, curve())
+    assert compare_loss.read_losses(path) == dict(zip(STEPS.tolist(), curve().tolist()))
+    result = run_cli(path, reference)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert printed(result.stdout, 'MeanRelativeError') == 0
+    assert compared_count(result.stdout) == 200
+
+
+def test_console_positions_are_global_steps(tmp_path):
+    """Logging every 10 steps over 31-step epochs: positions E * 31 + I, as log.jsonl's steps."""
+    text = ('Epoch: [0]  [10/31]  lr: 1.0e-04  train.loss : 1.5  train.ips : 1\n'
+            'Epoch: [0]  [31/31]  lr: 1.0e-04  train.loss : 1.4  train.ips : 1\n'
+            'Epoch: [2]  [ 9/31]  lr: 1.0e-04  train.loss : 1.2e-01  train.ips : 1\n'
+            'train.loss : 0.9\n')
+    assert compare_loss.parse_console(text) == {10: 1.5, 31: 1.4, 71: 0.12, 4: 0.9}
+
+
+def test_tcappdll_lines_without_rank_are_rank_zero():
+    text = ('TCAPPDLL 2024 - train.loss : 2.0\n'
+            'TCAPPDLL 2024 - rank : 3  train.loss : 9.0\n'
+            'TCAPPDLL 2024 - Epoch: 0 Iteration: 2  train.loss_avg : 1.5E+00\n')
+    assert compare_loss.parse_tcappdll(text) == {1: 2.0, 2: 1.5}
+
+
+def test_generic_fallback_ignores_lr_and_accuracy(tmp_path):
+    text = ('step 1 lr: 0.001 loss: 2.5\n'
+            '* Acc@1 45.0 Acc@5 90.0\n'
+            'step 2 lr = 0.002, loss = 2.25\n'
+            'epoch: 1 step: 3, loss is 2.0\n'
+            'val_loss: 7.0\n')
+    path = tmp_path / 'other.log'
+    path.write_text(text)
+    assert compare_loss.read_log(str(path)) == ('loss: X lines', {1: 2.5, 2: 2.25, 3: 2.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# --skip_first, --last
+
+def test_skip_first_and_last_select_the_points(tmp_path, reference, capsys):
+    ref = curve()
+    cand = ref * (1 + 0.02 * np.cos(STEPS * 0.3))
+    cand[:10] = ref[:10] * 3  # start-up noise
+    path = write_numbers(tmp_path / 'cand.txt', cand)
+    rel = (cand - ref) / ref
+
+    assert compare_loss.main([path, reference]) == 1
+    assert printed(capsys.readouterr().out, 'MeanRelativeError') == pytest.approx(rel.mean(), abs=1e-6)
+
+    assert compare_loss.main([path, reference, '--skip_first', '10']) == 0
+    out = capsys.readouterr().out
+    assert printed(out, 'MeanRelativeError') == pytest.approx(rel[10:].mean(), abs=1e-6)
+    assert compared_count(out) == 190
+
+    assert compare_loss.main([path, reference, '--last', '50']) == 0
+    out = capsys.readouterr().out
+    assert printed(out, 'MeanRelativeError') == pytest.approx(rel[-50:].mean(), abs=1e-6)
+    assert printed(out, 'MeanAbsoluteError') == pytest.approx((cand - ref)[-50:].mean(), abs=1e-6)
+    assert compared_count(out) == 50 and '(151..200)' in out
+
+    # --last counts after --skip_first, and more than there are keeps them all
+    steps, c, r = compare_loss.align(dict(zip(STEPS.tolist(), cand)), dict(zip(STEPS.tolist(), ref)), 10, 500)
+    assert steps.tolist() == list(range(11, 201))
+    np.testing.assert_array_equal(c, cand[10:])
+    np.testing.assert_array_equal(r, ref[10:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite losses
+
+def test_nan_in_candidate_fails(tmp_path, reference):
+    cand = curve()
+    cand[56] = np.nan
+    result = run_cli(write_numbers(tmp_path / 'cand.txt', cand), reference)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert verdict(result.stdout).startswith('fail') and 'step 57' in verdict(result.stdout)
+
+
+def test_nan_in_reference_is_unusable(tmp_path):
+    ref = curve()
+    ref[56] = np.nan
+    result = run_cli(write_jsonl(tmp_path / 'cand.jsonl', curve()), write_jsonl(tmp_path / 'ref.jsonl', ref))
+    assert_unusable(result, 'step 57')
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+
+@pytest.mark.parametrize('name, image_format', [('loss.png', 'PNG'), ('loss.jpg', 'JPEG')])
+def test_plot_writes_an_image(tmp_path, reference, capsys, name, image_format):
+    cand = write_numbers(tmp_path / 'cand.txt', curve() * 1.01)
+    plot = tmp_path / name
+    assert compare_loss.main([cand, reference, '--plot', str(plot), '--smooth', '5']) == 0
+    assert f'plot: {plot}' in capsys.readouterr().out
+    with Image.open(plot) as image:
+        assert image.format == image_format
+        assert image.size == compare_loss.PLOT_SIZE == (1000, 700)
+        colors = image.convert('RGB').getcolors(maxcolors=1 << 20)
+        assert len(colors) > 10  # curves, text and axes, not a blank page
+
+
+def test_plot_of_a_diverged_candidate(tmp_path, reference):
+    cand = curve()
+    cand[150:] = np.inf
+    plot = tmp_path / 'loss.png'
+    assert compare_loss.main([write_numbers(tmp_path / 'cand.txt', cand), reference, '--plot', str(plot)]) == 1
+    with Image.open(plot) as image:
+        assert image.size == (1000, 700)
+
+
+def test_plot_path_checked_before_reading(tmp_path, reference):
+    assert_unusable(run_cli(reference, reference, '--plot', tmp_path / 'loss.xyz'), 'unknown image type')
