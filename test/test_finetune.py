@@ -51,6 +51,18 @@ def test_defaults_are_the_published_recipes():
     assert (a.blr, a.aa, a.layer_decay, a.global_pool) == (1e-3, None, None, False)
 
 
+def test_large_and_huge_fine_tune_with_their_own_recipe():
+    # MAE's FINETUNE.md: ViT-L and ViT-H 50 epochs, blr 1e-3, layer decay 0.75, drop path 0.2 / 0.3
+    for model, drop_path in (('vit_large_patch16', 0.2), ('vit_huge_patch14', 0.3)):
+        _, a = parse('--model', model, '--finetune', 'x.pth')
+        assert (a.epochs, a.blr, a.layer_decay, a.drop_path, a.weight_decay) == (50, 1e-3, 0.75, drop_path, 0.05)
+    _, a = parse('--model', 'vit_large_patch16', '--finetune', 'x.pth', '--epochs', 30)
+    assert (a.epochs, a.layer_decay) == (30, 0.75)
+    # probing and training from scratch keep their recipes whatever the size
+    _, a = parse('--model', 'vit_large_patch16', '--linprobe', '--finetune', 'x.pth')
+    assert (a.epochs, a.blr, a.layer_decay) == (90, 0.1, None)
+
+
 def test_crop_min_bounds_the_random_crop():
     """--crop_min is the smallest crop area: 0.08 by default (Inception, as MAE and DeiT use),
     and every crop drawn covers at least that share of the image."""
