@@ -156,6 +156,12 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert "unknown pre-training model 'mae_vit_bse'" in result.stderr and 'mae_vit_base' in result.stderr
 
+    # 2,000 demo images are 31 batches of 64: accumulating 32 of them would never take a step
+    result = run_script(sys.executable, 'main_pretrain.py', '--data_path', 'demo', '--device', 'cpu',
+                        '--model', 'mae_vit_tiny', '--batch_size', 64, '--accum_iter', 32)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'has 31 batches of 64 an epoch, fewer than --accum_iter 32' in result.stderr
+
     result = run_script(sys.executable, 'main_pretrain.py', '--data_path', 'demo', '--device', 'npu')
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.startswith('error: --device npu needs the torch_npu package')

@@ -194,6 +194,10 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
     if len(sampler) < args.batch_size and drop_last:
         raise UsageError(f'{len(dataset)} images give each of {world.world_size} processes {len(sampler)}, '
                          f'fewer than --batch_size {args.batch_size}: lower --batch_size')
+    if len(sampler) // args.batch_size < args.accum_iter and drop_last:
+        raise UsageError(f'each process has {len(sampler) // args.batch_size} batches of {args.batch_size} an epoch, '
+                         f'fewer than --accum_iter {args.accum_iter}: no optimizer step would be taken; lower '
+                         f'--accum_iter or --batch_size (or use more images)')
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_fn,
                       persistent_workers=args.num_workers > 0)
