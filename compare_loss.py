@@ -14,7 +14,8 @@ Each file's format is found from its content, not its name:
   global step of log.jsonl);
 - Tecorigin TCAPPDLL lines (`train.loss : X` or `train.loss_avg : X`, rank 0 only);
 - Ascend loss files (train_<Case>_loss.txt: one number per line);
-- as a fallback, lines with `loss: X`, `loss = X` or `loss is X`.
+- as a fallback, lines with `loss: X`, `loss = X`, `loss is X` or `Loss X` (the progress lines
+  `Epoch: [0][ 10/5005] ... Loss 6.9077e+00 (6.9120e+00)` of many Ascend ModelZoo models).
 Formats without a step number count positions 1, 2, 3, ... so that they line up with a log.jsonl
 written at every step.
 
@@ -55,8 +56,9 @@ TRAIN_LOSS = re.compile(r'train\.loss\s*:\s*(' + NUMBER + r')(?!\w)', re.IGNOREC
 TRAIN_LOSS_AVG = re.compile(r'train\.loss_avg\s*:\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
 CONSOLE_POSITION = re.compile(r'Epoch:\s*\[\s*(\d+)\s*\]\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]')
 RANK = re.compile(r'\brank\s*:\s*(\d+)', re.IGNORECASE)
-# `loss` as a word of its own: not `train_loss`, `val_loss`, `lr:` or `Acc@1`.
-GENERIC_LOSS = re.compile(r'(?<![\w@])loss\s*(?:[:=]|\bis\b)\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
+# `loss` as a word of its own: not `train_loss`, `val_loss`, `lr:` or `Acc@1`; `Loss 6.9e+00 (6.9e+00)`
+# is the progress line of the PyTorch ImageNet example that many Ascend ModelZoo models print.
+GENERIC_LOSS = re.compile(r'(?<![\w@])loss\s*(?:[:=]|\bis\b)?\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
 
 FORMATS_HINT = ("expected log.jsonl, console lines with 'train.loss : X', TCAPPDLL lines "
                 "or one number per line")
@@ -146,7 +148,7 @@ def parse_numbers(text):
 
 
 def parse_generic(text):
-    """Any other log: the first `loss: X`, `loss = X` or `loss is X` of each line, at positions
+    """Any other log: the first `loss: X`, `loss = X`, `loss is X` or `Loss X` of each line, at positions
     1, 2, 3, ... None when there is none."""
     values = [float(m.group(1)) for m in map(GENERIC_LOSS.search, text.splitlines()) if m]
     return {i + 1: v for i, v in enumerate(values)} or None

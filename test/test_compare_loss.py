@@ -243,6 +243,19 @@ def test_generic_fallback_ignores_lr_and_accuracy(tmp_path):
     assert compare_loss.read_log(str(path)) == ('loss: X lines', {1: 2.5, 2: 2.25, 3: 2.0})
 
 
+def test_progress_lines_of_the_pytorch_imagenet_example(tmp_path):
+    """Many Ascend ModelZoo models print the ProgressMeter lines of PyTorch's ImageNet example:
+    the current loss, then its running average in brackets."""
+    text = ('Epoch: [0][   1/5005]\tTime  2.912 ( 2.912)\tData  1.704 ( 1.704)\tLoss 6.9375e+00 (6.9375e+00)\t'
+            'Acc@1   0.00 (  0.00)\tAcc@5   0.39 (  0.39)\n'
+            'Epoch: [0][   2/5005]\tTime  0.338 ( 1.625)\tData  0.001 ( 0.853)\tLoss 6.9021e+00 (6.9198e+00)\t'
+            'Acc@1   0.39 (  0.20)\tAcc@5   1.17 (  0.78)\n'
+            ' * Acc@1 0.120 Acc@5 0.600\n')
+    path = tmp_path / 'train_0.log'
+    path.write_text(text)
+    assert compare_loss.read_log(str(path)) == ('loss: X lines', {1: 6.9375, 2: 6.9021})
+
+
 # ---------------------------------------------------------------------------------------------
 # --skip_first, --last
 
