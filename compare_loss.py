@@ -17,7 +17,9 @@ Each file's format is found from its content, not its name:
 - as a fallback, lines with `loss: X`, `loss = X`, `loss is X` or `Loss X` (the progress lines
   `Epoch: [0][ 10/5005] ... Loss 6.9077e+00 (6.9120e+00)` of many Ascend ModelZoo models).
 Formats without a step number count positions 1, 2, 3, ... so that they line up with a log.jsonl
-written at every step.
+written at every step (a logged loss is the mean over its logging interval: logs written at
+different intervals, or a counted log against one not written at every step from step 1, are
+refused rather than compared wrongly).
 
 The curves are compared on the steps both have (after --skip_first, within --last) with the
 signed means of the ModelZoo/Tecorigin tools:
@@ -157,6 +159,8 @@ def parse_generic(text):
 # In this order: TCAPPDLL lines also carry `train.loss :`, and a console log may contain JSON.
 PARSERS = (('TCAPPDLL', parse_tcappdll), ('console', parse_console), ('log.jsonl', parse_jsonl),
            ('one number per line', parse_numbers), ('loss: X lines', parse_generic))
+# Formats without step numbers: their losses are counted 1, 2, 3, ...
+COUNTED = {'TCAPPDLL', 'one number per line', 'loss: X lines'}
 
 
 def read_log(path):
@@ -179,13 +183,43 @@ def read_log(path):
     raise UnusableInput(f'no loss values found in {path}: {FORMATS_HINT}{hint}')
 
 
-def read_losses(path):
-    """{step: loss} of a loss log in any of the formats above."""
-    return read_log(path)[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # Comparing
+
+def log_interval(steps):
+    """The most common gap between the sorted logged steps (1 for a single step)."""
+    gaps = np.diff(sorted(steps))
+    if not gaps.size:
+        return 1
+    values, counts = np.unique(gaps, return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def check_same_steps(cand, cand_format, ref, ref_format):
+    """Refuse curves whose positions do not mean the same steps. A logged loss is the mean over
+    its logging interval, so two logs written every 1 and every 10 steps differ even for the
+    same run; and a format without step numbers (counted 1, 2, 3, ...) lines up only with a log
+    written at every step from step 1."""
+    logs = (('candidate', cand, cand_format), ('reference', ref, ref_format))
+    counted = [(name, losses) for name, losses, fmt in logs if fmt in COUNTED]
+    numbered = [(name, losses) for name, losses, fmt in logs if fmt not in COUNTED]
+    if len(numbered) == 2:
+        (_, a), (_, b) = numbered
+        if log_interval(a) != log_interval(b):
+            raise UnusableInput(f'the candidate is logged every {log_interval(a)} steps and the reference every '
+                                f'{log_interval(b)}: a logged loss is the mean over its interval, so compare '
+                                f'runs logged at the same --log_freq (--align logs every step)')
+    elif len(numbered) == 1:
+        (counted_name, _), (name, losses) = counted[0], numbered[0]
+        if log_interval(losses) != 1 or min(losses) != 1:
+            raise UnusableInput(f'the {counted_name} has no step numbers (its losses are counted 1, 2, 3, ...) but '
+                                f'the {name} is logged at steps {describe_steps(sorted(losses))}: compare it with '
+                                f'a log written at every step from step 1 (--log_freq 1), or with a log of the '
+                                f'same kind')
+    else:
+        print('note: neither log has step numbers; their losses are counted 1, 2, 3, ..., which lines up only '
+              'if both were written at the same frequency from the same step')
+
 
 def align(cand, ref, skip_first=0, last=None):
     """The steps both curves have, sorted, less the first `skip_first`, then the last `last` of
@@ -216,12 +250,12 @@ class Result:
     rule: str                  # the verdict line
     rel_tol: float
     abs_tol: float
-    bad_step: int = None       # the first step where the candidate's loss is nan/inf
+    bad_step: int | None = None  # the first step where the candidate's loss is nan/inf
     mean_rel: float = math.nan
     mean_abs: float = math.nan
     mean_abs_rel: float = math.nan
     max_abs_rel: float = math.nan
-    max_step: int = None
+    max_step: int | None = None
     zero_ref: int = 0          # points left out of the relative means (ref == 0)
 
 
@@ -367,8 +401,9 @@ def draw_plot(path, result, cand_name, ref_name, smooth_k):
     """Top: both curves, smoothed over smooth_k points, raw ones faintly behind; bottom: the
     relative difference (cand - ref) / ref (smoothed) with the +-rel_tol band; the verdict in
     the title. The format follows the file extension."""
-    rel_tol = result.rel_tol
     from PIL import Image, ImageDraw, ImageFont
+
+    rel_tol = result.rel_tol
 
     image = Image.new('RGB', PLOT_SIZE, 'white')
     draw = ImageDraw.Draw(image)
@@ -480,6 +515,7 @@ def main(argv=None):
         check_args(args)
         cand_format, cand = read_log(args.candidate)
         ref_format, ref = read_log(args.reference)
+        check_same_steps(cand, cand_format, ref, ref_format)
         steps, cand_values, ref_values = align(cand, ref, args.skip_first, args.last)
         result = compare(steps, cand_values, ref_values, args.rel_tol, args.abs_tol)
         report(args, cand, ref, cand_format, ref_format, steps, result)

@@ -55,8 +55,8 @@ RECIPES = {
                     global_pool=True),
 }
 # MAE fine-tunes its larger encoders differently: ViT-L 85.9, ViT-H 86.9 top-1 with these.
-FINETUNE_BY_MODEL = {'vit_large': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),
-                     'vit_huge': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3)}
+FINETUNE_BY_MODEL = {'vit_large_patch16': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),
+                     'vit_huge_patch14': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3)}
 BY_MODE = 'default by mode, fine-tune / --linprobe / from scratch: {}'
 
 
@@ -73,7 +73,7 @@ def get_args_parser():
 
     parser.add_argument('--model', default='vit_base_patch16', type=str,
                         help='any timm model name, e.g. vit_base_patch16, vit_large_patch16, seresnet50 '
-                             '(fine-tuning vit_large*/vit_huge* defaults to MAE\'s ViT-L/H recipe: 50 epochs, '
+                             '(fine-tuning vit_large_patch16/vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, '
                              'blr 1e-3, layer decay 0.75, drop path 0.2/0.3)')
     parser.add_argument('--input_size', default=224, type=int, help='image size in pixels')
     parser.add_argument('--drop_path', type=float, default=None, help='stochastic depth; ' + recipe_note('drop_path'))
@@ -124,7 +124,7 @@ def fill_recipe(args):
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
     recipe = dict(RECIPES[mode])
     if mode == 'finetune':
-        recipe.update(next((v for k, v in FINETUNE_BY_MODEL.items() if args.model.startswith(k)), {}))
+        recipe.update(FINETUNE_BY_MODEL.get(args.model, {}))
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from util import dist
-from util.datasets import SeededSamples, build_image_folder, build_loader, pretrain_transform
+from util.datasets import EpochSampler, SeededSamples, build_image_folder, build_loader, pretrain_transform
 from util.engine import train
 from util.errors import UsageError, run_cli
 from util.launch import (add_run_args, add_schedule_args, compile_and_wrap, fingerprint, print_outputs,
@@ -42,8 +42,9 @@ def get_args_parser():
     parser.add_argument('--align', action='store_true',
                         help='loss-curve alignment with a run on another device: deterministic kernels, fp32 unless '
                              '--precision is given, a log line every step unless --log_freq is given, and '
-                             'fingerprints of the initial weights and the first sample printed. Weights, data '
-                             'order, crops and masks come from seeded CPU generators in every run')
+                             'fingerprints of the initial weights, the data order and sample 0 (its crop and '
+                             'mask) printed. Weights, data order, crops and masks come from seeded CPU generators '
+                             'in every run')
     return parser
 
 
@@ -62,12 +63,13 @@ def use_alignment_defaults(args):
         args.log_freq = 1
 
 
-def print_fingerprints(model, dataset):
-    """Hashes of the initial weights and of sample 0 of epoch 0 (its crop and its mask noise):
-    two runs to be aligned must print the same two."""
+def print_fingerprints(model, dataset, seed):
+    """Hashes of the initial weights, of the order of epoch 0 over all processes, and of sample 0
+    of epoch 0 (its crop and its mask noise): two runs to be aligned must print the same three."""
+    order = [index for index, _ in EpochSampler(dataset, num_replicas=1, rank=0, seed=seed)]
     image, mask_kwargs = dataset[(0, 0)]
     print(f'align: initial weights {fingerprint(model.state_dict().values())}, '
-          f'first sample {fingerprint([image, *mask_kwargs.values()])}')
+          f'data order {fingerprint([torch.tensor(order)])}, sample 0 {fingerprint([image, *mask_kwargs.values()])}')
 
 
 def main(args):
@@ -83,7 +85,7 @@ def main(args):
     dataset = SeededSamples(build_image_folder(args.data_path, 'train', pretrain_transform(args.input_size)),
                             args.seed, mask_generator=UniformNoise(model.num_patches))
     if args.align:
-        print_fingerprints(model, dataset)
+        print_fingerprints(model, dataset, args.seed)
     model.to(device.torch_device)
     loader = build_loader(dataset, world, args, pin_memory=args.pin_mem and device.type != 'cpu')
     print(f'{len(dataset)} training images, {len(loader)} batches of {args.batch_size} per process')

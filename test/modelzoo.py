@@ -2,12 +2,14 @@
 
     python test/modelzoo.py pretrain|finetune performance|full NPROC --data_path=... [--key=value ...]
 
-A case launches the entry point through torchrun, copies its console to
-<output_dir>/train_<CaseName>.log, and then reports what accelerator teams hand in:
+A case launches the entry point through torchrun, writes its console to
+<output_dir>/train_<CaseName>.log (afresh for a performance case, appended for a full one, as
+its log.jsonl is), and then reports what accelerator teams hand in:
 
     Final Performance images/sec : X     images/s of all ranks together, steady state (the loop's own
                                          figure from log.txt: its first logging interval, holding
-                                         start-up and compilation, is left out)
+                                         start-up and compilation, is left out whenever a later
+                                         one exists)
     Final Train Accuracy : Y             top-1 on val/ after the last epoch (fine-tuning)
     E2E Training Duration sec : Z        wall time of the whole launch
 
@@ -31,6 +33,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from util.device import VISIBLE_DEVICES  # noqa: E402 - the repository's util/, found through REPO
 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
 ENTRY_POINTS = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py'}
@@ -39,12 +43,10 @@ DEFAULT_MODELS = {'pretrain': 'mae_vit_base', 'finetune': 'vit_base_patch16'}
 # MAE fine-tuning 32 x 1024 (ViT-B/L/H alike).
 RECIPE_BATCHES = {'pretrain': (64, 4096), 'finetune': (32, 1024)}
 PERFORMANCE_STEPS = 200  # enough for a steady state; the first --log_freq steps are not counted
-PERFORMANCE_LOG_FREQ = 10
+PERFORMANCE_LOG_FREQ = 10  # at most; shorter runs log 4 times or more, so that 3 intervals are timed
 # Keys the case reads; any other --key=value goes to the entry point as it is.
 CASE_KEYS = ('data_path', 'model', 'device', 'batch_size', 'nproc', 'epochs', 'max_steps', 'finetune_pth',
              'output_dir', 'precision', 'accum_iter', 'log_freq')
-DEVICE_VISIBILITY = {'cuda': 'CUDA_VISIBLE_DEVICES', 'npu': 'ASCEND_RT_VISIBLE_DEVICES',
-                     'sdaa': 'SDAA_VISIBLE_DEVICES'}
 
 
 class CaseError(Exception):
@@ -68,7 +70,7 @@ def parse_case_args(argv):
                         '--data_path=/data/imagenet), or --data_path=demo for the built-in demo set')
     for key in ('data_path', 'finetune_pth', 'output_dir'):
         if key in known and not (key == 'data_path' and known[key] == 'demo'):
-            known[key] = os.path.join(os.environ.get('CASE_CALLER_DIR', os.getcwd()), known[key])
+            known[key] = os.path.join(os.environ.get('CASE_CALLER_DIR', os.getcwd()), os.path.expanduser(known[key]))
     for key in ('batch_size', 'nproc', 'epochs', 'max_steps', 'accum_iter', 'log_freq'):
         if key in known and not (known[key].isdigit() and int(known[key]) > 0):
             raise CaseError(f'--{key}= must be a whole number above 0, got {known[key]!r}')
@@ -112,8 +114,12 @@ class Case:
         if length == 'full' and kind == 'finetune' and 'finetune_pth' not in args:
             raise CaseError('--finetune_pth= is required: the pre-trained checkpoint to fine-tune, e.g. '
                             'test/output/0/mae_vit_base_pretrain_bs64_8p_acc/checkpoint-799.pth')
-        self.accum_iter = int(args['accum_iter']) if 'accum_iter' in args else \
-            accumulation_for_recipe(kind, self.batch_size, self.nproc) if length == 'full' else 1
+        if 'accum_iter' in args:
+            self.accum_iter = int(args['accum_iter'])
+        elif length == 'full':
+            self.accum_iter = accumulation_for_recipe(kind, self.batch_size, self.nproc)
+        else:
+            self.accum_iter = 1
 
     def entry_point_args(self):
         args = ['--model', self.model, '--data_path', self.args['data_path'], '--device', self.device,
@@ -122,10 +128,11 @@ class Case:
             if key in self.args:
                 args += [f'--{key}', self.args[key]]
         if self.length == 'performance':
+            max_steps = int(self.args.get('max_steps', PERFORMANCE_STEPS))
             if 'max_steps' not in self.args:
-                args += ['--max_steps', PERFORMANCE_STEPS]
-            if 'log_freq' not in self.args:
-                args += ['--log_freq', PERFORMANCE_LOG_FREQ]
+                args += ['--max_steps', max_steps]
+            if 'log_freq' not in self.args and '--align' not in self.passed_on:  # --align logs every step
+                args += ['--log_freq', min(PERFORMANCE_LOG_FREQ, max(1, max_steps // 4))]
         if 'finetune_pth' in self.args:
             args += ['--finetune', self.args['finetune_pth']]
         return [str(a) for a in args] + self.passed_on
@@ -138,7 +145,7 @@ class Case:
         """One chosen device for a one-device case when the ModelZoo device id is set."""
         env = dict(os.environ)
         if self.nproc == 1 and ('ASCEND_DEVICE_ID' in env or 'DEVICE_ID' in env):
-            names = [DEVICE_VISIBILITY[self.device]] if self.device in DEVICE_VISIBILITY else DEVICE_VISIBILITY.values()
+            names = [VISIBLE_DEVICES[self.device]] if self.device in VISIBLE_DEVICES else VISIBLE_DEVICES.values()
             for name in names:
                 env.setdefault(name, device_id())
         return env
@@ -158,7 +165,7 @@ class Case:
         command = self.command()
         print(' '.join(command), flush=True)
         start = time.time()
-        with open(self.console_log, 'a') as log:
+        with open(self.console_log, 'w' if self.length == 'performance' else 'a') as log:
             log.write(' '.join(command) + '\n')
             process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -171,6 +178,8 @@ class Case:
             returncode = process.wait()
         e2e_seconds = time.time() - start
         if returncode != 0:
+            if not os.listdir(self.run_dir):
+                os.rmdir(self.run_dir)
             cause = f'{errors[0]}; ' if errors else ''
             raise CaseError(f'training failed (exit status {returncode}): {cause}the whole output is in '
                             f'{self.console_log}')
@@ -202,6 +211,9 @@ class Case:
         with open(os.path.join(self.output_dir, f'{self.name}.log'), 'w') as f:
             f.writelines(f'{key} = {value}\n' for key, value in summary.items())
         print('------------------ Final result ------------------')
+        if len(steps) < 2:
+            print(f'note: this launch logged one interval only, so its images/s includes the start-up: run more '
+                  f'steps than --log_freq ({len(steps)} logged)')
         print(f"Final Performance images/sec : {summary['ActualFPS']}")
         if self.kind == 'finetune':
             print(f"Final Train Accuracy : {summary['TrainAccuracy']}")

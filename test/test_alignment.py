@@ -18,7 +18,7 @@ def aligned_run(output_dir, *extra, nproc=1):
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     result = run_script(*launcher, *ALIGN, '--output_dir', output_dir, *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    fingerprints = re.search(r'align: initial weights (\w+), first sample (\w+)', result.stdout).groups()
+    fingerprints = re.search(r'align: initial weights (\w+), data order (\w+), sample 0 (\w+)', result.stdout).groups()
     return read_jsonl(os.path.join(output_dir, 'log.jsonl')), fingerprints, result.stdout
 
 
@@ -33,7 +33,7 @@ def test_two_aligned_runs_give_identical_curves(demo_root, tmp_path):
 
     # the fingerprints and the curve do depend on the seed: they are not constants
     other, prints_other, _ = aligned_run(tmp_path / 'c', '--batch_size', 16, '--num_workers', 0, '--seed', 1)
-    assert prints_other[0] != prints_first[0] and prints_other[1] != prints_first[1]
+    assert all(a != b for a, b in zip(prints_other, prints_first))
     assert other[0]['loss'] != first[0]['loss']
 
 
@@ -61,13 +61,29 @@ def test_flags_given_with_align_are_kept(demo_root, tmp_path):
     assert '"precision": "bf16"' in out
 
 
-def test_deterministic_algorithms_are_switched_on():
+def test_deterministic_algorithms_are_switched_on(monkeypatch):
+    """What --align asks of each device; the flags are only set, so no GPU or NPU is needed."""
     from util.device import Device
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    for name in ('CUBLAS_WORKSPACE_CONFIG', 'HCCL_DETERMINISTIC'):
+        monkeypatch.delenv(name, raising=False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('high')  # TF32 matmuls, as many training scripts set
     assert not torch.are_deterministic_algorithms_enabled()
     try:
         Device('cpu', None).use_deterministic_algorithms()
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.get_float32_matmul_precision() == 'highest'
+        assert 'CUBLAS_WORKSPACE_CONFIG' not in os.environ and torch.backends.cudnn.benchmark
+
+        Device('cuda', 0).use_deterministic_algorithms()
+        assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.allow_tf32) == (False, True, False)
+        Device('npu', 0).use_deterministic_algorithms()
+        assert os.environ['HCCL_DETERMINISTIC'] == 'true'
     finally:
         torch.use_deterministic_algorithms(False)
-
+        torch.set_float32_matmul_precision(precision)

@@ -151,6 +151,17 @@ def test_no_common_steps(tmp_path, reference):
     assert_unusable(run_cli(later, reference), 'no step in common')
 
 
+def test_logs_written_at_different_intervals_are_refused(tmp_path, reference):
+    """A logged loss is the mean over its interval: every 2 steps against every step would
+    compare different things, even for the same run."""
+    every_two = write_jsonl(tmp_path / 'every2.jsonl', curve()[1::2], steps=STEPS[1::2])
+    assert_unusable(run_cli(every_two, reference), 'logged every 2 steps and the reference every 1')
+    # a counted log (one loss a line) lines up only with a log of every step from step 1
+    counted = write_numbers(tmp_path / 'loss.txt', curve()[1::2])
+    assert_unusable(run_cli(counted, every_two), 'has no step numbers')
+    assert run_cli(counted, write_numbers(tmp_path / 'same.txt', curve()[1::2])).returncode == 0
+
+
 def test_bad_flags(tmp_path, reference):
     assert_unusable(run_cli(reference, reference, '--rel_tol', '-0.1'), '--rel_tol')
     assert_unusable(run_cli(reference, reference, '--last', '0'), '--last')
@@ -209,7 +220,7 @@ def write_loss_txt(path, values):
                                          (write_tcappdll, 'tcap.log'), (write_loss_txt, 'train_MAE_loss.txt')])
 def test_every_format_reads_the_same_curve(tmp_path, reference, write, name):
     path = write(tmp_path / name, curve())
-    assert compare_loss.read_losses(path) == dict(zip(STEPS.tolist(), curve().tolist()))
+    assert compare_loss.read_log(path)[1] == dict(zip(STEPS.tolist(), curve().tolist()))
     result = run_cli(path, reference)
     assert result.returncode == 0, result.stdout + result.stderr
     assert printed(result.stdout, 'MeanRelativeError') == 0

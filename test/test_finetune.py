@@ -58,6 +58,9 @@ def test_large_and_huge_fine_tune_with_their_own_recipe():
         assert (a.epochs, a.blr, a.layer_decay, a.drop_path, a.weight_decay) == (50, 1e-3, 0.75, drop_path, 0.05)
     _, a = parse('--model', 'vit_large_patch16', '--finetune', 'x.pth', '--epochs', 30)
     assert (a.epochs, a.layer_decay) == (30, 0.75)
+    # other timm models of that size (DINOv2, CLIP) are not MAE's: the base recipe
+    _, a = parse('--model', 'vit_large_patch14_dinov2', '--finetune', 'x.pth')
+    assert (a.epochs, a.layer_decay) == (100, 0.65)
     # probing and training from scratch keep their recipes whatever the size
     _, a = parse('--model', 'vit_large_patch16', '--linprobe', '--finetune', 'x.pth')
     assert (a.epochs, a.blr, a.layer_decay) == (90, 0.1, None)

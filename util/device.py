@@ -26,6 +26,8 @@ _INSTALL_HINTS = {
     'mps': 'use an Apple-silicon Mac with macOS 12.3 or newer and a PyTorch build with MPS',
 }
 _BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'sdaa': 'tccl', 'mps': 'gloo', 'cpu': 'gloo'}
+# The variable that picks the cards a process sees (the ModelZoo scripts set it for one card).
+VISIBLE_DEVICES = {'cuda': 'CUDA_VISIBLE_DEVICES', 'npu': 'ASCEND_RT_VISIBLE_DEVICES', 'sdaa': 'SDAA_VISIBLE_DEVICES'}
 AUTO_ORDER = ('npu', 'sdaa', 'cuda', 'mps', 'cpu')
 PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')
 _DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}

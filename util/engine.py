@@ -155,7 +155,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
                 f'the loss is {mean_loss} at epoch {epoch}, step {progress.step}: training stopped; the last '
                 f'good checkpoint is the last one written. Lower --blr, set --clip_grad, or use --precision '
                 f'bf16/fp32')
-        record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips}
+        record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips,
+                  'time': round(time.time(), 3)}
         if grad_norm is not None:
             record['grad_norm'] = grad_norm.item()
         if device.max_memory_allocated():

@@ -68,6 +68,8 @@ def add_run_args(parser):
 
 
 def check_run_args(args):
+    """Refuse loop flags that cannot work; fill in --log_freq, whose default (20) an entry point
+    may have changed first (--align logs every step)."""
     if args.log_freq is None:
         args.log_freq = 20
     for name in ('batch_size', 'epochs', 'accum_iter', 'log_freq', 'save_freq'):

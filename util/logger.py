@@ -1,7 +1,7 @@
 """Logging of a training run, on the main process only:
 - the console: one line per logged step, carrying `train.loss : X` and `train.ips : Y` for the
   Tecorigin/Ascend tooling;
-- <output_dir>/log.jsonl: one JSON object per logged step (epoch, step, loss, lr, ips, ...);
+- <output_dir>/log.jsonl: one JSON object per logged step (epoch, step, loss, lr, ips, time, ...);
 - <output_dir>/log.txt: one JSON object per epoch (the official MAE format);
 - TensorBoard scalars in <log_dir>.
 """
@@ -43,7 +43,7 @@ class RunLogger:
             return
         width = len(str(steps_in_epoch))
         extras = '  '.join(f'{k}: {_format(v)}' for k, v in record.items()
-                           if k not in ('epoch', 'step', 'loss', 'lr', 'ips'))
+                           if k not in ('epoch', 'step', 'loss', 'lr', 'ips', 'time'))
         eta = str(datetime.timedelta(seconds=int(eta_seconds)))
         print(f"Epoch: [{record['epoch']}]  [{step_in_epoch:>{width}}/{steps_in_epoch}]  eta: {eta}  "
               f"lr: {record['lr']:.6e}  {extras + '  ' if extras else ''}"
