@@ -227,6 +227,14 @@ def test_every_format_reads_the_same_curve(tmp_path, reference, write, name):
     assert compared_count(result.stdout) == 200
 
 
+def test_a_resumed_run_logs_its_steps_again_and_the_later_values_count(tmp_path):
+    """A run stopped after step 5 and resumed from its step-3 checkpoint appends steps 4 and 5
+    again: the resumed values are the run's."""
+    path = write_jsonl(tmp_path / 'log.jsonl', [5.0, 4.0, 3.0, 2.0, 1.0, 1.5, 0.5],
+                       steps=np.array([1, 2, 3, 4, 5, 4, 5]))
+    assert compare_loss.read_log(path)[1] == {1: 5.0, 2: 4.0, 3: 3.0, 4: 1.5, 5: 0.5}
+
+
 def test_console_positions_are_global_steps(tmp_path):
     """Logging every 10 steps over 31-step epochs: positions E * 31 + I, as log.jsonl's steps."""
     text = ('Epoch: [0]  [10/31]  lr: 1.0e-04  train.loss : 1.5  train.ips : 1\n'
