@@ -191,13 +191,11 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
     """A DataLoader over SeededSamples with an EpochSampler for this rank."""
     sampler = EpochSampler(dataset, num_replicas=world.world_size, rank=world.rank, seed=args.seed,
                            shuffle=shuffle)
-    if len(sampler) < args.batch_size and drop_last:
-        raise UsageError(f'{len(dataset)} images give each of {world.world_size} processes {len(sampler)}, '
-                         f'fewer than --batch_size {args.batch_size}: lower --batch_size')
-    if len(sampler) // args.batch_size < args.accum_iter and drop_last:
-        raise UsageError(f'each process has {len(sampler) // args.batch_size} batches of {args.batch_size} an epoch, '
-                         f'fewer than --accum_iter {args.accum_iter}: no optimizer step would be taken; lower '
-                         f'--accum_iter or --batch_size (or use more images)')
+    batches = len(sampler) // args.batch_size  # full batches of this rank in an epoch
+    if batches < args.accum_iter and drop_last:
+        raise UsageError(f'each process has {batches} batches of {args.batch_size} an epoch, fewer than --accum_iter '
+                         f'{args.accum_iter} ({len(dataset)} images over {world.world_size} processes): no optimizer '
+                         f'step would be taken; lower --batch_size or --accum_iter (or use more images)')
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_fn,
                       persistent_workers=args.num_workers > 0)
