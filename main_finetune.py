@@ -13,8 +13,10 @@ supervised training from scratch.
     torchrun --nproc_per_node 8 main_finetune.py --model vit_base_patch16 --data_path /imagenet
 
 The defaults are the published recipe of the mode (RECIPES below): MAE's fine-tuning recipe
-with --finetune, MAE's linear-probing recipe with --linprobe, DeiT's without either. This file
-parses arguments and wires the parts together; the loop is util/engine.py.
+with --finetune, or the one published with the checkpoint's pre-training when it has one
+(SimMIM's, kept in models_simmim.py), MAE's linear-probing recipe with --linprobe, DeiT's
+without either. This file parses arguments and wires the parts together; the loop is
+util/engine.py.
 """
 import argparse
 import json
@@ -32,27 +34,28 @@ from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build
                            eval_transform, finetune_transform, pretrain_transform)
 from util.engine import evaluate, train
 from util.errors import UsageError, run_cli
-from util.launch import (add_run_args, add_schedule_args, compile_and_wrap, print_outputs, resume_training,
-                         set_learning_rate, start_run)
+from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, print_outputs,
+                         resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
 from util.optim import build_adamw, build_lars, param_groups
-from util.registry import create_classifier
+from util.registry import create_classifier, finetune_recipe_of, native_input_size
 
 AA_DEFAULT = 'rand-m9-mstd0.5-inc1'
 # The published recipes; None in a flag's default means "the recipe of the mode decides".
+COMMON = dict(model='vit_base_patch16', batch_size=64, opt_betas=(0.9, 0.999))
 RECIPES = {
     # MAE fine-tuning, ViT-B/16: 83.6 top-1 (batch 1024; ViT-L/H: layer decay 0.75, drop path 0.2/0.3, 50 epochs)
-    'finetune': dict(epochs=100, blr=5e-4, weight_decay=0.05, min_lr=1e-6, warmup_epochs=5, layer_decay=0.65,
+    'finetune': dict(COMMON, epochs=100, blr=5e-4, weight_decay=0.05, min_lr=1e-6, warmup_epochs=5, layer_decay=0.65,
                      drop_path=0.1, aa=AA_DEFAULT, reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
-                     global_pool=True),
+                     global_pool=True, head_init_std=2e-5),
     # MAE linear probing, ViT-B/16: 68.0 top-1 (batch 16384, LARS)
-    'linprobe': dict(epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0, warmup_epochs=10, layer_decay=None,
+    'linprobe': dict(COMMON, epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0, warmup_epochs=10, layer_decay=None,
                      drop_path=0.0, aa=None, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
-                     global_pool=False),
+                     global_pool=False, head_init_std=0.01),
     # DeiT, supervised from scratch: 300 epochs, lr 5e-4 per 512 images (batch 1024), min lr 1e-5
-    'scratch': dict(epochs=300, blr=2.5e-4, weight_decay=0.05, min_lr=1e-5, warmup_epochs=5, layer_decay=None,
+    'scratch': dict(COMMON, epochs=300, blr=2.5e-4, weight_decay=0.05, min_lr=1e-5, warmup_epochs=5, layer_decay=None,
                     drop_path=0.1, aa=AA_DEFAULT, reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
-                    global_pool=True),
+                    global_pool=True, head_init_std=None),
 }
 # MAE fine-tunes its larger encoders differently: ViT-L 85.9, ViT-H 86.9 top-1 with these.
 FINETUNE_BY_MODEL = {'vit_large_patch16': dict(epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),
@@ -61,21 +64,29 @@ BY_MODE = 'default by mode, fine-tune / --linprobe / from scratch: {}'
 
 
 def recipe_note(key):
-    return BY_MODE.format(' / '.join(str(RECIPES[m][key]) for m in ('finetune', 'linprobe', 'scratch')))
+    values = [RECIPES[m].get(key) for m in ('finetune', 'linprobe', 'scratch')]
+    if all(v is None for v in values):
+        return 'default: the recipe of the mode'
+    return BY_MODE.format(' / '.join(str(v) for v in values)) + \
+        ' (with --finetune, the checkpoint\'s own fine-tuning recipe when its pre-training has one, e.g. SimMIM\'s)'
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Fine-tuning, linear probing and evaluation of classifiers', add_help=True)
-    by_mode = ('epochs', 'blr', 'weight_decay', 'min_lr', 'warmup_epochs')
-    add_schedule_args(parser, dict(batch_size=64, **dict.fromkeys(by_mode)), {k: recipe_note(k) for k in by_mode})
+    add_schedule_args(parser, recipe_note)
     parser.add_argument('--layer_decay', type=float, default=None,
                         help='layer-wise lr decay; ' + recipe_note('layer_decay') + ' (1 or none: off)')
 
-    parser.add_argument('--model', default='vit_base_patch16', type=str,
-                        help='any timm model name, e.g. vit_base_patch16, vit_large_patch16, seresnet50 '
-                             '(fine-tuning vit_large_patch16/vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, '
+    parser.add_argument('--model', default=None, type=str,
+                        help='any timm model name, e.g. vit_base_patch16, vit_large_patch16, swin_base_patch4_window7_224, '
+                             'beit_base_patch16_224, seresnet50 (default: vit_base_patch16, or the classifier of the '
+                             'checkpoint\'s fine-tuning recipe, e.g. swin_base_patch4_window7_224 for SimMIM Swin-B; '
+                             'fine-tuning vit_large_patch16/vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, '
                              'blr 1e-3, layer decay 0.75, drop path 0.2/0.3)')
-    parser.add_argument('--input_size', default=224, type=int, help='image size in pixels')
+    parser.add_argument('--input_size', default=None, type=int,
+                        help='image size in pixels (default: the size the model is built for, 224 for most)')
+    parser.add_argument('--head_init_std', default=None, type=float,
+                        help='std of the normal the new head is drawn from; ' + recipe_note('head_init_std'))
     parser.add_argument('--drop_path', type=float, default=None, help='stochastic depth; ' + recipe_note('drop_path'))
     parser.add_argument('--nb_classes', default=None, type=int,
                         help='classes of the head (default: the number of class folders in train/)')
@@ -120,14 +131,20 @@ def get_args_parser():
 
 
 def fill_recipe(args):
-    """Set every flag left at None to the recipe of the mode. returns: the mode."""
+    """Set every flag left at None to the recipe of the mode: with --finetune, the fine-tuning
+    recipe published with the checkpoint's pre-training (SimMIM's), else MAE's. returns: the mode."""
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
-    recipe = dict(RECIPES[mode])
-    if mode == 'finetune':
-        recipe.update(FINETUNE_BY_MODEL.get(args.model, {}))
-    for key, value in recipe.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    recipe, published = dict(RECIPES[mode]), {}
+    if mode == 'finetune' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
+        source, published = finetune_recipe_of(checkpoint.load(args.finetune))
+        if published:
+            print(f'fine-tuning recipe: the one published for {source} checkpoints')
+        recipe.update(published)
+    if mode == 'finetune' and not published:
+        recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
+    apply_recipe(args, recipe)
+    if args.input_size is None:
+        args.input_size = native_input_size(args.model)
     if isinstance(args.aa, str) and args.aa.lower() == 'none':
         args.aa = None
     if args.layer_decay == 1.0:
@@ -192,7 +209,7 @@ def build_model(args, num_classes, resuming):
     model = create_classifier(args.model, img_size=args.input_size, num_classes=num_classes,
                               drop_path_rate=args.drop_path, global_pool='avg' if args.global_pool else 'token')
     if args.finetune and not resuming:
-        report = checkpoint.load_pretrained(model, args.finetune, head_init_std=0.01 if args.linprobe else 2e-5)
+        report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std)
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
         for key in ('missing', 'unexpected', 'dropped', 'resized'):
             if report[key]:
@@ -207,7 +224,8 @@ def build_model(args, num_classes, resuming):
 def build_optimizer(args, model, device):
     if args.linprobe:
         return build_lars(model, args.lr, args.weight_decay)
-    return build_adamw(param_groups(model, args.weight_decay, args.layer_decay), args.lr, (0.9, 0.999), device)
+    return build_adamw(param_groups(model, args.weight_decay, args.layer_decay), args.lr, tuple(args.opt_betas),
+                       device)
 
 
 def best_accuracy_so_far(output_dir):

@@ -1,11 +1,14 @@
-"""Self-supervised pre-training (MAE).
+"""Self-supervised pre-training: MAE, SimMIM.
 
-    python main_pretrain.py --model mae_vit_tiny --data_path demo --input_size 64 ...
+    python main_pretrain.py --model mae_vit_tiny --data_path demo ...
     torchrun --nproc_per_node 8 main_pretrain.py --model mae_vit_base --data_path /imagenet
+    torchrun --nproc_per_node 8 main_pretrain.py --model simmim_swin_base --data_path /imagenet
 
-Defaults are the published MAE recipe (ViT-B: 800 epochs, batch 4096, blr 1.5e-4, warm-up 40,
-AdamW (0.9, 0.95), wd 0.05, normalised-pixel targets). This file parses arguments and wires
-the parts together; the loop is util/engine.py.
+The defaults are the published recipe of --model, kept beside its factory in its model file (MAE
+ViT-B: 800 epochs, batch 4096, blr 1.5e-4, warm-up 40, AdamW (0.9, 0.95), wd 0.05, normalised
+pixels; SimMIM Swin-B: 100 epochs at 192 px, batch 2048, 2e-4 per 512 images, clipping 5);
+every flag overrides it. This file parses arguments and wires the parts together; the loop is
+util/engine.py.
 """
 import argparse
 import time
@@ -16,28 +19,41 @@ import torch
 from util import dist
 from util.datasets import EpochSampler, SeededSamples, build_image_folder, build_loader, pretrain_transform
 from util.engine import train
-from util.errors import UsageError, run_cli
-from util.launch import (add_run_args, add_schedule_args, compile_and_wrap, fingerprint, print_outputs,
-                         resume_training, set_learning_rate, start_run)
+from util.errors import run_cli
+from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, fingerprint,
+                         print_outputs, resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
-from util.masking import UniformNoise
 from util.optim import build_adamw, param_groups
-from util.registry import create_pretrain_model
+from util.registry import create_pretrain_model, pretrain_recipe
+
+DEFAULT_MODEL = 'mae_vit_base_patch16'
 
 
-RECIPE = dict(batch_size=64, epochs=800, blr=1.5e-4, weight_decay=0.05, min_lr=0.0, warmup_epochs=40)
+def recipe_note(flag):
+    """--help: where a default comes from, with the default model's and SimMIM Swin-B's values."""
+    values = {name: pretrain_recipe(name).get(flag) for name in (DEFAULT_MODEL, 'simmim_swin_base')}
+    shown = ', '.join(f'{name}: {value}' for name, value in values.items() if value is not None)
+    return f'default: the recipe of --model ({shown})' if shown else 'default: the recipe of --model'
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Masked-image-modeling pre-training', add_help=True)
-    add_schedule_args(parser, RECIPE, {'batch_size': 'default 64; the MAE recipe has an effective batch of 4096, '
-                                                     'e.g. 64 per device x 8 accumulation steps x 8 devices'})
-    parser.add_argument('--model', default='mae_vit_base_patch16', type=str, help='model name, e.g. mae_vit_base')
-    parser.add_argument('--input_size', default=224, type=int, help='image size in pixels')
-    parser.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches masked')
-    parser.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction,
-                        help='per-patch normalised pixels as the target (published recipe; '
-                             '--no-norm_pix_loss for raw pixels)')
+    add_schedule_args(parser, recipe_note)
+    parser.add_argument('--model', default=DEFAULT_MODEL, type=str,
+                        help='model name, e.g. mae_vit_base, simmim_swin_base, simmim_vit_base')
+    parser.add_argument('--input_size', default=None, type=int, help='image size in pixels; ' + recipe_note('input_size'))
+    parser.add_argument('--crop_min', default=None, type=float,
+                        help='smallest area of the random crop, as a fraction of the image; ' + recipe_note('crop_min'))
+    parser.add_argument('--interpolation', default=None, choices=('bicubic', 'bilinear'),
+                        help='resampling of the random crop; ' + recipe_note('interpolation'))
+    parser.add_argument('--mask_ratio', default=None, type=float,
+                        help='fraction of patches (MAE) or mask units (SimMIM) masked; ' + recipe_note('mask_ratio'))
+    parser.add_argument('--mask_patch_size', default=None, type=int,
+                        help='SimMIM: side in pixels of the square units masked together, a multiple of the '
+                             'patch size; ' + recipe_note('mask_patch_size'))
+    parser.add_argument('--norm_pix_loss', default=None, action=argparse.BooleanOptionalAction,
+                        help='MAE: per-patch normalised pixels as the target (--no-norm_pix_loss for raw pixels); '
+                             + recipe_note('norm_pix_loss'))
     add_run_args(parser)
     parser.add_argument('--align', action='store_true',
                         help='loss-curve alignment with a run on another device: deterministic kernels, fp32 unless '
@@ -72,18 +88,30 @@ def print_fingerprints(model, dataset, seed):
           f'data order {fingerprint([torch.tensor(order)])}, sample 0 {fingerprint([image, *mask_kwargs.values()])}')
 
 
+def fill_recipe(args):
+    """The flags left unset take the published recipe of --model (of --epochs epochs when the model
+    has one of that length, e.g. SimMIM Swin-B's 800-epoch recipe)."""
+    recipe = pretrain_recipe(args.model, args.epochs)
+    apply_recipe(args, recipe)
+    print(f"recipe: {args.model}, the published {recipe.get('epochs')}-epoch schedule; the flags given override it")
+
+
 def main(args):
-    if not 0 <= args.mask_ratio < 1:
-        raise UsageError(f'--mask_ratio must be in [0, 1), got {args.mask_ratio}')
+    fill_recipe(args)
     if args.align:
         use_alignment_defaults(args)
     world, device, precision = start_run(args, deterministic=args.align)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank, drawn on the CPU
-    model = create_pretrain_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    model_kwargs = {'img_size': args.input_size}
+    if args.norm_pix_loss is not None:  # MAE's option; another model that is given it says it has no such option
+        model_kwargs['norm_pix_loss'] = args.norm_pix_loss
+    model = create_pretrain_model(args.model, **model_kwargs)
     print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
-    dataset = SeededSamples(build_image_folder(args.data_path, 'train', pretrain_transform(args.input_size)),
-                            args.seed, mask_generator=UniformNoise(model.num_patches))
+    mask_generator = model.mask_generator(args)
+    transform = pretrain_transform(args.input_size, scale=(args.crop_min, 1.0), interpolation=args.interpolation)
+    dataset = SeededSamples(build_image_folder(args.data_path, 'train', transform), args.seed,
+                            mask_generator=mask_generator)
     if args.align:
         print_fingerprints(model, dataset, args.seed)
     model.to(device.torch_device)
@@ -91,13 +119,13 @@ def main(args):
     print(f'{len(dataset)} training images, {len(loader)} batches of {args.batch_size} per process')
 
     set_learning_rate(args, world)
-    optimizer = build_adamw(param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
+    optimizer = build_adamw(param_groups(model, args.weight_decay), args.lr, tuple(args.opt_betas), device)
     scaler = device.grad_scaler(precision)
     start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler)
 
     model_ddp = compile_and_wrap(model, device, args)
     logger = RunLogger(args.output_dir, args.log_dir, enabled=dist.is_main_process())
-    loss_fn = partial(mim_loss, forward_kwargs={'mask_ratio': args.mask_ratio})
+    loss_fn = partial(mim_loss, forward_kwargs=mask_generator.forward_kwargs)
     start_time = time.time()
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
                   start_epoch=start_epoch, start_iter=start_iter, progress=progress)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from util.masking import UniformNoise
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import register_pretrain_model
 from util.errors import UsageError
@@ -88,6 +89,12 @@ class MaskedAutoencoderViT(nn.Module):
     @property
     def num_patches(self):
         return self.patch_embed.num_patches
+
+    def mask_generator(self, args):
+        """What the data pipeline draws per sample for this model: MAE's uniform noise (--mask_ratio)."""
+        if not 0 <= args.mask_ratio < 1:
+            raise UsageError(f'--mask_ratio must be in [0, 1), got {args.mask_ratio}')
+        return UniformNoise(self.num_patches, args.mask_ratio)
 
     def patchify(self, imgs):
         """
@@ -223,6 +230,13 @@ class MaskedAutoencoderViT(nn.Module):
         self.load_state_dict(state_dict, strict=False)
 
 
+# The published pre-training recipe (ViT-B/L/H alike): the defaults of main_pretrain.py and of the
+# ModelZoo scripts. blr counts per 256 images; the effective batch is batch_size x accum_iter x devices.
+MAE_RECIPE = dict(epochs=800, input_size=224, batch_size=64, effective_batch=4096, blr=1.5e-4, min_lr=0.0,
+                  warmup_epochs=40, lr_schedule='cosine', weight_decay=0.05, opt_betas=(0.9, 0.95), clip_grad=None,
+                  mask_ratio=0.75, norm_pix_loss=True, crop_min=0.2, interpolation='bicubic')
+
+
 def _mae_vit(overrides, **arch):
     """Build the given architecture; keywords passed to a factory override it (the tests
     shrink depth, the entry points set img_size and norm_pix_loss)."""
@@ -231,32 +245,32 @@ def _mae_vit(overrides, **arch):
     return MaskedAutoencoderViT(**{**defaults, **arch, **overrides})
 
 
-@register_pretrain_model('mae_vit_base', 'mae_vit_base_patch16_dec512d8b')
+@register_pretrain_model('mae_vit_base', 'mae_vit_base_patch16_dec512d8b', recipes=[MAE_RECIPE])
 def mae_vit_base_patch16(**kwargs):
     """ViT-B/16 encoder (768 x 12, 12 heads), decoder 512 x 8 (16 heads)."""
     return _mae_vit(kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 
 
-@register_pretrain_model('mae_vit_large', 'mae_vit_large_patch16_dec512d8b')
+@register_pretrain_model('mae_vit_large', 'mae_vit_large_patch16_dec512d8b', recipes=[MAE_RECIPE])
 def mae_vit_large_patch16(**kwargs):
     """ViT-L/16 encoder (1024 x 24, 16 heads), decoder 512 x 8 (16 heads)."""
     return _mae_vit(kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16)
 
 
-@register_pretrain_model('mae_vit_huge', 'mae_vit_huge_patch14_dec512d8b')
+@register_pretrain_model('mae_vit_huge', 'mae_vit_huge_patch14_dec512d8b', recipes=[MAE_RECIPE])
 def mae_vit_huge_patch14(**kwargs):
     """ViT-H/14 encoder (1280 x 32, 16 heads), decoder 512 x 8 (16 heads)."""
     return _mae_vit(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
 
 
-@register_pretrain_model('mae_vit_small')
+@register_pretrain_model('mae_vit_small', recipes=[MAE_RECIPE])
 def mae_vit_small_patch16(**kwargs):
     """ViT-S/16 encoder (384 x 12, 6 heads), decoder 256 x 4 (8 heads): small-scale studies."""
     return _mae_vit(kwargs, patch_size=16, embed_dim=384, depth=12, num_heads=6,
                     decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
 
 
-@register_pretrain_model('mae_vit_tiny')
+@register_pretrain_model('mae_vit_tiny', recipes=[dict(MAE_RECIPE, input_size=64)])
 def mae_vit_tiny_patch8(**kwargs):
     """ViT-Ti encoder (192 x 12, 3 heads) on 8x8 patches, decoder 128 x 2 (4 heads): the demo
     and the tests, at 64x64 pixels (an 8x8 grid of patches)."""

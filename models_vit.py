@@ -14,17 +14,13 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from util.errors import UsageError
+from util.registry import classifier_kwargs
 
 
 def _vit(pretrained, arch, kwargs):
     """Build the given architecture in MAE's fine-tuning form; keywords override it."""
-    if pretrained:
-        raise UsageError('no weights are downloaded: pass a checkpoint with --finetune instead')
-    for timm_only in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
-        kwargs.pop(timm_only, None)
     defaults = dict(global_pool='avg', mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    return VisionTransformer(**{**defaults, **arch, **kwargs})
+    return VisionTransformer(**{**defaults, **arch, **classifier_kwargs(pretrained, kwargs)})
 
 
 @register_model

@@ -123,9 +123,10 @@ def test_evaluate_counts_exactly():
 
 
 def test_layer_decay_scales_for_swin():
-    """Hierarchical models too: Swin's blocks, counted in order through its stages, are layers
-    1..n (downsampling goes with the first block of its stage), the patch embedding layer 0,
-    the head layer n + 1."""
+    """Hierarchical models too, with SimMIM's layer ids: Swin's blocks, counted in order through
+    its stages, are layers 1..n, a patch merging goes with the last block before it (timm's own
+    grouping would put it with the next one), the patch embedding is layer 0, the final norm
+    and the head layer n + 1."""
     from util.optim import param_groups
     decay, depths = 0.5, (1, 1, 2, 1)
     model = timm.create_model('swin_tiny_patch4_window7_224', img_size=64, window_size=4, embed_dim=24,
@@ -138,4 +139,8 @@ def test_layer_decay_scales_for_swin():
     for layer, prefix in enumerate(blocks, start=1):
         in_block = [s for name, s in scales.items() if name.startswith(prefix)]
         assert in_block and all(s == pytest.approx(decay ** (n + 1 - layer)) for s in in_block), prefix
-    assert scales['head.fc.weight'] == 1.0
+    # the merging at the start of timm's stage s is the end of stage s - 1 in SimMIM's (official) layout
+    last_block_of_stage = {1: 1, 2: 2, 3: 4}
+    for stage, layer in last_block_of_stage.items():
+        assert scales[f'layers.{stage}.downsample.reduction.weight'] == pytest.approx(decay ** (n + 1 - layer))
+    assert scales['head.fc.weight'] == 1.0 and scales['norm.weight'] == 1.0

@@ -6,6 +6,7 @@ already done in the epoch after `epoch` when a run stopped part-way through it).
 the last completed epoch, -1 when none is, so a run resumes at epoch + 1.
 """
 import argparse
+import collections
 import os
 import pickle
 
@@ -29,13 +30,22 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
+class ConfigAsData(dict):
+    """Stands in for yacs' CfgNode, in which the official SimMIM code stores its configuration:
+    the node is read as a plain (ordered) dict of its values, and no yacs code runs."""
+
+    def __new__(cls, *args, **kwargs):
+        return collections.OrderedDict()
+
+
 def load(path):
-    """Load a checkpoint as data (weights_only: no code runs) onto the CPU. argparse.Namespace
-    is allowed besides tensors and containers: the official MAE code stores its args as one."""
+    """Load a checkpoint as data (weights_only: no code runs) onto the CPU. Besides tensors and
+    containers, argparse.Namespace is allowed (the official MAE code stores its args as one), and
+    a yacs configuration (the official SimMIM code's) is read as nested dicts."""
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path!r} does not exist')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, (ConfigAsData, 'yacs.config.CfgNode')]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         raise UsageError(f'cannot load {path!r} as a checkpoint ({first_line(e)}); '
@@ -128,24 +138,53 @@ def resize_pos_embed(pos_embed, model):
     return resample_abs_pos_embed(pos_embed, new_size=new_grid, num_prefix_tokens=num_prefix)
 
 
+# Classifier classes whose checkpoints need a conversion on loading (another layout, tables to
+# resize): {class: filter(state_dict, model) -> state_dict}, registered by the model files.
+_PRETRAINED_FILTERS = {}
+
+
+def register_pretrained_filter(model_class):
+    """Decorator: pre-trained weights loaded into a `model_class` (or a subclass) go through this
+    filter, in timm's checkpoint_filter_fn(state_dict, model) convention."""
+    def register(fn):
+        _PRETRAINED_FILTERS[model_class] = fn
+        return fn
+    return register
+
+
+def encoder_of(state):
+    """The encoder's weights of a pre-training checkpoint that wraps it as `encoder.*` beside a
+    `decoder.*` (SimMIM); any other state as it is. returns: (state, dropped keys)"""
+    if not any(k.startswith('encoder.') for k in state):
+        return state, []
+    return ({k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')},
+            sorted(k for k in state if not k.startswith('encoder.')))
+
+
 def load_pretrained(model, path, head_init_std=2e-5):
     """Initialise a classifier from a pre-trained (or fine-tuned) checkpoint for fine-tuning.
 
     Pre-training-only weights are dropped, the position table is resampled when the image size
-    differs, the head is re-initialised (normal, std 2e-5, as MAE does). A checkpoint whose
-    weights do not fit the model is a UsageError naming the first mismatching keys.
+    differs, a checkpoint of another layout goes through the filter registered for the model's
+    class (SimMIM's Swin and BEiT: the official layout, relative position tables resized to the
+    classifier's windows), the head is re-initialised (normal, std `head_init_std`; MAE: 2e-5).
+    A checkpoint whose weights do not fit the model is a UsageError naming the first mismatching keys.
     returns: a report {'loaded', 'missing', 'unexpected', 'dropped', 'resized'}
     """
-    state = dict(model_state_of(load(path), path))
-    dropped = sorted(k for k in state if k.startswith(PRETRAIN_ONLY_PREFIXES) or k.startswith('head.'))
-    for key in dropped:
+    state, dropped = encoder_of(dict(model_state_of(load(path), path)))
+    pretrain_only = sorted(k for k in state if k.startswith(PRETRAIN_ONLY_PREFIXES) or k.startswith('head.'))
+    for key in pretrain_only:
         del state[key]
+    dropped += pretrain_only
     own = model.state_dict()
-    resized = []
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    filter_fn = next((fn for cls, fn in _PRETRAINED_FILTERS.items() if isinstance(model, cls)), None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
     if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
-        old_shape = tuple(state['pos_embed'].shape)
         state['pos_embed'] = resize_pos_embed(state['pos_embed'], model)
-        resized.append(f'pos_embed {old_shape} -> {tuple(state["pos_embed"].shape)}')
+    resized = [f'{k} {shapes[k]} -> {tuple(v.shape)}' for k, v in state.items()
+               if k in shapes and shapes[k] != tuple(v.shape)]
     wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
              if k in own and v.shape != own[k].shape]
     missing_body = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
@@ -153,8 +192,9 @@ def load_pretrained(model, path, head_init_std=2e-5):
         raise UsageError(f'{path!r} does not fit this model: shapes {wrong[:3]}, missing {missing_body[:3]}, '
                          f'checkpoint keys {list(state)[:3]}')
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if hasattr(model, 'head') and isinstance(model.head, torch.nn.Linear):
-        torch.nn.init.normal_(model.head.weight, std=head_init_std)
-        torch.nn.init.zeros_(model.head.bias)
+    head = model.get_classifier() if hasattr(model, 'get_classifier') else getattr(model, 'head', None)
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=head_init_std)
+        torch.nn.init.zeros_(head.bias)
     return {'loaded': len(state) - len(unexpected), 'missing': sorted(missing), 'unexpected': sorted(unexpected),
             'dropped': dropped, 'resized': resized}

@@ -35,11 +35,12 @@ def resolve_data_root(data_path):
     return data_path
 
 
-def pretrain_transform(input_size, scale=(0.2, 1.0)):
-    """MAE's pre-training augmentation: RandomResizedCrop(0.2-1, bicubic) and a flip. With
-    scale=(0.08, 1) it is the linear-probing augmentation."""
+def pretrain_transform(input_size, scale=(0.2, 1.0), interpolation='bicubic'):
+    """MAE's pre-training augmentation: RandomResizedCrop(0.2-1, bicubic) and a flip. SimMIM's is
+    RandomResizedCrop(0.67-1, bilinear) and a flip; with scale=(0.08, 1) it is MAE's
+    linear-probing augmentation."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode(interpolation)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])

@@ -12,33 +12,55 @@ from util import checkpoint, dist
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
 from util.engine import Progress
 from util.errors import UsageError
+from util.lr_sched import SCHEDULES
 
 
-def add_schedule_args(parser, recipe, notes=None):
-    """Batch, schedule and optimizer flags. `recipe` holds the defaults (the published recipe);
-    a default of None is filled in later by the entry point (it depends on the mode), and
-    `notes` {flag: text} then says so in --help."""
-    notes = notes or {}
-
-    def help_text(key, text):
-        return f'{text}; {notes[key]}' if key in notes else f'{text} (default: {recipe[key]})'
-    parser.add_argument('--batch_size', default=recipe['batch_size'], type=int,
-                        help=help_text('batch_size', 'images per device per step; effective batch = batch_size * '
-                                                     'accum_iter * devices'))
-    parser.add_argument('--epochs', default=recipe['epochs'], type=int, help=help_text('epochs', 'epochs to train'))
+def add_schedule_args(parser, recipe_note):
+    """Batch, schedule and optimizer flags. Their defaults (None here) are the published recipe,
+    filled in by `apply_recipe` once the model (and the mode) is known; `recipe_note(flag)` says
+    in --help what the default is."""
+    def add(flag, help_text, **kwargs):
+        parser.add_argument(f'--{flag}', default=None, help=f'{help_text}; {recipe_note(flag)}', **kwargs)
+    add('batch_size', 'images per device per step; effective batch = batch_size * accum_iter * devices', type=int)
+    add('epochs', 'epochs to train', type=int)
     parser.add_argument('--accum_iter', default=1, type=int,
                         help='accumulate gradients over this many micro-batches per optimizer step')
-    parser.add_argument('--weight_decay', type=float, default=recipe['weight_decay'],
-                        help=help_text('weight_decay', 'weight decay'))
+    add('weight_decay', 'weight decay', type=float)
     parser.add_argument('--lr', type=float, default=None, help='absolute learning rate (default: blr * batch / 256)')
-    parser.add_argument('--blr', type=float, default=recipe['blr'],
-                        help=help_text('blr', 'base learning rate: lr = blr * effective batch size / 256'))
-    parser.add_argument('--min_lr', type=float, default=recipe['min_lr'],
-                        help=help_text('min_lr', 'lower bound of the cosine schedule'))
-    parser.add_argument('--warmup_epochs', type=int, default=recipe['warmup_epochs'],
-                        help=help_text('warmup_epochs', 'epochs of linear warm-up'))
-    parser.add_argument('--clip_grad', type=float, default=None,
-                        help='clip the gradient norm to this value (off in the published MAE recipes)')
+    add('blr', 'base learning rate: lr = blr * effective batch size / 256', type=float)
+    add('min_lr', 'absolute lower bound of the cosine schedule (else min_blr * batch / 256)', type=float)
+    add('min_blr', 'lower bound of the cosine schedule per 256 images', type=float)
+    add('warmup_epochs', 'epochs of linear warm-up', type=int)
+    add('warmup_lr', 'absolute lr the warm-up starts from (else warmup_blr * batch / 256)', type=float)
+    add('warmup_blr', 'lr the warm-up starts from, per 256 images', type=float)
+    add('lr_schedule', 'after the warm-up: cosine (from the end of the warm-up), cosine_whole_run (SimMIM: '
+                       'over all epochs, the warm-up replacing its start) or step (x lr_gamma at each of '
+                       'lr_milestones)', choices=SCHEDULES)
+    add('lr_milestones', 'epochs at which the step schedule multiplies the lr by lr_gamma', type=int, nargs='+')
+    add('lr_gamma', 'factor of the step schedule', type=float)
+    add('opt_betas', 'AdamW betas', type=float, nargs=2, metavar=('BETA1', 'BETA2'))
+    add('clip_grad', 'clip the gradient norm to this value (0: off)', type=float)
+
+
+# What a recipe that does not say otherwise means: MAE's schedule and no clipping.
+SCHEDULE_DEFAULTS = dict(lr_schedule='cosine', lr_milestones=None, lr_gamma=0.1, warmup_blr=0.0, clip_grad=None)
+
+
+def apply_recipe(args, recipe):
+    """Set every flag the command line left at None to the recipe's value (or to
+    SCHEDULE_DEFAULTS). The absolute and per-256 forms of a bound (min_lr/min_blr,
+    warmup_lr/warmup_blr) go together: a command line that gives either keeps the recipe's out
+    of both."""
+    recipe = {**SCHEDULE_DEFAULTS, **recipe}
+    given = {k for k, v in vars(args).items() if v is not None}
+    for absolute, per_256 in (('min_lr', 'min_blr'), ('warmup_lr', 'warmup_blr')):
+        if given & {absolute, per_256}:
+            given |= {absolute, per_256}
+    for key, value in recipe.items():
+        if key in vars(args) and key not in given:
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    if args.clip_grad == 0:
+        args.clip_grad = None
 
 
 def add_run_args(parser):
@@ -110,11 +132,18 @@ def fingerprint(tensors):
 
 
 def set_learning_rate(args, world):
-    """lr = blr * effective batch / 256 unless --lr is given."""
+    """lr = blr * effective batch / 256 unless --lr is given; the lower bound and the start of the
+    warm-up scale the same way when the recipe gives them per 256 images."""
     eff_batch_size = args.batch_size * args.accum_iter * world.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
-    print(f'effective batch size {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e})')
+    for absolute, per_256 in (('min_lr', 'min_blr'), ('warmup_lr', 'warmup_blr')):
+        if getattr(args, absolute) is None:
+            setattr(args, absolute, (getattr(args, per_256) or 0.0) * eff_batch_size / 256)
+    after = f'x {args.lr_gamma} at epochs {args.lr_milestones}' if args.lr_schedule == 'step' \
+        else f'{args.lr_schedule} down to {args.min_lr:.3e}'
+    print(f'effective batch size {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e}); {args.warmup_epochs} '
+          f'warm-up epochs from {args.warmup_lr:.3e}, then {after}')
 
 
 def resume_training(args, model, optimizer, scaler, ema=None):

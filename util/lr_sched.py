@@ -1,18 +1,33 @@
-"""Learning rate: linear warm-up, then a half-cosine down to min_lr, set every step."""
+"""Learning rate, set every step: a linear warm-up from warmup_lr to lr, then one of
+
+    cosine            a half-cosine from lr down to min_lr over the epochs after the warm-up (MAE)
+    cosine_whole_run  a half-cosine over all the epochs, the warm-up replacing its start: what
+                      SimMIM's official code does (timm's CosineLRScheduler without warmup_prefix),
+                      so the lr just after the warm-up is already a little below lr
+    step              lr times gamma at each milestone epoch passed (SimMIM's 800-epoch recipe)
+"""
+import bisect
 import math
 
+SCHEDULES = ('cosine', 'cosine_whole_run', 'step')
 
-def lr_at(epoch, lr, min_lr, warmup_epochs, epochs):
+
+def lr_at(epoch, lr, min_lr, warmup_epochs, epochs, warmup_lr=0.0, schedule='cosine', milestones=(), gamma=0.1):
     """The learning rate at a fractional epoch (epoch 2.5 = half-way through the third)."""
     if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+        return warmup_lr + (lr - warmup_lr) * epoch / warmup_epochs
+    if schedule == 'step':
+        return lr * gamma ** bisect.bisect_right(sorted(milestones), epoch)
+    start = 0 if schedule == 'cosine_whole_run' else warmup_epochs
+    progress = (epoch - start) / max(epochs - start, 1e-12)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def adjust_learning_rate(optimizer, epoch, args):
     """Set every parameter group's lr for this step (times its 'lr_scale' under layer decay)."""
-    lr = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+    lr = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs,
+               warmup_lr=getattr(args, 'warmup_lr', 0.0), schedule=getattr(args, 'lr_schedule', 'cosine'),
+               milestones=getattr(args, 'lr_milestones', None) or (), gamma=getattr(args, 'lr_gamma', 0.1))
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
     return lr

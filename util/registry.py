@@ -1,31 +1,79 @@
 """The one place that knows the model files and finds a model by name.
 
-Pre-training models: each model file decorates its factories with `register_pretrain_model`;
-`create_pretrain_model` imports the model files (so the decorators run) and builds a model by
-its official name or an alias. Classifiers are timm models: the model files register theirs
+Pre-training models: each model file decorates its factories with `register_pretrain_model`,
+which also records the published recipes of the model (the defaults of the entry points and of
+the ModelZoo scripts); `create_pretrain_model` imports the model files (so the decorators run)
+and builds a model by its official name or an alias. Classifiers are timm models: the model files register theirs
 with timm, and `create_classifier` builds any timm model by name. An unknown name is a
 `UsageError` that lists the closest known names.
 """
+import argparse
 import difflib
 import importlib
 
 from util.errors import UsageError, first_line
 
 # The flat model files at the top of the repository; a new method adds its file here.
-MODEL_FILES = ('models_mae', 'models_vit')
+MODEL_FILES = ('models_mae', 'models_vit', 'models_simmim')
 
 _PRETRAIN_MODELS = {}
+_RECIPES = {}
+_CHECKPOINT_IDENTIFIERS = []
 
 
-def register_pretrain_model(*aliases):
-    """Register a factory under its own name and under each alias."""
+def register_pretrain_model(*aliases, recipes=()):
+    """Register a factory under its own name and under each alias, with its published recipes:
+    dicts of flag defaults, the first one the default, each with its 'epochs' (a model published
+    with a 100- and an 800-epoch schedule has two); a recipe's 'finetune' entry holds the
+    defaults of fine-tuning from the model's checkpoints."""
     def register(factory):
         for name in (factory.__name__, *aliases):
             if name in _PRETRAIN_MODELS and _PRETRAIN_MODELS[name] is not factory:
                 raise ValueError(f'model name {name!r} is registered twice')
             _PRETRAIN_MODELS[name] = factory
+            _RECIPES[name] = tuple(recipes)
         return factory
     return register
+
+
+def pretrain_recipe(name, epochs=None):
+    """The published recipe of a pre-training model: the one of `epochs` epochs when there is
+    one, else the default one (a copy; {} for a model without a recipe or an unknown name)."""
+    names = pretrain_model_names()
+    if name not in _RECIPES:
+        raise _unknown('pre-training model', name, names)
+    recipes = _RECIPES[name]
+    chosen = next((r for r in recipes if r.get('epochs') == epochs), recipes[0] if recipes else {})
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in chosen.items()}
+
+
+def register_checkpoint_identifier(identify):
+    """Decorator: identify(checkpoint) -> (pre-training model name, epochs) or None, for the
+    checkpoints of official code that do not record this project's `args`."""
+    _CHECKPOINT_IDENTIFIERS.append(identify)
+    return identify
+
+
+def pretraining_of(ckpt):
+    """(model name, epochs) of the pre-training that wrote a loaded checkpoint: its `args` (this
+    project's, the official MAE's), else what a model file recognises; (None, None) if unknown."""
+    pretrain_model_names()
+    args = ckpt.get('args') if isinstance(ckpt, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if isinstance(args, dict) and args.get('model') in _RECIPES:
+        return args['model'], args.get('epochs')
+    for identify in _CHECKPOINT_IDENTIFIERS:
+        found = identify(ckpt)
+        if found:
+            return found
+    return None, None
+
+
+def finetune_recipe_of(ckpt):
+    """The published fine-tuning recipe that goes with the pre-training of a loaded checkpoint.
+    returns: (pre-training model name or None, recipe dict, {} when none is published)"""
+    name, epochs = pretraining_of(ckpt)
+    return name, (pretrain_recipe(name, epochs).get('finetune', {}) if name else {})
 
 
 def pretrain_model_names():
@@ -38,6 +86,21 @@ def _unknown(kind, name, names):
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
     hint = f'closest: {", ".join(close)}' if close else f'known: {", ".join(names[:20])}, ...'
     return UsageError(f'unknown {kind} {name!r} ({hint})')
+
+
+def classifier_kwargs(pretrained, kwargs):
+    """The keywords a timm factory of this project passes to its model: timm's download options
+    removed, none of which applies here (weights come from --finetune)."""
+    if pretrained:
+        raise UsageError('no weights are downloaded: pass a checkpoint with --finetune instead')
+    return {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')}
+
+
+def native_input_size(name):
+    """The image size a timm classifier is built for (its pretrained cfg; 224 when it has none)."""
+    import timm
+    cfg = timm.get_pretrained_cfg(name) if timm.is_model(name) else None
+    return cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
 
 
 def create_classifier(name, img_size=None, **kwargs):

@@ -1,0 +1,391 @@
+"""SimMIM: masked image modeling with a one-layer decoder (Xie et al., "SimMIM: A Simple Framework
+for Masked Image Modeling", CVPR 2022).
+
+The encoder is timm's: `SwinTransformer` (Swin-B, 192 px, window 6) or `Beit` (a BEiT-style
+ViT-B: layer scale, one relative position bias shared by all blocks, no absolute position
+embedding). A learned mask token replaces the embedding of every masked patch before any
+position information is added; every token is encoded; a 1x1 convolution and a PixelShuffle
+turn the final feature map back into pixels, and the loss is the mean L1 error over the masked
+pixels of the normalised image. For the same weights, images and mask, the loss and the
+reconstruction are those of the official code (microsoft/SimMIM); `checkpoint_filter_fn` loads
+its checkpoints, whose Swin layout and relative-position buffers differ from timm's.
+
+The published recipes (100 and 800 epochs) sit in tables beside the factories; the BEiT-style
+classifiers that SimMIM fine-tunes are registered with timm at the bottom.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models import beit as timm_beit
+from timm.models import generate_default_cfgs, register_model
+from timm.models import swin_transformer as timm_swin
+
+from util.checkpoint import register_pretrained_filter
+from util.errors import UsageError
+from util.masking import MaskPatches
+from util.optim import register_layer_ids
+from util.registry import classifier_kwargs, register_checkpoint_identifier, register_pretrain_model
+
+
+class SwinEncoder(timm_swin.SwinTransformer):
+    """timm's Swin Transformer with SimMIM's mask token and no classifier."""
+
+    def __init__(self, **kwargs):
+        super().__init__(num_classes=0, **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=.02)
+
+    @property
+    def stride(self):
+        """Pixels per token of the final feature map: the patch size, halved resolution per stage."""
+        return self.patch_embed.patch_size[0] * 2 ** (len(self.layers) - 1)
+
+    def no_weight_decay(self):
+        """The relative position tables (timm's list) and the mask token, as the official code."""
+        return super().no_weight_decay() | {'mask_token'}
+
+    def forward_masked(self, x, mask):
+        """
+        x: (N, C, H, W) images
+        mask: (N, H/p, W/p), 1 = masked
+        returns: (N, D, H/s, W/s) features, s = self.stride
+        """
+        x = self.patch_embed(x)  # (N, H/p, W/p, D): timm's Swin works channels-last
+        w = mask.unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token * w
+        x = self.layers(x)
+        x = self.norm(x)
+        return x.permute(0, 3, 1, 2)
+
+
+class BeitEncoder(timm_beit.Beit):
+    """timm's BEiT as SimMIM pre-trains a ViT: layer scale, one relative position bias shared by
+    every block, no absolute position embedding, the final `norm` (no `fc_norm`), a cls token
+    that is encoded and then dropped, and no classifier."""
+
+    def __init__(self, **kwargs):
+        super().__init__(num_classes=0, global_pool='', use_abs_pos_emb=False, use_rel_pos_bias=False,
+                         use_shared_rel_pos_bias=True, use_fc_norm=False, **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        self.init_like_simmim()
+
+    @torch.no_grad()
+    def init_like_simmim(self):
+        """The official initialisation, which differs from timm's: linear and convolution weights,
+        the cls and mask tokens are drawn from a normal of std 0.02 truncated at one standard
+        deviation (timm cuts at 100), the relative position table starts at zero, and the output
+        projections of block i are divided by sqrt(2 i) (BEiT's rescaling, as timm does)."""
+        def truncated(tensor):
+            trunc_normal_(tensor, std=.02, a=-.02, b=.02)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                truncated(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        truncated(self.cls_token)
+        truncated(self.mask_token)
+        nn.init.zeros_(self.rel_pos_bias.relative_position_bias_table)
+        self.fix_init_weight()
+
+    @property
+    def stride(self):
+        return self.patch_embed.patch_size[0]
+
+    def no_weight_decay(self):
+        """The cls token only, as the official ViT: its mask token and relative position table are
+        decayed (the official Swin exempts both)."""
+        return {'cls_token'}
+
+    def forward_masked(self, x, mask):
+        """
+        x: (N, C, H, W) images
+        mask: (N, H/p, W/p), 1 = masked
+        returns: (N, D, H/p, W/p) features of the patch tokens (the cls token is dropped)
+        """
+        x = self.patch_embed(x)  # (N, L, D)
+        w = mask.flatten(1).unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token * w
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x)
+        rel_pos_bias = self.rel_pos_bias()
+        for blk in self.blocks:
+            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        x = self.norm(x)[:, 1:]
+        h, w = self.patch_embed.grid_size
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+
+class SimMIM(nn.Module):
+    """An encoder that sees masked images, a linear decoder, an L1 loss on the masked pixels."""
+
+    def __init__(self, encoder, mask_ratio=0.6, mask_patch_size=32):
+        super().__init__()
+        self.encoder = encoder
+        stride, in_chans = encoder.stride, encoder.in_chans
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, stride ** 2 * in_chans, kernel_size=1),
+            nn.PixelShuffle(stride))
+        # the masking drawn when forward() is given no mask (the data pipeline draws its own)
+        self.mask_ratio, self.mask_patch_size = mask_ratio, mask_patch_size
+
+    @property
+    def patch_size(self):
+        return self.encoder.patch_embed.patch_size[0]
+
+    @property
+    def img_size(self):
+        return self.encoder.patch_embed.img_size[0]
+
+    def no_weight_decay(self):
+        return {f'encoder.{name}' for name in self.encoder.no_weight_decay()}
+
+    def mask_generator(self, args):
+        """What the data pipeline draws per sample: SimMIM's mask units (--mask_ratio,
+        --mask_patch_size) at this encoder's patch grid."""
+        return MaskPatches(self.img_size, args.mask_patch_size, self.patch_size, args.mask_ratio)
+
+    def draw_masks(self, n, device):
+        """n masks from the global random generator: (n, H/p, W/p)."""
+        generator = MaskPatches(self.img_size, self.mask_patch_size, self.patch_size, self.mask_ratio)
+        return torch.stack([generator()['mask'] for _ in range(n)]).to(device)
+
+    def forward_loss(self, imgs, pred, mask):
+        """
+        imgs, pred: (N, C, H, W)
+        mask: (N, H/p, W/p), 1 = masked
+        returns: sum |imgs - pred| over the masked pixels / (masked pixels + 1e-5) / C
+        """
+        p = self.patch_size
+        pixel_mask = mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).to(imgs.dtype)
+        error = F.l1_loss(pred.float(), imgs.float(), reduction='none')
+        return (error * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / imgs.shape[1]
+
+    def forward(self, imgs, mask=None):
+        """
+        imgs: (N, C, H, W), normalised
+        mask: (N, H/p, W/p) with 1 = masked, or None to draw one per image (--mask_ratio and
+              --mask_patch_size of the model's recipe)
+        returns: loss, pred (N, C, H, W) the reconstructed image, mask (N, H/p, W/p)
+        """
+        grid = tuple(s // self.patch_size for s in imgs.shape[-2:])
+        if mask is None:
+            mask = self.draw_masks(imgs.shape[0], imgs.device)
+        elif tuple(mask.shape) != (imgs.shape[0], *grid):
+            raise ValueError(f'the mask must have one entry per patch, {(imgs.shape[0], *grid)} for these images, '
+                             f'got {tuple(mask.shape)}')
+        pred = self.decoder(self.encoder.forward_masked(imgs, mask))
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """A SimMIM pre-training checkpoint (the official layout, or this project's) as a state dict
+    that `model.load_state_dict(..., strict=True)` accepts.
+
+    The official checkpoints hold {'model': {'encoder.*', 'decoder.*'}}; their Swin puts each
+    patch merging at the end of a stage (timm at the start of the next) and both encoders store
+    buffers (relative_position_index, attn_mask) that timm rebuilds. timm's own Swin and BEiT
+    filters convert the layout, drop the buffers, and resize the relative position tables when
+    the window (or the image) differs.
+    """
+    state_dict = state_dict.get('model', state_dict)
+    encoder_state = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
+    if not encoder_state:
+        raise UsageError(f'not a SimMIM checkpoint: no "encoder." keys (first keys: {list(state_dict)[:3]})')
+    timm_filter = timm_swin.checkpoint_filter_fn if isinstance(model.encoder, timm_swin.SwinTransformer) \
+        else timm_beit.checkpoint_filter_fn
+    encoder_state = timm_filter(encoder_state, model.encoder)
+    return {**{f'encoder.{k}': v for k, v in encoder_state.items()},
+            **{k: v for k, v in state_dict.items() if k.startswith('decoder.')}}
+
+
+# --- fine-tuning: loading into timm's classifiers, layer ids for layer-wise lr decay ---------
+
+@register_pretrained_filter(timm_swin.SwinTransformer)
+def swin_from_pretrained(state_dict, model):
+    """A Swin encoder (SimMIM's official layout or timm's) for a Swin classifier: timm's filter
+    converts the layout and resizes the relative position tables to the classifier's windows
+    (224 px window 7 after pre-training at 192 px window 6)."""
+    return timm_swin.checkpoint_filter_fn(state_dict, model)
+
+
+@register_pretrained_filter(timm_beit.Beit)
+def beit_from_pretrained(state_dict, model):
+    """A BEiT-style encoder for a BEiT classifier: a shared relative position table becomes each
+    block's own when the classifier has one per block (as SimMIM and BEiT fine-tune), then timm's
+    filter resizes the tables to the classifier's grid."""
+    state_dict = dict(state_dict)
+    shared = 'rel_pos_bias.relative_position_bias_table'
+    if shared in state_dict and model.rel_pos_bias is None:
+        table = state_dict.pop(shared)
+        state_dict.pop('rel_pos_bias.relative_position_index', None)
+        for i, block in enumerate(model.blocks):
+            if block.attn.relative_position_bias_table is not None:
+                state_dict[f'blocks.{i}.attn.relative_position_bias_table'] = table.clone()
+    return timm_beit.checkpoint_filter_fn(state_dict, model)
+
+
+@register_layer_ids(timm_swin.SwinTransformer)
+def swin_layer_ids(model):
+    """SimMIM's layer ids of a Swin classifier: the patch embedding 0, block b of stage s
+    sum(depths[:s]) + b + 1, a patch merging the id of the last block before it (timm's own
+    grouping gives it the next block's), the final norm and the head one id after the last block.
+    returns: name -> id"""
+    depths = [len(stage.blocks) for stage in model.layers]
+    head = sum(depths) + 1
+
+    def layer_id(name):
+        parts = name.split('.')
+        if parts[0] == 'patch_embed':
+            return 0
+        if parts[0] != 'layers':
+            return head
+        stage = int(parts[1])
+        if parts[2] == 'downsample':  # timm: merging at the start of stage s = after the blocks of s - 1
+            return sum(depths[:stage])
+        return sum(depths[:stage]) + int(parts[3]) + 1
+    return layer_id
+
+
+@register_checkpoint_identifier
+def official_pretraining(ckpt):
+    """(model name, epochs) of an official SimMIM pre-training checkpoint: its yacs configuration
+    when it has one (read as data), else its keys (the epochs are then unknown: the default,
+    100-epoch recipe applies to Swin-B). None for any other checkpoint."""
+    state = ckpt.get('model') if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or 'encoder.mask_token' not in state or 'decoder.0.weight' not in state:
+        return None
+    config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
+    epochs = config.get('TRAIN', {}).get('EPOCHS')
+    if any(k.startswith('encoder.blocks.') for k in state):
+        return 'simmim_vit_base_patch16_224', epochs
+    width = state['encoder.patch_embed.proj.weight'].shape[0]
+    return ('simmim_swin_large_patch4_window12_192' if width == 192 else 'simmim_swin_base_patch4_window6_192'), epochs
+
+
+# --- recipes ---------------------------------------------------------------------------------
+# The official configurations give the learning rates per 512 images; --blr here counts per 256,
+# so every rate below is the published one / 2 (2e-4 per 512 is blr 1e-4).
+
+PER_512 = 0.5  # converts a published rate per 512 images to this project's per 256
+
+FINETUNE = dict(epochs=100, warmup_epochs=20, blr=1.25e-3 * PER_512, warmup_blr=2.5e-7 * PER_512,
+                min_blr=2.5e-7 * PER_512, lr_schedule='cosine_whole_run', weight_decay=0.05, drop_path=0.1,
+                clip_grad=5.0, aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25,
+                batch_size=128, effective_batch=2048, global_pool=True)
+PRETRAIN = dict(batch_size=128, effective_batch=2048, weight_decay=0.05, opt_betas=(0.9, 0.999), clip_grad=5.0,
+                crop_min=0.67, interpolation='bilinear', mask_ratio=0.6, mask_patch_size=32, warmup_epochs=10)
+# Swin-B, 100 epochs: 83.5 top-1 after fine-tuning (layer decay 0.9)
+SCHEDULE_100 = dict(epochs=100, blr=2e-4 * PER_512, warmup_blr=1e-6 * PER_512, min_blr=1e-5 * PER_512,
+                    lr_schedule='cosine_whole_run')
+# 800 epochs: constant after the warm-up, x0.1 at epoch 700; Swin-B 84.0 (layer decay 0.8), ViT-B 83.8 (0.65)
+SCHEDULE_800 = dict(epochs=800, blr=1e-4 * PER_512, warmup_blr=5e-7 * PER_512, lr_schedule='step',
+                    lr_milestones=(700,), lr_gamma=0.1)
+
+
+def _recipe(schedule, input_size, **finetune):
+    return dict(PRETRAIN, **schedule, input_size=input_size, finetune=dict(FINETUNE, **finetune))
+
+
+SWIN_BASE_RECIPES = [
+    _recipe(SCHEDULE_100, 192, model='swin_base_patch4_window7_224', layer_decay=0.9, head_init_std=0.02),
+    _recipe(SCHEDULE_800, 192, model='swin_base_patch4_window7_224', layer_decay=0.8, head_init_std=0.02)]
+SWIN_LARGE_RECIPES = [
+    _recipe(SCHEDULE_800, 192, model='swin_large_patch4_window14_224', layer_decay=0.7, drop_path=0.2,
+            head_init_std=0.02)]
+VIT_BASE_RECIPES = [_recipe(SCHEDULE_800, 224, model='beit_base_patch16_224', layer_decay=0.65, head_init_std=2e-5)]
+
+
+# --- factories -------------------------------------------------------------------------------
+
+def _simmim_swin(overrides, **arch):
+    """SimMIM around timm's Swin; keywords (timm's names) override the architecture."""
+    kwargs = {**dict(patch_size=4, drop_path_rate=0.0), **arch, **overrides}
+    mask = {k: kwargs.pop(k) for k in ('mask_ratio', 'mask_patch_size') if k in kwargs}
+    return SimMIM(SwinEncoder(**kwargs), **mask)
+
+
+def _simmim_vit(overrides, **arch):
+    """SimMIM around timm's BEiT; keywords (timm's names) override the architecture."""
+    kwargs = {**dict(patch_size=16, mlp_ratio=4, qkv_bias=True, init_values=0.1, drop_path_rate=0.1), **arch,
+              **overrides}
+    mask = {k: kwargs.pop(k) for k in ('mask_ratio', 'mask_patch_size') if k in kwargs}
+    return SimMIM(BeitEncoder(**kwargs), **mask)
+
+
+@register_pretrain_model('simmim_swin_base', recipes=SWIN_BASE_RECIPES)
+def simmim_swin_base_patch4_window6_192(**kwargs):
+    """Swin-B (128 wide, depths 2-2-18-2, heads 4-8-16-32) at 192 px, window 6, drop path 0."""
+    return _simmim_swin(kwargs, img_size=192, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                        window_size=6)
+
+
+@register_pretrain_model('simmim_swin_large', recipes=SWIN_LARGE_RECIPES)
+def simmim_swin_large_patch4_window12_192(**kwargs):
+    """Swin-L (192 wide, depths 2-2-18-2, heads 6-12-24-48) at 192 px, window 12, drop path 0."""
+    return _simmim_swin(kwargs, img_size=192, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
+                        window_size=12)
+
+
+@register_pretrain_model('simmim_vit_base', recipes=VIT_BASE_RECIPES)
+def simmim_vit_base_patch16_224(**kwargs):
+    """BEiT-style ViT-B/16 (768 x 12, 12 heads) at 224 px, layer scale 0.1, drop path 0.1."""
+    return _simmim_vit(kwargs, img_size=224, embed_dim=768, depth=12, num_heads=12)
+
+
+# The demo and the tests: 64 px images, mask units of 16 px (16 units, 10 of them masked).
+DEMO_RECIPE = dict(input_size=64, mask_patch_size=16, batch_size=64, effective_batch=64)
+
+
+@register_pretrain_model('simmim_swin_tiny', recipes=[
+        dict(SWIN_BASE_RECIPES[0], **DEMO_RECIPE,
+             finetune=dict(SWIN_BASE_RECIPES[0]['finetune'], model='swin_tiny_patch4_window4_64'))])
+def simmim_swin_tiny_patch4_window4_64(**kwargs):
+    """Swin-T (96 wide, depths 2-2-6-2, heads 3-6-12-24) at 64 px, window 4: the demo and the tests."""
+    return _simmim_swin(kwargs, img_size=64, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                        window_size=4, mask_patch_size=16)
+
+
+@register_pretrain_model('simmim_vit_tiny', recipes=[
+        dict(VIT_BASE_RECIPES[0], **DEMO_RECIPE,
+             finetune=dict(VIT_BASE_RECIPES[0]['finetune'], model='beit_tiny_patch8_64'))])
+def simmim_vit_tiny_patch8_64(**kwargs):
+    """BEiT-style ViT-Ti on 8x8 patches (192 x 12, 3 heads) at 64 px: the demo and the tests."""
+    return _simmim_vit(kwargs, img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, mask_patch_size=16)
+
+
+# --- classifiers for fine-tuning (timm) ------------------------------------------------------
+# SimMIM fine-tunes Swin as timm's swin_*_patch4_window7_224 (or the ones below) and its ViT as a
+# BEiT classifier: a relative position table per block (each a copy of the shared one when
+# loading), layer scale, mean pooling and fc_norm: timm's beit_base_patch16_224.
+
+default_cfgs = generate_default_cfgs({
+    'swin_base_patch4_window6_192': dict(input_size=(3, 192, 192), num_classes=1000),
+    'swin_tiny_patch4_window4_64': dict(input_size=(3, 64, 64), num_classes=1000),
+    'beit_tiny_patch8_64': dict(input_size=(3, 64, 64), num_classes=1000),
+})
+
+
+@register_model
+def swin_base_patch4_window6_192(pretrained=False, **kwargs):
+    """Swin-B at 192 px, window 6: SimMIM's pre-training geometry, fine-tuned as such by the Ascend port."""
+    return timm_swin.SwinTransformer(**{**dict(img_size=192, patch_size=4, window_size=6, embed_dim=128,
+                                                depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+                                        **classifier_kwargs(pretrained, kwargs)})
+
+
+@register_model
+def swin_tiny_patch4_window4_64(pretrained=False, **kwargs):
+    """Swin-T at 64 px, window 4: the classifier of simmim_swin_tiny."""
+    return timm_swin.SwinTransformer(**{**dict(img_size=64, patch_size=4, window_size=4, embed_dim=96,
+                                                depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+                                        **classifier_kwargs(pretrained, kwargs)})
+
+
+@register_model
+def beit_tiny_patch8_64(pretrained=False, **kwargs):
+    """BEiT-style ViT-Ti on 8x8 patches at 64 px: the classifier of simmim_vit_tiny."""
+    return timm_beit.Beit(**{**dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                                    use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1),
+                             **classifier_kwargs(pretrained, kwargs)})
