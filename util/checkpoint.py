@@ -178,6 +178,8 @@ def load_pretrained(model, path, head_init_std=2e-5):
     dropped += pretrain_only
     own = model.state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    from util.registry import import_model_files  # the model files register their filters
+    import_model_files()
     filter_fn = next((fn for cls, fn in _PRETRAINED_FILTERS.items() if isinstance(model, cls)), None)
     if filter_fn is not None:
         state = filter_fn(state, model)

@@ -43,6 +43,8 @@ def param_groups(model, weight_decay, layer_decay=None):
     no_decay = no_weight_decay_names(model)
     if layer_decay is None:
         return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+    from util.registry import import_model_files  # the model files register their rules
+    import_model_files()
     rule = next((rule for cls, rule in _LAYER_ID_RULES.items() if isinstance(model, cls)), None)
     grouped = _WithLayerIds(model, rule(model)) if rule else model
     return param_groups_layer_decay(grouped, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)

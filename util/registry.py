@@ -76,9 +76,15 @@ def finetune_recipe_of(ckpt):
     return name, (pretrain_recipe(name, epochs).get('finetune', {}) if name else {})
 
 
-def pretrain_model_names():
+def import_model_files():
+    """Import the model files, so that what they register (models, recipes, layer ids, loading
+    filters) is known."""
     for module in MODEL_FILES:
         importlib.import_module(module)
+
+
+def pretrain_model_names():
+    import_model_files()
     return sorted(_PRETRAIN_MODELS)
 
 
@@ -111,8 +117,7 @@ def create_classifier(name, img_size=None, **kwargs):
     table); a model that takes no img_size (a convolutional network) is built without it.
     """
     import timm
-    for module in MODEL_FILES:
-        importlib.import_module(module)
+    import_model_files()
     if not timm.is_model(name):
         raise _unknown('model', name, timm.list_models())
     sized = {**kwargs, 'img_size': img_size} if img_size is not None else kwargs
