@@ -34,8 +34,8 @@ from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build
                            eval_transform, finetune_transform, pretrain_transform)
 from util.engine import evaluate, train
 from util.errors import UsageError, run_cli
-from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, print_outputs,
-                         resume_training, set_learning_rate, start_run)
+from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, merge_recipes,
+                         print_outputs, resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
 from util.optim import build_adamw, build_lars, param_groups
 from util.registry import create_classifier, finetune_recipe_of, native_input_size
@@ -139,7 +139,7 @@ def fill_recipe(args):
         source, published = finetune_recipe_of(checkpoint.load(args.finetune))
         if published:
             print(f'fine-tuning recipe: the one published for {source} checkpoints')
-        recipe.update(published)
+        recipe = merge_recipes(recipe, published)
     if mode == 'finetune' and not published:
         recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
     apply_recipe(args, recipe)

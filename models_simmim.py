@@ -14,6 +14,8 @@ The published recipes (100 and 800 epochs) sit in tables beside the factories; t
 classifiers that SimMIM fine-tunes are registered with timm at the bottom.
 """
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -207,7 +209,9 @@ def swin_from_pretrained(state_dict, model):
     """A Swin encoder (SimMIM's official layout or timm's) for a Swin classifier: timm's filter
     converts the layout and resizes the relative position tables to the classifier's windows
     (224 px window 7 after pre-training at 192 px window 6)."""
-    return timm_swin.checkpoint_filter_fn(state_dict, model)
+    with warnings.catch_warnings():  # timm's table interpolation warns about torch internals
+        warnings.simplefilter('ignore', UserWarning)
+        return timm_swin.checkpoint_filter_fn(state_dict, model)
 
 
 @register_pretrained_filter(timm_beit.Beit)
@@ -223,7 +227,9 @@ def beit_from_pretrained(state_dict, model):
         for i, block in enumerate(model.blocks):
             if block.attn.relative_position_bias_table is not None:
                 state_dict[f'blocks.{i}.attn.relative_position_bias_table'] = table.clone()
-    return timm_beit.checkpoint_filter_fn(state_dict, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)
+        return timm_beit.checkpoint_filter_fn(state_dict, model)
 
 
 @register_layer_ids(timm_swin.SwinTransformer)

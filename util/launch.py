@@ -42,6 +42,21 @@ def add_schedule_args(parser, recipe_note):
     add('clip_grad', 'clip the gradient norm to this value (0: off)', type=float)
 
 
+BOUND_FORMS = (('min_lr', 'min_blr'), ('warmup_lr', 'warmup_blr'))  # absolute, per 256 images
+
+
+def merge_recipes(base, override):
+    """`base` updated by `override`, where a bound that `override` gives in one form (absolute or
+    per 256 images) replaces both forms of it in `base`."""
+    merged = dict(base)
+    for forms in BOUND_FORMS:
+        if any(f in override for f in forms):
+            for f in forms:
+                merged.pop(f, None)
+    merged.update(override)
+    return merged
+
+
 # What a recipe that does not say otherwise means: MAE's schedule and no clipping.
 SCHEDULE_DEFAULTS = dict(lr_schedule='cosine', lr_milestones=None, lr_gamma=0.1, warmup_blr=0.0, clip_grad=None)
 
@@ -51,9 +66,9 @@ def apply_recipe(args, recipe):
     SCHEDULE_DEFAULTS). The absolute and per-256 forms of a bound (min_lr/min_blr,
     warmup_lr/warmup_blr) go together: a command line that gives either keeps the recipe's out
     of both."""
-    recipe = {**SCHEDULE_DEFAULTS, **recipe}
+    recipe = merge_recipes(SCHEDULE_DEFAULTS, recipe)
     given = {k for k, v in vars(args).items() if v is not None}
-    for absolute, per_256 in (('min_lr', 'min_blr'), ('warmup_lr', 'warmup_blr')):
+    for absolute, per_256 in BOUND_FORMS:
         if given & {absolute, per_256}:
             given |= {absolute, per_256}
     for key, value in recipe.items():
@@ -137,7 +152,7 @@ def set_learning_rate(args, world):
     eff_batch_size = args.batch_size * args.accum_iter * world.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
-    for absolute, per_256 in (('min_lr', 'min_blr'), ('warmup_lr', 'warmup_blr')):
+    for absolute, per_256 in BOUND_FORMS:
         if getattr(args, absolute) is None:
             setattr(args, absolute, (getattr(args, per_256) or 0.0) * eff_batch_size / 256)
     after = f'x {args.lr_gamma} at epochs {args.lr_milestones}' if args.lr_schedule == 'step' \
