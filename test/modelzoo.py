@@ -39,9 +39,9 @@ from util.device import VISIBLE_DEVICES  # noqa: E402 - the repository's util/, 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
 ENTRY_POINTS = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py'}
 DEFAULT_MODELS = {'pretrain': 'mae_vit_base', 'finetune': 'vit_base_patch16'}
-# Per-device batch and effective batch of the published recipes: MAE pre-training 64 x 4096,
-# MAE fine-tuning 32 x 1024 (ViT-B/L/H alike).
-RECIPE_BATCHES = {'pretrain': (64, 4096), 'finetune': (32, 1024)}
+# MAE fine-tuning's per-device and effective batch (ViT-B/L/H alike); the pre-training recipes,
+# and the fine-tuning recipes published with a pre-training (SimMIM's), say their own.
+MAE_FINETUNE_BATCHES = (32, 1024)
 PERFORMANCE_STEPS = 200  # enough for a steady state; the first --log_freq steps are not counted
 PERFORMANCE_LOG_FREQ = 10  # at most; shorter runs log 4 times or more, so that 3 intervals are timed
 # Keys the case reads; any other --key=value goes to the entry point as it is.
@@ -82,9 +82,23 @@ def device_id():
     return os.environ.get('ASCEND_DEVICE_ID', os.environ.get('DEVICE_ID', '0'))
 
 
-def accumulation_for_recipe(kind, batch_size, nproc):
+def recipe_of(kind, model, finetune_pth):
+    """The published recipe the case follows: the pre-training model's, or for fine-tuning the one
+    published with the checkpoint's pre-training (empty when there is none: MAE's then applies)."""
+    from util import checkpoint, registry
+    from util.errors import UsageError
+    try:
+        if kind == 'pretrain':
+            return registry.pretrain_recipe(model)
+        if not finetune_pth or not os.path.isfile(finetune_pth):  # the entry point reports a missing file
+            return {}
+        return registry.finetune_recipe_of(checkpoint.load(finetune_pth))[1]
+    except UsageError as e:
+        raise CaseError(str(e)) from None
+
+
+def accumulation_for_recipe(kind, effective, batch_size, nproc):
     """Micro-batches per optimizer step that reach the recipe's effective batch."""
-    effective = RECIPE_BATCHES[kind][1]
     if effective % (batch_size * nproc):
         raise CaseError(f'the {kind} recipe has an effective batch of {effective}, which {batch_size} images x '
                         f'{nproc} devices does not divide: choose --batch_size= so that it does, or set '
@@ -99,10 +113,13 @@ class Case:
                             f'(got {kind} {length})')
         args, self.passed_on = parse_case_args(argv)
         self.kind, self.length = kind, length
-        self.model = args.get('model', DEFAULT_MODELS[kind])
+        recipe = recipe_of(kind, args.get('model', DEFAULT_MODELS[kind]), args.get('finetune_pth'))
+        self.model = args.get('model', recipe.get('model', DEFAULT_MODELS[kind]))
         self.device = args.get('device', 'auto')
         self.nproc = int(args.get('nproc', default_nproc))
-        self.batch_size = int(args.get('batch_size', RECIPE_BATCHES[kind][0]))
+        batch_size, effective = (recipe['batch_size'], recipe['effective_batch']) if 'effective_batch' in recipe \
+            else MAE_FINETUNE_BATCHES
+        self.batch_size = int(args.get('batch_size', batch_size))
         self.args = args
         self.network = f'{self.model}_{kind}'
         self.name = f"{self.network}_bs{self.batch_size}_{self.nproc}p_{'perf' if length == 'performance' else 'acc'}"
@@ -117,7 +134,7 @@ class Case:
         if 'accum_iter' in args:
             self.accum_iter = int(args['accum_iter'])
         elif length == 'full':
-            self.accum_iter = accumulation_for_recipe(kind, self.batch_size, self.nproc)
+            self.accum_iter = accumulation_for_recipe(kind, effective, self.batch_size, self.nproc)
         else:
             self.accum_iter = 1
 
