@@ -182,7 +182,12 @@ def load_pretrained(model, path, head_init_std=2e-5):
     import_model_files()
     filter_fn = next((fn for cls, fn in _PRETRAINED_FILTERS.items() if isinstance(model, cls)), None)
     if filter_fn is not None:
-        state = filter_fn(state, model)
+        try:
+            state = filter_fn(state, model)
+        except (AttributeError, KeyError, RuntimeError, ValueError) as e:  # weights of another architecture
+            raise UsageError(f'{path!r} does not fit this model ({first_line(e)}): checkpoint keys not in the model '
+                             f'{[k for k in state if k not in own][:3]}, model keys not in the checkpoint '
+                             f'{[k for k in own if k not in state][:3]}') from None
     if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
         state['pos_embed'] = resize_pos_embed(state['pos_embed'], model)
     resized = [f'{k} {shapes[k]} -> {tuple(v.shape)}' for k, v in state.items()

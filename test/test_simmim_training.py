@@ -1,0 +1,197 @@
+"""SimMIM as a user runs it: the published recipes as defaults, the schedules against timm's,
+weight decay as the official code sets it, masks drawn per sample in the data pipeline, a demo
+pre-training whose loss falls, fine-tuning from it at another window size, the ModelZoo cases,
+and bad input."""
+import pytest
+import torch
+
+from helpers import read_jsonl, run_finetune, run_pretrain, run_script
+from util.errors import UsageError
+
+CPU = ['--num_workers', 0, '--device', 'cpu']
+
+
+def parse_pretrain(*argv):
+    import main_pretrain
+    args = main_pretrain.get_args_parser().parse_args(['--data_path', 'demo', *map(str, argv)])
+    main_pretrain.fill_recipe(args)
+    return args
+
+
+def test_pretraining_defaults_are_the_published_recipes():
+    # microsoft/SimMIM configs: simmim_pretrain__swin_base__img192_window6__100ep.yaml (and 800ep): 192 px,
+    # BASE_LR 2e-4 / WARMUP_LR 1e-6 / MIN_LR 1e-5 per 512 images, 10 warm-up epochs, AdamW (0.9, 0.999),
+    # wd 0.05, clip 5.0, mask units of 32 px at ratio 0.6, RandomResizedCrop(0.67, 1) bilinear
+    a = parse_pretrain('--model', 'simmim_swin_base')
+    assert (a.input_size, a.epochs, a.warmup_epochs, a.lr_schedule) == (192, 100, 10, 'cosine_whole_run')
+    assert (a.blr * 2, a.warmup_blr * 2, a.min_blr * 2) == pytest.approx((2e-4, 1e-6, 1e-5))
+    assert (a.opt_betas, a.weight_decay, a.clip_grad) == ([0.9, 0.999], 0.05, 5.0)
+    assert (a.mask_ratio, a.mask_patch_size, a.crop_min, a.interpolation) == (0.6, 32, 0.67, 'bilinear')
+    assert a.norm_pix_loss is None
+    # the 800-epoch recipe: 1e-4 per 512, warm-up from 5e-7 per 512, x0.1 at epoch 700
+    a = parse_pretrain('--model', 'simmim_swin_base', '--epochs', 800)
+    assert (a.blr * 2, a.warmup_blr * 2) == pytest.approx((1e-4, 5e-7))
+    assert (a.lr_schedule, a.lr_milestones, a.lr_gamma) == ('step', [700], 0.1)
+    a = parse_pretrain('--model', 'simmim_vit_base')
+    assert (a.input_size, a.epochs, a.lr_schedule, a.lr_milestones, a.blr * 2) == (224, 800, 'step', [700], 1e-4)
+    # every flag wins; an absolute bound replaces the per-256 one
+    a = parse_pretrain('--model', 'simmim_swin_base', '--blr', 3e-4, '--clip_grad', 0, '--min_lr', 1e-6)
+    assert (a.blr, a.clip_grad, a.min_lr, a.min_blr) == (3e-4, None, 1e-6, None)
+    # MAE keeps its own
+    a = parse_pretrain('--model', 'mae_vit_base')
+    assert (a.input_size, a.blr, a.opt_betas, a.mask_ratio, a.norm_pix_loss, a.crop_min, a.clip_grad) == \
+        (224, 1.5e-4, [0.9, 0.95], 0.75, True, 0.2, None)
+
+
+def test_finetuning_recipe_comes_with_a_simmim_checkpoint(tmp_path):
+    """A SimMIM checkpoint (ours: its args; official: its keys and yacs config) brings SimMIM's
+    fine-tuning recipe: 1.25e-3 per 512, warm-up 20 from 2.5e-7 per 512, clip 5, layer decay 0.9 after
+    100 epochs of Swin-B, 0.8 after 800, 0.65 for ViT-B."""
+    import main_finetune
+    from util.checkpoint import ConfigAsData
+    cases = [({'args': {'model': 'simmim_swin_base', 'epochs': 100}}, 'swin_base_patch4_window7_224', 0.9),
+             ({'args': {'model': 'simmim_swin_base', 'epochs': 800}}, 'swin_base_patch4_window7_224', 0.8),
+             ({'model': {'encoder.mask_token': torch.zeros(1), 'decoder.0.weight': torch.zeros(1),
+                         'encoder.blocks.0.gamma_1': torch.zeros(1)}}, 'beit_base_patch16_224', 0.65),
+             ({'model': {'encoder.mask_token': torch.zeros(1), 'decoder.0.weight': torch.zeros(1),
+                         'encoder.patch_embed.proj.weight': torch.zeros(128, 3, 4, 4)}},
+              'swin_base_patch4_window7_224', 0.9)]
+    for i, (ckpt, model, layer_decay) in enumerate(cases):
+        path = tmp_path / f'{i}.pth'
+        torch.save(ckpt, path)
+        args = main_finetune.get_args_parser().parse_args(['--data_path', 'demo', '--finetune', str(path)])
+        main_finetune.fill_recipe(args)
+        assert (args.model, args.layer_decay, args.epochs, args.warmup_epochs, args.clip_grad) == \
+            (model, layer_decay, 100, 20, 5.0)
+        assert (args.blr * 2, args.warmup_blr * 2, args.min_blr * 2) == pytest.approx((1.25e-3, 2.5e-7, 2.5e-7))
+        assert args.min_lr is None and args.input_size == 224
+    # an official checkpoint with its yacs configuration (read as data, without yacs)
+    assert ConfigAsData() == {}
+
+
+def test_cosine_whole_run_is_timms_scheduler_without_warmup_prefix():
+    """SimMIM's official schedule is timm's CosineLRScheduler(t_initial=all steps, warmup_prefix=False),
+    stepped once per optimizer step: compare every step of a short run."""
+    from timm.scheduler import CosineLRScheduler
+    from util.lr_sched import lr_at
+    steps_per_epoch, epochs, warmup, lr, min_lr, warmup_lr = 7, 12, 3, 1e-3, 1e-5, 1e-6
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    timm_sched = CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch, lr_min=min_lr,
+                                   warmup_lr_init=warmup_lr, warmup_t=warmup * steps_per_epoch, cycle_limit=1,
+                                   t_in_epochs=False)
+    for t in range(epochs * steps_per_epoch):
+        expected = timm_sched._get_lr(t)[0]
+        assert lr_at(t / steps_per_epoch, lr, min_lr, warmup, epochs, warmup_lr=warmup_lr,
+                     schedule='cosine_whole_run') == pytest.approx(expected, rel=1e-9), t
+
+
+def test_step_schedule():
+    from util.lr_sched import lr_at
+    kwargs = dict(warmup_lr=5e-7, schedule='step', milestones=[700], gamma=0.1)
+    assert lr_at(0, 1e-4, 0, 10, 800, **kwargs) == 5e-7
+    assert lr_at(5, 1e-4, 0, 10, 800, **kwargs) == pytest.approx((5e-7 + 1e-4) / 2)
+    assert lr_at(699.9, 1e-4, 0, 10, 800, **kwargs) == 1e-4
+    assert lr_at(700, 1e-4, 0, 10, 800, **kwargs) == pytest.approx(1e-5)
+
+
+def test_weight_decay_as_the_official_code():
+    """Swin: no decay on 1-D parameters, biases, the mask token and the relative position tables.
+    ViT: the official code exempts only the cls token besides them (its mask token and shared table
+    are decayed)."""
+    import models_simmim
+    from util.optim import param_groups
+    for model, exempt in ((models_simmim.simmim_swin_tiny_patch4_window4_64(depths=(1, 1, 1, 1)),
+                           lambda n: n == 'encoder.mask_token' or n.endswith('relative_position_bias_table')),
+                          (models_simmim.simmim_vit_tiny_patch8_64(depth=2), lambda n: n == 'encoder.cls_token')):
+        names = {id(p): n for n, p in model.named_parameters()}
+        no_decay = {names[id(p)] for g in param_groups(model, 0.05) if g['weight_decay'] == 0 for p in g['params']}
+        expected = {n for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith('.bias') or exempt(n)}
+        assert no_decay == expected
+
+
+def test_masks_are_drawn_per_sample_from_seed_epoch_and_index():
+    import models_simmim
+    from util.datasets import SeededSamples, build_image_folder, pretrain_transform
+    model = models_simmim.simmim_vit_tiny_patch8_64(depth=1)
+    args = type('Args', (), dict(mask_ratio=0.6, mask_patch_size=16))()
+    dataset = SeededSamples(build_image_folder('demo', 'train', pretrain_transform(64)), 0,
+                            mask_generator=model.mask_generator(args))
+    image, kwargs = dataset[(3, 1)]
+    again = dataset[(3, 1)][1]['mask']
+    assert torch.equal(kwargs['mask'], again) and kwargs['mask'].shape == (8, 8)
+    assert kwargs['mask'].sum() == 10 * 4  # ceil(0.6 x 16 units) of 2 x 2 patches
+    assert not torch.equal(kwargs['mask'], dataset[(3, 2)][1]['mask'])
+    assert not torch.equal(kwargs['mask'], dataset[(4, 1)][1]['mask'])
+
+
+@pytest.fixture(scope='module')
+def vit_pretraining(demo_root, tmp_path_factory):
+    """One epoch of the demo with the tiny BEiT-style ViT, at a demo learning rate."""
+    out = tmp_path_factory.mktemp('simmim_vit')
+    run_pretrain('--model', 'simmim_vit_tiny', '--data_path', 'demo', '--epochs', 1, '--warmup_epochs', 0,
+                 '--blr', 1e-3, '--log_freq', 5, *CPU, '--output_dir', out)
+    return out
+
+
+def test_demo_pretraining_loss_falls(vit_pretraining):
+    steps = read_jsonl(vit_pretraining / 'log.jsonl')
+    assert len(steps) >= 6
+    assert steps[-1]['loss'] < 0.8 * steps[0]['loss']
+
+
+def test_finetuning_from_the_demo_pretraining_expands_the_shared_table(vit_pretraining, tmp_path):
+    """The recipe's classifier (beit_tiny_patch8_64, a table per block) starts from the shared one."""
+    from util import checkpoint
+    run_finetune('--finetune', vit_pretraining / 'checkpoint-last.pth', '--data_path', 'demo', '--batch_size', 32,
+                 '--epochs', 1, '--max_steps', 3, '--log_freq', 1, *CPU, '--output_dir', tmp_path)
+    epoch = read_jsonl(tmp_path / 'log.txt')[-1]
+    assert epoch['test_acc1'] >= 0 and torch.isfinite(torch.tensor(epoch['train_loss']))
+    shared = checkpoint.load(vit_pretraining / 'checkpoint-last.pth')['model'][
+        'encoder.rel_pos_bias.relative_position_bias_table']
+    import main_finetune
+    args = main_finetune.get_args_parser().parse_args(
+        ['--data_path', 'demo', '--finetune', str(vit_pretraining / 'checkpoint-last.pth')])
+    main_finetune.fill_recipe(args)
+    model = main_finetune.build_model(args, 10, resuming=False)
+    for block in model.blocks:
+        assert torch.equal(block.attn.relative_position_bias_table.detach(), shared)
+
+
+def test_swin_pretraining_fine_tunes_at_another_window_size(tmp_path, capsys):
+    """Pre-trained with window 4 at 64 px, fine-tuned as timm's Swin-T with window 7: the tables of
+    the stages where the window grows are resized (7 x 7 -> 13 x 13 entries) and training runs."""
+    run_pretrain('--model', 'simmim_swin_tiny', '--data_path', 'demo', '--epochs', 1, '--max_steps', 2,
+                 '--batch_size', 16, *CPU, '--output_dir', tmp_path / 'pre')
+    capsys.readouterr()
+    run_finetune('--model', 'swin_tiny_patch4_window7_224', '--input_size', 64, '--data_path', 'demo',
+                 '--finetune', tmp_path / 'pre' / 'checkpoint-last.pth', '--batch_size', 16, '--epochs', 1,
+                 '--max_steps', 2, '--log_freq', 1, *CPU, '--output_dir', tmp_path / 'ft')
+    out = capsys.readouterr().out
+    assert 'layers.0.blocks.0.attn.relative_position_bias_table (49, 3) -> (169, 3)' in out
+    assert 'layers.3.blocks.0.attn.relative_position_bias_table' not in out.split('resized:')[1].split('\n')[0]
+    steps = read_jsonl(tmp_path / 'ft' / 'log.jsonl')
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s['loss'])) for s in steps)
+
+
+def test_modelzoo_full_case_reaches_simmims_effective_batch():
+    import modelzoo
+    case = modelzoo.Case('pretrain', 'full', 8, ['--data_path=demo', '--model=simmim_swin_base'])
+    args = case.entry_point_args()
+    # 128 images x 8 devices x 2 micro-batches = 2048
+    assert args[args.index('--batch_size') + 1] == '128' and args[args.index('--accum_iter') + 1] == '2'
+
+
+def test_bad_input_is_one_line(vit_pretraining, tmp_path):
+    with pytest.raises(UsageError, match='multiple of the model\'s patch size 8'):
+        run_pretrain('--model', 'simmim_vit_tiny', '--data_path', 'demo', '--mask_patch_size', 12, *CPU,
+                     '--output_dir', tmp_path)
+    with pytest.raises(UsageError, match='does not fit a 72-pixel image'):
+        run_pretrain('--model', 'simmim_vit_tiny', '--data_path', 'demo', '--input_size', 72, *CPU,
+                     '--output_dir', tmp_path)
+    # a ViT checkpoint into a Swin classifier: one line naming the keys that do not fit
+    result = run_script('python', 'main_finetune.py', '--model', 'swin_tiny_patch4_window4_64', '--data_path', 'demo',
+                        '--finetune', vit_pretraining / 'checkpoint-last.pth', *CPU, '--output_dir', tmp_path)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert last_line.startswith('error: ') and 'does not fit this model' in last_line
+    assert "'blocks.0." in last_line and "'layers.0." in last_line
