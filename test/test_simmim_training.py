@@ -48,7 +48,6 @@ def test_finetuning_recipe_comes_with_a_simmim_checkpoint(tmp_path):
     fine-tuning recipe: 1.25e-3 per 512, warm-up 20 from 2.5e-7 per 512, clip 5, layer decay 0.9 after
     100 epochs of Swin-B, 0.8 after 800, 0.65 for ViT-B."""
     import main_finetune
-    from util.checkpoint import ConfigAsData
     cases = [({'args': {'model': 'simmim_swin_base', 'epochs': 100}}, 'swin_base_patch4_window7_224', 0.9),
              ({'args': {'model': 'simmim_swin_base', 'epochs': 800}}, 'swin_base_patch4_window7_224', 0.8),
              ({'model': {'encoder.mask_token': torch.zeros(1), 'decoder.0.weight': torch.zeros(1),
@@ -65,8 +64,40 @@ def test_finetuning_recipe_comes_with_a_simmim_checkpoint(tmp_path):
             (model, layer_decay, 100, 20, 5.0)
         assert (args.blr * 2, args.warmup_blr * 2, args.min_blr * 2) == pytest.approx((1.25e-3, 2.5e-7, 2.5e-7))
         assert args.min_lr is None and args.input_size == 224
-    # an official checkpoint with its yacs configuration (read as data, without yacs)
-    assert ConfigAsData() == {}
+
+
+def test_official_checkpoint_with_its_yacs_configuration(tmp_path, monkeypatch):
+    """The official code saves its yacs CfgNode in the checkpoint: it is read as plain dicts with
+    weights_only (yacs need not be installed, none of its code runs), and its TRAIN.EPOCHS picks the
+    recipe (800 epochs: layer decay 0.8)."""
+    import sys
+    import types
+
+    import main_finetune
+    from util import checkpoint
+    yacs, config_module = types.ModuleType('yacs'), types.ModuleType('yacs.config')
+
+    class CfgNode(dict):  # what yacs' node is to pickle: a dict subclass with attributes
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.__dict__['__immutable__'] = True
+    CfgNode.__module__, CfgNode.__qualname__ = 'yacs.config', 'CfgNode'
+    config_module.CfgNode = CfgNode
+    monkeypatch.setitem(sys.modules, 'yacs', yacs)
+    monkeypatch.setitem(sys.modules, 'yacs.config', config_module)
+    config = CfgNode(TRAIN=CfgNode(EPOCHS=800), MODEL=CfgNode(TYPE='swin'))
+    state = {'encoder.mask_token': torch.zeros(1), 'decoder.0.weight': torch.zeros(1),
+             'encoder.patch_embed.proj.weight': torch.zeros(128, 3, 4, 4)}
+    torch.save({'model': state, 'config': config, 'epoch': 799}, tmp_path / 'official.pth')
+    monkeypatch.delitem(sys.modules, 'yacs.config')
+    monkeypatch.delitem(sys.modules, 'yacs')
+
+    loaded = checkpoint.load(str(tmp_path / 'official.pth'))
+    assert loaded['config'] == {'TRAIN': {'EPOCHS': 800}, 'MODEL': {'TYPE': 'swin'}}
+    args = main_finetune.get_args_parser().parse_args(['--data_path', 'demo', '--finetune',
+                                                       str(tmp_path / 'official.pth')])
+    main_finetune.fill_recipe(args)
+    assert (args.model, args.layer_decay) == ('swin_base_patch4_window7_224', 0.8)
 
 
 def test_cosine_whole_run_is_timms_scheduler_without_warmup_prefix():
@@ -173,11 +204,17 @@ def test_swin_pretraining_fine_tunes_at_another_window_size(tmp_path, capsys):
     assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s['loss'])) for s in steps)
 
 
-def test_modelzoo_full_case_reaches_simmims_effective_batch():
+def test_modelzoo_full_cases_reach_simmims_effective_batch(tmp_path):
     import modelzoo
     case = modelzoo.Case('pretrain', 'full', 8, ['--data_path=demo', '--model=simmim_swin_base'])
     args = case.entry_point_args()
     # 128 images x 8 devices x 2 micro-batches = 2048
+    assert args[args.index('--batch_size') + 1] == '128' and args[args.index('--accum_iter') + 1] == '2'
+    # fine-tuning a SimMIM checkpoint: SimMIM's classifier and batch (2048), not MAE's (1024)
+    torch.save({'model': {}, 'args': {'model': 'simmim_swin_base', 'epochs': 100}}, tmp_path / 'simmim.pth')
+    case = modelzoo.Case('finetune', 'full', 8, ['--data_path=demo', f'--finetune_pth={tmp_path / "simmim.pth"}'])
+    args = case.entry_point_args()
+    assert case.name == 'swin_base_patch4_window7_224_finetune_bs128_8p_acc'
     assert args[args.index('--batch_size') + 1] == '128' and args[args.index('--accum_iter') + 1] == '2'
 
 
