@@ -100,6 +100,18 @@ def test_official_checkpoint_with_its_yacs_configuration(tmp_path, monkeypatch):
     assert (args.model, args.layer_decay) == ('swin_base_patch4_window7_224', 0.8)
 
 
+def test_a_classifier_is_built_for_its_own_image_size_by_default():
+    """Without --input_size, a model registered for 64 or 192 px is trained at that size (and timm's
+    at theirs), in every mode; this is what the data transforms are built for too."""
+    import main_finetune
+    for argv, size in ((['--model', 'beit_tiny_patch8_64'], 64), (['--model', 'swin_base_patch4_window6_192'], 192),
+                       (['--model', 'swin_base_patch4_window7_224', '--linprobe', '--finetune', 'x.pth'], 224),
+                       (['--model', 'beit_tiny_patch8_64', '--input_size', 96], 96)):
+        args = main_finetune.get_args_parser().parse_args(['--data_path', 'demo', *map(str, argv)])
+        main_finetune.fill_recipe(args)
+        assert args.input_size == size, argv
+
+
 def test_cosine_whole_run_is_timms_scheduler_without_warmup_prefix():
     """SimMIM's official schedule is timm's CosineLRScheduler(t_initial=all steps, warmup_prefix=False),
     stepped once per optimizer step: compare every step of a short run."""

@@ -105,6 +105,7 @@ def classifier_kwargs(pretrained, kwargs):
 def native_input_size(name):
     """The image size a timm classifier is built for (its pretrained cfg; 224 when it has none)."""
     import timm
+    import_model_files()  # this project's classifiers register their sizes there
     cfg = timm.get_pretrained_cfg(name) if timm.is_model(name) else None
     return cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
 
