@@ -180,3 +180,48 @@ def test_factories_are_the_published_architectures():
     assert torch.allclose(enc.blocks[0].gamma_1, torch.full((768,), 0.1))
     assert enc.norm.eps == 1e-6 and isinstance(enc.fc_norm, torch.nn.Identity)
     assert enc.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+
+
+def test_official_checkpoints_load_into_the_classifiers_they_fine_tune(tmp_path):
+    """An official-layout pre-training checkpoint initialises timm's classifiers: the Swin patch
+    mergings land in timm's places and the tables are resized to window 7; the ViT's shared table
+    becomes every block's own. The decoder and the mask token are left out."""
+    import timm
+
+    from util.checkpoint import load_pretrained
+    swin_ckpt = official_layout(tiny_swin())
+    torch.save(swin_ckpt, tmp_path / 'swin.pth')
+    classifier = timm.create_model('swin_tiny_patch4_window7_224', img_size=64, embed_dim=32, depths=(2, 2, 2, 2),
+                                   num_heads=(2, 2, 4, 8), num_classes=5)
+    report = load_pretrained(classifier, str(tmp_path / 'swin.pth'))
+    official = swin_ckpt['model']
+    assert torch.equal(classifier.layers[1].downsample.reduction.weight,
+                       official['encoder.layers.0.downsample.reduction.weight'])
+    assert torch.equal(classifier.layers[2].blocks[1].mlp.fc1.weight, official['encoder.layers.2.blocks.1.mlp.fc1.weight'])
+    assert classifier.layers[0].blocks[0].attn.relative_position_bias_table.shape == (13 * 13, 2)
+    assert {'decoder.0.weight', 'mask_token'} <= set(report['dropped']) and report['missing'] == ['head.fc.bias',
+                                                                                                  'head.fc.weight']
+
+    vit_ckpt = official_layout(tiny_vit())
+    torch.save(vit_ckpt, tmp_path / 'vit.pth')
+    classifier = timm.create_model('beit_tiny_patch8_64', embed_dim=48, depth=2, num_heads=2, num_classes=5)
+    report = load_pretrained(classifier, str(tmp_path / 'vit.pth'))
+    shared = vit_ckpt['model']['encoder.rel_pos_bias.relative_position_bias_table']
+    assert all(torch.equal(b.attn.relative_position_bias_table, shared) for b in classifier.blocks)
+    assert torch.equal(classifier.blocks[1].gamma_2, vit_ckpt['model']['encoder.blocks.1.gamma_2'])
+    assert sorted(report['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+
+
+def test_beit_classifier_layer_ids_are_the_usual_vit_ones():
+    """SimMIM's ViT ids: embeddings 0, block i is i + 1, fc_norm and the head depth + 1."""
+    import timm
+
+    from util.optim import param_groups
+    decay, depth = 0.5, 3
+    model = timm.create_model('beit_tiny_patch8_64', embed_dim=48, depth=depth, num_heads=2, num_classes=5)
+    names = {id(p): name for name, p in model.named_parameters()}
+    scales = {names[id(p)]: g['lr_scale'] for g in param_groups(model, 0.05, layer_decay=decay) for p in g['params']}
+    assert scales['patch_embed.proj.weight'] == scales['cls_token'] == pytest.approx(decay ** (depth + 1))
+    for i in range(depth):
+        assert scales[f'blocks.{i}.attn.relative_position_bias_table'] == pytest.approx(decay ** (depth - i))
+    assert scales['fc_norm.weight'] == scales['head.weight'] == 1.0
