@@ -24,7 +24,7 @@ from timm.models import beit as timm_beit
 from timm.models import generate_default_cfgs, register_model
 from timm.models import swin_transformer as timm_swin
 
-from util.checkpoint import register_pretrained_filter
+from util.checkpoint import encoder_of, register_pretrained_filter
 from util.errors import UsageError
 from util.masking import MaskPatches
 from util.optim import register_layer_ids
@@ -192,14 +192,12 @@ def checkpoint_filter_fn(state_dict, model):
     the window (or the image) differs.
     """
     state_dict = state_dict.get('model', state_dict)
-    encoder_state = {k[len('encoder.'):]: v for k, v in state_dict.items() if k.startswith('encoder.')}
-    if not encoder_state:
+    encoder_state, others = encoder_of(state_dict)
+    if encoder_state is state_dict:  # nothing under encoder.
         raise UsageError(f'not a SimMIM checkpoint: no "encoder." keys (first keys: {list(state_dict)[:3]})')
-    timm_filter = timm_swin.checkpoint_filter_fn if isinstance(model.encoder, timm_swin.SwinTransformer) \
-        else timm_beit.checkpoint_filter_fn
-    encoder_state = timm_filter(encoder_state, model.encoder)
-    return {**{f'encoder.{k}': v for k, v in encoder_state.items()},
-            **{k: v for k, v in state_dict.items() if k.startswith('decoder.')}}
+    convert = swin_from_pretrained if isinstance(model.encoder, timm_swin.SwinTransformer) else beit_from_pretrained
+    return {**{f'encoder.{k}': v for k, v in convert(encoder_state, model.encoder).items()},
+            **{k: state_dict[k] for k in others if k.startswith('decoder.')}}
 
 
 # --- fine-tuning: loading into timm's classifiers, layer ids for layer-wise lr decay ---------
