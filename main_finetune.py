@@ -134,15 +134,14 @@ def fill_recipe(args):
     """Set every flag left at None to the recipe of the mode: with --finetune, the fine-tuning
     recipe published with the checkpoint's pre-training (SimMIM's), else MAE's. returns: the mode."""
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
-    recipe, published = dict(RECIPES[mode]), {}
+    recipe, published, source = dict(RECIPES[mode]), {}, None
     if mode == 'finetune' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
         source, published = finetune_recipe_of(checkpoint.load(args.finetune))
-        if published:
-            print(f'fine-tuning recipe: the one published for {source} checkpoints')
         recipe = merge_recipes(recipe, published)
     if mode == 'finetune' and not published:
         recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
     apply_recipe(args, recipe)
+    args.recipe_source = source if published else None  # the pre-training whose fine-tuning recipe applies
     if args.input_size is None:
         args.input_size = native_input_size(args.model)
     if isinstance(args.aa, str) and args.aa.lower() == 'none':
@@ -280,7 +279,9 @@ def main(args):
     mode = fill_recipe(args)
     check_args(args)
     world, device, precision = start_run(args)
-    print(f'mode: {"evaluation" if args.eval else mode}')
+    print(f'mode: {"evaluation" if args.eval else mode}' +
+          (f', with the fine-tuning recipe published for {args.recipe_source} checkpoints'
+           if args.recipe_source else ''))
     pin_memory = args.pin_mem and device.type != 'cpu'
 
     train_transform = pretrain_transform(args.input_size, scale=(args.crop_min, 1.0)) if args.linprobe \

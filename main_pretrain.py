@@ -90,17 +90,18 @@ def print_fingerprints(model, dataset, seed):
 
 def fill_recipe(args):
     """The flags left unset take the published recipe of --model (of --epochs epochs when the model
-    has one of that length, e.g. SimMIM Swin-B's 800-epoch recipe)."""
+    has one of that length, e.g. SimMIM Swin-B's 800-epoch recipe). returns: what was chosen, in words"""
     recipe = pretrain_recipe(args.model, args.epochs)
     apply_recipe(args, recipe)
-    print(f"recipe: {args.model}, the published {recipe.get('epochs')}-epoch schedule; the flags given override it")
+    return f"recipe: {args.model}'s published {recipe.get('epochs')}-epoch recipe; the flags given override it"
 
 
 def main(args):
-    fill_recipe(args)
+    recipe = fill_recipe(args)
     if args.align:
         use_alignment_defaults(args)
     world, device, precision = start_run(args, deterministic=args.align)
+    print(recipe)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank, drawn on the CPU
     model_kwargs = {'img_size': args.input_size}
