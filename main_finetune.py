@@ -264,11 +264,12 @@ class EpochEvaluation:
 
 def run_eval(args, model, loader, device, precision):
     """--eval: the accuracy of the weights in --resume (a fine-tuned checkpoint of this project or
-    an official MAE release)."""
+    an official MAE or SimMIM release, whose layout is converted)."""
     path = checkpoint.resume_path(args.resume, args.output_dir)
     if not path:
         raise UsageError('--eval needs weights: --resume <fine-tuned checkpoint> (or a run in --output_dir)')
-    checkpoint.load_weights(model, checkpoint.model_state_of(checkpoint.load(path), path), path)
+    state = checkpoint.model_state_of(checkpoint.load(path), path)
+    checkpoint.load_weights(model, checkpoint.in_model_layout(model, state, path), path)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
     print(f"accuracy of {path} on the {stats['images']} validation images: top-1 {stats['acc1']:.2f}%, "
           f"top-5 {stats['acc5']:.2f}%")

@@ -244,3 +244,29 @@ def test_bad_input_is_one_line(vit_pretraining, tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert last_line.startswith('error: ') and 'does not fit this model' in last_line
     assert "'blocks.0." in last_line and "'layers.0." in last_line
+
+
+def test_eval_of_an_official_layout_fine_tuned_swin(small_folder, tmp_path):
+    """--eval reads a fine-tuned Swin in the official layout (patch merging at the end of a stage,
+    'head.*', stored buffers) as the same weights in timm's: the same accuracy and loss."""
+    import re
+
+    import main_finetune
+    from util.registry import create_classifier
+    torch.manual_seed(0)
+    model = create_classifier('swin_tiny_patch4_window4_64', num_classes=2)
+    ours = model.state_dict()
+    official = {re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m[1]) - 1}.downsample', k)
+                .replace('head.fc.', 'head.'): v for k, v in ours.items()}
+    official['layers.0.blocks.0.attn.relative_position_index'] = torch.zeros(16, 16, dtype=torch.long)
+    torch.save({'model': ours}, tmp_path / 'ours.pth')
+    torch.save({'model': official}, tmp_path / 'official.pth')
+    results = []
+    for name in ('ours', 'official'):
+        args = main_finetune.get_args_parser().parse_args(
+            ['--eval', '--model', 'swin_tiny_patch4_window4_64', '--data_path', small_folder, '--nb_classes', '2',
+             '--resume', str(tmp_path / f'{name}.pth'), '--batch_size', '8', '--num_workers', '0', '--device', 'cpu',
+             '--output_dir', str(tmp_path / name)])
+        results.append(main_finetune.main(args))
+    assert results[0]['images'] == 17
+    assert results[0]['acc1'] == results[1]['acc1'] and results[0]['loss'] == pytest.approx(results[1]['loss'], rel=1e-6)

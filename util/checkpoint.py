@@ -152,6 +152,23 @@ def register_pretrained_filter(model_class):
     return register
 
 
+def in_model_layout(model, state, path):
+    """A state dict converted by the filter registered for the model's class, if any (SimMIM's Swin
+    and BEiT: the official layout, the relative position tables resized to the model's windows)."""
+    from util.registry import import_model_files  # the model files register their filters
+    import_model_files()
+    filter_fn = next((fn for cls, fn in _PRETRAINED_FILTERS.items() if isinstance(model, cls)), None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(state, model)
+    except (AttributeError, KeyError, RuntimeError, ValueError) as e:  # weights of another architecture
+        own = model.state_dict()
+        raise UsageError(f'{path!r} does not fit this model ({first_line(e)}): checkpoint keys not in the model '
+                         f'{[k for k in state if k not in own][:3]}, model keys not in the checkpoint '
+                         f'{[k for k in own if k not in state][:3]}') from None
+
+
 def encoder_of(state):
     """The encoder's weights of a pre-training checkpoint that wraps it as `encoder.*` beside a
     `decoder.*` (SimMIM); any other state as it is. returns: (state, dropped keys)"""
@@ -178,16 +195,7 @@ def load_pretrained(model, path, head_init_std=2e-5):
     dropped += pretrain_only
     own = model.state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    from util.registry import import_model_files  # the model files register their filters
-    import_model_files()
-    filter_fn = next((fn for cls, fn in _PRETRAINED_FILTERS.items() if isinstance(model, cls)), None)
-    if filter_fn is not None:
-        try:
-            state = filter_fn(state, model)
-        except (AttributeError, KeyError, RuntimeError, ValueError) as e:  # weights of another architecture
-            raise UsageError(f'{path!r} does not fit this model ({first_line(e)}): checkpoint keys not in the model '
-                             f'{[k for k in state if k not in own][:3]}, model keys not in the checkpoint '
-                             f'{[k for k in own if k not in state][:3]}') from None
+    state = in_model_layout(model, state, path)
     if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
         state['pos_embed'] = resize_pos_embed(state['pos_embed'], model)
     resized = [f'{k} {shapes[k]} -> {tuple(v.shape)}' for k, v in state.items()
