@@ -366,6 +366,7 @@ def simmim_vit_tiny_patch8_64(**kwargs):
 
 default_cfgs = generate_default_cfgs({
     'swin_base_patch4_window6_192': dict(input_size=(3, 192, 192), num_classes=1000),
+    'swin_large_patch4_window14_224': dict(input_size=(3, 224, 224), num_classes=1000),
     'swin_tiny_patch4_window4_64': dict(input_size=(3, 64, 64), num_classes=1000),
     'beit_tiny_patch8_64': dict(input_size=(3, 64, 64), num_classes=1000),
 })
@@ -376,6 +377,14 @@ def swin_base_patch4_window6_192(pretrained=False, **kwargs):
     """Swin-B at 192 px, window 6: SimMIM's pre-training geometry, fine-tuned as such by the Ascend port."""
     return timm_swin.SwinTransformer(**{**dict(img_size=192, patch_size=4, window_size=6, embed_dim=128,
                                                 depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+                                        **classifier_kwargs(pretrained, kwargs)})
+
+
+@register_model
+def swin_large_patch4_window14_224(pretrained=False, **kwargs):
+    """Swin-L at 224 px, window 14: how SimMIM fine-tunes its Swin-L (pre-trained at 192 px, window 12)."""
+    return timm_swin.SwinTransformer(**{**dict(img_size=224, patch_size=4, window_size=14, embed_dim=192,
+                                                depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
                                         **classifier_kwargs(pretrained, kwargs)})
 
 

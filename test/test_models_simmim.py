@@ -225,3 +225,17 @@ def test_beit_classifier_layer_ids_are_the_usual_vit_ones():
     for i in range(depth):
         assert scales[f'blocks.{i}.attn.relative_position_bias_table'] == pytest.approx(decay ** (depth - i))
     assert scales['fc_norm.weight'] == scales['head.weight'] == 1.0
+
+
+def test_every_recipe_names_a_classifier_that_exists_at_its_size():
+    """The fine-tuning recipe of each SimMIM model names a timm classifier, built at its own size."""
+    import timm
+
+    from util.registry import native_input_size, pretrain_model_names, pretrain_recipe
+    simmim = [name for name in pretrain_model_names() if name.startswith('simmim_')]
+    assert len(simmim) == 10  # 5 models, each by its name and its alias
+    for name in simmim:
+        classifier = pretrain_recipe(name)['finetune']['model']
+        assert timm.is_model(classifier), (name, classifier)
+        expected = 64 if name.endswith(('tiny', '_64')) else 224
+        assert native_input_size(classifier) == expected, (name, classifier)
