@@ -302,6 +302,11 @@ VIT_BASE_RECIPES = [_recipe(SCHEDULE_800, 224, model='beit_base_patch16_224', la
 
 
 # --- factories -------------------------------------------------------------------------------
+# The Swin sizes, shared by the pre-training models and the classifiers that fine-tune them.
+SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+SWIN_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+SWIN_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+
 
 def _simmim_swin(overrides, **arch):
     """SimMIM around timm's Swin; keywords (timm's names) override the architecture."""
@@ -321,15 +326,13 @@ def _simmim_vit(overrides, **arch):
 @register_pretrain_model('simmim_swin_base', recipes=SWIN_BASE_RECIPES)
 def simmim_swin_base_patch4_window6_192(**kwargs):
     """Swin-B (128 wide, depths 2-2-18-2, heads 4-8-16-32) at 192 px, window 6, drop path 0."""
-    return _simmim_swin(kwargs, img_size=192, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                        window_size=6)
+    return _simmim_swin(kwargs, img_size=192, window_size=6, **SWIN_B)
 
 
 @register_pretrain_model('simmim_swin_large', recipes=SWIN_LARGE_RECIPES)
 def simmim_swin_large_patch4_window12_192(**kwargs):
     """Swin-L (192 wide, depths 2-2-18-2, heads 6-12-24-48) at 192 px, window 12, drop path 0."""
-    return _simmim_swin(kwargs, img_size=192, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
-                        window_size=12)
+    return _simmim_swin(kwargs, img_size=192, window_size=12, **SWIN_L)
 
 
 @register_pretrain_model('simmim_vit_base', recipes=VIT_BASE_RECIPES)
@@ -347,8 +350,7 @@ DEMO_RECIPE = dict(input_size=64, mask_patch_size=16, batch_size=64, effective_b
              finetune=dict(SWIN_BASE_RECIPES[0]['finetune'], model='swin_tiny_patch4_window4_64'))])
 def simmim_swin_tiny_patch4_window4_64(**kwargs):
     """Swin-T (96 wide, depths 2-2-6-2, heads 3-6-12-24) at 64 px, window 4: the demo and the tests."""
-    return _simmim_swin(kwargs, img_size=64, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                        window_size=4, mask_patch_size=16)
+    return _simmim_swin(kwargs, img_size=64, window_size=4, mask_patch_size=16, **SWIN_T)
 
 
 @register_pretrain_model('simmim_vit_tiny', recipes=[
@@ -372,28 +374,26 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _swin_classifier(pretrained, kwargs, **arch):
+    return timm_swin.SwinTransformer(**{**dict(patch_size=4), **arch, **classifier_kwargs(pretrained, kwargs)})
+
+
 @register_model
 def swin_base_patch4_window6_192(pretrained=False, **kwargs):
     """Swin-B at 192 px, window 6: SimMIM's pre-training geometry, fine-tuned as such by the Ascend port."""
-    return timm_swin.SwinTransformer(**{**dict(img_size=192, patch_size=4, window_size=6, embed_dim=128,
-                                                depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-                                        **classifier_kwargs(pretrained, kwargs)})
+    return _swin_classifier(pretrained, kwargs, img_size=192, window_size=6, **SWIN_B)
 
 
 @register_model
 def swin_large_patch4_window14_224(pretrained=False, **kwargs):
     """Swin-L at 224 px, window 14: how SimMIM fine-tunes its Swin-L (pre-trained at 192 px, window 12)."""
-    return timm_swin.SwinTransformer(**{**dict(img_size=224, patch_size=4, window_size=14, embed_dim=192,
-                                                depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-                                        **classifier_kwargs(pretrained, kwargs)})
+    return _swin_classifier(pretrained, kwargs, img_size=224, window_size=14, **SWIN_L)
 
 
 @register_model
 def swin_tiny_patch4_window4_64(pretrained=False, **kwargs):
     """Swin-T at 64 px, window 4: the classifier of simmim_swin_tiny."""
-    return timm_swin.SwinTransformer(**{**dict(img_size=64, patch_size=4, window_size=4, embed_dim=96,
-                                                depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-                                        **classifier_kwargs(pretrained, kwargs)})
+    return _swin_classifier(pretrained, kwargs, img_size=64, window_size=4, **SWIN_T)
 
 
 @register_model
