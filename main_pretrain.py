@@ -51,6 +51,14 @@ def get_args_parser():
     parser.add_argument('--mask_patch_size', default=None, type=int,
                         help='SimMIM: side in pixels of the square units masked together, a multiple of the '
                              'patch size; ' + recipe_note('mask_patch_size'))
+    parser.add_argument('--mask_count', default=None, type=int,
+                        help='MaskFeat: patches masked per image (default: --mask_ratio of them, 78 of 196 at 224 px)')
+    parser.add_argument('--mask_min_patches', default=None, type=int,
+                        help='MaskFeat: smallest block of the block-wise masks, in patches; ' +
+                             recipe_note('mask_min_patches'))
+    parser.add_argument('--mask_min_aspect', default=None, type=float,
+                        help='MaskFeat: the blocks\' aspect ratio lies in [this, 1 / this]; ' +
+                             recipe_note('mask_min_aspect'))
     parser.add_argument('--norm_pix_loss', default=None, action=argparse.BooleanOptionalAction,
                         help='MAE: per-patch normalised pixels as the target (--no-norm_pix_loss for raw pixels); '
                              + recipe_note('norm_pix_loss'))

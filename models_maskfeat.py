@@ -1,16 +1,25 @@
 """MaskFeat: masked feature prediction (Wei et al., "Masked Feature Prediction for Self-Supervised
-Visual Pre-Training", CVPR 2022), as mmpretrain's maskfeat_vit-base-p16 configuration trains it.
+Visual Pre-Training", CVPR 2022), as mmpretrain's maskfeat_vit-base-p16_8xb256-amp-coslr-300e
+configuration trains it.
 
-The target of a masked patch is the histogram of oriented gradients (HOG) of the normalised
-input, computed on the device, batched, by `HOGGenerator`. (The model and its recipe follow.)
+A ViT-B/16 (timm's blocks, a cls token, a learned position embedding) encodes every patch, the
+masked ones (BEiT's block-wise masks, 40 %) replaced by a mask token before the cls token and the
+position embedding are added; a linear head predicts each patch's histogram of oriented
+gradients (HOG) of the normalised input, computed on the device by `HOGGenerator`; the loss is
+the mean squared error over the masked patches. The encoder's keys are those of this project's
+ViT classifiers (`vit_base_patch16`), which fine-tune it.
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 
 from util.errors import UsageError
+from util.masking import BlockMask
+from util.registry import register_pretrain_model
 
 
 class HOGGenerator(nn.Module):
@@ -53,11 +62,15 @@ class HOGGenerator(nn.Module):
         x: (N, C, H, W) normalised images; H and W multiples of the patch size
         returns: (N, L, C * nbins * (patch / pool)^2) with L = (H / patch) * (W / patch), row-major
         """
+        with torch.autocast(x.device.type, enabled=False):  # the target in fp32, whatever the model runs in
+            return self._hog(x.float())
+
+    def _hog(self, x):
         n, c, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
             raise UsageError(f'HOG targets need an image size that the patch size {self.patch_size} divides, '
                              f'got {h}x{w}')
-        x = F.pad(x.float(), (1, 1, 1, 1), mode='reflect')
+        x = F.pad(x, (1, 1, 1, 1), mode='reflect')
         gx = F.conv2d(x, self.weight_x, groups=c)
         gy = F.conv2d(x, self.weight_y, groups=c)
         magnitude = torch.stack([gx, gy], dim=-1).norm(dim=-1)
@@ -73,3 +86,132 @@ class HOGGenerator(nn.Module):
         k = self.patch_size // p  # cells per patch side
         cells = cells.reshape(n, c * self.nbins, h // self.patch_size, k, w // self.patch_size, k)
         return cells.permute(0, 2, 4, 1, 3, 5).reshape(n, (h // self.patch_size) * (w // self.patch_size), -1)
+
+
+class MaskedViTEncoder(VisionTransformer):
+    """timm's ViT with a cls token, a learned position embedding, the final norm, a mask token and
+    no classifier; initialised as mmpretrain initialises MaskFeat's ViT (truncated normals of std
+    0.02 for weights, tokens and position table)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(num_classes=0, global_pool='token', class_token=True, **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    nn.init.trunc_normal_(m.weight, std=.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+            for token in (self.cls_token, self.mask_token, self.pos_embed):
+                nn.init.trunc_normal_(token, std=.02)
+
+    def forward_masked(self, x, mask):
+        """
+        x: (N, C, H, W) images
+        mask: (N, H/p, W/p), 1 = masked
+        returns: (N, L, D) features of the patch tokens (the cls token is encoded, then dropped)
+        """
+        x = self.patch_embed(x)  # (N, L, D)
+        w = mask.flatten(1).unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token * w
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        x = self.pos_drop(x)
+        x = self.blocks(x)
+        return self.norm(x)[:, 1:]
+
+
+class MaskFeat(nn.Module):
+    """A ViT that sees block-masked images and predicts the HOG of the masked patches."""
+
+    def __init__(self, encoder, hog, mask_ratio=0.4, mask_min_patches=15, mask_min_aspect=0.3):
+        super().__init__()
+        self.encoder = encoder
+        self.hog = hog
+        self.head = nn.Linear(encoder.embed_dim, hog.dim)
+        nn.init.trunc_normal_(self.head.weight, std=.02)
+        nn.init.zeros_(self.head.bias)
+        # the masking drawn when forward() is given no mask (the data pipeline draws its own)
+        self.mask_ratio, self.mask_min_patches, self.mask_min_aspect = mask_ratio, mask_min_patches, mask_min_aspect
+
+    @property
+    def grid(self):
+        return self.encoder.patch_embed.grid_size[0]
+
+    def no_weight_decay(self):
+        """The mask token only, besides 1-D parameters and biases: mmpretrain decays the position
+        table and the cls token."""
+        return {'encoder.mask_token'}
+
+    def mask_generator(self, args):
+        """What the data pipeline draws per sample: BEiT's block-wise masks of --mask_count patches
+        (default: --mask_ratio of them), blocks of --mask_min_patches or more, aspect from
+        --mask_min_aspect to its inverse."""
+        count = getattr(args, 'mask_count', None) or BlockMask.default_count(self.grid, args.mask_ratio)
+        return BlockMask(self.grid, count, args.mask_min_patches, min_aspect=args.mask_min_aspect)
+
+    def forward_loss(self, target, pred, mask):
+        """
+        target, pred: (N, L, D) HOG and its prediction
+        mask: (N, H/p, W/p), 1 = masked
+        returns: the squared error, averaged over the D values, then over the masked patches
+        """
+        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+        weights = mask.flatten(1).to(per_patch.dtype)
+        return (per_patch * weights).sum() / weights.sum()
+
+    def forward(self, imgs, mask=None):
+        """
+        imgs: (N, C, H, W), normalised
+        mask: (N, H/p, W/p) with 1 = masked, or None to draw one per image
+        returns: loss, pred (N, L, D) the predicted HOG of every patch, mask (N, H/p, W/p)
+        """
+        grid = tuple(s // self.encoder.patch_embed.patch_size[0] for s in imgs.shape[-2:])
+        if mask is None:
+            generator = BlockMask(self.grid, BlockMask.default_count(self.grid, self.mask_ratio),
+                                  self.mask_min_patches, min_aspect=self.mask_min_aspect)
+            mask = torch.stack([generator()['mask'] for _ in range(imgs.shape[0])]).to(imgs.device)
+        elif tuple(mask.shape) != (imgs.shape[0], *grid):
+            raise ValueError(f'the mask must have one entry per patch, {(imgs.shape[0], *grid)} for these images, '
+                             f'got {tuple(mask.shape)}')
+        pred = self.head(self.encoder.forward_masked(imgs, mask))
+        return self.forward_loss(self.hog(imgs), pred, mask), pred, mask
+
+
+# The published recipe (mmpretrain, 8 x 256 images, AMP): AdamW (0.9, 0.999), lr 2e-4 per 256 images
+# (1.6e-3 at 2048), wd 0.05, clipping 0.02, 30 warm-up epochs from 1e-6 x lr, then a cosine to 1e-6,
+# 300 epochs, RandomResizedCrop(0.5-1, bicubic) + flip, 78 of 196 patches masked in blocks of 15 or
+# more. Fine-tuned as a ViT-B with average pooling: 83.4 top-1.
+MASKFEAT_RECIPE = dict(
+    epochs=300, input_size=224, batch_size=256, effective_batch=2048, blr=2e-4, warmup_epochs=30,
+    warmup_blr=2e-4 * 1e-6, min_lr=1e-6, lr_schedule='cosine', weight_decay=0.05, opt_betas=(0.9, 0.999),
+    clip_grad=0.02, crop_min=0.5, interpolation='bicubic', mask_ratio=0.4, mask_min_patches=15, mask_min_aspect=0.3,
+    finetune=dict(model='vit_base_patch16', epochs=100, blr=1e-3, warmup_epochs=20, min_lr=1e-6, layer_decay=0.65,
+                  weight_decay=0.05, drop_path=0.1, head_init_std=2e-5, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
+                  mixup=0.8, cutmix=1.0, smoothing=0.1, global_pool=True, batch_size=256, effective_batch=2048))
+
+
+def _maskfeat(overrides, hog=None, **arch):
+    """MaskFeat around timm's ViT; keywords (timm's names) override the architecture."""
+    kwargs = {**dict(patch_size=16, mlp_ratio=4, qkv_bias=True, drop_path_rate=0.0), **arch, **overrides}
+    masking = {k: kwargs.pop(k) for k in ('mask_ratio', 'mask_min_patches', 'mask_min_aspect') if k in kwargs}
+    if kwargs['img_size'] % kwargs['patch_size']:
+        raise ValueError(f"the image size {kwargs['img_size']} must be a multiple of the patch size "
+                         f"{kwargs['patch_size']}")
+    encoder = MaskedViTEncoder(norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return MaskFeat(encoder, HOGGenerator(patch_size=kwargs['patch_size'], **(hog or {})), **masking)
+
+
+@register_pretrain_model('maskfeat_vit_base', recipes=[MASKFEAT_RECIPE])
+def maskfeat_vit_base_patch16(**kwargs):
+    """ViT-B/16 (768 x 12, 12 heads) at 224 px; HOG of 9 bins in 8-pixel cells: 108 values a patch."""
+    return _maskfeat(kwargs, img_size=224, embed_dim=768, depth=12, num_heads=12)
+
+
+@register_pretrain_model('maskfeat_vit_tiny', recipes=[dict(
+        MASKFEAT_RECIPE, input_size=64, batch_size=64, effective_batch=64, mask_min_patches=4,
+        finetune=dict(MASKFEAT_RECIPE['finetune'], model='vit_tiny_patch8', batch_size=64, effective_batch=64))])
+def maskfeat_vit_tiny_patch8(**kwargs):
+    """ViT-Ti on 8x8 patches (192 x 12, 3 heads) at 64 px, HOG of 4-pixel cells and an 8-pixel
+    window (108 values a patch), blocks of 4 patches or more: the demo and the tests."""
+    return _maskfeat(kwargs, hog=dict(pool=4, gaussian_window=8), img_size=64, patch_size=8, embed_dim=192, depth=12,
+                     num_heads=3, mask_min_patches=4)

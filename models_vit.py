@@ -11,10 +11,14 @@ pre-training models of models_mae.py, so a pre-trained encoder loads as it is.
 from functools import partial
 
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from util.registry import classifier_kwargs
+
+
+# the image size each classifier is built for (main_finetune.py's default --input_size)
+default_cfgs = generate_default_cfgs({'vit_tiny_patch8': dict(input_size=(3, 64, 64), num_classes=1000)})
 
 
 def _vit(pretrained, arch, kwargs):

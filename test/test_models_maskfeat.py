@@ -113,3 +113,87 @@ def test_block_mask_count_scales_and_refuses_too_many():
     with pytest.raises(UsageError, match='aspect'):
         BlockMask(14, 78, 15, min_aspect=0)
     assert math.isclose(BlockMask.default_count(14), 78) and BlockMask.default_count(8) == 26
+
+
+def test_loss_is_the_mse_over_the_masked_patches():
+    """The loss against a direct computation: squared error of the predicted HOG, averaged over the
+    108 values of a patch, then over the masked patches only."""
+    import models_maskfeat
+    torch.manual_seed(0)
+    model = models_maskfeat.maskfeat_vit_tiny_patch8(depth=2)
+    imgs = torch.randn(3, 3, 64, 64)
+    loss, pred, mask = model(imgs)
+    assert pred.shape == (3, 64, 108) and mask.shape == (3, 8, 8) and (mask.sum((1, 2)) == 26).all()
+    target = HOGGenerator(patch_size=8, pool=4, gaussian_window=8)(imgs)
+    masked = mask.flatten(1).bool()
+    expected = ((pred - target) ** 2)[masked].mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mask_token_replaces_masked_embeddings_before_the_position_embedding():
+    import models_maskfeat
+    torch.manual_seed(0)
+    encoder = models_maskfeat.maskfeat_vit_tiny_patch8(depth=1).encoder
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = (torch.rand(2, 8, 8) < 0.4).float()
+    seen = {}
+    encoder.pos_drop.register_forward_pre_hook(lambda module, args: seen.setdefault('x', args[0]))
+    encoder.forward_masked(imgs, mask)
+    tokens = seen['x'][:, 1:] - encoder.pos_embed[:, 1:]  # the patch tokens before position information
+    embeddings = encoder.patch_embed(imgs)
+    masked = mask.flatten(1).bool()
+    torch.testing.assert_close(tokens[~masked], embeddings[~masked])
+    torch.testing.assert_close(tokens[masked], encoder.mask_token.reshape(1, -1).expand(int(masked.sum()), -1))
+    torch.testing.assert_close(seen['x'][:, 0], (encoder.cls_token + encoder.pos_embed[:, :1]).squeeze(1).expand(2, -1))
+
+
+def test_hog_target_stays_fp32_under_autocast():
+    """The training loop runs the model under bf16 autocast; the target is still computed in fp32."""
+    images = torch.randn(1, 3, 32, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        target = HOGGenerator()(images)
+    assert target.dtype == torch.float32
+    torch.testing.assert_close(target, HOGGenerator()(images))
+
+
+def test_encoder_loads_into_the_vit_classifier(tmp_path):
+    """A MaskFeat checkpoint's encoder is exactly this project's ViT-B (vit_base_patch16): every
+    encoder weight loads, the mask token and the HOG head are left out."""
+    import models_maskfeat
+    import timm
+
+    from util.checkpoint import load_pretrained
+    from util.registry import import_model_files
+    import_model_files()
+    model = models_maskfeat.maskfeat_vit_base_patch16(depth=2)
+    torch.save({'model': model.state_dict(), 'args': {'model': 'maskfeat_vit_base', 'epochs': 300}}, tmp_path / 'c.pth')
+    classifier = timm.create_model('vit_base_patch16', depth=2, num_classes=7)
+    report = load_pretrained(classifier, str(tmp_path / 'c.pth'))
+    assert sorted(report['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    assert set(report['dropped']) == {'head.weight', 'head.bias', 'mask_token'}
+    assert torch.equal(classifier.blocks[1].mlp.fc2.weight, model.encoder.blocks[1].mlp.fc2.weight)
+    assert torch.equal(classifier.pos_embed, model.encoder.pos_embed)
+
+
+def test_published_recipes():
+    """mmpretrain maskfeat_vit-base-p16_8xb256-amp-coslr-300e_in1k: lr 1.6e-3 at 2048 (2e-4 per 256),
+    AdamW (0.9, 0.999), wd 0.05, clip 0.02, 30 warm-up epochs from 1e-6 x lr, cosine to 1e-6, 300 epochs,
+    crop (0.5, 1) bicubic, 78 of 196 patches in blocks of 15 or more; the mask token is not decayed,
+    the position table and the cls token are."""
+    import main_pretrain
+    import models_maskfeat
+    from util.optim import param_groups
+    args = main_pretrain.get_args_parser().parse_args(['--data_path', 'demo', '--model', 'maskfeat_vit_base'])
+    main_pretrain.fill_recipe(args)
+    assert (args.blr * 2048 / 256, args.opt_betas, args.weight_decay, args.clip_grad) == (1.6e-3, [0.9, 0.999], 0.05,
+                                                                                          0.02)
+    assert (args.warmup_epochs, args.epochs, args.min_lr, args.lr_schedule) == (30, 300, 1e-6, 'cosine')
+    assert args.warmup_blr == pytest.approx(args.blr * 1e-6)
+    assert (args.crop_min, args.interpolation, args.input_size) == (0.5, 'bicubic', 224)
+    model = models_maskfeat.maskfeat_vit_base_patch16(depth=1)
+    generator = model.mask_generator(args)
+    assert (generator.num_masking_patches, generator.min_num_patches) == (78, 15)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in param_groups(model, 0.05) if g['weight_decay'] == 0 for p in g['params']}
+    assert 'encoder.mask_token' in no_decay and 'encoder.pos_embed' not in no_decay
+    assert 'encoder.cls_token' not in no_decay

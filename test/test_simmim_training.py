@@ -105,6 +105,7 @@ def test_a_classifier_is_built_for_its_own_image_size_by_default():
     at theirs), in every mode; this is what the data transforms are built for too."""
     import main_finetune
     for argv, size in ((['--model', 'beit_tiny_patch8_64'], 64), (['--model', 'swin_base_patch4_window6_192'], 192),
+                       (['--model', 'vit_tiny_patch8'], 64), (['--model', 'vit_base_patch16'], 224),
                        (['--model', 'swin_base_patch4_window7_224', '--linprobe', '--finetune', 'x.pth'], 224),
                        (['--model', 'beit_tiny_patch8_64', '--input_size', 96], 96)):
         args = main_finetune.get_args_parser().parse_args(['--data_path', 'demo', *map(str, argv)])

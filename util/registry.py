@@ -14,7 +14,7 @@ import importlib
 from util.errors import UsageError, first_line
 
 # The flat model files at the top of the repository; a new method adds its file here.
-MODEL_FILES = ('models_mae', 'models_vit', 'models_simmim')
+MODEL_FILES = ('models_mae', 'models_vit', 'models_simmim', 'models_maskfeat')
 
 _PRETRAIN_MODELS = {}
 _RECIPES = {}
