@@ -1,0 +1,43 @@
+"""MaskFeat as a user runs it: a demo pre-training whose loss falls, fine-tuning its checkpoint with
+the published recipe, and bad input."""
+import pytest
+
+from helpers import read_jsonl, run_finetune, run_pretrain
+from util.errors import UsageError
+
+CPU = ['--num_workers', 0, '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def maskfeat_pretraining(demo_root, tmp_path_factory):
+    """One epoch of the demo with the tiny MaskFeat ViT, at a demo learning rate."""
+    out = tmp_path_factory.mktemp('maskfeat')
+    run_pretrain('--model', 'maskfeat_vit_tiny', '--data_path', 'demo', '--epochs', 1, '--warmup_epochs', 0,
+                 '--blr', 1e-3, '--log_freq', 5, *CPU, '--output_dir', out)
+    return out
+
+
+def test_demo_pretraining_loss_falls(maskfeat_pretraining):
+    steps = read_jsonl(maskfeat_pretraining / 'log.jsonl')
+    assert len(steps) >= 6
+    assert steps[-1]['loss'] < 0.8 * steps[0]['loss']
+
+
+def test_a_maskfeat_checkpoint_fine_tunes_with_its_recipe(maskfeat_pretraining, tmp_path, capsys):
+    run_finetune('--finetune', maskfeat_pretraining / 'checkpoint-last.pth', '--data_path', 'demo', '--batch_size', 32,
+                 '--epochs', 1, '--max_steps', 3, '--log_freq', 1, *CPU, '--output_dir', tmp_path)
+    out = capsys.readouterr().out
+    assert 'fine-tuning recipe published for maskfeat_vit_tiny checkpoints' in out
+    assert 'model vit_tiny_patch8' in out  # the recipe's classifier, at its own 64 px
+    steps = read_jsonl(tmp_path / 'log.jsonl')
+    assert len(steps) == 3 and steps[-1]['lr'] > 0
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--mask_count', 100], 'cannot mask 100 of 64 patches'),
+    (['--input_size', 60], 'must be a multiple of the patch size 8'),
+])
+def test_bad_input_is_one_line(flags, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        run_pretrain('--model', 'maskfeat_vit_tiny', '--data_path', 'demo', *flags, '--epochs', 1, '--max_steps', 1, *CPU,
+                     '--output_dir', tmp_path)
