@@ -32,3 +32,18 @@ def run_script(*argv, env=None, timeout=600, cwd=REPO):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def run_demo_pretraining(model, output_dir):
+    """One epoch of the demo with a tiny pre-training model at a demo learning rate, a log line
+    every 5 steps; returns output_dir."""
+    run_pretrain('--model', model, '--data_path', 'demo', '--epochs', 1, '--warmup_epochs', 0, '--blr', 1e-3,
+                 '--log_freq', 5, '--num_workers', 0, '--device', 'cpu', '--output_dir', output_dir)
+    return output_dir
+
+
+def assert_loss_fell(output_dir):
+    """The last logged loss of a run is below 80 % of its first."""
+    steps = read_jsonl(os.path.join(output_dir, 'log.jsonl'))
+    assert len(steps) >= 6
+    assert steps[-1]['loss'] < 0.8 * steps[0]['loss']
