@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from util.errors import UsageError
-from util.masking import BlockMask
+from util.masking import BlockMask, batch_masks
 from util.registry import register_pretrain_model
 
 
@@ -165,14 +165,9 @@ class MaskFeat(nn.Module):
         mask: (N, H/p, W/p) with 1 = masked, or None to draw one per image
         returns: loss, pred (N, L, D) the predicted HOG of every patch, mask (N, H/p, W/p)
         """
-        grid = tuple(s // self.encoder.patch_embed.patch_size[0] for s in imgs.shape[-2:])
-        if mask is None:
-            generator = BlockMask(self.grid, BlockMask.default_count(self.grid, self.mask_ratio),
-                                  self.mask_min_patches, min_aspect=self.mask_min_aspect)
-            mask = torch.stack([generator()['mask'] for _ in range(imgs.shape[0])]).to(imgs.device)
-        elif tuple(mask.shape) != (imgs.shape[0], *grid):
-            raise ValueError(f'the mask must have one entry per patch, {(imgs.shape[0], *grid)} for these images, '
-                             f'got {tuple(mask.shape)}')
+        default = BlockMask(self.grid, BlockMask.default_count(self.grid, self.mask_ratio), self.mask_min_patches,
+                            min_aspect=self.mask_min_aspect)
+        mask = batch_masks(imgs, mask, self.encoder.patch_embed.patch_size[0], default)
         pred = self.head(self.encoder.forward_masked(imgs, mask))
         return self.forward_loss(self.hog(imgs), pred, mask), pred, mask
 

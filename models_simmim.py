@@ -26,7 +26,7 @@ from timm.models import swin_transformer as timm_swin
 
 from util.checkpoint import encoder_of, register_pretrained_filter
 from util.errors import UsageError
-from util.masking import MaskPatches
+from util.masking import MaskPatches, batch_masks
 from util.optim import register_layer_ids
 from util.registry import classifier_kwargs, register_checkpoint_identifier, register_pretrain_model
 
@@ -148,11 +148,6 @@ class SimMIM(nn.Module):
         --mask_patch_size) at this encoder's patch grid."""
         return MaskPatches(self.img_size, args.mask_patch_size, self.patch_size, args.mask_ratio)
 
-    def draw_masks(self, n, device):
-        """n masks from the global random generator: (n, H/p, W/p)."""
-        generator = MaskPatches(self.img_size, self.mask_patch_size, self.patch_size, self.mask_ratio)
-        return torch.stack([generator()['mask'] for _ in range(n)]).to(device)
-
     def forward_loss(self, imgs, pred, mask):
         """
         imgs, pred: (N, C, H, W)
@@ -171,12 +166,8 @@ class SimMIM(nn.Module):
               --mask_patch_size of the model's recipe)
         returns: loss, pred (N, C, H, W) the reconstructed image, mask (N, H/p, W/p)
         """
-        grid = tuple(s // self.patch_size for s in imgs.shape[-2:])
-        if mask is None:
-            mask = self.draw_masks(imgs.shape[0], imgs.device)
-        elif tuple(mask.shape) != (imgs.shape[0], *grid):
-            raise ValueError(f'the mask must have one entry per patch, {(imgs.shape[0], *grid)} for these images, '
-                             f'got {tuple(mask.shape)}')
+        default = MaskPatches(self.img_size, self.mask_patch_size, self.patch_size, self.mask_ratio)
+        mask = batch_masks(imgs, mask, self.patch_size, default)
         pred = self.decoder(self.encoder.forward_masked(imgs, mask))
         return self.forward_loss(imgs, pred, mask), pred, mask
 

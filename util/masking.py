@@ -14,6 +14,17 @@ import torch
 from util.errors import UsageError
 
 
+def batch_masks(imgs, mask, patch_size, generator):
+    """The (N, H/p, W/p) masks of a batch of images: `mask` checked against their patch grid, or,
+    when None, one drawn per image by `generator` from the global random state."""
+    grid = (imgs.shape[0], *(s // patch_size for s in imgs.shape[-2:]))
+    if mask is None:
+        return torch.stack([generator()['mask'] for _ in range(imgs.shape[0])]).to(imgs.device)
+    if tuple(mask.shape) != grid:
+        raise ValueError(f'the mask must have one entry per patch, {grid} for these images, got {tuple(mask.shape)}')
+    return mask
+
+
 class UniformNoise:
     """MAE's random masking: one uniform value per patch; the model keeps the patches with the
     smallest values, so every subset of int(L * (1 - mask_ratio)) patches is equally likely."""
