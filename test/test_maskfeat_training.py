@@ -1,6 +1,7 @@
 """MaskFeat as a user runs it: a demo pre-training whose loss falls, fine-tuning its checkpoint with
 the published recipe, and bad input."""
 import pytest
+import torch
 
 from helpers import assert_loss_fell, read_jsonl, run_demo_pretraining, run_finetune, run_pretrain
 from util.errors import UsageError
@@ -36,3 +37,20 @@ def test_bad_input_is_one_line(flags, message, tmp_path):
     with pytest.raises(UsageError, match=message):
         run_pretrain('--model', 'maskfeat_vit_tiny', '--data_path', 'demo', *flags, '--epochs', 1, '--max_steps', 1, *CPU,
                      '--output_dir', tmp_path)
+
+
+def test_modelzoo_full_cases_reach_maskfeats_effective_batch(tmp_path):
+    import modelzoo
+    case = modelzoo.Case('pretrain', 'full', 8, ['--data_path=demo', '--model=maskfeat_vit_base'])
+    args = case.entry_point_args()
+    # mmpretrain's 8xb256: 256 images x 8 devices, no accumulation = 2048
+    assert args[args.index('--batch_size') + 1] == '256' and args[args.index('--accum_iter') + 1] == '1'
+    assert case.name == 'maskfeat_vit_base_pretrain_bs256_8p_acc'
+    # fine-tuning a MaskFeat checkpoint: its recipe's ViT-B and batch (8 x 256 = 2048), not MAE's (1024);
+    # on 4 devices the batch is reached with 2 micro-batches
+    torch.save({'model': {}, 'args': {'model': 'maskfeat_vit_base', 'epochs': 300}}, tmp_path / 'maskfeat.pth')
+    case = modelzoo.Case('finetune', 'full', 8, ['--data_path=demo', f'--finetune_pth={tmp_path / "maskfeat.pth"}',
+                                                 '--nproc=4'])
+    args = case.entry_point_args()
+    assert case.name == 'vit_base_patch16_finetune_bs256_4p_acc'
+    assert args[args.index('--batch_size') + 1] == '256' and args[args.index('--accum_iter') + 1] == '2'
