@@ -38,7 +38,7 @@ from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_
                          print_outputs, resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
 from util.optim import build_adamw, build_lars, param_groups
-from util.registry import create_classifier, finetune_recipe_of, native_input_size
+from util.registry import create_classifier, finetune_recipe_of, native_input_size, supervised_recipe_of
 
 AA_DEFAULT = 'rand-m9-mstd0.5-inc1'
 # The published recipes; None in a flag's default means "the recipe of the mode decides".
@@ -132,16 +132,22 @@ def get_args_parser():
 
 def fill_recipe(args):
     """Set every flag left at None to the recipe of the mode: with --finetune, the fine-tuning
-    recipe published with the checkpoint's pre-training (SimMIM's), else MAE's. returns: the mode."""
+    recipe published with the checkpoint's pre-training (SimMIM's, MaskFeat's, MAE-HiViT's), else
+    MAE's; from scratch, the model's own supervised recipe (HiViT's), else DeiT's. returns: the mode."""
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
-    recipe, published, source = dict(RECIPES[mode]), {}, None
+    recipe, published, args.recipe_source = dict(RECIPES[mode]), {}, None
     if mode == 'finetune' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
         source, published = finetune_recipe_of(checkpoint.load(args.finetune))
-        recipe = merge_recipes(recipe, published)
+        if published:
+            args.recipe_source = f'the fine-tuning recipe published for {source} checkpoints'
+    elif mode == 'scratch':
+        published = supervised_recipe_of(args.model or recipe['model'])
+        if published:
+            args.recipe_source = f'the supervised recipe published for {args.model}'
+    recipe = merge_recipes(recipe, published)
     if mode == 'finetune' and not published:
         recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
     apply_recipe(args, recipe)
-    args.recipe_source = source if published else None  # the pre-training whose fine-tuning recipe applies
     if args.input_size is None:
         args.input_size = native_input_size(args.model)
     if isinstance(args.aa, str) and args.aa.lower() == 'none':
@@ -280,9 +286,7 @@ def main(args):
     mode = fill_recipe(args)
     check_args(args)
     world, device, precision = start_run(args)
-    print(f'mode: {"evaluation" if args.eval else mode}' +
-          (f', with the fine-tuning recipe published for {args.recipe_source} checkpoints'
-           if args.recipe_source else ''))
+    print(f'mode: {"evaluation" if args.eval else mode}' + (f', with {args.recipe_source}' if args.recipe_source else ''))
     pin_memory = args.pin_mem and device.type != 'cpu'
 
     train_transform = pretrain_transform(args.input_size, scale=(args.crop_min, 1.0)) if args.linprobe \

@@ -92,8 +92,6 @@ class MaskedAutoencoderViT(nn.Module):
 
     def mask_generator(self, args):
         """What the data pipeline draws per sample for this model: MAE's uniform noise (--mask_ratio)."""
-        if not 0 <= args.mask_ratio < 1:
-            raise UsageError(f'--mask_ratio must be in [0, 1), got {args.mask_ratio}')
         return UniformNoise(self.num_patches, args.mask_ratio)
 
     def patchify(self, imgs):
@@ -101,26 +99,14 @@ class MaskedAutoencoderViT(nn.Module):
         imgs: (N, C, H, W)
         returns: (N, L, p*p*C), each patch flattened as (p, p, C)
         """
-        p = self.patch_embed.patch_size[0]
-        n, c, h_px, w_px = imgs.shape
-        assert h_px == w_px and h_px % p == 0, f'square images divisible by {p} expected, got {h_px}x{w_px}'
-        h = w = h_px // p
-        x = imgs.reshape(n, c, h, p, w, p)
-        x = torch.einsum('nchpwq->nhwpqc', x)
-        return x.reshape(n, h * w, p * p * c)
+        return patchify(imgs, self.patch_embed.patch_size[0])
 
     def unpatchify(self, x):
         """
         x: (N, L, p*p*C)
         returns: (N, C, H, W)
         """
-        p = self.patch_embed.patch_size[0]
-        c = self.patch_embed.proj.in_channels
-        h = w = int(x.shape[1] ** .5)
-        assert h * w == x.shape[1], f'a square grid of patches expected, got {x.shape[1]}'
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum('nhwpqc->nchpwq', x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.patch_embed.patch_size[0], self.patch_embed.proj.in_channels)
 
     def random_masking(self, x, mask_ratio, noise=None):
         """Keep a random subset of int(L * (1 - mask_ratio)) patches per sample.
@@ -131,20 +117,8 @@ class MaskedAutoencoderViT(nn.Module):
                  ids_restore (N, L) that undoes the shuffle
         """
         N, L, D = x.shape
-        len_keep = int(L * (1 - mask_ratio))
-        if noise is None:
-            noise = torch.rand(N, L, device=x.device)
-        elif noise.shape != (N, L):
-            raise ValueError(f'noise must have shape {(N, L)}, got {tuple(noise.shape)}')
-
-        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small is keep, large is masked
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
+        ids_keep, mask, ids_restore = masking_order(noise, N, L, mask_ratio, x.device)
         x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).expand(-1, -1, D))
-
-        mask = torch.ones([N, L], device=x.device)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, dim=1, index=ids_restore)
         return x_masked, mask, ids_restore
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
@@ -185,22 +159,8 @@ class MaskedAutoencoderViT(nn.Module):
         return x[:, 1:, :]
 
     def forward_loss(self, imgs, pred, mask):
-        """
-        imgs: (N, C, H, W)
-        pred: (N, L, p*p*C)
-        mask: (N, L), 0 keep / 1 masked
-        returns: mean squared error over the masked patches (each patch's error is its mean
-                 over pixels); with norm_pix_loss the target is each patch normalised by its
-                 own mean and (unbiased) variance
-        """
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
-        loss = (pred - target) ** 2
-        loss = loss.mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
+        """The MSE of pred (N, L, p*p*C) over the patches masked in mask (N, L): see pixel_loss."""
+        return pixel_loss(imgs, pred, mask, self.patch_embed.patch_size[0], self.norm_pix_loss)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
@@ -228,6 +188,70 @@ class MaskedAutoencoderViT(nn.Module):
         if wrong:
             raise UsageError(f'encoder weights of another shape: {wrong[:3]}')
         self.load_state_dict(state_dict, strict=False)
+
+
+def patchify(imgs, p):
+    """
+    imgs: (N, C, H, W), H and W multiples of p
+    returns: (N, L, p*p*C), each p x p patch flattened as (p, p, C), patches row by row
+    """
+    n, c, h_px, w_px = imgs.shape
+    assert h_px == w_px and h_px % p == 0, f'square images divisible by {p} expected, got {h_px}x{w_px}'
+    h = w = h_px // p
+    x = imgs.reshape(n, c, h, p, w, p)
+    x = torch.einsum('nchpwq->nhwpqc', x)
+    return x.reshape(n, h * w, p * p * c)
+
+
+def unpatchify(x, p, channels):
+    """
+    x: (N, L, p*p*C), a square grid of patches
+    returns: (N, C, H, W)
+    """
+    h = w = int(x.shape[1] ** .5)
+    assert h * w == x.shape[1], f'a square grid of patches expected, got {x.shape[1]}'
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    x = torch.einsum('nhwpqc->nchpwq', x)
+    return x.reshape(x.shape[0], channels, h * p, w * p)
+
+
+def masking_order(noise, N, L, mask_ratio, device):
+    """MAE's random masking as indices: the int(L * (1 - mask_ratio)) patches with the smallest
+    noise are kept.
+
+    noise: (N, L) in [0, 1), or None (drawn here)
+    returns: ids_keep (N, L_keep), mask (N, L) with 0 keep / 1 masked, ids_restore (N, L) that
+             puts the kept-then-masked order back into patch order
+    """
+    len_keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(N, L, device=device)
+    elif noise.shape != (N, L):
+        raise ValueError(f'noise must have shape {(N, L)}, got {tuple(noise.shape)}')
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small is keep, large is masked
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones([N, L], device=device)
+    mask[:, :len_keep] = 0
+    return ids_shuffle[:, :len_keep], torch.gather(mask, dim=1, index=ids_restore), ids_restore
+
+
+def pixel_loss(imgs, pred, mask, p, norm_pix_loss):
+    """
+    imgs: (N, C, H, W)
+    pred: (N, L, p*p*C)
+    mask: (N, L), 0 keep / 1 masked
+    returns: mean squared error over the masked patches (each patch's error is its mean over
+             pixels); with norm_pix_loss the target is each patch normalised by its own mean
+             and (unbiased) variance
+    """
+    target = patchify(imgs, p)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.e-6) ** .5
+    loss = (pred - target) ** 2
+    loss = loss.mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
 
 
 # The published pre-training recipe (ViT-B/L/H alike): the defaults of main_pretrain.py and of the

@@ -1,5 +1,6 @@
 """Helpers for the tests: run an entry point as a user would, read its logs."""
 import json
+import math
 import os
 import subprocess
 
@@ -34,12 +35,23 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def run_demo_pretraining(model, output_dir):
+def run_demo_pretraining(model, output_dir, blr=1e-3):
     """One epoch of the demo with a tiny pre-training model at a demo learning rate, a log line
     every 5 steps; returns output_dir."""
-    run_pretrain('--model', model, '--data_path', 'demo', '--epochs', 1, '--warmup_epochs', 0, '--blr', 1e-3,
+    run_pretrain('--model', model, '--data_path', 'demo', '--epochs', 1, '--warmup_epochs', 0, '--blr', blr,
                  '--log_freq', 5, '--num_workers', 0, '--device', 'cpu', '--output_dir', output_dir)
     return output_dir
+
+
+def finetune_demo_checkpoint(pretraining_dir, output_dir):
+    """Three fine-tuning steps from a demo pre-training's last checkpoint, with the recipe that
+    comes with it (its classifier included); returns the steps of log.jsonl."""
+    run_finetune('--finetune', os.path.join(pretraining_dir, 'checkpoint-last.pth'), '--data_path', 'demo',
+                 '--batch_size', 32, '--epochs', 1, '--max_steps', 3, '--log_freq', 1, '--num_workers', 0,
+                 '--device', 'cpu', '--output_dir', output_dir)
+    steps = read_jsonl(os.path.join(output_dir, 'log.jsonl'))
+    assert len(steps) == 3 and steps[-1]['lr'] > 0
+    return steps
 
 
 def assert_loss_fell(output_dir):
@@ -47,3 +59,21 @@ def assert_loss_fell(output_dir):
     steps = read_jsonl(os.path.join(output_dir, 'log.jsonl'))
     assert len(steps) >= 6
     assert steps[-1]['loss'] < 0.8 * steps[0]['loss']
+
+
+def formula_state(shapes):
+    """Deterministic weights by name, for golden values computed with the official code of a
+    method: the i-th name in sorted order gets a sine wave of phase i; layer scales near 0.1,
+    norm weights near 1, everything else of amplitude 0.05.
+    shapes: {name: shape}"""
+    import torch
+    out = {}
+    for i, k in enumerate(sorted(shapes)):
+        wave = torch.sin(torch.arange(math.prod(shapes[k]), dtype=torch.float64) * 0.37 + i).reshape(shapes[k])
+        if k.endswith(('gamma_1', 'gamma_2')):
+            out[k] = (0.1 + 0.01 * wave).float()
+        elif '.' in k and 'norm' in k.split('.')[-2] and k.endswith('weight'):
+            out[k] = (1 + 0.1 * wave).float()
+        else:
+            out[k] = (0.05 * wave).float()
+    return out

@@ -39,9 +39,11 @@ from util.device import VISIBLE_DEVICES  # noqa: E402 - the repository's util/, 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
 ENTRY_POINTS = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py'}
 DEFAULT_MODELS = {'pretrain': 'mae_vit_base', 'finetune': 'vit_base_patch16'}
-# MAE fine-tuning's per-device and effective batch (ViT-B/L/H alike); the pre-training recipes,
-# and the fine-tuning recipes published with a pre-training (SimMIM's), say their own.
+# MAE fine-tuning's per-device and effective batch (ViT-B/L/H alike), and DeiT's from scratch; the
+# pre-training recipes, the fine-tuning recipes published with a pre-training (SimMIM's) and the
+# supervised recipes of a classifier (HiViT's) say their own.
 MAE_FINETUNE_BATCHES = (32, 1024)
+DEIT_SCRATCH_BATCHES = (64, 1024)
 PERFORMANCE_STEPS = 200  # enough for a steady state; the first --log_freq steps are not counted
 PERFORMANCE_LOG_FREQ = 10  # at most; shorter runs log 4 times or more, so that 3 intervals are timed
 # Keys the case reads; any other --key=value goes to the entry point as it is.
@@ -83,14 +85,17 @@ def device_id():
 
 
 def recipe_of(kind, model, finetune_pth):
-    """The published recipe the case follows: the pre-training model's, or for fine-tuning the one
-    published with the checkpoint's pre-training (empty when there is none: MAE's then applies)."""
+    """The published recipe the case follows: the pre-training model's; for fine-tuning the one
+    published with the checkpoint's pre-training (empty when there is none: MAE's then applies);
+    without a checkpoint, the model's supervised recipe (empty when there is none: DeiT's)."""
     from util import checkpoint, registry
     from util.errors import UsageError
     try:
         if kind == 'pretrain':
             return registry.pretrain_recipe(model)
-        if not finetune_pth or not os.path.isfile(finetune_pth):  # the entry point reports a missing file
+        if not finetune_pth:
+            return registry.supervised_recipe_of(model)
+        if not os.path.isfile(finetune_pth):  # the entry point reports a missing file
             return {}
         return registry.finetune_recipe_of(checkpoint.load(finetune_pth))[1]
     except UsageError as e:
@@ -118,7 +123,7 @@ class Case:
         self.device = args.get('device', 'auto')
         self.nproc = int(args.get('nproc', default_nproc))
         batch_size, effective = (recipe['batch_size'], recipe['effective_batch']) if 'effective_batch' in recipe \
-            else MAE_FINETUNE_BATCHES
+            else MAE_FINETUNE_BATCHES if 'finetune_pth' in args else DEIT_SCRATCH_BATCHES
         self.batch_size = int(args.get('batch_size', batch_size))
         self.args = args
         self.network = f'{self.model}_{kind}'
@@ -128,9 +133,6 @@ class Case:
         self.console_log = os.path.join(self.output_dir, f'train_{self.name}.log')
         if kind == 'pretrain' and 'finetune_pth' in args:
             raise CaseError('--finetune_pth= is for the fine-tuning scripts; pre-training starts from random weights')
-        if length == 'full' and kind == 'finetune' and 'finetune_pth' not in args:
-            raise CaseError('--finetune_pth= is required: the pre-trained checkpoint to fine-tune, e.g. '
-                            'test/output/0/mae_vit_base_pretrain_bs64_8p_acc/checkpoint-799.pth')
         if 'accum_iter' in args:
             self.accum_iter = int(args['accum_iter'])
         elif length == 'full':
@@ -173,8 +175,9 @@ class Case:
             print(f'removing the previous performance run {self.run_dir}')
             shutil.rmtree(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
-        if self.length == 'performance' and self.kind == 'finetune' and 'finetune_pth' not in self.args:
-            print('no --finetune_pth=: timing a randomly initialised model (the speed does not depend on the weights)')
+        if self.kind == 'finetune' and 'finetune_pth' not in self.args:
+            print('no --finetune_pth=: supervised training from scratch, with the model\'s own recipe where one is '
+                  'published (HiViT\'s), else DeiT\'s')
 
     def run(self):
         self.prepare_run_dir()

@@ -3,7 +3,7 @@ the published recipe, and bad input."""
 import pytest
 import torch
 
-from helpers import assert_loss_fell, read_jsonl, run_demo_pretraining, run_finetune, run_pretrain
+from helpers import assert_loss_fell, finetune_demo_checkpoint, run_demo_pretraining, run_pretrain
 from util.errors import UsageError
 
 CPU = ['--num_workers', 0, '--device', 'cpu']
@@ -20,13 +20,10 @@ def test_demo_pretraining_loss_falls(maskfeat_pretraining):
 
 
 def test_a_maskfeat_checkpoint_fine_tunes_with_its_recipe(maskfeat_pretraining, tmp_path, capsys):
-    run_finetune('--finetune', maskfeat_pretraining / 'checkpoint-last.pth', '--data_path', 'demo', '--batch_size', 32,
-                 '--epochs', 1, '--max_steps', 3, '--log_freq', 1, *CPU, '--output_dir', tmp_path)
+    finetune_demo_checkpoint(maskfeat_pretraining, tmp_path)
     out = capsys.readouterr().out
     assert 'fine-tuning recipe published for maskfeat_vit_tiny checkpoints' in out
     assert 'model vit_tiny_patch8' in out  # the recipe's classifier, at its own 64 px
-    steps = read_jsonl(tmp_path / 'log.jsonl')
-    assert len(steps) == 3 and steps[-1]['lr'] > 0
 
 
 @pytest.mark.parametrize('flags, message', [

@@ -1,13 +1,13 @@
 """SimMIM: the model against the official code's numbers, its masking, loss and mask token, and
 the loading of official-layout checkpoints."""
 import hashlib
-import math
 import re
 
 import pytest
 import torch
 
 import models_simmim
+from helpers import formula_state
 from util.errors import UsageError
 from util.masking import MaskPatches
 
@@ -33,21 +33,6 @@ def tiny_swin():
 def tiny_vit():
     """The official ViT of the golden values: 64 px, patch 8, 48 x 2, 2 heads, no drop path."""
     return models_simmim.simmim_vit_tiny_patch8_64(embed_dim=48, depth=2, num_heads=2, drop_path_rate=0.0)
-
-
-def formula_state(shapes):
-    """Deterministic weights by name: the i-th name in sorted order gets a sine wave of phase i;
-    layer scales near 0.1, norm weights near 1, everything else of amplitude 0.05."""
-    out = {}
-    for i, k in enumerate(sorted(shapes)):
-        wave = torch.sin(torch.arange(math.prod(shapes[k]), dtype=torch.float64) * 0.37 + i).reshape(shapes[k])
-        if k.endswith(('gamma_1', 'gamma_2')):
-            out[k] = (0.1 + 0.01 * wave).float()
-        elif 'norm' in k.split('.')[-2] and k.endswith('weight'):
-            out[k] = (1 + 0.1 * wave).float()
-        else:
-            out[k] = (0.05 * wave).float()
-    return out
 
 
 def inputs(grid):

@@ -5,7 +5,7 @@ and bad input."""
 import pytest
 import torch
 
-from helpers import assert_loss_fell, read_jsonl, run_demo_pretraining, run_finetune, run_pretrain, run_script
+from helpers import assert_loss_fell, finetune_demo_checkpoint, read_jsonl, run_demo_pretraining, run_finetune, run_pretrain, run_script
 from util.errors import UsageError
 
 CPU = ['--num_workers', 0, '--device', 'cpu']
@@ -181,8 +181,7 @@ def test_demo_pretraining_loss_falls(vit_pretraining):
 def test_finetuning_from_the_demo_pretraining_expands_the_shared_table(vit_pretraining, tmp_path):
     """The recipe's classifier (beit_tiny_patch8_64, a table per block) starts from the shared one."""
     from util import checkpoint
-    run_finetune('--finetune', vit_pretraining / 'checkpoint-last.pth', '--data_path', 'demo', '--batch_size', 32,
-                 '--epochs', 1, '--max_steps', 3, '--log_freq', 1, *CPU, '--output_dir', tmp_path)
+    finetune_demo_checkpoint(vit_pretraining, tmp_path)
     epoch = read_jsonl(tmp_path / 'log.txt')[-1]
     assert epoch['test_acc1'] >= 0 and torch.isfinite(torch.tensor(epoch['train_loss']))
     shared = checkpoint.load(vit_pretraining / 'checkpoint-last.pth')['model'][

@@ -30,6 +30,8 @@ class UniformNoise:
     smallest values, so every subset of int(L * (1 - mask_ratio)) patches is equally likely."""
 
     def __init__(self, num_patches, mask_ratio=0.75):
+        if not 0 <= mask_ratio < 1:
+            raise UsageError(f'--mask_ratio must be in [0, 1), got {mask_ratio}')
         self.num_patches = num_patches
         self.forward_kwargs = {'mask_ratio': mask_ratio}
 

@@ -14,10 +14,11 @@ import importlib
 from util.errors import UsageError, first_line
 
 # The flat model files at the top of the repository; a new method adds its file here.
-MODEL_FILES = ('models_mae', 'models_vit', 'models_simmim', 'models_maskfeat')
+MODEL_FILES = ('models_mae', 'models_vit', 'models_simmim', 'models_maskfeat', 'models_hivit')
 
 _PRETRAIN_MODELS = {}
 _RECIPES = {}
+_SUPERVISED_RECIPES = {}
 _CHECKPOINT_IDENTIFIERS = []
 
 
@@ -45,6 +46,22 @@ def pretrain_recipe(name, epochs=None):
     recipes = _RECIPES[name]
     chosen = next((r for r in recipes if r.get('epochs') == epochs), recipes[0] if recipes else {})
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in chosen.items()}
+
+
+def supervised_recipe(recipe):
+    """Decorator for a timm classifier factory of a model file: its published recipe of supervised
+    training from scratch (flag defaults of main_finetune.py without --finetune, with the
+    per-device 'batch_size' and the 'effective_batch' of the ModelZoo scripts)."""
+    def register(factory):
+        _SUPERVISED_RECIPES[factory.__name__] = dict(recipe)
+        return factory
+    return register
+
+
+def supervised_recipe_of(name):
+    """The published from-scratch recipe of a classifier (a copy; {} when none is published)."""
+    import_model_files()
+    return dict(_SUPERVISED_RECIPES.get(name, {}))
 
 
 def register_checkpoint_identifier(identify):
