@@ -34,6 +34,7 @@ from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build
                            eval_transform, finetune_transform, pretrain_transform)
 from util.engine import evaluate, train
 from util.errors import UsageError, run_cli
+from util.images import BadImages
 from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, merge_recipes,
                          print_outputs, resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
@@ -311,7 +312,8 @@ def main(args):
         return stats
 
     mixup = build_mixup(args, num_classes)
-    dataset = SeededSamples(train_folder, args.seed, batch_seeds=mixup is not None)
+    dataset = SeededSamples(train_folder, args.seed, batch_seeds=mixup is not None,
+                            bad_images=BadImages.of_run(args.output_dir, world.rank))
     loader = build_loader(dataset, world, args, pin_memory, collate_fn=MixupCollate(mixup) if mixup else None)
     print(f'{len(dataset)} training images, {len(val_folder)} validation images, '
           f'{len(loader)} batches of {args.batch_size} per process')
@@ -330,7 +332,7 @@ def main(args):
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
                   start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=evaluation, ema=ema)
     logger.close()
-    print_outputs(args, stats, time.time() - start_time)
+    print_outputs(args, stats, time.time() - start_time, dataset.bad_images)
     if stats:
         print(f"final top-1 accuracy {stats['test_acc1']:.2f}%, best {evaluation.best:.2f}% "
               f"({os.path.join(args.output_dir, checkpoint.BEST) if args.output_dir else 'not saved'})")

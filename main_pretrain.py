@@ -18,6 +18,7 @@ import torch
 
 from util import dist
 from util.datasets import EpochSampler, SeededSamples, build_image_folder, build_loader, pretrain_transform
+from util.images import BadImages
 from util.engine import train
 from util.errors import run_cli
 from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, fingerprint,
@@ -120,7 +121,7 @@ def main(args):
     mask_generator = model.mask_generator(args)
     transform = pretrain_transform(args.input_size, scale=(args.crop_min, 1.0), interpolation=args.interpolation)
     dataset = SeededSamples(build_image_folder(args.data_path, 'train', transform), args.seed,
-                            mask_generator=mask_generator)
+                            mask_generator=mask_generator, bad_images=BadImages.of_run(args.output_dir, world.rank))
     if args.align:
         print_fingerprints(model, dataset, args.seed)
     model.to(device.torch_device)
@@ -139,7 +140,7 @@ def main(args):
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
                   start_epoch=start_epoch, start_iter=start_iter, progress=progress)
     logger.close()
-    print_outputs(args, stats, time.time() - start_time)
+    print_outputs(args, stats, time.time() - start_time, dataset.bad_images)
     dist.destroy_process_group()
 
 

@@ -20,6 +20,7 @@ from torchvision import datasets, transforms
 
 from util import demo_data
 from util.errors import UsageError
+from util.images import UnreadableImage, load_rgb
 
 DEMO = 'demo'
 
@@ -89,9 +90,12 @@ def eval_transform(input_size):
 
 
 def build_image_folder(data_path, split, transform):
+    """An ImageFolder of `split` whose images are decoded by util.images.load_rgb (any mode to RGB,
+    UnreadableImage for a broken file). A split without class folders, or with a class folder
+    without images, is a UsageError."""
     root = os.path.join(resolve_data_root(data_path), split)
     try:
-        return datasets.ImageFolder(root, transform=transform)
+        return datasets.ImageFolder(root, transform=transform, loader=load_rgb)
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f'cannot read the {split} images under {root!r}: {e}') from None
 
@@ -120,28 +124,53 @@ def seeded_global_rngs(seed):
         random.setstate(py_state)
 
 
+# Replacements tried for one unreadable image before the run stops (a folder of broken files).
+MAX_REPLACEMENT_TRIES = 20
+
+
 class SeededSamples(Dataset):
     """Wraps a map-style dataset of (image, target) pairs; indexed by (index, epoch).
 
     With a mask generator, a sample is (image, mask_kwargs) for pre-training, the target
     dropped; with `batch_seeds` it is (image, target, seed) and `MixupCollate` draws the mix of
     a batch from the seed of its first sample; else it is (image, target).
+
+    With `bad_images` (util.images.BadImages; training), an unreadable image is recorded there
+    and replaced by another sample drawn from (seed, epoch, index), with the augmentation of
+    the sample it replaces: the run stays reproducible and resumable. Without (evaluation), it
+    is a UsageError naming the file.
     """
 
-    def __init__(self, dataset, seed, mask_generator=None, batch_seeds=False):
+    def __init__(self, dataset, seed, mask_generator=None, batch_seeds=False, bad_images=None):
         self.dataset = dataset
         self.seed = seed
         self.mask_generator = mask_generator
         self.batch_seeds = batch_seeds
+        self.bad_images = bad_images
 
     def __len__(self):
         return len(self.dataset)
+
+    def read(self, index, epoch):
+        """dataset[index], or with bad_images a readable replacement of it."""
+        for attempt in range(MAX_REPLACEMENT_TRIES + 1):
+            try:
+                return self.dataset[index]
+            except UnreadableImage as e:
+                if self.bad_images is None:
+                    raise UsageError(f'unreadable image {e}: the accuracy would be computed over another set of '
+                                     f'images; repair or remove the file') from None
+                self.bad_images.record(e)
+                last_error = e
+                index = int(np.random.default_rng([self.seed, epoch, index, attempt]).integers(len(self.dataset)))
+        raise UsageError(f'{MAX_REPLACEMENT_TRIES} replacements in a row were unreadable too (the last: '
+                         f'{last_error}): check the data set')
 
     def __getitem__(self, index_and_epoch):
         index, epoch = index_and_epoch
         aug_seed, mask_seed = sample_seeds(self.seed, epoch, index)
         with seeded_global_rngs(aug_seed):
-            image, target = self.dataset[index]
+            image, target = self.read(index, epoch)
         if self.mask_generator is not None:
             return image, self.mask_generator(torch.Generator().manual_seed(mask_seed))
         if self.batch_seeds:

@@ -84,6 +84,21 @@ def iters_per_epoch(loader, accum_iter):
     return full_batches // accum_iter * accum_iter
 
 
+def log_step_values(mean_loss, loader, args):
+    """The loss of the interval averaged over all ranks, and the samples replaced for unreadable
+    images in all ranks since the run started (util.images; the run stops past
+    --max_bad_images), in one reduction.
+    returns: (loss, replaced images)"""
+    bad_images = getattr(loader.dataset, 'bad_images', None)
+    replaced = bad_images.poll() if bad_images is not None else 0
+    values = torch.stack([mean_loss.float(), torch.tensor(float(replaced), device=mean_loss.device)])
+    mean_loss, mean_replaced = dist.all_reduce_mean(values).tolist()
+    replaced = round(mean_replaced * dist.get_world_size())
+    if bad_images is not None:
+        bad_images.check(replaced, args.max_bad_images)
+    return mean_loss, replaced
+
+
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
                     progress, throughput, logger, start_iter=0, ema=None):
     """Train for one epoch (or what remains of it after `start_iter` micro-batches).
@@ -147,7 +162,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             continue
 
         # a log step: the one place where the host waits for the device
-        mean_loss = dist.all_reduce_mean(loss_sum / micro_batches).item()
+        mean_loss, bad_images = log_step_values(loss_sum / micro_batches, loader, args)
         toc = time.perf_counter()
         ips = throughput.add(images, toc - tic)
         if not math.isfinite(mean_loss):
@@ -159,6 +174,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
                   'time': round(time.time(), 3)}
         if grad_norm is not None:
             record['grad_norm'] = grad_norm.item()
+        if bad_images:
+            record['bad_images'] = bad_images
         if device.max_memory_allocated():
             record['mem_mb'] = round(device.max_memory_allocated() / 2 ** 20)
         seconds_per_step = (toc - tic) / (images / images_per_step)

@@ -11,8 +11,18 @@ def run_cli(main, *args):
     try:
         return main(*args)
     except UsageError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        print(f'error: {usage_message(e)}', file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def usage_message(error):
+    """A UsageError's message. One raised in a data-loader worker comes back re-raised with the
+    worker's traceback as its message ('Caught UsageError in DataLoader worker process 0. Original
+    Traceback ...'), whose last line holds the original message."""
+    text = str(error)
+    if text.startswith('Caught ') and 'Original Traceback' in text:
+        return text.strip().splitlines()[-1].partition(': ')[2]
+    return text
 
 
 def first_line(exc):

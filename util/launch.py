@@ -12,6 +12,7 @@ from util import checkpoint, dist
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
 from util.engine import Progress
 from util.errors import UsageError
+from util.images import DEFAULT_MAX_BAD_IMAGES
 from util.lr_sched import SCHEDULES
 
 
@@ -102,6 +103,9 @@ def add_run_args(parser):
                         help='data-loading processes per training process (default: 10, or the number of CPUs if fewer)')
     parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
                         help='pin host memory in the data loader for faster copies to the device')
+    parser.add_argument('--max_bad_images', default=DEFAULT_MAX_BAD_IMAGES, type=int,
+                        help='training replaces an unreadable image by another sample and reports it; past this many '
+                             'replacements (all processes together) the run stops (default: %(default)s)')
 
 
 def check_run_args(args):
@@ -186,9 +190,12 @@ def compile_and_wrap(model, device, args):
     return torch.compile(model_ddp) if args.compile else model_ddp
 
 
-def print_outputs(args, stats, seconds):
-    """The closing lines: time, throughput, final loss, and where the files are."""
+def print_outputs(args, stats, seconds, bad_images=None):
+    """The closing lines: time, throughput, final loss, replaced images, and where the files are."""
     print(f'training time {seconds:.0f} s')
+    if bad_images is not None and bad_images.poll():
+        print(f'unreadable images replaced by other samples in this process: {bad_images.replacements} '
+              f'({len(bad_images.files)} files, listed in {bad_images.path})')
     if stats:
         print(f"steady-state throughput: {stats['ips']:.1f} images/s; final loss {stats['loss']:.4f}")
     if args.output_dir:

@@ -1,0 +1,133 @@
+"""Data sets with broken and unusual files: every image mode is converted to RGB, an unreadable
+training image is replaced deterministically, reported once and counted, too many of them stop
+the run with one line, an unreadable validation image is an error, and empty folders are refused."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import read_jsonl, run_pretrain, run_script
+from util.datasets import SeededSamples, build_image_folder, pretrain_transform
+from util.errors import UsageError
+from util.images import BadImages, UnreadableImage, load_rgb
+
+CPU = ['--num_workers', 0, '--device', 'cpu']
+
+
+def write_broken_files(folder):
+    """A truncated JPEG, a zero-byte file and a text file, each named like an image.
+    returns: their paths"""
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(folder / 'whole.jpg', quality=90)
+    data = (folder / 'whole.jpg').read_bytes()
+    (folder / 'whole.jpg').unlink()
+    paths = [folder / 'truncated.jpg', folder / 'empty.jpg', folder / 'text.png']
+    paths[0].write_bytes(data[:len(data) // 3])
+    paths[1].write_bytes(b'')
+    paths[2].write_text('not an image')
+    return [str(p) for p in paths]
+
+
+@pytest.fixture
+def broken_folder(small_folder, tmp_path):
+    """small_folder (2 classes x 32 training images, 9 + 8 validation) with three of the first
+    training class's images replaced by broken files: 64 images, every one read in each epoch of
+    batches of 16."""
+    root = tmp_path / 'data'
+    shutil.copytree(small_folder, root)
+    first_class = root / 'train' / sorted(os.listdir(root / 'train'))[0]
+    for name in sorted(os.listdir(first_class))[:3]:
+        (first_class / name).unlink()
+    return root, write_broken_files(first_class)
+
+
+def test_every_image_mode_becomes_8_bit_rgb(tmp_path):
+    """16-bit grayscale keeps its top 8 bits (0x1234 -> 0x12); the other modes through Pillow."""
+    sixteen = np.full((4, 4), 0x1234, np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / 'sixteen.png')
+    rgba = Image.new('RGBA', (4, 4), (10, 20, 30, 0))
+    images = {'gray.png': Image.new('L', (4, 4), 77), 'cmyk.jpg': Image.new('CMYK', (4, 4), (0, 255, 0, 0)),
+              'palette.png': Image.new('RGB', (4, 4), (200, 100, 50)).convert('P', palette=Image.Palette.ADAPTIVE), 'rgba.png': rgba,
+              'gray_alpha.png': Image.new('LA', (4, 4), (90, 255))}
+    for name, img in images.items():
+        img.save(tmp_path / name)
+    expected = {'sixteen.png': (0x12,) * 3, 'gray.png': (77,) * 3, 'palette.png': (200, 100, 50),
+                'rgba.png': (10, 20, 30), 'gray_alpha.png': (90,) * 3}
+    for name, pixel in expected.items():
+        img = load_rgb(str(tmp_path / name))
+        assert img.mode == 'RGB' and img.getpixel((1, 1)) == pixel, name
+    cmyk = load_rgb(str(tmp_path / 'cmyk.jpg'))  # magenta, through JPEG's lossy coding
+    assert cmyk.mode == 'RGB' and cmyk.getpixel((1, 1))[1] < 40 and min(cmyk.getpixel((1, 1))[::2]) > 200
+
+
+def test_broken_files_raise_unreadable_image(tmp_path):
+    for path in write_broken_files(tmp_path):
+        with pytest.raises(UnreadableImage) as error:
+            load_rgb(path)
+        assert error.value.path == path
+
+
+def test_a_bad_sample_is_replaced_by_the_same_sample_every_time(broken_folder, tmp_path):
+    """The replacement depends on (seed, epoch, index) only, and the augmentation is the one of the
+    sample it replaces; each replacement is recorded for the training process."""
+    root, broken = broken_folder
+    folder = build_image_folder(str(root), 'train', pretrain_transform(64))
+    bad_index = next(i for i, (path, _) in enumerate(folder.samples) if path == broken[0])
+    record = BadImages(str(tmp_path), rank=0)
+    samples = SeededSamples(folder, seed=3, bad_images=record)
+    first, again = samples[(bad_index, 5)], samples[(bad_index, 5)]
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    assert record.poll() == 2 and list(record.files) == [broken[0]]
+    replacement = samples[(bad_index, 6)][0]
+    assert not torch.equal(replacement, first[0])  # another epoch, another draw
+
+
+def test_training_replaces_reports_and_counts_bad_images(broken_folder, tmp_path, capsys):
+    root, broken = broken_folder
+    run_pretrain('--model', 'mae_vit_tiny', '--data_path', root, '--batch_size', 16, '--epochs', 2, '--log_freq', 1,
+                 '--warmup_epochs', 0, *CPU, '--output_dir', tmp_path)
+    out = capsys.readouterr().out
+    for path in broken:  # each file once, though every epoch meets it
+        assert out.count(f'warning: unreadable image replaced by another sample: {path}') == 1
+    steps = read_jsonl(tmp_path / 'log.jsonl')
+    assert steps[-1]['bad_images'] == 2 * len(broken)  # two epochs, every sample read once in each
+    assert 'unreadable images replaced by other samples in this process: 6 (3 files' in out
+
+
+def test_past_max_bad_images_the_run_stops_naming_the_files(broken_folder, tmp_path):
+    root, broken = broken_folder
+    result = run_script('python', 'main_pretrain.py', '--model', 'mae_vit_tiny', '--data_path', root,
+                        '--batch_size', 16, '--epochs', 1, '--log_freq', 1, '--max_bad_images', 2, '--num_workers', 1,
+                        '--device', 'cpu', '--output_dir', tmp_path)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith('error: 3 unreadable images were replaced, more than --max_bad_images 2')
+    assert all(path in last_line for path in broken)
+
+
+def test_an_unreadable_validation_image_is_an_error_naming_it(small_folder, tmp_path):
+    root = tmp_path / 'data'
+    shutil.copytree(small_folder, root)
+    val_class = root / 'val' / sorted(os.listdir(root / 'val'))[1]
+    broken = write_broken_files(val_class)[1]
+    # in a data-loader worker (the evaluation after the step): the worker's error comes back as one line
+    result = run_script('python', 'main_finetune.py', '--model', 'vit_tiny_patch8', '--data_path', root,
+                        '--batch_size', 8, '--epochs', 1, '--max_steps', 1, '--num_workers', 1, '--device', 'cpu',
+                        '--output_dir', tmp_path / 'out')
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f'error: unreadable image {broken}') and 'over another set of images' in last_line
+
+
+def test_empty_folders_are_clear_errors(small_folder, tmp_path):
+    root = tmp_path / 'data'
+    shutil.copytree(small_folder, root)
+    (root / 'train' / 'empty_class').mkdir()
+    with pytest.raises(UsageError, match='Found no valid file for the classes empty_class'):
+        build_image_folder(str(root), 'train', None)
+    empty = tmp_path / 'empty'
+    (empty / 'train').mkdir(parents=True)
+    with pytest.raises(UsageError, match="cannot read the train images under .*find any class folder"):
+        build_image_folder(str(empty), 'train', None)

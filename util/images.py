@@ -1,0 +1,101 @@
+"""Reading images, and what happens when one cannot be read.
+
+`load_rgb` decodes any image Pillow reads into 8-bit RGB (grayscale, CMYK, palette, RGBA and
+16-bit images are converted) or raises `UnreadableImage` (truncated, corrupt, zero-byte, not an
+image). During training such an image is replaced by another sample (util.datasets), and the
+data-loader worker that met it records it in a `BadImages` file of its process; the training
+process reads those files at its log steps, reports each file once, counts the replacements in
+log.jsonl and stops the run past --max_bad_images. In evaluation an unreadable image is an error.
+"""
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+from util.errors import UsageError, first_line
+
+# What Pillow raises for files it cannot decode: OSError (truncated, unidentified, zero bytes),
+# SyntaxError and ValueError (corrupt headers), DecompressionBombError (absurd sizes).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+DEFAULT_MAX_BAD_IMAGES = 100
+
+
+class UnreadableImage(Exception):
+    """An image file that could not be decoded: str is 'path: reason'."""
+
+    def __init__(self, path, reason):
+        super().__init__(f'{path}: {reason}')
+        self.path, self.reason = path, reason
+
+
+def to_rgb(img):
+    """8-bit RGB of a decoded Pillow image: 16-bit (and 32-bit integer) grayscale keeps its top 8
+    bits, palette images go through RGBA, alpha is dropped (as torchvision's loader does)."""
+    if img.mode.startswith('I'):  # 'I;16*' or 'I': integer grayscale, up to 16 bits of range
+        values = np.asarray(img, dtype=np.int64)
+        if img.mode.startswith('I;16') or values.max(initial=0) > 255:
+            values = values >> 8
+        img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode='L')
+    elif img.mode == 'P':
+        img = img.convert('RGBA')
+    return img if img.mode == 'RGB' else img.convert('RGB')
+
+
+def load_rgb(path):
+    """The image at `path` in 8-bit RGB; UnreadableImage when it cannot be decoded."""
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            img.load()
+        return to_rgb(img)
+    except DECODE_ERRORS as e:
+        raise UnreadableImage(path, first_line(e)) from None
+
+
+class BadImages:
+    """The images a process's data-loader workers could not read: one line per replacement
+    ('path<TAB>reason') appended to <directory>/bad_images.rank<R>.txt by the workers (appends of
+    one short line do not interleave), read back by the training process with `poll`."""
+
+    def __init__(self, directory, rank):
+        self.path = os.path.join(directory or tempfile.mkdtemp(prefix='bad-images-'), f'bad_images.rank{rank}.txt')
+        self.offset = 0
+        self.replacements = 0
+        self.files = {}  # path -> reason, in the order met
+
+    @classmethod
+    def of_run(cls, output_dir, rank):
+        """The record of a run in output_dir (a temporary folder without one); an earlier
+        invocation's lines in it are not counted again."""
+        record = cls(output_dir, rank)
+        record.offset = os.path.getsize(record.path) if os.path.exists(record.path) else 0
+        return record
+
+    def record(self, error):
+        with open(self.path, 'a') as f:
+            f.write(f'{error.path}\t{error.reason}\n')
+
+    def poll(self):
+        """Read what the workers recorded since the last poll; print each new file once.
+        returns: replacements in this process since the run started"""
+        if not os.path.exists(self.path):
+            return self.replacements
+        with open(self.path) as f:
+            f.seek(self.offset)
+            lines = f.readlines()
+            self.offset = f.tell()
+        for line in lines:
+            path, _, reason = line.rstrip('\n').partition('\t')
+            self.replacements += 1
+            if path not in self.files:
+                self.files[path] = reason
+                print(f'warning: unreadable image replaced by another sample: {path} ({reason})')
+        return self.replacements
+
+    def check(self, total, limit):
+        """Stop the run when more than `limit` samples were replaced in all processes together."""
+        if total > limit:
+            names = ', '.join(list(self.files)[:5])
+            raise UsageError(f'{total} unreadable images were replaced, more than --max_bad_images {limit}: {names} '
+                             f'(all in {self.path}); repair or remove them, or raise --max_bad_images')
