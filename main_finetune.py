@@ -247,10 +247,11 @@ def best_accuracy_so_far(output_dir):
 class EpochEvaluation:
     """After each epoch: evaluate (and the EMA weights with --model_ema), keep checkpoint-best.pth."""
 
-    def __init__(self, model, ema, loader, device, precision, args):
+    def __init__(self, model, ema, loader, device, precision, args, resuming):
         self.model, self.ema, self.loader = model, ema, loader
         self.device, self.precision, self.args = device, precision, args
-        self.best = best_accuracy_so_far(args.output_dir)
+        # a fresh run in a folder with an old log.txt does not inherit its best accuracy
+        self.best = best_accuracy_so_far(args.output_dir) if resuming else float('-inf')
 
     def __call__(self, epoch, stats):
         results = {f'test_{k}': v for k, v in self.evaluate(self.model).items() if k != 'images'}
@@ -327,7 +328,7 @@ def main(args):
     model_ddp = compile_and_wrap(model, device, args)
     logger = RunLogger(args.output_dir, args.log_dir, enabled=dist.is_main_process())
     loss_fn = partial(classification_loss, criterion=build_criterion(args))
-    evaluation = EpochEvaluation(model, ema, val_loader, device, precision, args)
+    evaluation = EpochEvaluation(model, ema, val_loader, device, precision, args, resuming)
     start_time = time.time()
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
                   start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=evaluation, ema=ema)

@@ -307,8 +307,9 @@ class HiViTMaskedAutoencoder(HiViT):
         self.apply(self._init_weights)
 
     def no_weight_decay(self):
-        """Besides the position tables, the mask token, as MAE's models here do."""
-        return super().no_weight_decay() | {'mask_token', 'decoder_pos_embed'}
+        """As in the official pre-training: only 1-D parameters and biases escape weight decay (the
+        position table and the mask token are decayed); the decoder's table is frozen."""
+        return {'decoder_pos_embed'}
 
     @property
     def num_patches(self):

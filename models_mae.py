@@ -83,8 +83,10 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     def no_weight_decay(self):
-        """Tokens and position tables are not decayed (the tables are frozen anyway)."""
-        return {'cls_token', 'mask_token', 'pos_embed', 'decoder_pos_embed'}
+        """As in the official pre-training (timm's add_weight_decay without a skip list): only 1-D
+        parameters and biases escape weight decay; the cls and mask tokens are decayed. The sin-cos
+        tables are frozen, so not optimised at all."""
+        return {'pos_embed', 'decoder_pos_embed'}
 
     @property
     def num_patches(self):

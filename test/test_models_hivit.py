@@ -202,13 +202,18 @@ def test_layer_ids_are_the_official_ones():
         assert scales[key] == pytest.approx(0.85 ** (29 - layer)), key
 
 
-def test_weight_decay_spares_norms_biases_and_position_tables():
+def test_weight_decay_spares_norms_biases_and_position_tables_but_not_in_mae_pre_training():
     model = timm.create_model('hivit_tiny_patch8_64', num_classes=10)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in param_groups(model, 0.05) if g['weight_decay'] == 0 for p in g['params']}
     assert {'absolute_pos_embed', 'blocks.13.attn.relative_position_bias_table', 'fc_norm.weight',
             'blocks.0.mlp.fc1.bias'} <= no_decay
     assert 'blocks.2.reduction.weight' not in no_decay and 'blocks.13.attn.qkv.weight' not in no_decay
+    # the official MAE-HiViT pre-training decays all but 1-D parameters and biases
+    mae = models_hivit.mae_hivit_tiny_patch8_64(depths=(1, 1, 2))
+    names = {id(p): n for n, p in mae.named_parameters()}
+    no_decay = {names[id(p)] for g in param_groups(mae, 0.05) if g['weight_decay'] == 0 for p in g['params']}
+    assert no_decay == {n for n, p in mae.named_parameters() if p.requires_grad and (p.ndim == 1 or n.endswith('.bias'))}
 
 
 def test_an_mae_hivit_checkpoint_fine_tunes_with_zero_tables(tmp_path):

@@ -38,7 +38,9 @@ def test_adjust_learning_rate_scales_each_group():
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.5, 0.05])
 
 
-def test_no_weight_decay_on_norms_biases_and_tokens():
+def test_weight_decay_as_the_official_mae_pre_training():
+    """timm's add_weight_decay as the official main_pretrain.py calls it: no decay on 1-D
+    parameters and biases only; the cls and mask tokens (3-D) are decayed."""
     from models_mae import mae_vit_tiny_patch8
     from util.optim import param_groups
     model = mae_vit_tiny_patch8(depth=1)
@@ -47,8 +49,9 @@ def test_no_weight_decay_on_norms_biases_and_tokens():
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[i] for i in by_decay[0.0]}
     decay = {names[i] for i in by_decay[0.05]}
-    assert {'cls_token', 'mask_token', 'blocks.0.norm1.weight', 'blocks.0.attn.qkv.bias'} <= no_decay
-    assert {'blocks.0.attn.qkv.weight', 'decoder_pred.weight', 'patch_embed.proj.weight'} <= decay
+    assert {'blocks.0.norm1.weight', 'blocks.0.attn.qkv.bias', 'decoder_pred.bias'} <= no_decay
+    assert {'cls_token', 'mask_token', 'blocks.0.attn.qkv.weight', 'decoder_pred.weight',
+            'patch_embed.proj.weight'} <= decay
     # the frozen sin-cos tables are not optimised at all
     assert 'pos_embed' not in no_decay | decay and 'decoder_pos_embed' not in no_decay | decay
     assert no_decay | decay == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -75,7 +78,7 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path):
     run_pretrain(*flags, '--output_dir', tmp_path / 'straight')
     run_pretrain(*flags, '--output_dir', tmp_path / 'resumed', '--max_steps', 6)
     ckpt = checkpoint.load(tmp_path / 'resumed' / checkpoint.LAST)
-    assert (ckpt['epoch'], ckpt['epoch_iters'], ckpt['step']) == (0, 2, 6)  # 4 steps an epoch
+    assert (ckpt['epoch'], ckpt['epoch_samples'], ckpt['step']) == (0, 32, 6)  # 4 steps of 16 an epoch
     run_pretrain(*flags, '--output_dir', tmp_path / 'resumed')
 
     straight, resumed = losses_by_step(tmp_path / 'straight'), losses_by_step(tmp_path / 'resumed')
@@ -183,7 +186,7 @@ def test_max_steps_at_an_epoch_boundary_stops_there(small_folder, tmp_path):
     run_pretrain(*flags, '--max_steps', 4)  # exactly one epoch of 64 images
     assert max(losses_by_step(tmp_path)) == 4
     ckpt = checkpoint.load(tmp_path / checkpoint.LAST)
-    assert (ckpt['epoch'], ckpt['epoch_iters'], ckpt['step']) == (0, 0, 4)
+    assert (ckpt['epoch'], ckpt['epoch_samples'], ckpt['step']) == (0, 0, 4)
     run_pretrain(*flags)
     assert sorted(losses_by_step(tmp_path)) == list(range(1, 13))
 

@@ -1,14 +1,16 @@
 """Checkpoints: written atomically, loaded as data, found again for automatic resumption.
 
 A training checkpoint is the MAE layout (`model`, `optimizer`, `scaler`, `epoch`, `args`) plus
-what exact resumption needs: `step` (optimizer steps so far) and `epoch_iters` (micro-batches
-already done in the epoch after `epoch` when a run stopped part-way through it). `epoch` is
-the last completed epoch, -1 when none is, so a run resumes at epoch + 1.
+what exact resumption needs: `step` (optimizer steps so far), `epoch_samples` (the samples of
+the epoch after `epoch` that all processes together consumed when a run stopped part-way
+through it) and `effective_batch`. `epoch` is the last completed epoch, -1 when none is, so a
+run resumes at epoch + 1.
 """
 import argparse
 import collections
 import os
 import pickle
+import re
 
 import torch
 
@@ -19,12 +21,15 @@ BEST = 'checkpoint-best.pth'  # fine-tuning: the weights of the epoch with the b
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename it over `path`: a crash mid-write
-    leaves the previous file intact."""
+    """torch.save to a temporary file beside `path`, then rename it over `path`: a crash or a full
+    disk mid-write leaves the previous file intact. A failed write is a UsageError."""
     tmp = f'{path}.tmp-{os.getpid()}'
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError
+        raise UsageError(f'cannot write {path} ({first_line(e)}); the previous file is intact: free disk space '
+                         f'or choose another --output_dir, then run again to resume') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -48,8 +53,21 @@ def load(path):
         with torch.serialization.safe_globals([argparse.Namespace, (ConfigAsData, 'yacs.config.CfgNode')]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise UsageError(f'cannot load {path!r} as a checkpoint ({first_line(e)}); '
-                         f'is it a complete PyTorch checkpoint file?') from None
+        raise UsageError(f'cannot load {path!r} as a checkpoint ({first_line(e)}); is it a complete PyTorch '
+                         f'checkpoint file?{older_checkpoint_hint(path)}') from None
+
+
+def older_checkpoint_hint(path):
+    """For a damaged checkpoint-last.pth: the newest epoch checkpoint beside it, to resume from."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) != LAST or not os.path.isdir(folder):
+        return ''
+    names = [re.fullmatch(r'checkpoint-(\d+)\.pth', name) for name in os.listdir(folder)]
+    epochs = sorted((int(m[1]), m[0]) for m in names if m)
+    if not epochs:
+        return ' Remove it to start the run afresh.'
+    return (f' Resume from the newest epoch checkpoint instead: --resume {os.path.join(folder, epochs[-1][1])} '
+            f'(or remove the damaged file)')
 
 
 def resume_path(resume, output_dir):
@@ -65,15 +83,18 @@ def plain_args(args):
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
-def training_state(model, optimizer, scaler, epoch, step, args, epoch_iters=0, ema=None):
+def training_state(model, optimizer, scaler, epoch, step, args, epoch_samples=0, ema=None):
     """What a training checkpoint holds; `args` as a plain dict so it loads as data; the EMA of
-    the weights (fine-tuning's --model_ema) as `model_ema`."""
+    the weights (fine-tuning's --model_ema) as `model_ema`. `epoch_samples`: the samples of the
+    unfinished epoch `epoch + 1` consumed by all processes together; `effective_batch`: the
+    images of one optimizer step, all processes together."""
     state = {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict() if scaler is not None else None,
         'epoch': epoch,
-        'epoch_iters': epoch_iters,
+        'epoch_samples': epoch_samples,
+        'effective_batch': args.batch_size * args.accum_iter * dist_world_size(),
         'step': step,
         'args': plain_args(args),
     }
@@ -82,25 +103,68 @@ def training_state(model, optimizer, scaler, epoch, step, args, epoch_iters=0, e
     return state
 
 
-def restore_training_state(path, model, optimizer, scaler, ema=None):
+def dist_world_size():
+    from util import dist
+    return dist.get_world_size()
+
+
+def resumed_epoch_samples(ckpt, path, args):
+    """The samples of the unfinished epoch that a checkpoint's run consumed, all processes
+    together, checked against this run's effective batch: another split of the same effective
+    batch (processes x --batch_size x --accum_iter) continues exactly; another effective batch
+    would change the lr and the steps, and is refused."""
+    effective = args.batch_size * args.accum_iter * dist_world_size()
+    saved_args = ckpt.get('args') or {}
+    saved = ckpt.get('effective_batch')
+    if 'epoch_samples' not in ckpt:  # a checkpoint of before the global count: one rank's micro-batches
+        saved = saved or effective
+        return ckpt.get('epoch_iters', 0) * saved_args.get('batch_size', args.batch_size) * \
+            (saved // (saved_args.get('batch_size', args.batch_size) * saved_args.get('accum_iter', args.accum_iter)))
+    if saved is not None and saved != effective:
+        raise UsageError(f'{path!r} was written by a run with an effective batch of {saved} images (processes x '
+                         f'--batch_size x --accum_iter), this run has {effective}: the lr and the schedule would '
+                         f'change. Resume with processes x --batch_size x --accum_iter = {saved}, or start a new run '
+                         f'in another --output_dir')
+    return ckpt['epoch_samples']
+
+
+def check_same_kind_of_run(ckpt, path, args):
+    """A training checkpoint resumes the run that wrote it: the same --model, and in fine-tuning
+    the same mode (a linear probe is not resumed as fine-tuning)."""
+    saved = ckpt.get('args') or {}
+    if not isinstance(saved, dict) or 'optimizer' not in ckpt:
+        return
+    for flag in ('model', 'linprobe'):
+        if flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
+            raise UsageError(f'{path!r} was written by a run with --{flag} {saved[flag]}, this run has '
+                             f'{getattr(args, flag)}: resume it with the same flags, start from its weights with '
+                             f'--finetune, or use another --output_dir')
+
+
+def restore_training_state(path, model, optimizer, scaler, args, ema=None):
     """Load a training checkpoint into model, optimizer, scaler (and the EMA of the weights).
 
-    returns: (start_epoch, epoch_iters, step) to continue from
+    returns: (start_epoch, samples of start_epoch already consumed by all processes, step)
     """
     ckpt = load(path)
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         raise UsageError(f'{path!r} is not a training checkpoint (no "model" entry)')
+    check_same_kind_of_run(ckpt, path, args)
     load_weights(model, ckpt['model'], path)
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         # weights only (e.g. a released model): start training from them
         return 0, 0, 0
-    optimizer.load_state_dict(ckpt['optimizer'])
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as e:  # other parameter groups: another model, mode or layer decay
+        raise UsageError(f'{path!r} holds the optimizer of another kind of run ({first_line(e)}): resume it with '
+                         f'the flags it was written with, or start from its weights with --finetune') from None
     if ema is not None:
         # a run that starts its EMA on resumption starts it from the resumed weights
         load_weights(ema.module, ckpt.get('model_ema', ckpt['model']), path)
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
-    return ckpt['epoch'] + 1, ckpt.get('epoch_iters', 0), ckpt.get('step', 0)
+    return ckpt['epoch'] + 1, resumed_epoch_samples(ckpt, path, args), ckpt.get('step', 0)
 
 
 def load_weights(model, state, path):

@@ -8,6 +8,7 @@ augmented the same way whatever the number of processes or data-loader workers, 
 resumed from a checkpoint continues exactly as an uninterrupted one would.
 """
 import contextlib
+import math
 import os
 import random
 
@@ -196,9 +197,12 @@ class MixupCollate:
 class EpochSampler(DistributedSampler):
     """DistributedSampler that yields (index, epoch) and can start an epoch part-way.
 
-    The order of an epoch depends on (seed, epoch) only, as in DistributedSampler; a single
-    process is a world of one. `set_epoch(epoch, start=k)` skips this rank's first k samples
-    (a run resumed in the middle of an epoch).
+    The order of an epoch depends on (seed, epoch) only, as in DistributedSampler: one global
+    order, padded to a multiple of the processes, of which rank r takes every world-th sample
+    from the r-th. So the k-th optimizer step of an epoch trains on the same samples whatever
+    the split of its effective batch into processes, --batch_size and --accum_iter.
+    `set_epoch(epoch, start=k)` skips the first k samples of the global order (a run resumed
+    in the middle of an epoch, on the same or another number of processes).
     """
 
     def __init__(self, dataset, num_replicas, rank, seed, shuffle=True):
@@ -207,14 +211,26 @@ class EpochSampler(DistributedSampler):
 
     def set_epoch(self, epoch, start=0):
         super().set_epoch(epoch)
+        if start % self.num_replicas:
+            raise ValueError(f'an epoch resumes at a multiple of the {self.num_replicas} processes, not {start}')
         self.start = start
 
+    def global_order(self):
+        """The epoch's sample indices for all processes together, padded as DistributedSampler pads."""
+        if self.shuffle:
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            order = order.tolist()
+        else:
+            order = list(range(len(self.dataset)))
+        padding = self.total_size - len(order)
+        return order + (order * math.ceil(padding / len(order)))[:padding]
+
     def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
-        return iter([(i, self.epoch) for i in indices])
+        mine = self.global_order()[self.start + self.rank::self.num_replicas]
+        return iter([(i, self.epoch) for i in mine])
 
     def __len__(self):
-        return self.num_samples - self.start
+        return (self.total_size - self.start) // self.num_replicas
 
 
 def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True, collate_fn=None):

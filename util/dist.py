@@ -90,21 +90,24 @@ def barrier():
         dist.barrier()
 
 
+def _all_reduce(tensor, op):
+    """A reduced copy of the tensor. Gloo reduces CPU tensors only: with Gloo (the CPU, and MPS,
+    which has no collective backend of its own) the copy is made on the CPU."""
+    if not is_dist_initialized():
+        return tensor
+    tensor = tensor.cpu() if dist.get_backend() == 'gloo' else tensor.clone()
+    dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def all_reduce_sum(tensor):
+    """Sum of a tensor over all ranks (the tensor itself on a single process)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
 def all_reduce_mean(tensor):
     """Mean of a tensor over all ranks (the tensor itself on a single process)."""
-    if not is_dist_initialized():
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor / get_world_size()
-
-
-def all_reduce_max(tensor):
-    if not is_dist_initialized():
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM) / get_world_size()
 
 
 def wrap_ddp(model, device):

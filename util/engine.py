@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from util import checkpoint, dist
-from util.errors import UsageError
+from util import checkpoint, dist, signals
+from util.errors import EXIT_DIVERGED, Preempted, RunEnded
 from util.lr_sched import adjust_learning_rate
 
 
-class TrainingDiverged(UsageError):
+class TrainingDiverged(RunEnded):
     """The loss became NaN or infinite."""
+    exit_code = EXIT_DIVERGED
 
 
 @dataclass
@@ -100,12 +101,15 @@ def log_step_values(mean_loss, loader, args):
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
-                    progress, throughput, logger, start_iter=0, ema=None):
+                    progress, throughput, logger, start_iter=0, ema=None, save_progress=None):
     """Train for one epoch (or what remains of it after `start_iter` micro-batches).
-    `ema` (timm ModelEmaV3), when given, follows the weights after every optimizer step.
+    `ema` (timm ModelEmaV3), when given, follows the weights after every optimizer step;
+    `save_progress(epoch, iters)` writes checkpoint-last.pth every --save_every_steps steps.
+    A pre-emption signal (util.signals) ends the epoch after the step it arrived in.
 
     returns: {'loss': mean over the epoch's logged steps, 'lr': last lr, 'ips': steady-state
-              images/s so far, 'iters': micro-batches done in this epoch, 'complete': bool}
+              images/s so far, 'iters': micro-batches done in this epoch, 'complete': bool,
+              'preempted': bool}
     """
     model.train()
     accum = args.accum_iter
@@ -118,7 +122,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
     micro_batches = 0
     epoch_loss, epoch_micro_batches = 0.0, 0
     images, tic = 0, time.perf_counter()
-    lr, grad_norm = 0.0, None
+    lr, grad_norm, preempted = 0.0, None, False
     it = start_iter
     data = iter(loader)
     for it in range(start_iter, epoch_iters):
@@ -157,45 +161,48 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
         images += images_per_step
 
         step_in_epoch = (it + 1) // accum
-        stopping = out_of_steps(progress, args)
-        if progress.step % args.log_freq and step_in_epoch < steps_per_epoch and not stopping:
-            continue
-
-        # a log step: the one place where the host waits for the device
-        mean_loss, bad_images = log_step_values(loss_sum / micro_batches, loader, args)
-        toc = time.perf_counter()
-        ips = throughput.add(images, toc - tic)
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(
-                f'the loss is {mean_loss} at epoch {epoch}, step {progress.step}: training stopped; the last '
-                f'good checkpoint is the last one written. Lower --blr, set --clip_grad, or use --precision '
-                f'bf16/fp32')
-        record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips,
-                  'time': round(time.time(), 3)}
-        if grad_norm is not None:
-            record['grad_norm'] = grad_norm.item()
-        if bad_images:
-            record['bad_images'] = bad_images
-        if device.max_memory_allocated():
-            record['mem_mb'] = round(device.max_memory_allocated() / 2 ** 20)
-        seconds_per_step = (toc - tic) / (images / images_per_step)
-        logger.log_step(record, steps_per_epoch, step_in_epoch, (steps_per_epoch - step_in_epoch) * seconds_per_step)
-        epoch_loss += mean_loss * micro_batches
-        epoch_micro_batches += micro_batches
-        loss_sum.zero_()
-        micro_batches, images, tic = 0, 0, time.perf_counter()
+        preempted = signals.stop_agreed()
+        stopping = out_of_steps(progress, args) or preempted
+        if not progress.step % args.log_freq or step_in_epoch == steps_per_epoch or stopping:
+            # a log step: the one place where the host waits for the device
+            mean_loss, bad_images = log_step_values(loss_sum / micro_batches, loader, args)
+            toc = time.perf_counter()
+            ips = throughput.add(images, toc - tic)
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(
+                    f'the loss is {mean_loss} at epoch {epoch}, step {progress.step}: training stopped; the last '
+                    f'good checkpoint is the last one written. Lower --blr, set --clip_grad, or use --precision '
+                    f'bf16/fp32')
+            record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips,
+                      'time': round(time.time(), 3)}
+            if grad_norm is not None:
+                record['grad_norm'] = grad_norm.item()
+            if bad_images:
+                record['bad_images'] = bad_images
+            if device.max_memory_allocated():
+                record['mem_mb'] = round(device.max_memory_allocated() / 2 ** 20)
+            seconds_per_step = (toc - tic) / (images / images_per_step)
+            logger.log_step(record, steps_per_epoch, step_in_epoch, (steps_per_epoch - step_in_epoch) * seconds_per_step)
+            epoch_loss += mean_loss * micro_batches
+            epoch_micro_batches += micro_batches
+            loss_sum.zero_()
+            micro_batches, images, tic = 0, 0, time.perf_counter()
+        if args.save_every_steps and not progress.step % args.save_every_steps and save_progress is not None \
+                and step_in_epoch < steps_per_epoch and not stopping:
+            save_progress(epoch, it + 1)  # after the log line: a step is never missing from log.jsonl
         if stopping:
             break
 
     done = it + 1 if epoch_iters > start_iter else start_iter
     return {'loss': epoch_loss / max(epoch_micro_batches, 1), 'lr': lr, 'ips': throughput.steady_state,
-            'iters': done, 'complete': done >= epoch_iters}
+            'iters': done, 'complete': done >= epoch_iters, 'preempted': preempted}
 
 
 def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
           start_epoch=0, start_iter=0, progress=None, after_epoch=None, ema=None):
     """The epoch loop: train, write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` every
-    --save_freq epochs and at the end), log the epoch, stop at --epochs or --max_steps.
+    --save_freq epochs and at the end), log the epoch, stop at --epochs or --max_steps. A
+    pre-emption signal stops it after the current step and its checkpoint: util.errors.Preempted.
 
     after_epoch(epoch, stats) -> dict of extra epoch results (fine-tuning evaluates there)
     returns: the stats of the last epoch run ({} when there was nothing left to train)
@@ -203,12 +210,25 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
     progress = progress or Progress()
     throughput = Throughput()
     stats = {}
+
+    def save_progress(epoch, iters):
+        save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, {'complete': False, 'iters': iters},
+                                  progress, args, ema, epoch_files=False)
+
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.perf_counter()
-        loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size)
+        loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size * dist.get_world_size())
         stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
-                                progress, throughput, logger, start_iter=start_iter, ema=ema)
+                                progress, throughput, logger, start_iter=start_iter, ema=ema,
+                                save_progress=save_progress)
         start_iter = 0
+        if stats['preempted']:  # no evaluation: the grace time before a kill is short
+            save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args, ema,
+                                      epoch_files=False)
+            dist.barrier()
+            raise Preempted(f'stopped by {signals.received() or "a signal to another process"} after step '
+                            f'{progress.step} (epoch {epoch}); checkpoint-last.pth is written: run the same command '
+                            f'again to resume')
         if after_epoch is not None:
             stats.update(after_epoch(epoch, stats))
         save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args, ema)
@@ -221,16 +241,19 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
     return stats
 
 
-def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, args, ema=None):
+def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, args, ema=None, epoch_files=True):
     """checkpoint-last.pth always; checkpoint-{epoch}.pth on --save_freq epochs and the last one.
-    An epoch cut short by --max_steps is recorded as such, so a resume finishes it."""
+    An epoch cut short (--max_steps, a signal, --save_every_steps) is recorded with the number
+    of its samples consumed by all processes together, so a resume finishes it, on any number of
+    processes at the same effective batch."""
     if not args.output_dir or not dist.is_main_process():
         return
     completed = epoch if stats['complete'] else epoch - 1
+    epoch_samples = 0 if stats['complete'] else stats['iters'] * args.batch_size * dist.get_world_size()
     state = checkpoint.training_state(model, optimizer, scaler, completed, progress.step, args,
-                                      epoch_iters=0 if stats['complete'] else stats['iters'], ema=ema)
+                                      epoch_samples=epoch_samples, ema=ema)
     checkpoint.atomic_save(state, os.path.join(args.output_dir, checkpoint.LAST))
-    if stats['complete'] and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+    if epoch_files and stats['complete'] and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
         checkpoint.atomic_save(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
 
 
@@ -242,7 +265,9 @@ def evaluate(model, loader, device, precision, sum_over_ranks=True):
     the ModelZoo scripts read."""
     model.eval()
     dev = device.torch_device
-    totals = torch.zeros(4, dtype=torch.float64, device=dev)  # correct@1, correct@5, loss sum, images
+    # counts in int64 and the loss in float32: no float64 on MPS, and exact counts at any size
+    counts = torch.zeros(3, dtype=torch.int64, device=dev)  # correct@1, correct@5, images
+    loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
     for images, targets in loader:
         images, targets = to_device(images, dev), to_device(targets, dev)
         with device.autocast(precision):
@@ -250,14 +275,13 @@ def evaluate(model, loader, device, precision, sum_over_ranks=True):
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == targets[:, None]
-        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                               torch.nn.functional.cross_entropy(logits, targets, reduction='sum'),
-                               torch.tensor(len(targets), device=dev)]).double()
-    if sum_over_ranks and dist.is_dist_initialized():
-        torch.distributed.all_reduce(totals)
-    correct1, correct5, loss_sum, count = totals.tolist()
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(targets), device=dev)])
+        loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction='sum')
+    if sum_over_ranks:
+        counts, loss_sum = dist.all_reduce_sum(counts), dist.all_reduce_sum(loss_sum)
+    correct1, correct5, count = counts.tolist()
     count = max(count, 1)
-    stats = {'acc1': 100 * correct1 / count, 'acc5': 100 * correct5 / count, 'loss': loss_sum / count,
+    stats = {'acc1': 100 * correct1 / count, 'acc5': 100 * correct5 / count, 'loss': loss_sum.item() / count,
              'images': int(count)}
     print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
     return stats

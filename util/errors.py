@@ -2,17 +2,35 @@
 import sys
 
 
-class UsageError(Exception):
+# Exit codes of the entry points (documented in the README, "When things go wrong").
+EXIT_USAGE = 2       # bad input: a flag, a path, a data set, a checkpoint
+EXIT_DIVERGED = 3    # the loss became NaN or infinite
+EXIT_PREEMPTED = 4   # stopped by SIGTERM/SIGUSR1 after writing checkpoint-last.pth: start again to resume
+
+
+class RunEnded(Exception):
+    """A run that ends early with one line for the user; `exit_code` says why."""
+    exit_code = 1
+
+
+class UsageError(RunEnded):
     """Bad input (a flag, a path, a checkpoint): the message says what to do."""
+    exit_code = EXIT_USAGE
+
+
+class Preempted(RunEnded):
+    """A pre-emption signal stopped the run after it saved checkpoint-last.pth."""
+    exit_code = EXIT_PREEMPTED
 
 
 def run_cli(main, *args):
-    """Run an entry point; a UsageError ends the program with its one-line message."""
+    """Run an entry point; a RunEnded (bad input, divergence, pre-emption) ends the program with
+    its one-line message and its exit code."""
     try:
         return main(*args)
-    except UsageError as e:
+    except RunEnded as e:
         print(f'error: {usage_message(e)}', file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 def usage_message(error):

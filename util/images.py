@@ -73,6 +73,7 @@ class BadImages:
         return record
 
     def record(self, error):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, 'a') as f:
             f.write(f'{error.path}\t{error.reason}\n')
 

@@ -5,10 +5,11 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 
 import torch
 
-from util import checkpoint, dist
+from util import checkpoint, dist, signals
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
 from util.engine import Progress
 from util.errors import UsageError
@@ -103,6 +104,9 @@ def add_run_args(parser):
                         help='data-loading processes per training process (default: 10, or the number of CPUs if fewer)')
     parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
                         help='pin host memory in the data loader for faster copies to the device')
+    parser.add_argument('--save_every_steps', default=0, type=int,
+                        help='also write checkpoint-last.pth every N optimizer steps within an epoch, bounding the work '
+                             'a SIGKILL loses in long epochs (default: 0, at the end of each epoch only)')
     parser.add_argument('--max_bad_images', default=DEFAULT_MAX_BAD_IMAGES, type=int,
                         help='training replaces an unreadable image by another sample and reports it; past this many '
                              'replacements (all processes together) the run stops (default: %(default)s)')
@@ -122,6 +126,37 @@ def check_run_args(args):
         raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
 
 
+_OUTPUT_DIR_LOCKS = {}  # real path -> the open lock file, held until the process ends
+
+
+def lock_output_dir(output_dir):
+    """Hold an flock on <output_dir>/.lock for the life of this process, so that a second run
+    started in the same folder refuses instead of interleaving its checkpoints and logs. The
+    operating system drops the lock when the process ends, crashed or killed included, so it
+    never stays stuck. Taking it again in the same process (runs one after the other) is fine."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no protection
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    key = os.path.realpath(output_dir)
+    if key in _OUTPUT_DIR_LOCKS:
+        return
+    handle = open(os.path.join(output_dir, '.lock'), 'a+')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or 'another process'
+        handle.close()
+        raise UsageError(f'another run is using --output_dir {output_dir} ({holder}): wait for it to end, stop it, '
+                         f'or choose another --output_dir') from None
+    handle.truncate(0)
+    handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    handle.flush()
+    _OUTPUT_DIR_LOCKS[key] = handle
+
+
 def start_run(args, deterministic=False):
     """Join the run: this process's rank, its device, the process group, the precision.
     `deterministic` asks the device for run-to-run identical arithmetic (--align).
@@ -134,6 +169,9 @@ def start_run(args, deterministic=False):
     if deterministic:
         device.use_deterministic_algorithms()
     dist.init_process_group(world, device)
+    if args.output_dir and dist.is_main_process():
+        lock_output_dir(args.output_dir)
+    signals.install_handlers()
     precision = device.resolve_precision(args.precision)
     args.log_dir = args.log_dir or args.output_dir
     print(f'device: {device.torch_device} x {world.world_size} processes, precision: {precision}')
@@ -173,9 +211,10 @@ def resume_training(args, model, optimizer, scaler, ema=None):
     start_epoch, start_iter, progress = args.start_epoch, 0, Progress()
     resume = checkpoint.resume_path(args.resume, args.output_dir)
     if resume:
-        start_epoch, start_iter, progress.step = checkpoint.restore_training_state(
-            resume, model, optimizer, scaler, ema=ema)
-        print(f'resumed from {resume}: epoch {start_epoch}, iteration {start_iter}, step {progress.step}')
+        start_epoch, epoch_samples, progress.step = checkpoint.restore_training_state(
+            resume, model, optimizer, scaler, args, ema=ema)
+        start_iter = epoch_samples // (args.batch_size * dist.get_world_size())
+        print(f'resumed from {resume}: epoch {start_epoch}, {epoch_samples} of its samples done, step {progress.step}')
     if start_epoch >= args.epochs:
         print(f'nothing to train: the run in {args.output_dir} has finished its {args.epochs} epochs '
               f'(raise --epochs to train longer)')

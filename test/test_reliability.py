@@ -1,0 +1,200 @@
+"""Runs that survive pre-emption, a killed worker and a changed cluster: SIGTERM stops after the
+current step with checkpoint-last.pth and exit code 4, and the resumed run logs what the
+uninterrupted one logs; `torchrun --max-restarts` with --save_every_steps finishes a run whose
+worker was killed; a run stopped on 2 processes x 8 resumes on 1 x 16 exactly; another
+effective batch is refused."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, read_jsonl, run_pretrain, run_script
+from util import checkpoint
+from util.errors import EXIT_PREEMPTED, UsageError
+
+COMMON = ['--model', 'mae_vit_tiny', '--num_workers', 0, '--device', 'cpu', '--log_freq', 1, '--epochs', 3,
+          '--warmup_epochs', 1, '--blr', 1e-3]
+
+
+def losses_by_step(output_dir):
+    return {r['step']: r['loss'] for r in read_jsonl(os.path.join(output_dir, 'log.jsonl'))}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(small_folder, tmp_path_factory):
+    """3 epochs of 4 steps (64 images, 16 a step) in one go: the losses of steps 1..12."""
+    out = tmp_path_factory.mktemp('uninterrupted')
+    run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', out)
+    losses = losses_by_step(out)
+    assert sorted(losses) == list(range(1, 13))
+    return losses
+
+
+def wait_for_step(output_dir, step, process, timeout=120):
+    """Block until the run in output_dir has logged `step` (or has ended)."""
+    path = os.path.join(output_dir, 'log.jsonl')
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(path) and any(r['step'] >= step for r in read_jsonl(path)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f'the run did not reach step {step}')
+
+
+def start(*argv):
+    return subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_folder, tmp_path,
+                                                                                     uninterrupted, signum):
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path]
+    process = start('main_pretrain.py', *flags)
+    wait_for_step(tmp_path, 5, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert 'Traceback' not in stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f'error: stopped by {signal.Signals(signum).name} after step ')
+    stopped_at = int(last_line.split('after step ')[1].split()[0])
+    ckpt = checkpoint.load(tmp_path / checkpoint.LAST)
+    assert ckpt['step'] == stopped_at and stopped_at < 12
+    assert ckpt['epoch_samples'] == (stopped_at % 4) * 16  # the samples of the unfinished epoch
+    run_pretrain(*flags)  # started again: resumes by itself
+    assert losses_by_step(tmp_path) == uninterrupted  # bit for bit, step for step
+
+
+def child_pids(pid):
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.skipif(not os.path.exists(f'/proc/{os.getpid()}/task/{os.getpid()}/children'),
+                    reason='finding torchrun\'s worker needs Linux /proc')
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_last_steps(small_folder, tmp_path,
+                                                                                   uninterrupted):
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--save_every_steps', 1,
+             '--output_dir', tmp_path]
+    process = start('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', 1, '--max-restarts', 1,
+                    'main_pretrain.py', *flags)
+    wait_for_step(tmp_path, 6, process)
+    for worker in child_pids(process.pid):
+        os.kill(worker, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr[-3000:]
+    records = read_jsonl(tmp_path / 'log.jsonl')
+    assert records[-1]['step'] == 12
+    # every step is logged; a step the killed worker logged after its last checkpoint is redone the same
+    assert {r['step']: r['loss'] for r in records} == uninterrupted
+    restart = next(i for i in range(1, len(records)) if records[i]['step'] <= records[i - 1]['step'])
+    # --save_every_steps 1: the restarted worker goes on from the step before the kill (step 6 was
+    # logged), not from the end of epoch 0 (step 4)
+    assert records[restart]['step'] >= 6
+
+
+def test_two_processes_stopped_mid_epoch_resume_as_one_exactly(small_folder, tmp_path, uninterrupted):
+    """2 processes x 8 images stop after 6 steps (in the middle of epoch 1); 1 process x 16, and
+    1 process x 8 x 2 micro-batches, finish the run on the samples that were left, and log what the
+    uninterrupted 1 x 16 run logs (to the rounding of a 2-process gradient average)."""
+    import shutil
+    flags = [*COMMON, '--data_path', small_folder]
+    result = run_script(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', 2,
+                        'main_pretrain.py', *flags, '--batch_size', 8, '--max_steps', 6, '--output_dir', tmp_path / 'a')
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = checkpoint.load(tmp_path / 'a' / checkpoint.LAST)
+    assert (ckpt['epoch'], ckpt['epoch_samples'], ckpt['effective_batch']) == (0, 32, 16)
+    shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+    with pytest.raises(UsageError, match='effective batch of 16 images .* this run has 8'):
+        run_pretrain(*flags, '--batch_size', 8, '--output_dir', tmp_path / 'a')
+    run_pretrain(*flags, '--batch_size', 16, '--output_dir', tmp_path / 'a')
+    run_pretrain(*flags, '--batch_size', 8, '--accum_iter', 2, '--output_dir', tmp_path / 'b')
+    for resumed in (losses_by_step(tmp_path / 'a'), losses_by_step(tmp_path / 'b')):
+        assert sorted(resumed) == sorted(uninterrupted)
+        for step, loss in uninterrupted.items():
+            assert resumed[step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_exit_codes_say_why_a_run_ended():
+    """2: bad input; 3: the loss diverged; 4: pre-empted, with a checkpoint to resume from."""
+    from util.engine import TrainingDiverged
+    from util.errors import Preempted, run_cli
+    for error, code in ((UsageError('bad flag'), 2), (TrainingDiverged('loss is nan'), 3), (Preempted('SIGTERM'), 4)):
+        def main():
+            raise error
+        with pytest.raises(SystemExit) as ended:
+            run_cli(main)
+        assert ended.value.code == code
+
+
+def test_a_damaged_last_checkpoint_names_the_newest_epoch_checkpoint(small_folder, tmp_path):
+    for epoch in (3, 7):
+        torch.save({'epoch': epoch}, tmp_path / f'checkpoint-{epoch}.pth')
+    torch.save({'epoch': 8, 'model': {'w': torch.zeros(1000)}}, tmp_path / checkpoint.LAST)
+    data = (tmp_path / checkpoint.LAST).read_bytes()
+    (tmp_path / checkpoint.LAST).write_bytes(data[:len(data) // 2])  # a write cut short by a crash
+    with pytest.raises(UsageError, match=r"cannot load .*checkpoint-last.pth.* Resume from the newest epoch "
+                                         r"checkpoint instead: --resume .*checkpoint-7.pth"):
+        run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
+
+
+def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, tmp_path):
+    from helpers import run_finetune
+    ckpt = {'model': {}, 'optimizer': {}, 'epoch': 0, 'args': {'model': 'vit_tiny_patch8', 'linprobe': True}}
+    torch.save(ckpt, tmp_path / checkpoint.LAST)
+    with pytest.raises(UsageError, match='written by a run with --linprobe True, this run has False'):
+        run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--num_workers', 0, '--device', 'cpu',
+                     '--output_dir', tmp_path)
+    with pytest.raises(UsageError, match='written by a run with --model vit_tiny_patch8, this run has mae_vit_tiny'):
+        run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
+
+
+def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_folder, tmp_path):
+    from util.launch import lock_output_dir
+    holder = start('-c', f'import sys, time; sys.path.insert(0, {REPO!r}); from util.launch import lock_output_dir; '
+                         f'lock_output_dir({str(tmp_path)!r}); print("locked", flush=True); time.sleep(600)')
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(UsageError, match=f'another run is using --output_dir {tmp_path} \\(pid {holder.pid} on '):
+        run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
+    holder.kill()  # a crash: the lock goes with the process
+    holder.wait()
+    lock_output_dir(str(tmp_path))
+
+
+def test_a_fresh_run_does_not_inherit_an_old_best_accuracy(small_folder, tmp_path):
+    from helpers import run_finetune
+    (tmp_path / 'log.txt').write_text('{"epoch": 0, "test_acc1": 99.9}\n')  # an old run's, without checkpoints
+    run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--batch_size', 16, '--epochs', 1,
+                 '--max_steps', 1, '--num_workers', 0, '--device', 'cpu', '--output_dir', tmp_path)
+    assert os.path.isfile(tmp_path / checkpoint.BEST)
+
+
+def test_evaluation_counts_without_float64():
+    """MPS has no float64: the evaluation must count in int64 and sum the loss in float32 (here
+    any float64 tensor made during the evaluation fails the test), and still be exact."""
+    from torch.overrides import TorchFunctionMode
+    from util.device import Device
+    from util.engine import evaluate
+
+    class NoFloat64(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                raise AssertionError(f'{func} made a float64 tensor')
+            return out
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    images, targets = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    loader = [(images[:6], targets[:6]), (images[6:], targets[6:])]
+    with NoFloat64():
+        stats = evaluate(model, loader, Device('cpu', None), 'fp32')
+    logits = model(images)
+    assert stats['images'] == 10
+    assert stats['acc1'] == pytest.approx(100 * (logits.argmax(1) == targets).float().mean().item())
+    assert stats['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
