@@ -69,7 +69,7 @@ class BeitEncoder(timm_beit.Beit):
 
     def __init__(self, **kwargs):
         super().__init__(num_classes=0, global_pool='', use_abs_pos_emb=False, use_rel_pos_bias=False,
-                         use_shared_rel_pos_bias=True, use_fc_norm=False, **kwargs)
+                         use_shared_rel_pos_bias=True, **kwargs)  # global_pool '': the final norm, no fc_norm
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         self.init_like_simmim()
 
@@ -125,7 +125,7 @@ class SimMIM(nn.Module):
     def __init__(self, encoder, mask_ratio=0.6, mask_patch_size=32):
         super().__init__()
         self.encoder = encoder
-        stride, in_chans = encoder.stride, encoder.in_chans
+        stride, in_chans = encoder.stride, encoder.patch_embed.proj.in_channels
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, stride ** 2 * in_chans, kernel_size=1),
             nn.PixelShuffle(stride))
@@ -187,8 +187,16 @@ def checkpoint_filter_fn(state_dict, model):
     if encoder_state is state_dict:  # nothing under encoder.
         raise UsageError(f'not a SimMIM checkpoint: no "encoder." keys (first keys: {list(state_dict)[:3]})')
     convert = swin_from_pretrained if isinstance(model.encoder, timm_swin.SwinTransformer) else beit_from_pretrained
-    return {**{f'encoder.{k}': v for k, v in convert(encoder_state, model.encoder).items()},
-            **{k: state_dict[k] for k in others if k.startswith('decoder.')}}
+    state = {**{f'encoder.{k}': v for k, v in convert(encoder_state, model.encoder).items()},
+             **{k: state_dict[k] for k in others if k.startswith('decoder.')}}
+    return {**own_buffers(model, state), **state}
+
+
+def own_buffers(model, state):
+    """The model's buffers that `state` lacks: the tables timm rebuilds (relative position
+    indices, attention masks), which timm releases before 1.0.26 keep in their state_dict."""
+    parameters = dict(model.named_parameters())
+    return {k: v for k, v in model.state_dict().items() if k not in state and k not in parameters}
 
 
 # --- fine-tuning: loading into timm's classifiers, layer ids for layer-wise lr decay ---------

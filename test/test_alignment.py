@@ -28,6 +28,7 @@ def test_two_aligned_runs_give_identical_curves(demo_root, tmp_path):
     second, prints_second, _ = aligned_run(tmp_path / 'b', '--batch_size', 16, '--num_workers', 2)
     assert [r['step'] for r in first] == [1, 2, 3, 4, 5, 6]  # every step logged
     assert '"precision": "fp32"' in out
+    assert 'align: every kernel that ran was deterministic' in out
     assert prints_first == prints_second
     assert [r['loss'] for r in first] == [r['loss'] for r in second]
 
@@ -97,3 +98,22 @@ def test_simmim_masks_follow_the_samples_across_process_counts(demo_root, tmp_pa
     double, prints_double, _ = aligned_run(tmp_path / 'two', '--batch_size', 8, *simmim, nproc=2)
     assert prints_single == prints_double
     np.testing.assert_allclose([r['loss'] for r in double], [r['loss'] for r in single], rtol=1e-4)
+
+
+def test_an_op_without_a_deterministic_kernel_is_named_in_the_summary(monkeypatch):
+    """warn_only mode warns once where an op has no deterministic kernel (put_ on the CPU, a
+    real one); --align's closing line names it, and says all was deterministic otherwise."""
+    import warnings
+    from util import launch
+    monkeypatch.setattr(warnings, 'showwarning', warnings.showwarning)  # restored after the test
+    launch.watch_nondeterministic_kernels()
+    assert launch.alignment_summary() == 'align: every kernel that ran was deterministic'
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('always')
+            torch.zeros(5).put_(torch.tensor([0, 0]), torch.tensor([1., 2.]))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    summary = launch.alignment_summary()
+    assert summary.startswith('align: WARNING: 1 op(s) ran without a deterministic kernel') and 'put_' in summary

@@ -266,6 +266,8 @@ def load_pretrained(model, path, head_init_std=2e-5):
                if k in shapes and shapes[k] != tuple(v.shape)]
     wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
              if k in own and v.shape != own[k].shape]
+    parameters = dict(model.named_parameters())
+    state.update({k: v for k, v in own.items() if k not in state and k not in parameters})  # rebuilt buffers
     missing_body = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
     if wrong or missing_body or not any(k in own for k in state):
         raise UsageError(f'{path!r} does not fit this model: shapes {wrong[:3]}, missing {missing_body[:3]}, '

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import socket
+import warnings
 
 import torch
 
@@ -126,6 +127,33 @@ def check_run_args(args):
         raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
 
 
+# What --align's warn_only deterministic mode warned about: ops that ran without a deterministic
+# kernel (the first line of each warning), for the run's closing lines.
+NONDETERMINISTIC_OPS = []
+
+
+def watch_nondeterministic_kernels():
+    """Note every warning of an op without a deterministic implementation (warn_only mode warns
+    instead of failing), so that the run's summary says so, not only a warning that scrolls away."""
+    show = warnings.showwarning
+    NONDETERMINISTIC_OPS.clear()
+
+    def note_and_show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if 'deterministic' in text and text.splitlines()[0] not in NONDETERMINISTIC_OPS:
+            NONDETERMINISTIC_OPS.append(text.splitlines()[0])
+        show(message, category, filename, lineno, file, line)
+    warnings.showwarning = note_and_show
+
+
+def alignment_summary():
+    """The closing line of an --align run about its kernels."""
+    if not NONDETERMINISTIC_OPS:
+        return 'align: every kernel that ran was deterministic'
+    return (f'align: WARNING: {len(NONDETERMINISTIC_OPS)} op(s) ran without a deterministic kernel, so two runs may '
+            f'differ beyond rounding: {"; ".join(NONDETERMINISTIC_OPS)}')
+
+
 _OUTPUT_DIR_LOCKS = {}  # real path -> the open lock file, held until the process ends
 
 
@@ -168,6 +196,7 @@ def start_run(args, deterministic=False):
     device = resolve_device(args.device, world.local_rank)
     if deterministic:
         device.use_deterministic_algorithms()
+        watch_nondeterministic_kernels()
     dist.init_process_group(world, device)
     if args.output_dir and dist.is_main_process():
         lock_output_dir(args.output_dir)
@@ -237,6 +266,8 @@ def print_outputs(args, stats, seconds, bad_images=None):
               f'({len(bad_images.files)} files, listed in {bad_images.path})')
     if stats:
         print(f"steady-state throughput: {stats['ips']:.1f} images/s; final loss {stats['loss']:.4f}")
+    if getattr(args, 'align', False):
+        print(alignment_summary())
     if args.output_dir:
         print(f'checkpoint: {os.path.join(args.output_dir, checkpoint.LAST)}\n'
               f'logs: {os.path.join(args.output_dir, "log.jsonl")} (steps), '
