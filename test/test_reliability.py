@@ -50,9 +50,22 @@ def start(*argv):
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR1])
-def test_a_preemption_signal_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_folder, tmp_path,
-                                                                                     uninterrupted, signum):
+def test_both_preemption_signals_are_caught():
+    from util import signals
+    try:
+        signals.install_handlers()
+        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGUSR1) is signals._note
+        assert not signals.stop_agreed()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.stop_agreed() and signals.received() == 'SIGUSR1'
+    finally:
+        signals._received.clear()
+        for signum in signals.PREEMPTION_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def test_sigterm_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_folder, tmp_path, uninterrupted):
+    signum = signal.SIGTERM
     flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path]
     process = start('main_pretrain.py', *flags)
     wait_for_step(tmp_path, 5, process)
