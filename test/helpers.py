@@ -11,8 +11,12 @@ def run_main(module_name, *argv):
     """An entry point (main_pretrain, main_finetune) with these arguments, in this process.
     returns: what its main() returns"""
     import importlib
+    from util.launch import release_output_dir_locks
     module = importlib.import_module(module_name)
-    return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
+    try:
+        return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
+    finally:  # as when its process ends: a later run in the same folder may be another process
+        release_output_dir_locks()
 
 
 def run_pretrain(*argv):

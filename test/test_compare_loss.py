@@ -326,26 +326,65 @@ def test_nan_in_reference_is_unusable(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Plot
 
-@pytest.mark.parametrize('name, image_format', [('loss.png', 'PNG'), ('loss.jpg', 'JPEG')])
-def test_plot_writes_an_image(tmp_path, reference, capsys, name, image_format):
-    cand = write_numbers(tmp_path / 'cand.txt', curve() * 1.01)
-    plot = tmp_path / name
-    assert compare_loss.main([cand, reference, '--plot', str(plot), '--smooth', '5']) == 0
-    assert f'plot: {plot}' in capsys.readouterr().out
-    with Image.open(plot) as image:
-        assert image.format == image_format
-        assert image.size == compare_loss.PLOT_SIZE == (1000, 700)
-        colors = image.convert('RGB').getcolors(maxcolors=1 << 20)
-        assert len(colors) > 10  # curves, text and axes, not a blank page
+def curve_pixels(path, color):
+    """(rows, columns) of the pixels of exactly this colour in a plot, below its title line
+    (a failed comparison writes its title in the candidate's colour)."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert('RGB'))
+    mask = (pixels == color).all(axis=-1)
+    mask[:40] = False
+    return np.nonzero(mask)
+
+
+def test_plot_draws_both_curves_and_their_difference(tmp_path, reference, capsys):
+    """Both loss curves and the relative difference are drawn across the plot, the candidate
+    (30% higher) above the reference, both falling as the made-up loss does; a .jpg holds the
+    same picture as JPEG. Each curve's colour must fill more than half the image's columns:
+    the legend's colour samples alone fill a few dozen."""
+    cand = write_numbers(tmp_path / 'cand.txt', curve() * 1.3)
+    for name in ('loss.png', 'loss.jpg'):
+        plot = tmp_path / name
+        assert compare_loss.main([cand, reference, '--rel_tol', '0.5', '--plot', str(plot), '--smooth', '5']) == 0
+        assert f'plot: {plot}' in capsys.readouterr().out
+        with Image.open(plot) as image:
+            assert image.format == {'loss.png': 'PNG', 'loss.jpg': 'JPEG'}[name]
+            assert image.size == compare_loss.PLOT_SIZE
+
+    png = tmp_path / 'loss.png'
+    width, height = compare_loss.PLOT_SIZE
+    for color in (compare_loss.CAND_COLOR, compare_loss.REF_COLOR, compare_loss.DIFF_COLOR):
+        assert len(set(curve_pixels(png, color)[1])) > width // 2, color
+    cand_rows, cand_columns = curve_pixels(png, compare_loss.CAND_COLOR)
+    ref_rows, ref_columns = curve_pixels(png, compare_loss.REF_COLOR)
+    both = sorted(set(cand_columns) & set(ref_columns))
+    above = [cand_rows[cand_columns == x].mean() < ref_rows[ref_columns == x].mean() for x in both]
+    assert np.mean(above) > 0.9
+    # the loss falls from 2.5 to 0.5, most of the panel's height (y grows downwards)
+    first, last = ref_columns.min(), ref_columns.max()
+    assert ref_rows[ref_columns == first].mean() < ref_rows[ref_columns == last].mean() - height / 10
+
+    # the JPEG, decoded, is the PNG's picture up to compression: close to it where the PNG is not white
+    with Image.open(png) as a, Image.open(tmp_path / 'loss.jpg') as b:
+        lossless, jpeg = (np.asarray(i.convert('RGB')).astype(int) for i in (a, b))
+    drawn = (lossless != 255).any(axis=-1)
+    assert np.abs(jpeg - lossless)[drawn].mean() < np.abs(lossless - 255)[drawn].mean() / 4
 
 
 def test_plot_of_a_diverged_candidate(tmp_path, reference):
-    cand = curve()
+    """The candidate's curve breaks where its loss turns inf (after step 150 of 200, three
+    quarters along), while the reference's runs on to the end."""
+    cand = curve() * 1.3
     cand[150:] = np.inf
     plot = tmp_path / 'loss.png'
     assert compare_loss.main([write_numbers(tmp_path / 'cand.txt', cand), reference, '--plot', str(plot)]) == 1
     with Image.open(plot) as image:
-        assert image.size == (1000, 700)
+        assert image.size == compare_loss.PLOT_SIZE
+    ref_columns = curve_pixels(plot, compare_loss.REF_COLOR)[1]
+    cand_columns = curve_pixels(plot, compare_loss.CAND_COLOR)[1]
+    left, right = ref_columns.min(), ref_columns.max()  # the first and the last step
+    last_finite = (150 - STEPS[0]) / (STEPS[-1] - STEPS[0])
+    assert (cand_columns.min() - left) / (right - left) == pytest.approx(0, abs=0.02)
+    assert (cand_columns.max() - left) / (right - left) == pytest.approx(last_finite, abs=0.02)
 
 
 def test_plot_path_checked_before_reading(tmp_path, reference):

@@ -4,7 +4,7 @@ Ascend NPUs and Tecorigin SDAA are faked: a plain module registered as `torch_np
 `torch_sdaa` in sys.modules (so the shim's lazy import succeeds) and a FakeAccelerator object
 set as `torch.npu` / `torch.sdaa` that records what the shim asks of it. CUDA and MPS are
 faked by patching single functions of torch.cuda / torch.mps. Everything goes through
-pytest's monkeypatch, so no fake outlives its test (test_fakes_do_not_leak checks that).
+pytest's monkeypatch, so no fake outlives its test.
 
 An autouse fixture makes every test start from "no accelerator at all" (plugins not
 importable, CUDA and MPS unavailable, no LOCAL_RANK), so the results are the same on a
@@ -244,8 +244,6 @@ def test_local_rank_beyond_cuda_count_from_env(monkeypatch):
 ])
 def test_missing_plugin(device_type, package, hint):
     # the autouse fixture left sys.modules[package] = None: importing it raises ImportError
-    with pytest.raises(ImportError):
-        __import__(package)
     with pytest.raises(UsageError) as excinfo:
         resolve_device(device_type)
     message = str(excinfo.value)
@@ -309,18 +307,6 @@ def test_plugins_imported_only_when_asked(monkeypatch, device_type):
     assert not set(PLUGINS.values()) & set(recorder.asked)
 
 
-def test_fakes_do_not_leak():
-    had_npu = hasattr(torch, 'npu')
-    before = sys.modules.get('torch_npu', 'absent')
-    with pytest.MonkeyPatch.context() as mp:
-        fake = install_fake(mp, 'npu')
-        assert resolve_device('npu', local_rank=0).module is fake
-    assert hasattr(torch, 'npu') == had_npu
-    assert sys.modules.get('torch_npu', 'absent') == before
-    with pytest.raises(UsageError, match='torch_npu'):
-        resolve_device('npu')
-
-
 # ------------------------------------------------------------------------ precision
 
 @pytest.mark.parametrize('device_type', ['npu', 'sdaa'])
@@ -337,9 +323,8 @@ def test_auto_precision_on_cuda(monkeypatch, bf16, expected):
 
 
 def test_auto_precision_without_bf16_probe_is_fp16(monkeypatch):
-    fake = install_fake(monkeypatch, 'npu')
+    install_fake(monkeypatch, 'npu')
     monkeypatch.delattr(FakeAccelerator, 'is_bf16_supported')  # a plugin without the probe
-    assert not hasattr(fake, 'is_bf16_supported')
     assert Device('npu', 0).resolve_precision('auto') == 'fp16'
 
 
@@ -420,23 +405,18 @@ def test_cpu_bf16_autocast():
 
 # --------------------------------------------------------- synchronize, peak memory
 
-@pytest.mark.parametrize('device_type', ['npu', 'sdaa'])
-def test_synchronize_calls_the_accelerator(monkeypatch, device_type):
-    fake = install_fake(monkeypatch, device_type)
-    dev = Device(device_type, 0)
-    dev.synchronize()
-    dev.synchronize()
-    assert fake.synchronize_calls == 2
-
-
-def test_synchronize_cuda(monkeypatch):
-    cuda = FakeCuda(monkeypatch)
-    Device('cuda', 0).synchronize()
-    assert cuda.synchronize_calls == 1
-
-
-def test_synchronize_cpu_is_a_no_op():
-    Device('cpu', None).synchronize()
+@pytest.mark.parametrize('device_type', ['npu', 'sdaa', 'cuda', 'cpu'])
+def test_synchronize_waits_for_its_own_accelerator_once_per_call(monkeypatch, device_type):
+    """Device.synchronize (nothing in the project calls it yet) reaches its own accelerator's
+    synchronize once per call and no other accelerator's; on the CPU, none. All three fakes are
+    present, so a call that went to the wrong one would be counted there."""
+    fakes = {t: install_fake(monkeypatch, t) for t in ('npu', 'sdaa')}
+    fakes['cuda'] = FakeCuda(monkeypatch)
+    dev = Device(device_type, None if device_type == 'cpu' else 0)
+    for _ in range(3):
+        dev.synchronize()
+    assert {t: fake.synchronize_calls for t, fake in fakes.items()} == \
+        {t: 3 if t == device_type else 0 for t in fakes}
 
 
 def test_max_memory_allocated_cuda(monkeypatch):
@@ -502,8 +482,6 @@ def test_torch_device_once_backend_renamed(device_type):
     assert _in_renamed_backend_child(device_type) == dict(
         torch_device=f'{device_type}:3', is_device=True, same=True, set_device=[3], peak=777,
         queried=[f'{device_type}:3'], backend=BACKENDS[device_type])
-    # and nothing of the child's rename reached this process
-    assert torch._C._get_privateuse1_backend_name() == 'privateuseone'
 
 
 # ------------------------------------------------------------------------ util.dist

@@ -188,7 +188,7 @@ def test_two_process_evaluation_is_exact(small_folder, tmp_path):
     flags = [*TINY, '--data_path', small_folder, '--eval', '--resume', tmp_path / 'weights.pth', '--batch_size', 4,
              '--output_dir', '']
     one = run_script(sys.executable, 'main_finetune.py', *flags)
-    two = run_script(sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2, '--master_port', 29519,
+    two = run_script(sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2, '--standalone',
                      'main_finetune.py', *flags)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     line = [ln for ln in one.stdout.splitlines() if ln.startswith('* Acc@1')]

@@ -168,7 +168,7 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
 
 
 def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_folder, tmp_path):
-    from util.launch import lock_output_dir
+    from util.launch import lock_output_dir, release_output_dir_locks
     holder = start('-c', f'import sys, time; sys.path.insert(0, {REPO!r}); from util.launch import lock_output_dir; '
                          f'lock_output_dir({str(tmp_path)!r}); print("locked", flush=True); time.sleep(600)')
     assert holder.stdout.readline().strip() == 'locked'
@@ -177,6 +177,7 @@ def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_
     holder.kill()  # a crash: the lock goes with the process
     holder.wait()
     lock_output_dir(str(tmp_path))
+    release_output_dir_locks()
 
 
 def test_a_fresh_run_does_not_inherit_an_old_best_accuracy(small_folder, tmp_path):

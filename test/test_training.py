@@ -117,7 +117,7 @@ def test_two_processes_train_like_one(small_folder, tmp_path):
              '--max_steps', 3]
     run_pretrain(*flags, '--batch_size', 16, '--output_dir', tmp_path / 'one')
     result = run_script(sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2,
-                        '--master_port', 29517, 'main_pretrain.py', *flags, '--batch_size', 8,
+                        '--standalone', 'main_pretrain.py', *flags, '--batch_size', 8,
                         '--output_dir', tmp_path / 'two')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'x 2 processes' in result.stdout

@@ -185,6 +185,14 @@ def lock_output_dir(output_dir):
     _OUTPUT_DIR_LOCKS[key] = handle
 
 
+def release_output_dir_locks():
+    """Drop the output-folder locks this process holds: for programs that run several runs one
+    after the other in one process (the tests, a notebook); a run's own process needs none of it."""
+    for handle in _OUTPUT_DIR_LOCKS.values():
+        handle.close()
+    _OUTPUT_DIR_LOCKS.clear()
+
+
 def start_run(args, deterministic=False):
     """Join the run: this process's rank, its device, the process group, the precision.
     `deterministic` asks the device for run-to-run identical arithmetic (--align).
