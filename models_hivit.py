@@ -25,7 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
 from models_mae import masking_order, pixel_loss, unpatchify
-from util.checkpoint import register_pretrained_filter
+from util.checkpoint import rebuilt_buffers, register_pretrained_filter
 from util.masking import UniformNoise
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import classifier_kwargs, register_pretrain_model, supervised_recipe
@@ -374,9 +374,7 @@ def checkpoint_filter_fn(state_dict, model):
     if 'norm.weight' not in own:
         state = {k: v for k, v in state.items() if not k.startswith('norm.')}
     for key, value in own.items():
-        if key.endswith('relative_position_index'):
-            state[key] = value
-        elif key.endswith('relative_position_bias_table'):
+        if key.endswith('relative_position_bias_table'):
             if key not in state:
                 state[key] = torch.zeros_like(value)
             elif state[key].shape != value.shape:
@@ -387,7 +385,7 @@ def checkpoint_filter_fn(state_dict, model):
             and state['absolute_pos_embed'].shape != own['absolute_pos_embed'].shape:
         state['absolute_pos_embed'] = resample_abs_pos_embed(
             state['absolute_pos_embed'], new_size=model.patch_embed.patches_resolution, num_prefix_tokens=0)
-    return state
+    return {**rebuilt_buffers(model, state), **state}
 
 
 # --------------------------------------------------------------------------------------------

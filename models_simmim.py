@@ -24,7 +24,7 @@ from timm.models import beit as timm_beit
 from timm.models import generate_default_cfgs, register_model
 from timm.models import swin_transformer as timm_swin
 
-from util.checkpoint import encoder_of, register_pretrained_filter
+from util.checkpoint import encoder_of, rebuilt_buffers, register_pretrained_filter
 from util.errors import UsageError
 from util.masking import MaskPatches, batch_masks
 from util.optim import register_layer_ids
@@ -189,14 +189,8 @@ def checkpoint_filter_fn(state_dict, model):
     convert = swin_from_pretrained if isinstance(model.encoder, timm_swin.SwinTransformer) else beit_from_pretrained
     state = {**{f'encoder.{k}': v for k, v in convert(encoder_state, model.encoder).items()},
              **{k: state_dict[k] for k in others if k.startswith('decoder.')}}
-    return {**own_buffers(model, state), **state}
+    return {**rebuilt_buffers(model, state), **state}
 
-
-def own_buffers(model, state):
-    """The model's buffers that `state` lacks: the tables timm rebuilds (relative position
-    indices, attention masks), which timm releases before 1.0.26 keep in their state_dict."""
-    parameters = dict(model.named_parameters())
-    return {k: v for k, v in model.state_dict().items() if k not in state and k not in parameters}
 
 
 # --- fine-tuning: loading into timm's classifiers, layer ids for layer-wise lr decay ---------

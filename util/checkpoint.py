@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from util import dist
 from util.errors import UsageError, first_line
 
 LAST = 'checkpoint-last.pth'
@@ -94,7 +95,7 @@ def training_state(model, optimizer, scaler, epoch, step, args, epoch_samples=0,
         'scaler': scaler.state_dict() if scaler is not None else None,
         'epoch': epoch,
         'epoch_samples': epoch_samples,
-        'effective_batch': args.batch_size * args.accum_iter * dist_world_size(),
+        'effective_batch': args.batch_size * args.accum_iter * dist.get_world_size(),
         'step': step,
         'args': plain_args(args),
     }
@@ -103,23 +104,15 @@ def training_state(model, optimizer, scaler, epoch, step, args, epoch_samples=0,
     return state
 
 
-def dist_world_size():
-    from util import dist
-    return dist.get_world_size()
-
-
 def resumed_epoch_samples(ckpt, path, args):
     """The samples of the unfinished epoch that a checkpoint's run consumed, all processes
     together, checked against this run's effective batch: another split of the same effective
     batch (processes x --batch_size x --accum_iter) continues exactly; another effective batch
     would change the lr and the steps, and is refused."""
-    effective = args.batch_size * args.accum_iter * dist_world_size()
-    saved_args = ckpt.get('args') or {}
+    effective = args.batch_size * args.accum_iter * dist.get_world_size()
+    if 'epoch_samples' not in ckpt:  # older checkpoints count one rank's micro-batches, on this cluster
+        return ckpt.get('epoch_iters', 0) * args.batch_size * dist.get_world_size()
     saved = ckpt.get('effective_batch')
-    if 'epoch_samples' not in ckpt:  # a checkpoint of before the global count: one rank's micro-batches
-        saved = saved or effective
-        return ckpt.get('epoch_iters', 0) * saved_args.get('batch_size', args.batch_size) * \
-            (saved // (saved_args.get('batch_size', args.batch_size) * saved_args.get('accum_iter', args.accum_iter)))
     if saved is not None and saved != effective:
         raise UsageError(f'{path!r} was written by a run with an effective batch of {saved} images (processes x '
                          f'--batch_size x --accum_iter), this run has {effective}: the lr and the schedule would '
@@ -207,6 +200,14 @@ def resize_pos_embed(pos_embed, model):
 _PRETRAINED_FILTERS = {}
 
 
+def rebuilt_buffers(model, state):
+    """The model's buffers that `state` lacks: tables a model computes itself (relative position
+    indices, attention masks), which some layouts store and others (newer timm, the official
+    supervised HiViT per block) do not. A checkpoint never needs to carry them."""
+    parameters = dict(model.named_parameters())
+    return {k: v for k, v in model.state_dict().items() if k not in state and k not in parameters}
+
+
 def register_pretrained_filter(model_class):
     """Decorator: pre-trained weights loaded into a `model_class` (or a subclass) go through this
     filter, in timm's checkpoint_filter_fn(state_dict, model) convention."""
@@ -266,8 +267,7 @@ def load_pretrained(model, path, head_init_std=2e-5):
                if k in shapes and shapes[k] != tuple(v.shape)]
     wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
              if k in own and v.shape != own[k].shape]
-    parameters = dict(model.named_parameters())
-    state.update({k: v for k, v in own.items() if k not in state and k not in parameters})  # rebuilt buffers
+    state.update(rebuilt_buffers(model, state))
     missing_body = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
     if wrong or missing_body or not any(k in own for k in state):
         raise UsageError(f'{path!r} does not fit this model: shapes {wrong[:3]}, missing {missing_body[:3]}, '

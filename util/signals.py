@@ -40,7 +40,8 @@ def received():
 
 def stop_agreed():
     """Whether any rank received a pre-emption signal; every rank must call this at the same step."""
-    flag = torch.tensor([1 if _received else 0], dtype=torch.int32)
-    if dist.is_initialized() and _group is not None:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_group)
+    if not (dist.is_initialized() and _group is not None):
+        return bool(_received)
+    flag = torch.tensor([1 if _received else 0], dtype=torch.int32)  # on the CPU: no device sync
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_group)
     return bool(flag.item())
