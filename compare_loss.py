@@ -32,7 +32,8 @@ Exit codes: 0 pass; 1 fail (the means exceed both tolerances, or the candidate's
 2 unusable input (a missing or unreadable file, no loss values, no common steps, nothing left
 after --skip_first/--last, a nan/inf reference loss, bad flag values), with one `error:` line.
 
-Only numpy is needed (Pillow for --plot): this file does not import torch.
+Only numpy is needed; --plot draws with matplotlib (util/plots.py), imported only then. This file
+imports neither torch nor matplotlib.
 """
 import argparse
 import json
@@ -108,11 +109,12 @@ def parse_console(text):
     return losses or None
 
 
-def parse_jsonl(text):
+def parse_jsonl(text, value='loss', position='step'):
     """This project's log.jsonl: one JSON object per line with `loss` and `step` (positions
     1, 2, 3, ... where `step` is missing). Lines that are not such objects (a line cut short by a
-    killed run) are skipped. None when no line is one."""
-    losses, count = {}, 0
+    killed run) are skipped. None when no line is one. `value` and `position` read other keys of
+    such logs: `lr` by step, or log.txt's `test_acc1` by `epoch`."""
+    values, count = {}, 0
     for line in text.splitlines():
         line = line.strip()
         if not line.startswith('{'):
@@ -121,18 +123,18 @@ def parse_jsonl(text):
             record = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(record, dict) or 'loss' not in record:
+        if not isinstance(record, dict) or value not in record:
             continue
-        loss = record['loss']
-        if loss is None:
-            loss = math.nan
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        number = record[value]
+        if number is None:
+            number = math.nan
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             continue
         count += 1
-        step = record.get('step')
+        step = record.get(position)
         step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else count
-        losses[step] = float(loss)  # a resumed run appends its steps again: the later value wins
-    return losses or None
+        values[step] = float(number)  # a resumed run appends its steps again: the later value wins
+    return values or None
 
 
 def parse_numbers(text):
@@ -302,147 +304,6 @@ def describe_steps(steps):
 
 
 # ---------------------------------------------------------------------------------------------
-# Plot (Pillow only: matplotlib is not a dependency)
-
-PLOT_SIZE = (1000, 700)
-CAND_COLOR, REF_COLOR, DIFF_COLOR = (214, 39, 40), (31, 119, 180), (110, 60, 160)
-GRID, AXIS, TEXT, BAND = (230, 230, 230), (90, 90, 90), (20, 20, 20), (215, 240, 215)
-
-
-def faint(color, amount=0.7):
-    """The color mixed with white, for the raw curves behind the smoothed ones."""
-    return tuple(int(c + (255 - c) * amount) for c in color)
-
-
-def smooth(values, k):
-    """Centred moving average over k points (fewer at the ends); a nan spoils only its windows."""
-    k = max(1, min(int(k), len(values)))
-    if k == 1:
-        return np.asarray(values, dtype=np.float64)
-    kernel = np.ones(k)
-    return np.convolve(values, kernel, mode='same') / np.convolve(np.ones(len(values)), kernel, mode='same')
-
-
-def nice_ticks(lo, hi, count=5):
-    """About `count` round values (steps of 1, 2, 2.5 or 5 x 10^n) between lo and hi."""
-    if not hi > lo:
-        return [lo]
-    raw = (hi - lo) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def limits(*arrays, pad=0.05):
-    """(lo, hi) around the finite values of the arrays, padded; (0, 1) when there are none."""
-    finite = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-    finite = finite[np.isfinite(finite)]
-    if not finite.size:
-        return 0.0, 1.0
-    lo, hi = float(finite.min()), float(finite.max())
-    margin = (hi - lo) * pad or abs(hi) * pad or 1e-3
-    return lo - margin, hi + margin
-
-
-@dataclass
-class Panel:
-    """A plotting area: a pixel box (left, top, right, bottom) showing data limits xlim, ylim."""
-    box: tuple
-    xlim: tuple
-    ylim: tuple
-
-    def to_pixels(self, x, y):
-        left, top, right, bottom = self.box
-        (x0, x1), (y0, y1) = self.xlim, self.ylim
-        px = left + (x - x0) / ((x1 - x0) or 1) * (right - left)
-        py = bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)
-        return px, py
-
-
-def draw_axes(draw, font, panel, label):
-    """The panel's frame, grid lines and tick labels (step on x), and its label above it."""
-    left, top, right, bottom = panel.box
-    for x in nice_ticks(*panel.xlim, count=8):
-        px, _ = panel.to_pixels(x, 0)
-        draw.line([(px, top), (px, bottom)], fill=GRID)
-        text = f'{x:g}'
-        draw.text((px - draw.textlength(text, font=font) / 2, bottom + 4), text, fill=TEXT, font=font)
-    for y in nice_ticks(*panel.ylim, count=5):
-        _, py = panel.to_pixels(0, y)
-        draw.line([(left, py), (right, py)], fill=GRID)
-        text = f'{y:.4g}'
-        draw.text((left - 6 - draw.textlength(text, font=font), py - 6), text, fill=TEXT, font=font)
-    draw.rectangle(panel.box, outline=AXIS)
-    draw.text((left, top - 16), label, fill=TEXT, font=font)
-
-
-def draw_curve(draw, panel, xs, ys, color, width=1):
-    """A polyline through the points, broken where a value is nan/inf."""
-    segment = []
-    for x, y in zip(xs, ys):
-        if math.isfinite(y):
-            segment.append(panel.to_pixels(float(x), float(y)))
-            continue
-        if len(segment) > 1:
-            draw.line(segment, fill=color, width=width)
-        segment = []
-    if len(segment) > 1:
-        draw.line(segment, fill=color, width=width)
-    elif segment:
-        draw.point(segment, fill=color)
-
-
-def short_name(path, width=45):
-    return path if len(path) <= width else '...' + path[-(width - 3):]
-
-
-def draw_plot(path, result, cand_name, ref_name, smooth_k):
-    """Top: both curves, smoothed over smooth_k points, raw ones faintly behind; bottom: the
-    relative difference (cand - ref) / ref (smoothed) with the +-rel_tol band; the verdict in
-    the title. The format follows the file extension."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    rel_tol = result.rel_tol
-
-    image = Image.new('RGB', PLOT_SIZE, 'white')
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    steps = result.steps.astype(np.float64)
-    xlim = (float(steps[0]), float(steps[-1])) if len(steps) > 1 else (steps[0] - 1.0, steps[0] + 1.0)
-
-    if result.bad_step is not None:
-        title = f'FAIL: the candidate loss is not finite from step {result.bad_step}'
-    else:
-        title = (f'{"PASS" if result.passed else "FAIL"}   MeanRelativeError {result.mean_rel:.4g}   '
-                 f'MeanAbsoluteError {result.mean_abs:.4g}   (rel_tol {result.rel_tol:g}, abs_tol {result.abs_tol:g})')
-    draw.text((80, 10), title, fill=CAND_COLOR if not result.passed else (30, 130, 60), font=font)
-
-    top = Panel((80, 60, 970, 420), xlim, limits(result.cand, result.ref))
-    draw_axes(draw, font, top, f'loss (smoothed over {smooth_k} steps)')
-    for values, color in ((result.ref, REF_COLOR), (result.cand, CAND_COLOR)):
-        draw_curve(draw, top, steps, values, faint(color))
-    for values, color in ((result.ref, REF_COLOR), (result.cand, CAND_COLOR)):
-        draw_curve(draw, top, steps, smooth(values, smooth_k), color, width=2)
-    for row, (name, color) in enumerate(((f'candidate: {short_name(cand_name)}', CAND_COLOR),
-                                         (f'reference: {short_name(ref_name)}', REF_COLOR))):
-        y = 70 + 16 * row
-        draw.line([(690, y + 6), (715, y + 6)], fill=color, width=2)
-        draw.text((720, y), name, fill=TEXT, font=font)
-
-    rel = smooth(result.rel, smooth_k)
-    bottom = Panel((80, 470, 970, 650), xlim, limits(rel, [-rel_tol, rel_tol], pad=0.15))
-    band_top, band_bottom = bottom.to_pixels(0, rel_tol)[1], bottom.to_pixels(0, -rel_tol)[1]
-    draw.rectangle((80, band_top, 970, band_bottom), fill=BAND)
-    draw_axes(draw, font, bottom, f'(candidate - reference) / reference, smoothed; band: +-rel_tol {rel_tol:g}')
-    zero = bottom.to_pixels(0, 0)[1]
-    draw.line([(80, zero), (970, zero)], fill=AXIS)
-    draw_curve(draw, bottom, steps, rel, DIFF_COLOR, width=2)
-    draw.text((520, 676), 'step', fill=TEXT, font=font)
-    image.save(path)
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 def get_args_parser():
@@ -463,7 +324,7 @@ def get_args_parser():
     parser.add_argument('--last', type=int, default=None, metavar='N',
                         help='compare only the last N common steps (after --skip_first)')
     parser.add_argument('--plot', default=None, metavar='PATH', help='draw both curves and their relative '
-                        'difference into an image (.png, .jpg, ...)')
+                        'difference with the +-rel_tol band into an image (.png, .jpg, .pdf, .svg; needs matplotlib)')
     parser.add_argument('--smooth', type=int, default=None, metavar='K',
                         help='moving-average window of the plot in points (default: 1/50 of the points)')
     return parser
@@ -482,13 +343,12 @@ def check_args(args):
     if args.smooth is not None and args.smooth < 1:
         raise UnusableInput(f'--smooth must be >= 1, got {args.smooth}')
     if args.plot:
-        from PIL import Image
-        extension = os.path.splitext(args.plot)[1].lower()
-        if extension not in Image.registered_extensions():
-            raise UnusableInput(f'--plot {args.plot}: unknown image type {extension or "(none)"}; use .png or .jpg')
-        folder = os.path.dirname(args.plot)
-        if folder and not os.path.isdir(folder):
-            raise UnusableInput(f'--plot {args.plot}: the folder {folder} does not exist')
+        from util.errors import UsageError
+        from util.plots import check_plot_path
+        try:
+            check_plot_path(args.plot)
+        except UsageError as e:
+            raise UnusableInput(str(e)) from None
 
 
 def report(args, cand, ref, cand_format, ref_format, steps, result):
@@ -525,11 +385,13 @@ def main(argv=None):
             print(f'note: the candidate loss is {cand[elsewhere[0]]} at step {elsewhere[0]}, '
                   f'outside the compared steps')
         if args.plot:
+            from util.errors import UsageError
+            from util.plots import draw_loss_comparison
             smooth_k = args.smooth or max(1, len(steps) // 50)
             try:
-                draw_plot(args.plot, result, args.candidate, args.reference, smooth_k)
-            except OSError as e:
-                raise UnusableInput(f'cannot write the plot {args.plot}: {e.strerror or e}') from None
+                draw_loss_comparison(args.plot, result, args.candidate, args.reference, smooth_k)
+            except UsageError as e:
+                raise UnusableInput(str(e)) from None
             print(f'plot: {args.plot}')
         print(result.rule)
         return 0 if result.passed else 1

@@ -39,6 +39,28 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def color_pixels(image_path, color, box=None):
+    """(rows, columns) of the pixels of exactly `color` ('#rrggbb') in an image, only those inside
+    box (left, top, right, bottom) when given."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(image_path) as image:
+        pixels = np.asarray(image.convert('RGB'))
+    mask = (pixels == [int(color[i:i + 2], 16) for i in (1, 3, 5)]).all(axis=-1)
+    if box is not None:
+        left, top, right, bottom = box
+        inside = np.zeros_like(mask)
+        inside[top:bottom, left:right] = True
+        mask &= inside
+    return np.nonzero(mask)
+
+
+def columns_covered(columns, box, slices=20):
+    """In how many of `slices` equal slices of the box's width at least one of the columns lies."""
+    left, _, right, _ = box
+    return len({int((c - left) * slices // (right - left)) for c in columns})
+
+
 def run_demo_pretraining(model, output_dir, blr=1e-3):
     """One epoch of the demo with a tiny pre-training model at a demo learning rate, a log line
     every 5 steps; returns output_dir."""

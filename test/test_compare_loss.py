@@ -1,5 +1,6 @@
 """compare_loss.py: the verdict and exit codes, every input format, --skip_first/--last, nan
-losses and the plot, on made-up curves. Expected numbers come from numpy here, not from the tool."""
+losses and the plot (its curves found by their colours), on made-up curves. Expected numbers come
+from numpy here, not from the tool."""
 import json
 import re
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 from PIL import Image
 
 import compare_loss
-from helpers import REPO
+from helpers import REPO, color_pixels, columns_covered
+from util import plots
 
 STEPS = np.arange(1, 201)
 
@@ -324,50 +326,57 @@ def test_nan_in_reference_is_unusable(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Plot
+# Plot (util/plots.draw_loss_comparison): curves found by the pixels of their exact colours
 
-def curve_pixels(path, color):
-    """(rows, columns) of the pixels of exactly this colour in a plot, below its title line
-    (a failed comparison writes its title in the candidate's colour)."""
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert('RGB'))
-    mask = (pixels == color).all(axis=-1)
-    mask[:40] = False
-    return np.nonzero(mask)
+def draw(tmp_path, cand, rel_tol=0.05, name='loss.png', smooth_k=5):
+    """The plot of a candidate curve against curve(); returns (path, (top box, bottom box))."""
+    result = compare_loss.compare(STEPS, np.asarray(cand, dtype=np.float64), curve(), rel_tol, 0.0002)
+    path = tmp_path / name
+    return path, plots.draw_loss_comparison(str(path), result, 'npu/cand.txt', 'gpu/ref.jsonl', smooth_k)
 
 
-def test_plot_draws_both_curves_and_their_difference(tmp_path, reference, capsys):
-    """Both loss curves and the relative difference are drawn across the plot, the candidate
-    (30% higher) above the reference, both falling as the made-up loss does; a .jpg holds the
-    same picture as JPEG. Each curve's colour must fill more than half the image's columns:
-    the legend's colour samples alone fill a few dozen."""
-    cand = write_numbers(tmp_path / 'cand.txt', curve() * 1.3)
-    for name in ('loss.png', 'loss.jpg'):
-        plot = tmp_path / name
-        assert compare_loss.main([cand, reference, '--rel_tol', '0.5', '--plot', str(plot), '--smooth', '5']) == 0
-        assert f'plot: {plot}' in capsys.readouterr().out
-        with Image.open(plot) as image:
-            assert image.format == {'loss.png': 'PNG', 'loss.jpg': 'JPEG'}[name]
-            assert image.size == compare_loss.PLOT_SIZE
+def rows_at(rows, columns, wanted):
+    return rows[np.isin(columns, wanted)]
 
-    png = tmp_path / 'loss.png'
-    width, height = compare_loss.PLOT_SIZE
-    for color in (compare_loss.CAND_COLOR, compare_loss.REF_COLOR, compare_loss.DIFF_COLOR):
-        assert len(set(curve_pixels(png, color)[1])) > width // 2, color
-    cand_rows, cand_columns = curve_pixels(png, compare_loss.CAND_COLOR)
-    ref_rows, ref_columns = curve_pixels(png, compare_loss.REF_COLOR)
-    both = sorted(set(cand_columns) & set(ref_columns))
-    above = [cand_rows[cand_columns == x].mean() < ref_rows[ref_columns == x].mean() for x in both]
-    assert np.mean(above) > 0.9
-    # the loss falls from 2.5 to 0.5, most of the panel's height (y grows downwards)
+
+def test_plot_draws_both_curves_in_the_top_panel(tmp_path):
+    """Both loss curves are drawn across the top panel, the candidate (30 % higher) above the
+    reference, both falling as the made-up loss does."""
+    png, (top, bottom) = draw(tmp_path, curve() * 1.3)
+    with Image.open(png) as image:
+        assert image.size == (plots.FIGSIZE[0] * plots.DPI, plots.FIGSIZE[1] * plots.DPI)
+    assert top[3] < bottom[1]  # the loss panel is above the difference panel
+    cand_rows, cand_columns = color_pixels(png, plots.CAND_COLOR, top)
+    ref_rows, ref_columns = color_pixels(png, plots.REF_COLOR, top)
+    assert columns_covered(cand_columns, top) >= 17 and columns_covered(ref_columns, top) >= 17
+    both = np.intersect1d(cand_columns, ref_columns)
+    assert len(both) > (top[2] - top[0]) / 2
+    above = [rows_at(cand_rows, cand_columns, x).mean() < rows_at(ref_rows, ref_columns, x).mean() for x in both]
+    assert np.mean(above) > 0.9  # rows grow downwards
+    # the loss falls from 2.5 to 0.5, most of the panel's height
     first, last = ref_columns.min(), ref_columns.max()
-    assert ref_rows[ref_columns == first].mean() < ref_rows[ref_columns == last].mean() - height / 10
+    assert rows_at(ref_rows, ref_columns, first).mean() < rows_at(ref_rows, ref_columns, last).mean() - 100
 
-    # the JPEG, decoded, is the PNG's picture up to compression: close to it where the PNG is not white
-    with Image.open(png) as a, Image.open(tmp_path / 'loss.jpg') as b:
-        lossless, jpeg = (np.asarray(i.convert('RGB')).astype(int) for i in (a, b))
-    drawn = (lossless != 255).any(axis=-1)
-    assert np.abs(jpeg - lossless)[drawn].mean() < np.abs(lossless - 255)[drawn].mean() / 4
+
+@pytest.mark.parametrize('factor, inside', [(1.03, True), (1.3, False)])
+def test_plot_shows_whether_the_difference_stays_inside_the_band(tmp_path, factor, inside):
+    """The bottom panel shades the +-rel_tol band across its width with its limits drawn; the
+    relative difference (3 % or 30 % against rel_tol 5 %) lies inside the band or above it."""
+    png, (top, bottom) = draw(tmp_path, curve() * factor)
+    band_rows, band_columns = color_pixels(png, plots.BAND_COLOR, bottom)
+    assert columns_covered(band_columns, bottom) == 20
+    band_top, band_bottom = band_rows.min(), band_rows.max()
+    limit_rows = color_pixels(png, plots.LIMIT_COLOR, bottom)[0]
+    assert len(limit_rows) and abs(limit_rows.min() - band_top) <= 2 and abs(limit_rows.max() - band_bottom) <= 2
+    diff_rows, diff_columns = color_pixels(png, plots.DIFF_COLOR, bottom)
+    assert columns_covered(diff_columns, bottom) >= 17
+    if inside:
+        # +3 % in a band from +5 % (top) to -5 %: a fifth of the way down
+        assert band_top < diff_rows.min() and diff_rows.max() < band_bottom
+        assert (diff_rows.mean() - band_top) / (band_bottom - band_top) == pytest.approx(0.2, abs=0.03)
+    else:
+        assert diff_rows.max() < band_top
+    assert not len(color_pixels(png, plots.DIFF_COLOR, top)[0])  # nothing of it in the loss panel
 
 
 def test_plot_of_a_diverged_candidate(tmp_path, reference):
@@ -375,17 +384,57 @@ def test_plot_of_a_diverged_candidate(tmp_path, reference):
     quarters along), while the reference's runs on to the end."""
     cand = curve() * 1.3
     cand[150:] = np.inf
-    plot = tmp_path / 'loss.png'
-    assert compare_loss.main([write_numbers(tmp_path / 'cand.txt', cand), reference, '--plot', str(plot)]) == 1
-    with Image.open(plot) as image:
-        assert image.size == compare_loss.PLOT_SIZE
-    ref_columns = curve_pixels(plot, compare_loss.REF_COLOR)[1]
-    cand_columns = curve_pixels(plot, compare_loss.CAND_COLOR)[1]
+    png, (top, bottom) = draw(tmp_path, cand, smooth_k=1)
+    ref_columns = color_pixels(png, plots.REF_COLOR, top)[1]
     left, right = ref_columns.min(), ref_columns.max()  # the first and the last step
+    assert columns_covered(ref_columns, top) >= 17
     last_finite = (150 - STEPS[0]) / (STEPS[-1] - STEPS[0])
-    assert (cand_columns.min() - left) / (right - left) == pytest.approx(0, abs=0.02)
-    assert (cand_columns.max() - left) / (right - left) == pytest.approx(last_finite, abs=0.02)
+    for color, box in ((plots.CAND_COLOR, top), (plots.DIFF_COLOR, bottom)):
+        columns = color_pixels(png, color, box)[1]
+        assert (columns.min() - left) / (right - left) == pytest.approx(0, abs=0.02)
+        assert (columns.max() - left) / (right - left) == pytest.approx(last_finite, abs=0.02)
+        assert len(np.unique(columns)) > 0.9 * last_finite * (right - left)  # drawn all the way there
+
+
+def test_plot_option_writes_each_format(tmp_path, reference, capsys):
+    """--plot writes PNG, JPEG, PDF and SVG by the extension, with the verdict in the title and
+    a legend naming both files; the JPEG holds the PNG's picture up to compression."""
+    cand = write_numbers(tmp_path / 'cand.txt', curve() * 1.3)
+    for name in ('loss.png', 'loss.jpg', 'loss.pdf', 'loss.svg'):
+        plot = tmp_path / name
+        assert compare_loss.main([cand, reference, '--rel_tol', '0.5', '--plot', str(plot), '--smooth', '5']) == 0
+        assert f'plot: {plot}' in capsys.readouterr().out
+    for name, kind in (('loss.png', 'PNG'), ('loss.jpg', 'JPEG')):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == kind
+    assert (tmp_path / 'loss.pdf').read_bytes().startswith(b'%PDF')
+    svg = (tmp_path / 'loss.svg').read_text()
+    assert '<svg' in svg  # long paths are cut to their ends in the legend
+    assert re.search(r'>candidate: [^<]*/cand\.txt</text>', svg) and re.search(r'>reference: [^<]*/ref\.jsonl</text>', svg)
+    assert '>PASS ' in svg
+
+    png = tmp_path / 'loss.png'
+    # the candidate's curve is the candidate's: above the reference on the left (the legend is at the top right)
+    cand_rows, cand_columns = color_pixels(png, plots.CAND_COLOR)
+    ref_rows, ref_columns = color_pixels(png, plots.REF_COLOR)
+    left = np.intersect1d(cand_columns, ref_columns)
+    left = left[left < 0.4 * plots.FIGSIZE[0] * plots.DPI]
+    assert len(left) > 250
+    assert all(rows_at(cand_rows, cand_columns, x).mean() < rows_at(ref_rows, ref_columns, x).mean() for x in left)
+    with Image.open(png) as a, Image.open(tmp_path / 'loss.jpg') as b:
+        lossless, jpeg = (np.asarray(i.convert('RGB')).astype(int) for i in (a, b))
+    drawn = (lossless != 255).any(axis=-1)
+    assert np.abs(jpeg - lossless)[drawn].mean() < np.abs(lossless - 255)[drawn].mean() / 4
 
 
 def test_plot_path_checked_before_reading(tmp_path, reference):
-    assert_unusable(run_cli(reference, reference, '--plot', tmp_path / 'loss.xyz'), 'unknown image type')
+    missing = tmp_path / 'no_such_log.jsonl'
+    assert_unusable(run_cli(missing, reference, '--plot', tmp_path / 'loss.xyz'), 'unknown image type .xyz')
+    assert_unusable(run_cli(missing, reference, '--plot', tmp_path / 'no' / 'loss.png'), 'does not exist')
+
+
+def test_compare_loss_imports_neither_torch_nor_matplotlib():
+    code = ('import sys, compare_loss; '
+            'print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "matplotlib")))')
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == '[]', result.stdout + result.stderr

@@ -1,0 +1,134 @@
+"""util/plots.draw_training_curves (visualize.py --logs): the loss, the lr and the top-1 accuracy
+of runs, checked by the pixels of each run's colour in the written image, and its one-line errors."""
+import json
+
+import numpy as np
+import pytest
+
+from helpers import color_pixels, columns_covered
+from util import plots
+from util.errors import UsageError
+
+STEPS = np.arange(2, 202, 2)  # logged every 2 steps
+
+
+def schedule(peak, steps=STEPS, warmup=40):
+    """Linear warm-up, then half-cosine to 0, as util/lr_sched."""
+    return np.where(steps < warmup, peak * steps / warmup,
+                    peak * 0.5 * (1 + np.cos(np.pi * (steps - warmup) / (steps[-1] - warmup))))
+
+
+def write_run(folder, loss, lr, steps=STEPS, epochs=None):
+    """A run's output folder: log.jsonl of every logged step; log.txt of the epochs with their
+    test_acc1 when `epochs` ({epoch: accuracy}, in the order written) is given."""
+    folder.mkdir(exist_ok=True)
+    with open(folder / 'log.jsonl', 'w') as f:
+        for step, value, rate in zip(steps, loss, lr):
+            f.write(json.dumps({'epoch': int(step // 50), 'step': int(step), 'loss': float(value),
+                                'lr': float(rate), 'ips': 100.0}) + '\n')
+    if epochs is not None:
+        with open(folder / 'log.txt', 'w') as f:
+            for epoch, acc in epochs:
+                f.write(json.dumps({'train_loss': 1.0, 'train_lr': 1e-4, 'test_loss': 2.0, 'test_acc1': acc,
+                                    'test_acc5': acc + 20, 'epoch': epoch, 'step': 50 * (epoch + 1)}) + '\n')
+    return folder
+
+
+def loss_curve(scale):
+    return scale * (2 * np.exp(-STEPS / 50) + 0.5)
+
+
+def mean_row(rows, columns, wanted):
+    return rows[np.isin(columns, wanted)].mean()
+
+
+def test_loss_and_lr_of_each_run_in_its_colour(tmp_path):
+    """Two runs (one given by its folder, one by its log.jsonl) drawn across both panels in
+    their colours: the second run's loss (50 % higher) above the first's, the first's lr (twice
+    the peak) above the second's; the legend names the runs."""
+    first = write_run(tmp_path / 'run1', loss_curve(1.0), schedule(1e-3))
+    second = write_run(tmp_path / 'run2', loss_curve(1.5), schedule(5e-4))
+    png = tmp_path / 'curves.png'
+    boxes = plots.draw_training_curves(str(png), [str(first), str(second / 'log.jsonl')])
+    assert len(boxes) == 2
+    (loss_box, lr_box), (color1, color2) = boxes, plots.RUN_COLORS[:2]
+    assert color1 != color2
+
+    for box in (loss_box, lr_box):
+        for color in (color1, color2):
+            assert columns_covered(color_pixels(png, color, box)[1], box) >= 17, (box, color)
+    rows1, columns1 = color_pixels(png, color1, loss_box)
+    rows2, columns2 = color_pixels(png, color2, loss_box)
+    both = np.intersect1d(columns1, columns2)
+    assert mean_row(rows2, columns2, both) < mean_row(rows1, columns1, both) - 10  # rows grow downwards
+    # both panels against the same steps: a run's loss and lr begin and end in the same columns (the
+    # second run's: drawn last, its lr hides the first's where both near 0)
+    lr_columns2 = color_pixels(png, color2, lr_box)[1]
+    assert abs(lr_columns2.min() - columns2.min()) <= 2 and abs(lr_columns2.max() - columns2.max()) <= 2
+    rows1, columns1 = color_pixels(png, color1, lr_box)
+    rows2, columns2 = color_pixels(png, color2, lr_box)
+    both = np.intersect1d(columns1, columns2)
+    assert mean_row(rows1, columns1, both) < mean_row(rows2, columns2, both)
+    # the loss falls: the first run's curve starts high on the left and ends low on the right
+    rows1, columns1 = color_pixels(png, color1, loss_box)
+    assert mean_row(rows1, columns1, columns1.min()) < mean_row(rows1, columns1, columns1.max()) - 50
+
+    svg = tmp_path / 'curves.svg'
+    plots.draw_training_curves(str(svg), [str(first), str(second / 'log.jsonl')])
+    text = svg.read_text()
+    assert text.lstrip().startswith('<?xml') and '<svg' in text
+    assert 'run1</text>' in text and 'run2</text>' in text
+
+
+def test_a_resumed_run_draws_its_later_values(tmp_path):
+    """A run resumed from step 60 logs steps 62..100 again: those later values are the run's."""
+    steps = np.concatenate([STEPS[:50], STEPS[30:]])
+    loss = np.concatenate([np.full(50, 9.0), loss_curve(1.0)[30:]])
+    run = plots.read_run(str(write_run(tmp_path / 'resumed', loss, np.full(len(steps), 1e-3), steps=steps)))
+    assert run.name == str(tmp_path / 'resumed')
+    assert sorted(run.loss) == STEPS.tolist()
+    assert [run.loss[s] for s in STEPS[30:]] == pytest.approx(loss_curve(1.0)[30:].tolist())
+    assert run.lr == {int(s): 1e-3 for s in STEPS}
+    assert run.acc1 == {}
+
+
+def test_accuracy_panel_when_a_run_has_test_acc1(tmp_path):
+    """A fine-tuning run's log.txt adds a third panel: its top-1 accuracy per epoch (an epoch
+    logged again after a resume counts once, with its later value); a pre-training run there
+    draws nothing in it."""
+    epochs = [(0, 10.0), (1, 30.0), (2, 99.0), (2, 45.0), (3, 55.0), (4, 60.0), (5, 62.0), (6, 63.0), (7, 64.0)]
+    finetune = write_run(tmp_path / 'finetune', loss_curve(1.0), schedule(1e-3), epochs=epochs)
+    pretrain = write_run(tmp_path / 'pretrain', loss_curve(1.5), schedule(5e-4))
+    assert plots.read_run(str(finetune)).acc1 == {0: 10.0, 1: 30.0, 2: 45.0, 3: 55.0, 4: 60.0, 5: 62.0, 6: 63.0,
+                                                  7: 64.0}
+    png = tmp_path / 'curves.png'
+    boxes = plots.draw_training_curves(str(png), [str(finetune), str(pretrain)])
+    assert len(boxes) == 3
+    acc_box = boxes[2]
+    rows, columns = color_pixels(png, plots.RUN_COLORS[0], acc_box)
+    assert columns_covered(columns, acc_box) >= 17
+    # the accuracy rises: high on the right, low on the left
+    assert mean_row(rows, columns, columns.max()) < mean_row(rows, columns, columns.min()) - 50
+    assert not len(color_pixels(png, plots.RUN_COLORS[1], acc_box)[0])
+
+
+def test_errors_are_one_line_usage_errors(tmp_path):
+    run = write_run(tmp_path / 'run1', loss_curve(1.0), schedule(1e-3))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    png = str(tmp_path / 'curves.png')
+    with pytest.raises(UsageError, match=r'empty has no log\.jsonl'):
+        plots.draw_training_curves(png, [str(run), str(empty)])
+    with pytest.raises(UsageError, match='cannot read .*missing'):
+        plots.draw_training_curves(png, [str(tmp_path / 'missing')])
+    (empty / 'log.jsonl').write_text('{"epoch": 0, "lr": 0.001}\nnot json\n')
+    with pytest.raises(UsageError, match='no JSON lines with a loss'):
+        plots.draw_training_curves(png, [str(empty)])
+    with pytest.raises(UsageError, match='no runs'):
+        plots.draw_training_curves(png, [])
+    # the image path is refused before any run is read
+    with pytest.raises(UsageError, match=r'unknown image type \.xyz'):
+        plots.draw_training_curves(str(tmp_path / 'curves.xyz'), [str(tmp_path / 'missing')])
+    with pytest.raises(UsageError, match='does not exist'):
+        plots.draw_training_curves(str(tmp_path / 'no' / 'curves.png'), [str(tmp_path / 'missing')])
+    assert not (tmp_path / 'curves.png').exists()
