@@ -17,7 +17,8 @@ from functools import partial
 import torch
 
 from util import dist
-from util.datasets import EpochSampler, SeededSamples, build_image_folder, build_loader, pretrain_transform
+from util.datasets import (EpochSampler, SeededSamples, build_image_folder, build_loader, load_eval_images,
+                           pretrain_transform, spread_image_paths)
 from util.images import BadImages
 from util.engine import train
 from util.errors import run_cli
@@ -25,9 +26,11 @@ from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_
                          print_outputs, resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
 from util.optim import build_adamw, param_groups
+from util.pictures import ReconstructionMonitor
 from util.registry import create_pretrain_model, pretrain_recipe
 
 DEFAULT_MODEL = 'mae_vit_base_patch16'
+VIS_IMAGES = 8  # the rows of the reconstructions in TensorBoard
 
 
 def recipe_note(flag):
@@ -64,6 +67,9 @@ def get_args_parser():
                         help='MAE: per-patch normalised pixels as the target (--no-norm_pix_loss for raw pixels); '
                              + recipe_note('norm_pix_loss'))
     add_run_args(parser)
+    parser.add_argument('--vis_freq', default=None, type=int,
+                        help=f'every N epochs and at the last, reconstructions of {VIS_IMAGES} fixed val/ images go to '
+                             f'TensorBoard (default: --save_freq; 0: never)')
     parser.add_argument('--align', action='store_true',
                         help='loss-curve alignment with a run on another device: deterministic kernels, fp32 unless '
                              '--precision is given, a log line every step unless --log_freq is given, and '
@@ -135,10 +141,15 @@ def main(args):
 
     model_ddp = compile_and_wrap(model, device, args)
     logger = RunLogger(args.output_dir, args.log_dir, enabled=dist.is_main_process())
+    monitor = None
+    if logger.draws_images:  # the same images and masks at every epoch shown
+        images = load_eval_images(spread_image_paths(args.data_path, VIS_IMAGES), args.input_size)
+        every = args.save_freq if args.vis_freq is None else args.vis_freq
+        monitor = ReconstructionMonitor(model, mask_generator, images.to(device.torch_device), logger, every, args.epochs)
     loss_fn = partial(mim_loss, forward_kwargs=mask_generator.forward_kwargs)
     start_time = time.time()
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
-                  start_epoch=start_epoch, start_iter=start_iter, progress=progress)
+                  start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=monitor)
     logger.close()
     print_outputs(args, stats, time.time() - start_time, dataset.bad_images)
     dist.destroy_process_group()

@@ -21,14 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed as TimmPatchEmbed, trunc_normal_
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
-from timm.models import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
-from models_mae import masking_order, pixel_loss, unpatchify
+from models_mae import masking_order, pixel_loss, pixel_pictures, unpatchify
 from util.checkpoint import rebuilt_buffers, register_pretrained_filter
+from util.export import register_timm_encoder, timm_model_like
 from util.masking import UniformNoise
 from util.pos_embed import get_2d_sincos_pos_embed
-from util.registry import classifier_kwargs, register_pretrain_model, supervised_recipe
+from util.registry import register_pretrain_model, supervised_recipe
 
 
 def relative_position_index(grid):
@@ -351,6 +352,10 @@ class HiViTMaskedAutoencoder(HiViT):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
 
+    def pictures(self, imgs, pred, mask):
+        """What visualize.py and TensorBoard show of a forward's output: models_mae.pixel_pictures."""
+        return pixel_pictures(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
+
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         """
         imgs: (N, C, H, W)
@@ -391,11 +396,19 @@ def checkpoint_filter_fn(state_dict, model):
 # --------------------------------------------------------------------------------------------
 # Classifiers (timm)
 
+# The sizes of the classifiers (and of the encoders exported to timm as them).
+HIVIT_SIZES = {
+    'hivit_tiny': dict(img_size=224, patch_size=16, embed_dim=384, depths=(1, 1, 10), num_heads=6),
+    'hivit_small': dict(img_size=224, patch_size=16, embed_dim=384, depths=(2, 2, 20), num_heads=6),
+    'hivit_base': dict(img_size=224, patch_size=16, embed_dim=512, depths=(2, 2, 20), num_heads=8),
+    'hivit_large': dict(img_size=224, patch_size=16, embed_dim=768, depths=(2, 2, 40), num_heads=12),
+    'hivit_tiny_patch8_64': dict(img_size=64, patch_size=8, embed_dim=192, depths=(1, 1, 10), num_heads=3),
+}
+
+# No weights to download: `pretrained=True` needs a file (pretrained_cfg_overlay=dict(file=...)).
 default_cfgs = generate_default_cfgs({
-    'hivit_tiny': dict(num_classes=1000), 'hivit_small': dict(num_classes=1000),
-    'hivit_base': dict(num_classes=1000), 'hivit_large': dict(num_classes=1000),
-    'hivit_tiny_patch8_64': dict(input_size=(3, 64, 64), num_classes=1000),
-})
+    name: dict(input_size=(3, arch['img_size'], arch['img_size']), num_classes=1000, first_conv='patch_embed.proj',
+               classifier='head') for name, arch in HIVIT_SIZES.items()})
 
 
 # The official supervised recipe (Swin's training code and configs): lr 1e-3 at batch 1024 (5e-4 per
@@ -410,25 +423,27 @@ HIVIT_SUPERVISED = dict(
     head_init_std=None)
 
 
-def _hivit(pretrained, arch, kwargs):
-    """HiViT with the official defaults (stem MLP ratio 3, LayerNorm eps 1e-6); keywords
-    override the architecture."""
+def _hivit(variant, pretrained, kwargs):
+    """HiViT of the size HIVIT_SIZES[variant] with the official defaults (stem MLP ratio 3, LayerNorm
+    eps 1e-6); keywords override the architecture. Weights given with pretrained=True load through
+    checkpoint_filter_fn."""
     defaults = dict(stem_mlp_ratio=3., mlp_ratio=4., norm_layer=partial(nn.LayerNorm, eps=1e-6))
-    return HiViT(**{**defaults, **arch, **classifier_kwargs(pretrained, kwargs)})
+    return build_model_with_cfg(HiViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**defaults, **HIVIT_SIZES[variant], **kwargs})
 
 
 @register_model
 @supervised_recipe(dict(HIVIT_SUPERVISED, drop_path=0.05))
 def hivit_tiny(pretrained=False, **kwargs):
     """384 wide, depths (1, 1, 10), 6 heads: 19.2 M parameters."""
-    return _hivit(pretrained, dict(embed_dim=384, depths=(1, 1, 10), num_heads=6), kwargs)
+    return _hivit('hivit_tiny', pretrained, kwargs)
 
 
 @register_model
 @supervised_recipe(dict(HIVIT_SUPERVISED, drop_path=0.3))
 def hivit_small(pretrained=False, **kwargs):
     """384 wide, depths (2, 2, 20), 6 heads."""
-    return _hivit(pretrained, dict(embed_dim=384, depths=(2, 2, 20), num_heads=6), kwargs)
+    return _hivit('hivit_small', pretrained, kwargs)
 
 
 @register_model
@@ -436,13 +451,13 @@ def hivit_small(pretrained=False, **kwargs):
 def hivit_base(pretrained=False, **kwargs):
     """512 wide, depths (2, 2, 20), 8 heads: 66.4 M parameters (the paper's and the official
     code's; mmpretrain's hivit-base config has 24 main blocks, 79 M)."""
-    return _hivit(pretrained, dict(embed_dim=512, depths=(2, 2, 20), num_heads=8), kwargs)
+    return _hivit('hivit_base', pretrained, kwargs)
 
 
 @register_model
 def hivit_large(pretrained=False, **kwargs):
     """768 wide, depths (2, 2, 40), 12 heads."""
-    return _hivit(pretrained, dict(embed_dim=768, depths=(2, 2, 40), num_heads=12), kwargs)
+    return _hivit('hivit_large', pretrained, kwargs)
 
 
 @register_model
@@ -450,7 +465,7 @@ def hivit_large(pretrained=False, **kwargs):
 def hivit_tiny_patch8_64(pretrained=False, **kwargs):
     """192 wide, depths (1, 1, 10), 3 heads, on 8-pixel units (2-pixel sub-patches) of 64 px
     images: the demo and the tests."""
-    return _hivit(pretrained, dict(img_size=64, patch_size=8, embed_dim=192, depths=(1, 1, 10), num_heads=3), kwargs)
+    return _hivit('hivit_tiny_patch8_64', pretrained, kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,3 +503,22 @@ def mae_hivit_tiny_patch8_64(**kwargs):
     """The encoder of hivit_tiny_patch8_64 at 64 px, decoder 128 x 2 (4 heads): the demo and the tests."""
     return _mae_hivit(kwargs, img_size=64, patch_size=8, embed_dim=192, depths=(1, 1, 10), num_heads=3,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+
+
+@register_timm_encoder(HiViTMaskedAutoencoder)
+def timm_encoder(model):
+    """The encoder as the HiViT classifier of its size (registered with timm by this file), without
+    relative position bias when it was pre-trained without (the official fine-tuning adds tables
+    that start at zero: leave out rpe=False and checkpoint_filter_fn adds them). Its features are
+    the main stage's tokens; the pooled features, their mean through `fc_norm`, which MAE-HiViT
+    does not have: it starts as the identity (weight 1, bias 0). The norm of the concatenated
+    features, the decoder and the mask token are left out."""
+    skip = ('norm.', 'decoder_', 'mask_token')
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    state.update({'fc_norm.weight': torch.ones(model.num_features), 'fc_norm.bias': torch.zeros(model.num_features)})
+    merges = [i for i, block in enumerate(model.blocks) if isinstance(block, PatchMerge)]
+    stem_depths = [(end - start - 1) // 2 for start, end in zip([-1] + merges, merges)]  # 2 x depth MLP blocks
+    arch = dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_size, embed_dim=model.num_features,
+                depths=(*stem_depths, model.num_main_blocks), num_heads=model.blocks[-1].attn.num_heads)
+    name, kwargs = timm_model_like(HIVIT_SIZES, arch)
+    return name, {**kwargs, **({} if model.rpe else {'rpe': False})}, state

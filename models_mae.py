@@ -13,7 +13,10 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from models_vit import timm_vit_like
+from util.export import register_timm_encoder
 from util.masking import UniformNoise
+from util.pictures import pixel_mask, reconstruction_panels, unnormalize_patches
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import register_pretrain_model
 from util.errors import UsageError
@@ -170,6 +173,10 @@ class MaskedAutoencoderViT(nn.Module):
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
 
+    def pictures(self, imgs, pred, mask):
+        """What visualize.py and TensorBoard show of a forward's output: see pixel_pictures."""
+        return pixel_pictures(imgs, pred, mask, self.patch_embed.patch_size[0], self.norm_pix_loss)
+
     def encoder_keys(self):
         """The state_dict keys of the encoder: what an encoder-only checkpoint holds."""
         decoder_prefixes = ('decoder_', 'mask_token')
@@ -256,6 +263,26 @@ def pixel_loss(imgs, pred, mask, p, norm_pix_loss):
     return (loss * mask).sum() / mask.sum()
 
 
+NORM_PIX_NOTE = ('norm-pix target: each predicted patch is shown with the mean and variance of the '
+                 'original image\'s patch')
+
+
+def pixel_pictures(imgs, pred, mask, p, norm_pix_loss):
+    """The panels of a model that predicts the pixels of each patch (util.pictures).
+
+    imgs: (N, C, H, W) normalised
+    pred: (N, L, p*p*C) the prediction of forward, per-patch normalised with norm_pix_loss
+    mask: (N, L), 1 = masked
+    returns: Panels (original, masked input, reconstruction, reconstruction + visible)
+    """
+    if norm_pix_loss:
+        pred = unnormalize_patches(pred, patchify(imgs, p))
+    panels = reconstruction_panels(imgs, unpatchify(pred, p, imgs.shape[1]), pixel_mask(mask, p))
+    if norm_pix_loss:
+        panels.notes.append(NORM_PIX_NOTE)
+    return panels
+
+
 # The published pre-training recipe (ViT-B/L/H alike): the defaults of main_pretrain.py and of the
 # ModelZoo scripts. blr counts per 256 images; the effective batch is batch_size x accum_iter x devices.
 MAE_RECIPE = dict(epochs=800, input_size=224, batch_size=64, effective_batch=4096, blr=1.5e-4, min_lr=0.0,
@@ -302,3 +329,11 @@ def mae_vit_tiny_patch8(**kwargs):
     and the tests, at 64x64 pixels (an 8x8 grid of patches)."""
     return _mae_vit(kwargs, img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3,
                     decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+
+
+@register_timm_encoder(MaskedAutoencoderViT)
+def timm_encoder(model):
+    """The encoder as timm's ViT of its size (models_vit.TIMM_VITS: a cls token, the final norm, token
+    pooling, as timm's vit_base_patch16_224.mae); the decoder and the mask token are left out."""
+    state = model.state_dict()
+    return (*timm_vit_like(model), {k: state[k] for k in model.encoder_keys()})

@@ -17,8 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from models_vit import timm_vit_like
 from util.errors import UsageError
+from util.export import register_timm_encoder
 from util.masking import BlockMask, batch_masks
+from util.pictures import Panels, masked_view, oriented_gradient_picture, pixel_mask, to_display, upscale
 from util.registry import register_pretrain_model
 
 
@@ -64,6 +67,19 @@ class HOGGenerator(nn.Module):
         """
         with torch.autocast(x.device.type, enabled=False):  # the target in fp32, whatever the model runs in
             return self._hog(x.float())
+
+    def cells(self, features):
+        """The histograms of the cells back from the per-patch vectors of forward, averaged over
+        the channels (for pictures).
+
+        features: (N, L, C * nbins * k * k) with k = patch / pool, over a square grid of patches
+        returns: (N, nbins, H/pool, W/pool)
+        """
+        n, num_patches, _ = features.shape
+        grid, k = math.isqrt(num_patches), self.patch_size // self.pool
+        cells = features.reshape(n, grid, grid, self.in_chans, self.nbins, k, k)
+        cells = cells.permute(0, 3, 4, 1, 5, 2, 6).reshape(n, self.in_chans, self.nbins, grid * k, grid * k)
+        return cells.mean(dim=1)
 
     def _hog(self, x):
         n, c, h, w = x.shape
@@ -159,6 +175,20 @@ class MaskFeat(nn.Module):
         weights = mask.flatten(1).to(per_patch.dtype)
         return (per_patch * weights).sum() / weights.sum()
 
+    def pictures(self, imgs, pred, mask):
+        """What visualize.py and TensorBoard show of a forward's output (util.pictures): the input,
+        the masked input, the HOG of the input (the target) and the predicted HOG of the masked
+        patches, as oriented-gradient pictures. Cells are drawn at least 8 pixels wide, the
+        images enlarged to match."""
+        scale = max(1, math.ceil(8 / self.hog.pool))
+        glyph = self.hog.pool * scale
+        original = to_display(upscale(imgs, scale))
+        masked = upscale(pixel_mask(mask, self.encoder.patch_embed.patch_size[0]), scale)
+        target = oriented_gradient_picture(self.hog.cells(self.hog(imgs)), glyph)
+        predicted = oriented_gradient_picture(self.hog.cells(pred * mask.flatten(1).unsqueeze(-1)), glyph)
+        return Panels(['input', 'masked input', 'HOG target', 'predicted HOG (masked)'],
+                      [original, masked_view(original, masked), target, predicted])
+
     def forward(self, imgs, mask=None):
         """
         imgs: (N, C, H, W), normalised
@@ -210,3 +240,11 @@ def maskfeat_vit_tiny_patch8(**kwargs):
     window (108 values a patch), blocks of 4 patches or more: the demo and the tests."""
     return _maskfeat(kwargs, hog=dict(pool=4, gaussian_window=8), img_size=64, patch_size=8, embed_dim=192, depth=12,
                      num_heads=3, mask_min_patches=4)
+
+
+@register_timm_encoder(MaskFeat)
+def timm_encoder(model):
+    """The encoder as timm's ViT of its size (models_vit.TIMM_VITS: a cls token, the final norm, token
+    pooling); the mask token and the HOG head are left out."""
+    state = {k: v for k, v in model.encoder.state_dict().items() if k != 'mask_token'}
+    return (*timm_vit_like(model.encoder), state)

@@ -14,6 +14,7 @@ The published recipes (100 and 800 epochs) sit in tables beside the factories; t
 classifiers that SimMIM fine-tunes are registered with timm at the bottom.
 """
 
+import re
 import warnings
 
 import torch
@@ -21,14 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import beit as timm_beit
-from timm.models import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import swin_transformer as timm_swin
 
 from util.checkpoint import encoder_of, rebuilt_buffers, register_pretrained_filter
 from util.errors import UsageError
+from util.export import register_timm_encoder, timm_model_like
 from util.masking import MaskPatches, batch_masks
+from util.pictures import pixel_mask, reconstruction_panels
 from util.optim import register_layer_ids
-from util.registry import classifier_kwargs, register_checkpoint_identifier, register_pretrain_model
+from util.registry import register_checkpoint_identifier, register_pretrain_model
 
 
 class SwinEncoder(timm_swin.SwinTransformer):
@@ -159,6 +162,12 @@ class SimMIM(nn.Module):
         error = F.l1_loss(pred.float(), imgs.float(), reduction='none')
         return (error * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / imgs.shape[1]
 
+    def pictures(self, imgs, pred, mask):
+        """What visualize.py and TensorBoard show of a forward's output (util.pictures): the
+        original, the masked input, the reconstruction (the decoder predicts every pixel of the
+        normalised image, masked or not) and the reconstruction with the visible pixels pasted back."""
+        return reconstruction_panels(imgs, pred, pixel_mask(mask, self.patch_size))
+
     def forward(self, imgs, mask=None):
         """
         imgs: (N, C, H, W), normalised
@@ -172,6 +181,7 @@ class SimMIM(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
+@register_pretrained_filter(SimMIM)
 def checkpoint_filter_fn(state_dict, model):
     """A SimMIM pre-training checkpoint (the official layout, or this project's) as a state dict
     that `model.load_state_dict(..., strict=True)` accepts.
@@ -195,14 +205,38 @@ def checkpoint_filter_fn(state_dict, model):
 
 # --- fine-tuning: loading into timm's classifiers, layer ids for layer-wise lr decay ---------
 
+def swin_original_layout(state_dict):
+    """A Swin state dict (timm's layout or already the original) in the layout of the original code
+    (microsoft/Swin-Transformer, SimMIM's releases): each patch merging at the end of its stage
+    (timm's `layers.{s}.downsample` is `layers.{s-1}.downsample` there), the classifier `head.`
+    (timm: `head.fc.`), no relative_position_index or attn_mask buffers.
+
+    Every timm release the project supports converts this layout correctly on loading, but not
+    timm's own layout without a classifier: timm 1.0.12's filter takes any state dict without
+    'head.fc.weight' for the original layout and moves each merging one stage on (timm 1.0.31
+    looks for 'layers.0.downsample.reduction.weight' instead). So Swin weights pass through here
+    before timm's filter, and an exported Swin encoder is written in this layout."""
+    original = 'layers.0.downsample.reduction.weight' in state_dict
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith(('relative_position_index', 'attn_mask')):
+            continue
+        if not original:
+            k = re.sub(r'^layers\.(\d+)\.downsample\.', lambda m: f'layers.{int(m[1]) - 1}.downsample.', k)
+            k = re.sub(r'^head\.fc\.', 'head.', k)
+        out[k] = v
+    return out
+
+
 @register_pretrained_filter(timm_swin.SwinTransformer)
 def swin_from_pretrained(state_dict, model):
     """A Swin encoder (SimMIM's official layout or timm's) for a Swin classifier: timm's filter
-    converts the layout and resizes the relative position tables to the classifier's windows
-    (224 px window 7 after pre-training at 192 px window 6)."""
+    converts the layout (from the original one, which every timm release reads alike) and resizes
+    the relative position tables to the classifier's windows (224 px window 7 after pre-training
+    at 192 px window 6)."""
     with warnings.catch_warnings():  # timm's table interpolation warns about torch internals
         warnings.simplefilter('ignore', UserWarning)
-        return timm_swin.checkpoint_filter_fn(state_dict, model)
+        return timm_swin.checkpoint_filter_fn(swin_original_layout(state_dict), model)
 
 
 @register_pretrained_filter(timm_beit.Beit)
@@ -359,39 +393,87 @@ def simmim_vit_tiny_patch8_64(**kwargs):
 # BEiT classifier: a relative position table per block (each a copy of the shared one when
 # loading), layer scale, mean pooling and fc_norm: timm's beit_base_patch16_224.
 
+def _cfg(size, classifier):
+    """No weights to download: `pretrained=True` needs a file (pretrained_cfg_overlay=dict(file=...))."""
+    return dict(input_size=(3, size, size), num_classes=1000, first_conv='patch_embed.proj', classifier=classifier)
+
+
 default_cfgs = generate_default_cfgs({
-    'swin_base_patch4_window6_192': dict(input_size=(3, 192, 192), num_classes=1000),
-    'swin_large_patch4_window14_224': dict(input_size=(3, 224, 224), num_classes=1000),
-    'swin_tiny_patch4_window4_64': dict(input_size=(3, 64, 64), num_classes=1000),
-    'beit_tiny_patch8_64': dict(input_size=(3, 64, 64), num_classes=1000),
+    'swin_base_patch4_window6_192': _cfg(192, 'head.fc'),
+    'swin_large_patch4_window14_224': _cfg(224, 'head.fc'),
+    'swin_tiny_patch4_window4_64': _cfg(64, 'head.fc'),
+    'beit_tiny_patch8_64': _cfg(64, 'head'),
 })
 
 
-def _swin_classifier(pretrained, kwargs, **arch):
-    return timm_swin.SwinTransformer(**{**dict(patch_size=4), **arch, **classifier_kwargs(pretrained, kwargs)})
+def _swin_classifier(variant, pretrained, kwargs, **arch):
+    """timm's Swin; weights given with pretrained=True load through swin_from_pretrained."""
+    return build_model_with_cfg(timm_swin.SwinTransformer, variant, pretrained,
+                                pretrained_filter_fn=swin_from_pretrained, **{**dict(patch_size=4), **arch, **kwargs})
 
 
 @register_model
 def swin_base_patch4_window6_192(pretrained=False, **kwargs):
     """Swin-B at 192 px, window 6: SimMIM's pre-training geometry, fine-tuned as such by the Ascend port."""
-    return _swin_classifier(pretrained, kwargs, img_size=192, window_size=6, **SWIN_B)
+    return _swin_classifier('swin_base_patch4_window6_192', pretrained, kwargs, img_size=192, window_size=6, **SWIN_B)
 
 
 @register_model
 def swin_large_patch4_window14_224(pretrained=False, **kwargs):
     """Swin-L at 224 px, window 14: how SimMIM fine-tunes its Swin-L (pre-trained at 192 px, window 12)."""
-    return _swin_classifier(pretrained, kwargs, img_size=224, window_size=14, **SWIN_L)
+    return _swin_classifier('swin_large_patch4_window14_224', pretrained, kwargs, img_size=224, window_size=14,
+                            **SWIN_L)
 
 
 @register_model
 def swin_tiny_patch4_window4_64(pretrained=False, **kwargs):
     """Swin-T at 64 px, window 4: the classifier of simmim_swin_tiny."""
-    return _swin_classifier(pretrained, kwargs, img_size=64, window_size=4, **SWIN_T)
+    return _swin_classifier('swin_tiny_patch4_window4_64', pretrained, kwargs, img_size=64, window_size=4, **SWIN_T)
 
 
 @register_model
 def beit_tiny_patch8_64(pretrained=False, **kwargs):
     """BEiT-style ViT-Ti on 8x8 patches at 64 px: the classifier of simmim_vit_tiny."""
-    return timm_beit.Beit(**{**dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3,
-                                    use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1),
-                             **classifier_kwargs(pretrained, kwargs)})
+    arch = dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, use_abs_pos_emb=False,
+                use_rel_pos_bias=True, init_values=0.1)
+    return build_model_with_cfg(timm_beit.Beit, 'beit_tiny_patch8_64', pretrained,
+                                pretrained_filter_fn=beit_from_pretrained, **{**arch, **kwargs})
+
+
+# --- the encoder as a timm model (export.py) -------------------------------------------------
+# timm's own Swin and BEiT of the sizes SimMIM pre-trains; an exported encoder is one of them, with
+# keywords for what differs (image size and window, say).
+TIMM_SWINS = {f'swin_{size}_patch4_window7_224': dict(img_size=224, patch_size=4, window_size=7, mlp_ratio=4, **arch)
+              for size, arch in (('tiny', SWIN_T), ('base', SWIN_B), ('large', SWIN_L))}
+TIMM_BEITS = {
+    'beit_base_patch16_224': dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4),
+    'beit_large_patch16_224': dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4),
+}
+
+
+@register_timm_encoder(SimMIM)
+def timm_encoder(model):
+    """The encoder as timm's Swin (its final norm, mean pooling) or BEiT (the final norm, the cls
+    token as pooling: SimMIM's ViT has no fc_norm). The Swin weights are in the original layout
+    (see swin_original_layout); the BEiT's shared relative position table is copied into each block,
+    as timm's BEiT has it (timm 1.0.12 cannot load a shared table through its filter: the filter
+    drops the shared table's index, which that release keeps in state_dict). The mask token and the
+    decoder are left out."""
+    encoder = model.encoder
+    state = {k: v for k, v in encoder.state_dict().items() if k != 'mask_token'}
+    width = encoder.embed_dim
+    if isinstance(encoder, timm_swin.SwinTransformer):
+        arch = dict(img_size=encoder.patch_embed.img_size[0], patch_size=encoder.patch_embed.patch_size[0],
+                    window_size=encoder.layers[0].blocks[0].window_size[0],
+                    mlp_ratio=encoder.layers[0].blocks[0].mlp.fc1.out_features / width, embed_dim=width,
+                    depths=tuple(len(stage.blocks) for stage in encoder.layers),
+                    num_heads=tuple(stage.blocks[0].attn.num_heads for stage in encoder.layers))
+        return (*timm_model_like(TIMM_SWINS, arch), swin_original_layout(state))
+    arch = dict(img_size=encoder.patch_embed.img_size[0], patch_size=encoder.patch_embed.patch_size[0],
+                embed_dim=width, depth=len(encoder.blocks), num_heads=encoder.blocks[0].attn.num_heads,
+                mlp_ratio=encoder.blocks[0].mlp.fc1.out_features / width)
+    name, kwargs = timm_model_like(TIMM_BEITS, arch)
+    table = state.pop('rel_pos_bias.relative_position_bias_table')
+    state.pop('rel_pos_bias.relative_position_index', None)
+    state.update({f'blocks.{i}.attn.relative_position_bias_table': table.clone() for i in range(len(encoder.blocks))})
+    return name, {**kwargs, 'global_pool': 'token'}, state

@@ -11,8 +11,9 @@ from util.errors import UsageError
 from util.masking import BlockMask
 
 
-def hog_by_definition(image, nbins=9, cell=8, window=16, patch=16):
-    """HOG of one (C, H, W) image in float64 NumPy, pixel by pixel and cell by cell."""
+def cells_by_definition(image, nbins=9, cell=8, window=16):
+    """The L2-normalised histograms (C, bins, H / cell, W / cell) of one (C, H, W) image in float64
+    NumPy, pixel by pixel and cell by cell."""
     c, h, w = image.shape
     padded = np.pad(image.astype(np.float64), ((0, 0), (1, 1), (1, 1)), mode='reflect')
     sobel = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=np.float64)
@@ -32,7 +33,13 @@ def hog_by_definition(image, nbins=9, cell=8, window=16, patch=16):
         for y in range(h):
             for x in range(w):
                 cells[ch, orientation[ch, y, x], y // cell, x // cell] += weighted[ch, y, x]
-    cells /= np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-12)
+    return cells / np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-12)
+
+
+def hog_by_definition(image, nbins=9, cell=8, window=16, patch=16):
+    """HOG of one (C, H, W) image: its cells' histograms, 2 x 2 cells a patch, row by row."""
+    _, h, w = image.shape
+    cells = cells_by_definition(image, nbins, cell, window)
     k = patch // cell
     out = []
     for py in range(h // patch):

@@ -68,7 +68,17 @@ def test_demo_pretraining_runs_and_loss_falls(demo_root, tmp_path):
     assert records[-1]['loss'] < 0.8 * records[0]['loss']
     assert os.path.isfile(out / 'checkpoint-last.pth')
     assert os.path.isfile(out / 'log.txt')
-    assert any(name.startswith('events.out.tfevents') for name in os.listdir(out))
+    # TensorBoard: the step scalars, the gradient norm among them, and the reconstructions of the epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out), size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    for key in ('loss', 'lr', 'ips', 'grad_norm'):
+        scalars = events.Scalars(f'train/{key}')
+        assert [e.step for e in scalars] == [r['step'] for r in records]
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in records], rel=1e-6)
+    [grid] = events.Images('reconstructions')
+    # 8 rows of 4 panels of 64 px with make_grid's 2-px padding
+    assert (grid.step, grid.width, grid.height) == (0, 4 * 66 + 2, 8 * 66 + 2)
 
 
 def test_resumed_run_continues_exactly(small_folder, tmp_path):
@@ -179,6 +189,18 @@ def test_fp16_with_loss_scaling_and_clipping(small_folder, tmp_path):
     assert all(math.isfinite(r['loss']) and r['grad_norm'] > 0 for r in records)
     scaler = checkpoint.load(tmp_path / checkpoint.LAST)['scaler']
     assert scaler is not None and scaler['scale'] > 0
+
+
+def test_gradient_norm_is_logged_without_clipping(small_folder, tmp_path):
+    """Without --clip_grad every log step still carries the gradient norm, the number that
+    clipping measures (before it clips) on the same weights and batch."""
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 8, '--epochs', 1, '--max_steps', 2]
+    run_pretrain(*flags, '--output_dir', tmp_path / 'free')
+    run_pretrain(*flags, '--clip_grad', 1e-3, '--output_dir', tmp_path / 'clipped')
+    free, clipped = read_jsonl(tmp_path / 'free' / 'log.jsonl'), read_jsonl(tmp_path / 'clipped' / 'log.jsonl')
+    assert [r['step'] for r in free] == [1, 2] and all(math.isfinite(r['grad_norm']) and r['grad_norm'] > 1e-3
+                                                       for r in free)
+    assert free[0]['grad_norm'] == pytest.approx(clipped[0]['grad_norm'], rel=1e-6)
 
 
 def test_max_steps_at_an_epoch_boundary_stops_there(small_folder, tmp_path):

@@ -79,6 +79,14 @@ def resume_path(resume, output_dir):
     return last if last and os.path.isfile(last) else None
 
 
+def saved_args(ckpt):
+    """The arguments of the run that wrote a loaded checkpoint, as a dict: this project's (a dict),
+    the official MAE code's (an argparse.Namespace); {} when it has none."""
+    args = ckpt.get('args') if isinstance(ckpt, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    return args if isinstance(args, dict) else {}
+
+
 def plain_args(args):
     """The run's arguments as a dict of plain values, so that a checkpoint loads as data."""
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
@@ -160,12 +168,14 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
     return ckpt['epoch'] + 1, resumed_epoch_samples(ckpt, path, args), ckpt.get('step', 0)
 
 
-def load_weights(model, state, path):
-    """Load a state dict exactly (every key, every shape) or say which keys do not fit."""
+def load_weights(model, state, path, optional=()):
+    """Load a state dict exactly (every key, every shape; keys that start with one of `optional`
+    may be absent) or say which keys do not fit."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ
         raise UsageError(f'{path!r} does not fit this model: {str(e).splitlines()[1].strip()}') from None
+    missing = [k for k in missing if not k.startswith(optional)]
     if missing or unexpected:
         raise UsageError(f'{path!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}')
 

@@ -24,6 +24,7 @@ from util.errors import UsageError
 from util.images import UnreadableImage, load_rgb
 
 DEMO = 'demo'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
 def resolve_data_root(data_path):
@@ -88,6 +89,31 @@ def eval_transform(input_size):
         transforms.CenterCrop(input_size),
         transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+
+def spread_image_paths(data_path, count):
+    """`count` image files spread evenly over what `data_path` names: an image file, a folder of
+    images (searched through), an ImageFolder root (its val/ images, else train/), or demo. Sorted,
+    so the same files every time."""
+    if os.path.isfile(data_path):
+        return [data_path]
+    if data_path == DEMO or os.path.isdir(os.path.join(data_path, 'train')):
+        root = resolve_data_root(data_path)
+        data_path = os.path.join(root, 'val') if os.path.isdir(os.path.join(root, 'val')) else os.path.join(root, 'train')
+    if not os.path.isdir(data_path):
+        raise UsageError(f'--data_path {data_path!r} is neither an image, a folder of images nor demo')
+    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(data_path) for name in names
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise UsageError(f'no images under {data_path!r} (looked for {", ".join(IMAGE_EXTENSIONS)})')
+    count = min(count, len(paths))
+    return [paths[i * len(paths) // count] for i in range(count)]
+
+
+def load_eval_images(paths, input_size):
+    """(N, 3, input_size, input_size), normalised as in evaluation (resize, centre crop)."""
+    transform = eval_transform(input_size)
+    return torch.stack([transform(load_rgb(path)) for path in paths])
 
 
 def build_image_folder(data_path, split, transform):

@@ -122,7 +122,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
     micro_batches = 0
     epoch_loss, epoch_micro_batches = 0.0, 0
     images, tic = 0, time.perf_counter()
-    lr, grad_norm, preempted = 0.0, None, False
+    lr, preempted = 0.0, False
     it = start_iter
     data = iter(loader)
     for it in range(start_iter, epoch_iters):
@@ -144,10 +144,14 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
         if not last_micro_batch:
             continue
 
-        if args.clip_grad:
+        step_in_epoch = (it + 1) // accum
+        logging_step = (not (progress.step + 1) % args.log_freq or step_in_epoch == steps_per_epoch
+                        or (args.max_steps is not None and progress.run_steps + 1 >= args.max_steps))
+        grad_norm = None
+        if args.clip_grad or logging_step:  # the norm is logged: measured at log steps, or wherever it clips
             if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                scaler.unscale_(optimizer)  # the true gradients, not the scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -160,10 +164,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
         progress.run_steps += 1
         images += images_per_step
 
-        step_in_epoch = (it + 1) // accum
         preempted = signals.stop_agreed()
         stopping = out_of_steps(progress, args) or preempted
-        if not progress.step % args.log_freq or step_in_epoch == steps_per_epoch or stopping:
+        if logging_step or stopping:
             # a log step: the one place where the host waits for the device
             mean_loss, bad_images = log_step_values(loss_sum / micro_batches, loader, args)
             toc = time.perf_counter()

@@ -3,7 +3,7 @@
   Tecorigin/Ascend tooling;
 - <output_dir>/log.jsonl: one JSON object per logged step (epoch, step, loss, lr, ips, time, ...);
 - <output_dir>/log.txt: one JSON object per epoch (the official MAE format);
-- TensorBoard scalars in <log_dir>.
+- TensorBoard scalars (loss, lr, images/s, gradient norm) and images in <log_dir>.
 """
 import datetime
 import json
@@ -50,8 +50,9 @@ class RunLogger:
               f"train.loss : {record['loss']:.6f}  train.ips : {record['ips']:.2f}", flush=True)
         self._append('log.jsonl', record)
         if self.writer is not None:
-            for key in ('loss', 'lr', 'ips'):
-                self.writer.add_scalar(f'train/{key}', record[key], record['step'])
+            for key in ('loss', 'lr', 'ips', 'grad_norm'):
+                if key in record:
+                    self.writer.add_scalar(f'train/{key}', record[key], record['step'])
 
     def log_epoch(self, record):
         """record: {'train_loss', 'train_lr', ..., 'epoch'} in MAE's log.txt format."""
@@ -63,6 +64,16 @@ class RunLogger:
                 if key != 'epoch' and isinstance(value, (int, float)):
                     self.writer.add_scalar(f'epoch/{key}', value, record['epoch'])
             self.writer.flush()
+
+    def log_image(self, tag, image, epoch):
+        """image: (3, H, W) in [0, 1], to TensorBoard at the epoch (nothing without a log_dir)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, epoch)
+            self.writer.flush()
+
+    @property
+    def draws_images(self):
+        return self.writer is not None
 
     def close(self):
         if self.writer is not None:

@@ -7,7 +7,6 @@ and builds a model by its official name or an alias. Classifiers are timm models
 with timm, and `create_classifier` builds any timm model by name. An unknown name is a
 `UsageError` that lists the closest known names.
 """
-import argparse
 import difflib
 import importlib
 
@@ -74,10 +73,10 @@ def register_checkpoint_identifier(identify):
 def pretraining_of(ckpt):
     """(model name, epochs) of the pre-training that wrote a loaded checkpoint: its `args` (this
     project's, the official MAE's), else what a model file recognises; (None, None) if unknown."""
+    from util.checkpoint import saved_args  # util.checkpoint imports torch: only when a checkpoint is read
     pretrain_model_names()
-    args = ckpt.get('args') if isinstance(ckpt, dict) else None
-    args = vars(args) if isinstance(args, argparse.Namespace) else args
-    if isinstance(args, dict) and args.get('model') in _RECIPES:
+    args = saved_args(ckpt)
+    if args.get('model') in _RECIPES:
         return args['model'], args.get('epochs')
     for identify in _CHECKPOINT_IDENTIFIERS:
         found = identify(ckpt)
@@ -109,14 +108,6 @@ def _unknown(kind, name, names):
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
     hint = f'closest: {", ".join(close)}' if close else f'known: {", ".join(names[:20])}, ...'
     return UsageError(f'unknown {kind} {name!r} ({hint})')
-
-
-def classifier_kwargs(pretrained, kwargs):
-    """The keywords a timm factory of this project passes to its model: timm's download options
-    removed, none of which applies here (weights come from --finetune)."""
-    if pretrained:
-        raise UsageError('no weights are downloaded: pass a checkpoint with --finetune instead')
-    return {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')}
 
 
 def native_input_size(name):

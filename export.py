@@ -1,0 +1,33 @@
+"""Carry a checkpoint into timm: the encoder of a pre-training checkpoint (MAE, SimMIM, MaskFeat,
+MAE-HiViT; this project's or an official release), or a fine-tuned classifier, as a safetensors file,
+and the timm.create_model call that loads it.
+
+    python export.py --checkpoint output/checkpoint-last.pth --output encoder.safetensors
+"""
+import argparse
+
+from util.errors import run_cli
+from util.export import export_checkpoint
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Export a checkpoint as a timm safetensors file', add_help=True)
+    parser.add_argument('--checkpoint', required=True,
+                        help='a pre-training checkpoint (its encoder is exported) or a fine-tuning one '
+                             '(its classifier)')
+    parser.add_argument('--output', required=True, help='the file to write, ending in .safetensors')
+    parser.add_argument('--model', default=None,
+                        help="the model that wrote the checkpoint (default: the checkpoint's args, or what its layout "
+                             "says): a pre-training model such as mae_vit_base, or the timm classifier it fine-tunes")
+    return parser
+
+
+def main(args):
+    call, description, parameters = export_checkpoint(args.checkpoint, args.output, args.model)
+    print(f'wrote {args.output}: {description} as {call.name}, {parameters / 1e6:.2f} M parameters. Load it with:\n')
+    print(call)
+    return call
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,209 @@
+"""export.py: every method's pre-training checkpoint, and a fine-tuned classifier, as a safetensors file
+that the printed timm.create_model call loads, computing what the checkpoint's own model computes."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+from helpers import REPO, run_main
+from util.errors import UsageError
+from util.registry import create_classifier, create_pretrain_model
+
+
+def images():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def save_checkpoint(tmp_path, name, model, **args):
+    """A checkpoint in this project's layout, {'model': ..., 'args': {'model': name, ...}}."""
+    path = tmp_path / f'{name}.pth'
+    torch.save({'model': model.state_dict(), 'args': {'model': name, 'input_size': 64, **args}}, path)
+    return path
+
+
+def pretraining_checkpoint(tmp_path, name, **kwargs):
+    torch.manual_seed(0)
+    model = create_pretrain_model(name, **kwargs).eval()
+    return model, save_checkpoint(tmp_path, name, model)
+
+
+def export(capsys, checkpoint, output, *flags):
+    """Run export.py in-process; returns the model built by the call it prints (in eval mode) and the call."""
+    run_main('export', '--checkpoint', checkpoint, '--output', output, *flags)
+    printed = capsys.readouterr().out
+    code = printed.split('Load it with:\n', 1)[1]
+    assert 'create_model(' in code and f'file={str(output)!r}' in code, printed
+    with safe_open(output, 'pt') as f:  # the encoder only
+        assert not [k for k in f.keys() if k.startswith(('mask_token', 'decoder'))]
+    namespace = {}
+    exec(code, namespace)  # the call, as a user copies it
+    return namespace['model'].eval(), code
+
+
+@torch.no_grad()
+def test_mae_encoder(tmp_path, capsys):
+    mae, path = pretraining_checkpoint(tmp_path, 'mae_vit_tiny')
+    model, code = export(capsys, path, tmp_path / 'mae.safetensors')
+    assert "'vit_tiny_patch16_224'" in code and 'img_size=64, patch_size=8' in code  # timm's own ViT
+    assert 'custom_load=False' in code  # timm's weights of that name are .npz: timm 1.0.12 would read the file so
+    imgs = images()
+    in_order = torch.linspace(0, 0.9, mae.num_patches).expand(2, -1)  # no masking, the patches in order
+    latent, _, _ = mae.forward_encoder(imgs, mask_ratio=0, noise=in_order)  # (N, 1 + L, D) after norm
+    torch.testing.assert_close(model.forward_features(imgs), latent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(imgs), latent[:, 0], rtol=1e-5, atol=1e-5)  # token pooling
+
+
+@torch.no_grad()
+def test_official_mae_encoder_release_with_model(tmp_path, capsys):
+    """An encoder-only release (mae_pretrain_vit_*.pth: {'model': encoder}, no args) with --model."""
+    torch.manual_seed(0)
+    mae = create_pretrain_model('mae_vit_tiny').eval()
+    torch.save({'model': {k: v for k, v in mae.state_dict().items() if k in mae.encoder_keys()}},
+               tmp_path / 'release.pth')
+    with pytest.raises(UsageError, match='does not say which model wrote it: pass --model'):
+        run_main('export', '--checkpoint', tmp_path / 'release.pth', '--output', tmp_path / 'x.safetensors')
+    model, _ = export(capsys, tmp_path / 'release.pth', tmp_path / 'mae.safetensors', '--model', 'mae_vit_tiny')
+    imgs = images()
+    latent, _, _ = mae.forward_encoder(imgs, 0, noise=torch.linspace(0, 0.9, mae.num_patches).expand(2, -1))
+    torch.testing.assert_close(model.forward_features(imgs), latent, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('name', ['simmim_vit_tiny', 'maskfeat_vit_tiny'])
+def test_simmim_vit_and_maskfeat_encoders(tmp_path, capsys, name):
+    pretraining, path = pretraining_checkpoint(tmp_path, name)
+    model, code = export(capsys, path, tmp_path / 'encoder.safetensors')
+    imgs = images()
+    expected = pretraining.encoder.forward_masked(imgs, torch.zeros(2, 8, 8))  # nothing masked
+    features = model.forward_features(imgs)[:, 1:]  # (N, 1 + L, D): the patch tokens
+    if name == 'simmim_vit_tiny':  # SimMIM's encoder gives (N, D, H, W)
+        assert "'beit_base_patch16_224'" in code and "global_pool='token'" in code
+        features = features.transpose(1, 2).reshape(expected.shape)
+    else:
+        assert "'vit_tiny_patch16_224'" in code
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_hivit_encoder(tmp_path, capsys):
+    mae, path = pretraining_checkpoint(tmp_path, 'mae_hivit_tiny')
+    model, code = export(capsys, path, tmp_path / 'hivit.safetensors')
+    assert 'import models_hivit' in code and "'hivit_tiny_patch8_64'" in code and 'rpe=False' in code
+    imgs = images()
+    expected = mae.forward_features(imgs)  # the main stage's tokens
+    torch.testing.assert_close(model.forward_features(imgs), expected, rtol=1e-5, atol=1e-5)
+    # pooled: the mean through fc_norm, which starts as the identity
+    torch.testing.assert_close(model(imgs), torch.nn.functional.layer_norm(expected.mean(1), (192,), eps=1e-6),
+                               rtol=1e-5, atol=1e-5)
+
+
+def timm_1_0_12_swin_filter(state_dict, model):
+    """The layout rule of timm 1.0.12's Swin filter: a state dict without 'head.fc.weight' is taken
+    for the original layout, and each patch merging moves one stage on (timm 1.0.31 asks for
+    'layers.0.downsample.reduction.weight' instead)."""
+    original = 'head.fc.weight' not in state_dict
+    out = {}
+    for k, v in state_dict.items():
+        if original:
+            k = re.sub(r'layers.(\d+).downsample', lambda x: f'layers.{int(x.group(1)) + 1}.downsample', k)
+            k = k.replace('head.', 'head.fc.')
+        out[k] = v
+    return out
+
+
+@torch.no_grad()
+def test_simmim_swin_encoder_under_either_rule_of_timm(tmp_path, capsys, monkeypatch):
+    """The exported Swin encoder is in the original layout, which the rules of timm 1.0.31 and
+    1.0.12 both convert; fine-tuning from this project's own (timm-layout, headless) SimMIM
+    checkpoint works under either rule too."""
+    from timm.models import swin_transformer
+    from util.checkpoint import load_pretrained
+    pretraining, path = pretraining_checkpoint(tmp_path, 'simmim_swin_tiny')
+    model, code = export(capsys, path, tmp_path / 'swin.safetensors')
+    assert "'swin_tiny_patch4_window7_224'" in code and 'img_size=64, window_size=4' in code
+    imgs = images()
+    expected = pretraining.encoder.forward_masked(imgs, torch.zeros(2, 16, 16))  # (N, D, H, W), nothing masked
+    torch.testing.assert_close(model.forward_features(imgs).permute(0, 3, 1, 2), expected, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(swin_transformer, 'checkpoint_filter_fn', timm_1_0_12_swin_filter)
+    namespace = {}
+    exec(code, namespace)
+    features = namespace['model'].eval().forward_features(imgs).permute(0, 3, 1, 2)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+    classifier = create_classifier('swin_tiny_patch4_window4_64', num_classes=10)
+    load_pretrained(classifier, str(path))
+    for stage in (1, 2, 3):
+        torch.testing.assert_close(classifier.layers[stage].downsample.reduction.weight,
+                                   pretraining.encoder.layers[stage].downsample.reduction.weight)
+
+
+@torch.no_grad()
+def test_finetuned_classifier(tmp_path, capsys):
+    torch.manual_seed(0)
+    classifier = create_classifier('vit_tiny_patch8', num_classes=10).eval()
+    path = save_checkpoint(tmp_path, 'vit_tiny_patch8', classifier, global_pool=True)
+    model, code = export(capsys, path, tmp_path / 'classifier.safetensors')
+    assert 'import models_vit' in code and "'vit_tiny_patch8'" in code and 'num_classes=10' in code
+    torch.testing.assert_close(model(images()), classifier(images()), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_linear_probe_head_is_folded(tmp_path, capsys):
+    """A linear probe's BatchNorm + linear head becomes one linear layer with the same logits."""
+    from main_finetune import add_probe_head
+    torch.manual_seed(0)
+    probe = create_classifier('vit_tiny_patch8', num_classes=10, global_pool='token')
+    add_probe_head(probe)
+    bn = probe.head[0]
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    probe.eval()
+    path = save_checkpoint(tmp_path, 'vit_tiny_patch8', probe, linprobe=True, global_pool=False)
+    model, code = export(capsys, path, tmp_path / 'probe.safetensors')
+    assert "global_pool='token'" in code
+    torch.testing.assert_close(model(images()), probe(images()), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    _, path = pretraining_checkpoint(tmp_path, 'mae_vit_tiny', depth=1)
+    out = tmp_path / 'x.safetensors'
+    with pytest.raises(UsageError, match=r'must end in \.safetensors'):
+        run_main('export', '--checkpoint', path, '--output', tmp_path / 'x.pth')
+    with pytest.raises(UsageError, match='does not exist'):
+        run_main('export', '--checkpoint', tmp_path / 'missing.pth', '--output', out)
+    with pytest.raises(UsageError, match='does not fit'):  # 1 block, where mae_vit_tiny has 12
+        run_main('export', '--checkpoint', path, '--output', out)
+    with pytest.raises(UsageError, match="unknown model 'mae_vit_tny' \\(closest: mae_vit_tiny"):
+        run_main('export', '--checkpoint', path, '--output', out, '--model', 'mae_vit_tny')
+    with pytest.raises(UsageError, match='not a SimMIM checkpoint'):
+        run_main('export', '--checkpoint', path, '--output', out, '--model', 'simmim_vit_tiny')
+    assert os.listdir(tmp_path) == [path.name]  # nothing written, no temporary file left
+    # as a user runs it: one line, exit code 2, no traceback
+    result = subprocess.run([sys.executable, 'export.py', '--checkpoint', str(path), '--output', str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if 'Warning' not in line and 'warnings.warn' not in line]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+
+
+def test_weights_that_do_not_load_into_the_printed_call_are_refused(tmp_path, monkeypatch):
+    """The file is loaded with the call before it is put in place: a timm form that does not fit
+    (here a wrong one registered for MAE) is one line, and nothing is written."""
+    import models_mae
+    from util import export
+    _, path = pretraining_checkpoint(tmp_path, 'mae_vit_tiny')
+    wrong = lambda model: ('vit_small_patch16_224', {}, model.state_dict())  # noqa: E731
+    monkeypatch.setitem(export._TIMM_ENCODERS, models_mae.MaskedAutoencoderViT, wrong)
+    with pytest.raises(UsageError, match='do not load into vit_small_patch16_224'):
+        run_main('export', '--checkpoint', path, '--output', tmp_path / 'x.safetensors')
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_project_classifiers_need_a_file_for_pretrained_weights():
+    """The project's timm factories load weights only from a file: nothing is downloaded."""
+    import models_hivit  # noqa: F401
+    with pytest.raises(RuntimeError, match='No pretrained weights exist for hivit_tiny_patch8_64'):
+        timm.create_model('hivit_tiny_patch8_64', pretrained=True)
