@@ -126,11 +126,13 @@ def test_finetuning_a_demo_pretraining_beats_chance(demo_root, tmp_path):
     run_pretrain('--model', 'mae_vit_tiny', '--input_size', 64, '--num_workers', 0, '--device', 'cpu',
                  '--data_path', 'demo', '--batch_size', 64, '--epochs', 1, '--warmup_epochs', 0, '--blr', 1.5e-3,
                  '--output_dir', tmp_path / 'pretrain')
+    # two epochs without warm-up and a gentler layer decay: 25.4 % when measured (3 epochs as in the
+    # README with a warm-up epoch: 25.0 %)
     run_finetune(*TINY, '--data_path', 'demo', '--finetune', tmp_path / 'pretrain' / checkpoint.LAST,
-                 *DEMO_FINETUNE, '--epochs', 3, '--warmup_epochs', 1, '--log_freq', 10,
+                 *DEMO_FINETUNE, '--layer_decay', 0.9, '--epochs', 2, '--warmup_epochs', 0, '--log_freq', 10,
                  '--output_dir', tmp_path / 'finetune')
     epochs = read_jsonl(tmp_path / 'finetune' / 'log.txt')
-    assert [r['epoch'] for r in epochs] == [0, 1, 2]
+    assert [r['epoch'] for r in epochs] == [0, 1]
     assert epochs[-1]['test_acc1'] > 20, epochs
     assert os.path.isfile(tmp_path / 'finetune' / checkpoint.BEST)
 
@@ -190,7 +192,8 @@ def test_two_process_evaluation_is_exact(small_folder, tmp_path):
     one = run_script(sys.executable, 'main_finetune.py', *flags)
     two = run_script(sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2, '--standalone',
                      'main_finetune.py', *flags)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[:3000]  # the start: a failing rank's own message comes before torchrun's
     line = [ln for ln in one.stdout.splitlines() if ln.startswith('* Acc@1')]
     assert len(line) == 1 and 'on the 17 validation images' in one.stdout
     assert [ln for ln in two.stdout.splitlines() if ln.startswith('* Acc@1')] == line
