@@ -188,3 +188,21 @@ def test_visualize_draws_the_curves_of_runs(tmp_path):
     for color in RUN_COLORS[:2]:
         rows, columns = color_pixels(out, color)
         assert len(set(columns.tolist())) > 200  # a curve across the plot, in the loss and the lr panels
+
+
+def test_visualize_reads_an_official_simmim_layout(tmp_path, demo_root):
+    """The official SimMIM release layout (the original Swin's patch mergings, no args) draws the
+    same figure as this project's layout of the same weights."""
+    from models_simmim import swin_original_layout
+    for name in ('ours', 'official'):  # one file name in two folders: the figure's title names the file
+        (tmp_path / name).mkdir()
+    model = save_checkpoint(tmp_path / 'ours' / 'ckpt.pth', 'simmim_swin_tiny')
+    official = {**{f'encoder.{k}': v for k, v in swin_original_layout(model.encoder.state_dict()).items()},
+                **{f'decoder.{k}': v for k, v in model.decoder.state_dict().items()}}
+    assert 'encoder.layers.0.downsample.reduction.weight' in official
+    torch.save({'model': official}, tmp_path / 'official' / 'ckpt.pth')
+    for name in ('ours', 'official'):
+        run_main('visualize', '--model', 'simmim_swin_tiny', '--checkpoint', tmp_path / name / 'ckpt.pth',
+                 '--num_images', 1, '--output', tmp_path / f'{name}.png')
+    with Image.open(tmp_path / 'ours.png') as ours, Image.open(tmp_path / 'official.png') as theirs:
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
