@@ -30,10 +30,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from util import checkpoint, dist
-from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build_image_folder, build_loader,
-                           eval_transform, finetune_transform, pretrain_transform)
+from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build_finetune_train_folder,
+                           build_image_folder, build_loader, eval_transform)
 from util.engine import evaluate, train
 from util.errors import UsageError, run_cli
+from util.flops import FlopRate, example_batch
 from util.images import BadImages
 from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, merge_recipes,
                          print_outputs, resume_training, set_learning_rate, start_run)
@@ -259,10 +260,10 @@ class EpochEvaluation:
             results.update({f'test_ema_{k}': v for k, v in self.evaluate(self.ema.module).items() if k != 'images'})
         if results['test_acc1'] > self.best:
             self.best = results['test_acc1']
-            if self.args.output_dir and dist.is_main_process():
-                checkpoint.atomic_save({'model': self.model.state_dict(), 'epoch': epoch, 'acc1': self.best,
-                                        'args': checkpoint.plain_args(self.args)},
-                                       os.path.join(self.args.output_dir, checkpoint.BEST))
+            if self.args.output_dir:  # written with the epoch's checkpoint, from the same copy of the weights
+                results['checkpoint_files'] = {os.path.join(self.args.output_dir, checkpoint.BEST): {
+                    'model': self.model.state_dict(), 'epoch': epoch, 'acc1': self.best,
+                    'args': checkpoint.plain_args(self.args)}}
         print(f"top-1 accuracy of epoch {epoch}: {results['test_acc1']:.2f}%; best so far: {self.best:.2f}%")
         return results
 
@@ -291,9 +292,7 @@ def main(args):
     print(f'mode: {"evaluation" if args.eval else mode}' + (f', with {args.recipe_source}' if args.recipe_source else ''))
     pin_memory = args.pin_mem and device.type != 'cpu'
 
-    train_transform = pretrain_transform(args.input_size, scale=(args.crop_min, 1.0)) if args.linprobe \
-        else finetune_transform(args)
-    train_folder = build_image_folder(args.data_path, 'train', train_transform)
+    train_folder = build_finetune_train_folder(args)
     val_folder = build_image_folder(args.data_path, 'val', eval_transform(args.input_size))
     num_classes = args.nb_classes or len(train_folder.classes)
     if num_classes < len(train_folder.classes):
@@ -325,13 +324,18 @@ def main(args):
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler, ema=ema)
 
+    loss_fn = partial(classification_loss, criterion=build_criterion(args))
+    # counted before compile_and_wrap: --grad_ckpt's recomputation is not model FLOPs
+    flop_rate = FlopRate.of_run(model, loss_fn, example_batch(2, args.input_size, num_classes=num_classes,
+                                                              soft_targets=mixup is not None),
+                                device, precision, world.world_size, args.peak_tflops)
     model_ddp = compile_and_wrap(model, device, args)
     logger = RunLogger(args.output_dir, args.log_dir, enabled=dist.is_main_process())
-    loss_fn = partial(classification_loss, criterion=build_criterion(args))
     evaluation = EpochEvaluation(model, ema, val_loader, device, precision, args, resuming)
     start_time = time.time()
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
-                  start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=evaluation, ema=ema)
+                  start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=evaluation, ema=ema,
+                  flop_rate=flop_rate)
     logger.close()
     print_outputs(args, stats, time.time() - start_time, dataset.bad_images)
     if stats:

@@ -17,11 +17,11 @@ from functools import partial
 import torch
 
 from util import dist
-from util.datasets import (EpochSampler, SeededSamples, build_image_folder, build_loader, load_eval_images,
-                           pretrain_transform, spread_image_paths)
+from util.datasets import INPUT_PIPELINES, EpochSampler, build_loader, build_pretrain_dataset, eval_images
 from util.images import BadImages
 from util.engine import train
 from util.errors import run_cli
+from util.flops import FlopRate, example_batch
 from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, fingerprint,
                          print_outputs, resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
@@ -66,6 +66,14 @@ def get_args_parser():
     parser.add_argument('--norm_pix_loss', default=None, action=argparse.BooleanOptionalAction,
                         help='MAE: per-patch normalised pixels as the target (--no-norm_pix_loss for raw pixels); '
                              + recipe_note('norm_pix_loss'))
+    parser.add_argument('--input_pipeline', default=None, choices=INPUT_PIPELINES,
+                        help='tensor: JPEGs decoded by libjpeg-turbo, cropped, resized and flipped as uint8 tensors, '
+                             'normalised on the device (1.8x the images/s of a data-loader core on ImageNet-like '
+                             'JPEGs); pil: the torchvision transforms on Pillow images, normalised in the workers, as '
+                             'before. The '
+                             'same crops and flips; the pixels differ by resampling rounding (mean 0.05 of 255, at '
+                             'most 1 bilinear, 4 bicubic) (default: tensor; pil with --align, whose pixels do not '
+                             'depend on the CPU)')
     add_run_args(parser)
     parser.add_argument('--vis_freq', default=None, type=int,
                         help=f'every N epochs and at the last, reconstructions of {VIS_IMAGES} fixed val/ images go to '
@@ -74,7 +82,8 @@ def get_args_parser():
                         help='loss-curve alignment with a run on another device: deterministic kernels, fp32 unless '
                              '--precision is given, a log line every step unless --log_freq is given, and '
                              'fingerprints of the initial weights, the data order and sample 0 (its crop and '
-                             'mask) printed. Weights, data order, crops and masks come from seeded CPU generators '
+                             'mask) printed, the pil input pipeline unless --input_pipeline is given. Weights, data '
+                             'order, crops and masks come from seeded CPU generators '
                              'in every run')
     return parser
 
@@ -87,11 +96,13 @@ def mim_loss(model, batch, forward_kwargs):
 
 
 def use_alignment_defaults(args):
-    """--align: fp32 and a log line every step, unless the flags say otherwise."""
+    """--align: fp32, a log line every step and the pil input pipeline, unless the flags say otherwise."""
     if args.precision == 'auto':
         args.precision = 'fp32'  # 'auto' would be bf16 on a GPU and fp32 on the CPU
     if args.log_freq is None:
         args.log_freq = 1
+    if args.input_pipeline is None:
+        args.input_pipeline = 'pil'  # Pillow's integer resampling: the same pixels on an x86 and an Arm host
 
 
 def print_fingerprints(model, dataset, seed):
@@ -115,6 +126,7 @@ def main(args):
     recipe = fill_recipe(args)
     if args.align:
         use_alignment_defaults(args)
+    args.input_pipeline = args.input_pipeline or 'tensor'
     world, device, precision = start_run(args, deterministic=args.align)
     print(recipe)
 
@@ -125,9 +137,7 @@ def main(args):
     model = create_pretrain_model(args.model, **model_kwargs)
     print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
     mask_generator = model.mask_generator(args)
-    transform = pretrain_transform(args.input_size, scale=(args.crop_min, 1.0), interpolation=args.interpolation)
-    dataset = SeededSamples(build_image_folder(args.data_path, 'train', transform), args.seed,
-                            mask_generator=mask_generator, bad_images=BadImages.of_run(args.output_dir, world.rank))
+    dataset = build_pretrain_dataset(args, mask_generator, BadImages.of_run(args.output_dir, world.rank))
     if args.align:
         print_fingerprints(model, dataset, args.seed)
     model.to(device.torch_device)
@@ -139,17 +149,21 @@ def main(args):
     scaler = device.grad_scaler(precision)
     start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler)
 
+    loss_fn = partial(mim_loss, forward_kwargs=mask_generator.forward_kwargs)
+    # counted before compile_and_wrap: --grad_ckpt's recomputation is not model FLOPs
+    flop_rate = FlopRate.of_run(model, loss_fn, example_batch(2, args.input_size, mask_generator), device, precision,
+                                world.world_size, args.peak_tflops)
     model_ddp = compile_and_wrap(model, device, args)
     logger = RunLogger(args.output_dir, args.log_dir, enabled=dist.is_main_process())
     monitor = None
     if logger.draws_images:  # the same images and masks at every epoch shown
-        images = load_eval_images(spread_image_paths(args.data_path, VIS_IMAGES), args.input_size)
+        images = eval_images(args.data_path, VIS_IMAGES, args.input_size)
         every = args.save_freq if args.vis_freq is None else args.vis_freq
         monitor = ReconstructionMonitor(model, mask_generator, images.to(device.torch_device), logger, every, args.epochs)
-    loss_fn = partial(mim_loss, forward_kwargs=mask_generator.forward_kwargs)
     start_time = time.time()
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
-                  start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=monitor)
+                  start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=monitor,
+                  flop_rate=flop_rate)
     logger.close()
     print_outputs(args, stats, time.time() - start_time, dataset.bad_images)
     dist.destroy_process_group()

@@ -27,6 +27,7 @@ from timm.models.swin_transformer import PatchMerging
 from models_mae import masking_order, pixel_loss, pixel_pictures, unpatchify
 from util.checkpoint import rebuilt_buffers, register_pretrained_filter
 from util.export import register_timm_encoder, timm_model_like
+from util.layers import apply_blocks
 from util.masking import UniformNoise
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import register_pretrain_model, supervised_recipe
@@ -140,6 +141,7 @@ class HiViT(nn.Module):
         self.num_features = embed_dim
         self.num_main_blocks = depths[-1]
         self.ape, self.rpe = ape, rpe
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, 4, in_chans, embed_dim // 2 ** (len(depths) - 1),
                                       norm_layer if patch_norm else None)
         grid = self.patch_embed.patches_resolution[0]
@@ -190,6 +192,10 @@ class HiViT(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enable=True):
+        """--grad_ckpt (timm's name): recompute each block's activations in the backward pass."""
+        self.grad_checkpointing = enable
 
     def no_weight_decay(self):
         """The position tables (biases and norms are left out of decay anyway)."""
@@ -243,7 +249,7 @@ class HiViT(nn.Module):
         for blk in self.blocks[:-self.num_main_blocks]:
             if isinstance(blk, PatchMerge):
                 hifeat.append(x)
-            x = blk(x)
+            x = apply_blocks([blk], x, self.grad_checkpointing)
         x = x[:, :, 0, 0, :]  # one sub-patch is left per unit
         if self.ape:
             pos_embed = self.absolute_pos_embed.expand(x.shape[0], -1, -1)
@@ -252,8 +258,7 @@ class HiViT(nn.Module):
             x = x + pos_embed
         x = self.pos_drop(x)
         rpe_index = self.main_stage_rpe_index(ids_keep)
-        for blk in self.blocks[-self.num_main_blocks:]:
-            x = blk(x, rpe_index)
+        x = apply_blocks(self.blocks[-self.num_main_blocks:], x, self.grad_checkpointing, rpe_index)
         return hifeat + [x] if return_hifeat else x
 
     def forward_head(self, x, pre_logits=False):
@@ -348,8 +353,7 @@ class HiViTMaskedAutoencoder(HiViT):
         x = torch.cat([x, mask_tokens], dim=1)  # kept units first, in the order of ids_keep
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = apply_blocks(self.decoder_blocks, x, self.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))
 
     def pictures(self, imgs, pred, mask):

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import Block
 
 from models_vit import timm_vit_like
 from util.export import register_timm_encoder
+from util.layers import apply_blocks
 from util.masking import UniformNoise
 from util.pictures import pixel_mask, reconstruction_panels, unnormalize_patches
 from util.pos_embed import get_2d_sincos_pos_embed
@@ -56,6 +57,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
 
         self.norm_pix_loss = norm_pix_loss
+        self.grad_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -94,6 +96,10 @@ class MaskedAutoencoderViT(nn.Module):
     @property
     def num_patches(self):
         return self.patch_embed.num_patches
+
+    def set_grad_checkpointing(self, enable=True):
+        """--grad_ckpt: recompute each block's activations in the backward pass (util.layers)."""
+        self.grad_checkpointing = enable
 
     def mask_generator(self, args):
         """What the data pipeline draws per sample for this model: MAE's uniform noise (--mask_ratio)."""
@@ -137,8 +143,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = apply_blocks(self.blocks, x, self.grad_checkpointing)
         x = self.norm(x)
         return x, mask, ids_restore
 
@@ -157,8 +162,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat([x[:, :1, :], x_], dim=1)
 
         x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = apply_blocks(self.decoder_blocks, x, self.grad_checkpointing)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]

@@ -20,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from models_vit import timm_vit_like
 from util.errors import UsageError
 from util.export import register_timm_encoder
+from util.layers import apply_blocks
 from util.masking import BlockMask, batch_masks
 from util.pictures import Panels, masked_view, oriented_gradient_picture, pixel_mask, to_display, upscale
 from util.registry import register_pretrain_model
@@ -132,7 +133,7 @@ class MaskedViTEncoder(VisionTransformer):
         x = x * (1 - w) + self.mask_token * w
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         x = self.pos_drop(x)
-        x = self.blocks(x)
+        x = apply_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)[:, 1:]
 
 
@@ -157,6 +158,10 @@ class MaskFeat(nn.Module):
         """The mask token only, besides 1-D parameters and biases: mmpretrain decays the position
         table and the cls token."""
         return {'encoder.mask_token'}
+
+    def set_grad_checkpointing(self, enable=True):
+        """--grad_ckpt: recompute each encoder block's activations in the backward pass."""
+        self.encoder.set_grad_checkpointing(enable)
 
     def mask_generator(self, args):
         """What the data pipeline draws per sample: BEiT's block-wise masks of --mask_count patches

@@ -28,6 +28,7 @@ from timm.models import swin_transformer as timm_swin
 from util.checkpoint import encoder_of, rebuilt_buffers, register_pretrained_filter
 from util.errors import UsageError
 from util.export import register_timm_encoder, timm_model_like
+from util.layers import apply_blocks
 from util.masking import MaskPatches, batch_masks
 from util.pictures import pixel_mask, reconstruction_panels
 from util.optim import register_layer_ids
@@ -114,9 +115,7 @@ class BeitEncoder(timm_beit.Beit):
         x = x * (1 - w) + self.mask_token * w
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = self.pos_drop(x)
-        rel_pos_bias = self.rel_pos_bias()
-        for blk in self.blocks:
-            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        x = apply_blocks(self.blocks, x, self.grad_checkpointing, shared_rel_pos_bias=self.rel_pos_bias())
         x = self.norm(x)[:, 1:]
         h, w = self.patch_embed.grid_size
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
@@ -145,6 +144,11 @@ class SimMIM(nn.Module):
 
     def no_weight_decay(self):
         return {f'encoder.{name}' for name in self.encoder.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable=True):
+        """--grad_ckpt: recompute the encoder's activations in the backward pass, block by block
+        (timm's Swin stages do it themselves once told)."""
+        self.encoder.set_grad_checkpointing(enable)
 
     def mask_generator(self, args):
         """What the data pipeline draws per sample: SimMIM's mask units (--mask_ratio,

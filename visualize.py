@@ -19,8 +19,6 @@ their log.jsonl.
 import argparse
 import os
 
-import torch
-
 from util import checkpoint
 from util.datasets import DEMO, load_eval_images, spread_image_paths
 from util.device import resolve_device

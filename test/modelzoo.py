@@ -14,8 +14,9 @@ its log.jsonl is), and then reports what accelerator teams hand in:
     E2E Training Duration sec : Z        wall time of the whole launch
 
 and writes <CaseName>.log (Network, RankSize, BatchSize, DeviceType, CaseName, ActualFPS,
-TrainingTime, TrainAccuracy, ActualLoss, E2ETrainingTime; TrainingTime is the time of one
-optimizer step in ms) and train_<CaseName>_loss.txt (the logged losses, one a line), where
+TrainingTime, TrainAccuracy, ActualLoss, E2ETrainingTime, MFU; TrainingTime is the time of one
+optimizer step in ms, MFU the model FLOP utilisation of the steady state, 'n/a' where the device's
+peak is unknown: see util/flops.py and --peak_tflops) and train_<CaseName>_loss.txt (the logged losses, one a line), where
 <output_dir> is test/output/<device id> unless --output_dir= says otherwise. The run itself
 (checkpoints, log.jsonl, log.txt, TensorBoard) goes to <output_dir>/<CaseName>/.
 
@@ -69,9 +70,10 @@ def parse_case_args(argv):
             passed_on.append(arg)
     if 'data_path' not in known:
         raise CaseError('--data_path= is required: the ImageFolder root with train/ and val/ (e.g. '
-                        '--data_path=/data/imagenet), or --data_path=demo for the built-in demo set')
+                        '--data_path=/data/imagenet), --data_path=demo for the built-in demo set, or '
+                        '--data_path=synthetic for generated images (the device without a disk)')
     for key in ('data_path', 'finetune_pth', 'output_dir'):
-        if key in known and not (key == 'data_path' and known[key] == 'demo'):
+        if key in known and not (key == 'data_path' and known[key].partition(':')[0] in ('demo', 'synthetic')):
             known[key] = os.path.join(os.environ.get('CASE_CALLER_DIR', os.getcwd()), os.path.expanduser(known[key]))
     for key in ('batch_size', 'nproc', 'epochs', 'max_steps', 'accum_iter', 'log_freq'):
         if key in known and not (known[key].isdigit() and int(known[key]) > 0):
@@ -225,6 +227,7 @@ class Case:
             'TrainAccuracy': 'None' if accuracy is None else f'{accuracy:.3f}',
             'ActualLoss': f"{steps[-1]['loss']:.6f}",
             'E2ETrainingTime': f'{e2e_seconds:.0f}',
+            'MFU': 'n/a' if epochs[-1].get('train_mfu') is None else f"{epochs[-1]['train_mfu']:.4f}",
         }
         with open(os.path.join(self.output_dir, f'train_{self.name}_loss.txt'), 'w') as f:
             f.writelines(f"{record['loss']:.6f}\n" for record in steps)
@@ -235,6 +238,7 @@ class Case:
             print(f'note: this launch logged one interval only, so its images/s includes the start-up: run more '
                   f'steps than --log_freq ({len(steps)} logged)')
         print(f"Final Performance images/sec : {summary['ActualFPS']}")
+        print(f"Final MFU : {summary['MFU']}")
         if self.kind == 'finetune':
             print(f"Final Train Accuracy : {summary['TrainAccuracy']}")
         print(f"E2E Training Duration sec : {summary['E2ETrainingTime']}")

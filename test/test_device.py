@@ -612,3 +612,33 @@ def test_negative_local_rank(monkeypatch):
 def test_slurm_without_ntasks_is_one_task(world_env):
     world_env.setenv('SLURM_PROCID', '0')
     assert read_world_from_env() == World(0, 1, 0)
+
+
+def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
+    """A run's start on CUDA allows TF32 for fp32 matmuls and convolutions; --align (deterministic)
+    keeps full fp32. Nothing changes on the CPU."""
+    import argparse
+    import torch
+    from util import launch
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', torch.backends.cudnn.deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)
+    precision = torch.get_float32_matmul_precision()
+    monkeypatch.setattr(launch, 'resolve_device', lambda name, local_rank: Device('cuda', 0))
+    for stub in ('check_run_args', 'lock_output_dir', 'watch_nondeterministic_kernels'):
+        monkeypatch.setattr(launch, stub, lambda *a: None)
+    monkeypatch.setattr(launch.dist, 'init_process_group', lambda world, device: None)
+    monkeypatch.setattr(launch.signals, 'install_handlers', lambda: None)
+    args = argparse.Namespace(device='cuda', output_dir='', precision='fp32', log_dir=None)
+    try:
+        launch.start_run(args)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        launch.start_run(args, deterministic=True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.use_deterministic_algorithms(False)
+    Device('cpu', None).use_fast_fp32()
+    assert not torch.backends.cuda.matmul.allow_tf32

@@ -19,7 +19,7 @@ TINY = ['--input_size', '64', '--num_workers', '1', '--device=cpu', '--data_path
 PRETRAIN = ['--model=mae_vit_tiny', '--batch_size=16', *TINY]
 FINETUNE = ['--model=vit_tiny_patch8', '--batch_size=16', *TINY]
 SUMMARY_KEYS = ['Network', 'RankSize', 'BatchSize', 'DeviceType', 'CaseName', 'ActualFPS', 'TrainingTime',
-                'TrainAccuracy', 'ActualLoss', 'E2ETrainingTime']
+                'TrainAccuracy', 'ActualLoss', 'E2ETrainingTime', 'MFU']
 
 
 Launch = namedtuple('Launch', 'stdout seconds')
@@ -91,10 +91,13 @@ def check_case(launch, output_dir, case_name, batch_size, accum_iter, nproc, fin
 
 
 def test_pretrain_performance_1p(demo_root, tmp_path):
-    launch = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=12', '--log_freq=3',
+    launch = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=12', '--log_freq=3', '--peak_tflops=0.5',
                       f'--output_dir={tmp_path}')
     summary = check_case(launch, tmp_path, 'mae_vit_tiny_pretrain_bs16_1p_perf', 16, 1, 1, finetune=False)
     assert summary['Network'] == 'mae_vit_tiny_pretrain'
+    # MFU: the last epoch's, against the peak given (no CPU has one in util.flops)
+    assert summary['MFU'] == f"{read_jsonl(tmp_path / summary['CaseName'] / 'log.txt')[-1]['train_mfu']:.4f}"
+    assert re.search(r'^Final MFU : [0-9.]+$', launch.stdout, re.MULTILINE)
     assert [r['step'] for r in read_jsonl(tmp_path / summary['CaseName'] / 'log.jsonl')] == [3, 6, 9, 12]
     # the console the script wrote is a loss log that compare_loss.py lines up with log.jsonl
     result = run_script(sys.executable, 'compare_loss.py', tmp_path / 'train_mae_vit_tiny_pretrain_bs16_1p_perf.log',

@@ -3,9 +3,16 @@ seeded per-sample randomness that makes a run reproducible and resumable.
 
 Every random choice about a sample (crop, flip, mask) is drawn from generators seeded by
 (seed, epoch, sample index): the sampler hands the dataset (index, epoch) pairs, and
-`SeededSamples` seeds torch, numpy and `random` for that one sample. A sample is therefore
+`SeededSamples` draws that one sample's crop and flip from a generator seeded for it (the
+pre-training transforms, `CropFlip`), or seeds torch, numpy and `random` for it (timm's
+fine-tuning transforms, which draw from the global generators). A sample is therefore
 augmented the same way whatever the number of processes or data-loader workers, and a run
 resumed from a checkpoint continues exactly as an uninterrupted one would.
+
+Pre-training has two input paths (--input_pipeline), with the same crops and flips: 'tensor'
+(the default) decodes JPEGs with libjpeg-turbo, crops, resizes and flips uint8 tensors, and the
+loader hands uint8 batches to the device, where `normalize_images` makes the model's float input;
+'pil' is the torchvision transforms on Pillow images, normalised in the workers, as before.
 """
 import contextlib
 import math
@@ -18,12 +25,15 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
+from torchvision.transforms.v2 import functional as TF
 
 from util import demo_data
 from util.errors import UsageError
-from util.images import UnreadableImage, load_rgb
+from util.images import UnreadableImage, load_rgb, load_rgb_tensor
 
 DEMO = 'demo'
+SYNTHETIC = 'synthetic'  # --data_path synthetic[:N]: images made per sample, no disk (SyntheticImages)
+INPUT_PIPELINES = ('tensor', 'pil')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
@@ -34,7 +44,8 @@ def resolve_data_root(data_path):
         return demo_data.ensure_demo_dataset()
     if not os.path.isdir(os.path.join(data_path, 'train')):
         raise UsageError(f'--data_path {data_path!r} has no train/ folder: give the root of an ImageFolder '
-                         f'data set (train/<class>/<image>), or --data_path demo for the built-in set')
+                         f'data set (train/<class>/<image>), or --data_path demo for the built-in set '
+                         f'(synthetic for generated images, to measure a device without a disk)')
     return data_path
 
 
@@ -47,6 +58,75 @@ def pretrain_transform(input_size, scale=(0.2, 1.0), interpolation='bicubic'):
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+
+def draw_resized_crop(height, width, scale, generator, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, drawing from `generator`: the same draws in the
+    same order, so a generator seeded with s gives the crop the global generator seeded with s
+    gave `pretrain_transform`.
+    returns: (top, left, height, width) of the crop"""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return top, left, h, w
+    in_ratio = width / height  # ten misses: the centre crop closest to the ratio range
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class CropFlip:
+    """The pre-training augmentation of `pretrain_transform` (RandomResizedCrop, then a flip with
+    probability 1/2), drawing from the generator it is given per sample instead of the global
+    generators (seeding those costs ~250 us a sample, a torch.Generator 2 us).
+
+    'tensor': (3, H, W) uint8 in, (3, size, size) uint8 out, resized with antialiasing by
+    torchvision's uint8 kernels (Pillow's filters: mean difference 0.05 of 255, see the README);
+    the device normalises (`normalize_images`). 'pil': a Pillow image in, the float tensor of
+    `pretrain_transform` out, pixel for pixel."""
+
+    def __init__(self, size, scale=(0.2, 1.0), interpolation='bicubic', pipeline='tensor'):
+        if pipeline not in INPUT_PIPELINES:
+            raise UsageError(f'--input_pipeline must be one of {", ".join(INPUT_PIPELINES)}, got {pipeline!r}')
+        self.size, self.scale, self.pipeline = [size, size], scale, pipeline
+        self.interpolation = transforms.InterpolationMode(interpolation)
+        self.to_float = transforms.Compose([transforms.ToTensor(),
+                                            transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+    def __call__(self, image, generator):
+        height, width = image.shape[-2:] if self.pipeline == 'tensor' else (image.height, image.width)
+        top, left, h, w = draw_resized_crop(height, width, self.scale, generator)
+        flip = torch.rand(1, generator=generator) < 0.5  # RandomHorizontalFlip's draw
+        if self.pipeline == 'tensor':
+            image = TF.resized_crop(image, top, left, h, w, self.size, interpolation=self.interpolation, antialias=True)
+            return TF.horizontal_flip(image) if flip else image
+        image = transforms.functional.resized_crop(image, top, left, h, w, self.size, interpolation=self.interpolation)
+        return self.to_float(transforms.functional.hflip(image) if flip else image)
+
+
+_MEAN_STD = {}  # device -> ImageNet's mean and std there, (3, 1, 1) each: copied to a device once
+
+
+def normalize_images(images):
+    """The model's input from the uint8 images of the 'tensor' pipeline, on their device: what
+    ToTensor and Normalize compute on the host, in the same float32 operations.
+    images: (N, 3, H, W) uint8 -> (N, 3, H, W) float32"""
+    if images.device not in _MEAN_STD:
+        _MEAN_STD[images.device] = tuple(torch.tensor(v, device=images.device).view(3, 1, 1)
+                                         for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    mean, std = _MEAN_STD[images.device]
+    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def posterize_allowing_zero_bits(img, bits_to_keep, **_):
@@ -116,15 +196,104 @@ def load_eval_images(paths, input_size):
     return torch.stack([transform(load_rgb(path)) for path in paths])
 
 
-def build_image_folder(data_path, split, transform):
+def build_image_folder(data_path, split, transform, loader=load_rgb):
     """An ImageFolder of `split` whose images are decoded by util.images.load_rgb (any mode to RGB,
-    UnreadableImage for a broken file). A split without class folders, or with a class folder
-    without images, is a UsageError."""
+    UnreadableImage for a broken file; load_rgb_tensor: the same as uint8 tensors). A split without
+    class folders, or with a class folder without images, is a UsageError. `synthetic[:N]` is
+    SyntheticImages, in the form `loader` gives."""
+    if is_synthetic(data_path):
+        return SyntheticImages(split, synthetic_size(data_path, split), transform, tensors=loader is not load_rgb)
     root = os.path.join(resolve_data_root(data_path), split)
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=load_rgb)
+        return datasets.ImageFolder(root, transform=transform, loader=loader)
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f'cannot read the {split} images under {root!r}: {e}') from None
+
+
+def build_pretrain_dataset(args, mask_generator=None, bad_images=None):
+    """The pre-training samples of train/: the crop and flip of --input_size, --crop_min and
+    --interpolation on the images of --input_pipeline ('tensor': uint8, normalised on the device
+    by `normalize_images`; 'pil': normalised floats), drawn per sample from --seed, with the masks
+    of `mask_generator`."""
+    crop = CropFlip(args.input_size, (args.crop_min, 1.0), args.interpolation, args.input_pipeline)
+    loader = load_rgb_tensor if args.input_pipeline == 'tensor' else load_rgb
+    return SeededSamples(build_image_folder(args.data_path, 'train', None, loader=loader), args.seed,
+                         mask_generator=mask_generator, bad_images=bad_images, transform=crop)
+
+
+def build_finetune_train_folder(args):
+    """The training images of main_finetune: fine-tuning's augmentation (RandAugment, random
+    erasing: `finetune_transform`), or with --linprobe MAE's linear-probing crop and flip."""
+    transform = pretrain_transform(args.input_size, scale=(args.crop_min, 1.0)) if args.linprobe \
+        else finetune_transform(args)
+    return build_image_folder(args.data_path, 'train', transform)
+
+
+def is_synthetic(data_path):
+    return data_path == SYNTHETIC or data_path.startswith(SYNTHETIC + ':')
+
+
+# ImageNet-1k's sizes: what `--data_path synthetic` stands for unless `synthetic:N` says N training images.
+SYNTHETIC_SIZES = {'train': 1281167, 'val': 50000}
+SYNTHETIC_CLASSES = 1000
+SYNTHETIC_IMAGE_SIZE = 256  # pixels a side: ImageNet's images resized to 256, as many pipelines store them
+
+
+def synthetic_size(data_path, split):
+    """Images of `split` in `synthetic` (ImageNet-1k's counts) or `synthetic:N` (N training
+    images, validation images in ImageNet's proportion, at least 1)."""
+    _, _, count = data_path.partition(':')
+    if not count:
+        return SYNTHETIC_SIZES[split]
+    if not count.isdigit() or int(count) < 1:
+        raise UsageError(f'--data_path synthetic:N needs a whole number of training images N above 0, got {count!r}')
+    return max(1, round(int(count) * SYNTHETIC_SIZES[split] / SYNTHETIC_SIZES['train']))
+
+
+class SyntheticImages(Dataset):
+    """An ImageFolder-like data set with no files, for measuring the device without a disk: image
+    `index` of a split is made from (split, index) alone (a random 8x8 RGB pattern enlarged to
+    256x256, ~0.1 ms), its class is index % 1000. Samples are (transform(image), class), the image
+    a Pillow image, or a (3, H, W) uint8 tensor with `tensors` (the 'tensor' input pipeline)."""
+
+    def __init__(self, split, num_samples, transform=None, tensors=False):
+        self.split_seed = list(SYNTHETIC_SIZES).index(split)
+        self.num_samples = num_samples
+        self.transform = transform
+        self.tensors = tensors
+        self.classes = [f'{c:04d}' for c in range(SYNTHETIC_CLASSES)]
+
+    def __len__(self):
+        return self.num_samples
+
+    def image(self, index):
+        """(256, 256, 3) uint8"""
+        pattern = np.random.default_rng([self.split_seed, index]).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        block = SYNTHETIC_IMAGE_SIZE // 8
+        return pattern.repeat(block, axis=0).repeat(block, axis=1)
+
+    def __getitem__(self, index):
+        pixels = self.image(index)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous() if self.tensors else Image.fromarray(pixels)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, index % SYNTHETIC_CLASSES
+
+
+def eval_images(data_path, count, input_size):
+    """`count` fixed images of the data set, normalised as in evaluation: files spread over it
+    (`spread_image_paths`), or the first of synthetic's val split. returns: (count, 3, S, S)"""
+    if is_synthetic(data_path):
+        val = SyntheticImages('val', synthetic_size(data_path, 'val'), eval_transform(input_size))
+        return torch.stack([val[i][0] for i in range(min(count, len(val)))])
+    return load_eval_images(spread_image_paths(data_path, count), input_size)
+
+
+def default_num_workers():
+    """Data-loader workers per training process: this node's usable cores shared among its
+    processes (torchrun's LOCAL_WORLD_SIZE), or min(10, cores) where that is more."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(min(10, cores), cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 
 def sample_seeds(seed, epoch, index):
@@ -135,20 +304,24 @@ def sample_seeds(seed, epoch, index):
 
 @contextlib.contextmanager
 def seeded_global_rngs(seed):
-    """Seed torch's CPU generator, numpy's and `random`'s for a block, then restore them, so that
-    the transforms (which draw from these global generators) are reproducible per sample and
-    the rest of the process (data-loader workers aside, it may be the training process) is
-    not disturbed."""
-    torch_state, np_state, py_state = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.manual_seed(seed)
+    """Seed torch's CPU generator, numpy's and `random`'s for a block, so that timm's transforms
+    and Mixup (which draw from these global generators) are reproducible per sample. In the
+    training process (no data-loader workers) they are restored after it, so the rest of the
+    process is not disturbed; a worker draws from them nowhere else and skips that (saving and
+    restoring numpy's state alone costs ~90 us)."""
+    saved = None
+    if torch.utils.data.get_worker_info() is None:
+        saved = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)  # the CPU's alone: torch.manual_seed seeds every accelerator's (~130 us)
     np.random.seed(seed % 2 ** 32)
     random.seed(seed)
     try:
         yield
     finally:
-        torch.random.set_rng_state(torch_state)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+        if saved is not None:
+            torch.random.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
 
 
 # Replacements tried for one unreadable image before the run stops (a folder of broken files).
@@ -157,6 +330,10 @@ MAX_REPLACEMENT_TRIES = 20
 
 class SeededSamples(Dataset):
     """Wraps a map-style dataset of (image, target) pairs; indexed by (index, epoch).
+
+    With `transform(image, generator)` (CropFlip), it is applied to the dataset's image with a
+    torch.Generator seeded for the sample; without, the dataset's own transform runs with the
+    global generators seeded for the sample (seeded_global_rngs).
 
     With a mask generator, a sample is (image, mask_kwargs) for pre-training, the target
     dropped; with `batch_seeds` it is (image, target, seed) and `MixupCollate` draws the mix of
@@ -168,9 +345,10 @@ class SeededSamples(Dataset):
     is a UsageError naming the file.
     """
 
-    def __init__(self, dataset, seed, mask_generator=None, batch_seeds=False, bad_images=None):
+    def __init__(self, dataset, seed, mask_generator=None, batch_seeds=False, bad_images=None, transform=None):
         self.dataset = dataset
         self.seed = seed
+        self.transform = transform
         self.mask_generator = mask_generator
         self.batch_seeds = batch_seeds
         self.bad_images = bad_images
@@ -196,8 +374,12 @@ class SeededSamples(Dataset):
     def __getitem__(self, index_and_epoch):
         index, epoch = index_and_epoch
         aug_seed, mask_seed = sample_seeds(self.seed, epoch, index)
-        with seeded_global_rngs(aug_seed):
+        if self.transform is not None:
             image, target = self.read(index, epoch)
+            image = self.transform(image, torch.Generator().manual_seed(aug_seed))
+        else:
+            with seeded_global_rngs(aug_seed):
+                image, target = self.read(index, epoch)
         if self.mask_generator is not None:
             return image, self.mask_generator(torch.Generator().manual_seed(mask_seed))
         if self.batch_seeds:
@@ -274,10 +456,12 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
 
 
 def build_eval_loader(dataset, world, args, pin_memory, distributed):
-    """Evaluation batches: this rank's shard when `distributed`, else every image."""
+    """Evaluation batches: this rank's shard when `distributed`, else every image. Its workers
+    live from one evaluation to the next (no start-up of a pool each epoch)."""
     num_replicas, rank = (world.world_size, world.rank) if distributed else (1, 0)
     return DataLoader(dataset, sampler=ShardSampler(dataset, num_replicas, rank), batch_size=args.batch_size,
-                      num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False)
+                      num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
+                      persistent_workers=args.num_workers > 0)
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from util import checkpoint, dist, signals
+from util.checkpoint_writer import CheckpointWriter
+from util.datasets import normalize_images
 from util.errors import EXIT_DIVERGED, Preempted, RunEnded
 from util.lr_sched import adjust_learning_rate
 
@@ -79,6 +81,19 @@ def to_device(batch, device):
     return batch
 
 
+def model_input(batch):
+    """The batch the model takes: uint8 image batches (N, 3, H, W) of the fast input path, sent
+    to the device as they were decoded (a quarter of the bytes of floats, and no normalising in
+    the workers), become normalised float32 there (util.datasets.normalize_images)."""
+    if isinstance(batch, torch.Tensor):
+        return normalize_images(batch) if batch.dtype == torch.uint8 and batch.dim() == 4 else batch
+    if isinstance(batch, dict):
+        return {k: model_input(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(model_input(v) for v in batch)
+    return batch
+
+
 def iters_per_epoch(loader, accum_iter):
     """Micro-batches in a full epoch of this rank, a whole number of optimizer steps."""
     full_batches = loader.sampler.num_samples // loader.batch_size
@@ -101,9 +116,10 @@ def log_step_values(mean_loss, loader, args):
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
-                    progress, throughput, logger, start_iter=0, ema=None, save_progress=None):
+                    progress, throughput, logger, start_iter=0, ema=None, save_progress=None, flop_rate=None):
     """Train for one epoch (or what remains of it after `start_iter` micro-batches).
     `ema` (timm ModelEmaV3), when given, follows the weights after every optimizer step;
+    `flop_rate` (util.flops.FlopRate), when given, adds tflops and mfu to each logged step;
     `save_progress(epoch, iters)` writes checkpoint-last.pth every --save_every_steps steps.
     A pre-emption signal (util.signals) ends the epoch after the step it arrived in.
 
@@ -126,7 +142,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
     it = start_iter
     data = iter(loader)
     for it in range(start_iter, epoch_iters):
-        batch = to_device(next(data), dev)
+        batch = model_input(to_device(next(data), dev))
         seed_model_randomness(args.seed, epoch, it)
         if it % accum == 0:
             lr = adjust_learning_rate(optimizer, epoch + it / epoch_iters, args)
@@ -178,6 +194,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
                     f'bf16/fp32')
             record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips,
                       'time': round(time.time(), 3)}
+            if flop_rate is not None:
+                record.update(flop_rate.fields(ips))
             if grad_norm is not None:
                 record['grad_norm'] = grad_norm.item()
             if bad_images:
@@ -202,62 +220,95 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
 
 
 def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
-          start_epoch=0, start_iter=0, progress=None, after_epoch=None, ema=None):
+          start_epoch=0, start_iter=0, progress=None, after_epoch=None, ema=None, flop_rate=None):
     """The epoch loop: train, write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` every
     --save_freq epochs and at the end), log the epoch, stop at --epochs or --max_steps. A
     pre-emption signal stops it after the current step and its checkpoint: util.errors.Preempted.
+    Checkpoints are written in the background (util.checkpoint_writer); every file is complete
+    when this returns or raises.
 
-    after_epoch(epoch, stats) -> dict of extra epoch results (fine-tuning evaluates there)
+    after_epoch(epoch, stats) -> dict of extra epoch results (fine-tuning evaluates there); its
+        'checkpoint_files' entry, {path: state}, is written with the epoch's checkpoint, from the
+        same copy (fine-tuning's checkpoint-best.pth)
+    flop_rate: util.flops.FlopRate, for tflops and mfu in the step and epoch logs (None: neither)
     returns: the stats of the last epoch run ({} when there was nothing left to train)
     """
     progress = progress or Progress()
     throughput = Throughput()
     stats = {}
+    writer = CheckpointWriter(synchronous=args.sync_checkpoints, synchronize=device.synchronize)
+    stall = 0.0  # seconds the saves of this epoch held training up
+
+    def save(epoch, stats, epoch_files=True):
+        nonlocal stall
+        stall += save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args, writer,
+                                           ema, epoch_files=epoch_files)
 
     def save_progress(epoch, iters):
-        save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, {'complete': False, 'iters': iters},
-                                  progress, args, ema, epoch_files=False)
+        save(epoch, {'complete': False, 'iters': iters}, epoch_files=False)
 
-    for epoch in range(start_epoch, args.epochs):
-        epoch_start = time.perf_counter()
-        loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size * dist.get_world_size())
-        stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
-                                progress, throughput, logger, start_iter=start_iter, ema=ema,
-                                save_progress=save_progress)
-        start_iter = 0
-        if stats['preempted']:  # no evaluation: the grace time before a kill is short
-            save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args, ema,
-                                      epoch_files=False)
-            dist.barrier()
-            raise Preempted(f'stopped by {signals.received() or "a signal to another process"} after step '
-                            f'{progress.step} (epoch {epoch}); checkpoint-last.pth is written: run the same command '
-                            f'again to resume')
-        if after_epoch is not None:
-            stats.update(after_epoch(epoch, stats))
-        save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args, ema)
-        logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
-                          **{k: v for k, v in stats.items() if k.startswith('test_')},
-                          'epoch': epoch, 'step': progress.step,
-                          'epoch_seconds': round(time.perf_counter() - epoch_start, 1)})
-        if not stats['complete'] or out_of_steps(progress, args):
-            break
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            epoch_start, stall = time.perf_counter(), 0.0
+            loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size * dist.get_world_size())
+            stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
+                                    progress, throughput, logger, start_iter=start_iter, ema=ema,
+                                    save_progress=save_progress, flop_rate=flop_rate)
+            start_iter = 0
+            if stats['preempted']:  # no evaluation: the grace time before a kill is short
+                save(epoch, stats, epoch_files=False)
+                writer.wait()  # the file complete (or its failure raised) before the exit code says it is
+                dist.barrier()
+                raise Preempted(f'stopped by {signals.received() or "a signal to another process"} after step '
+                                f'{progress.step} (epoch {epoch}); checkpoint-last.pth is written: run the same '
+                                f'command again to resume')
+            if after_epoch is not None:
+                stats.update(after_epoch(epoch, stats))
+            save(epoch, stats)
+            logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
+                              **{k: v for k, v in stats.items() if k.startswith('test_')},
+                              'epoch': epoch, 'step': progress.step,
+                              **(flop_rate.fields(stats['ips'], prefix='train_') if flop_rate else {}),
+                              'epoch_seconds': round(time.perf_counter() - epoch_start, 1),
+                              **checkpoint_times(stall, writer)})
+            if not stats['complete'] or out_of_steps(progress, args):
+                break
+        writer.wait()  # the end of the run: every file complete, a failed write raised here
+    finally:
+        writer.close()  # after an error too: the write in flight ends before the process does
     return stats
 
 
-def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, args, ema=None, epoch_files=True):
-    """checkpoint-last.pth always; checkpoint-{epoch}.pth on --save_freq epochs and the last one.
-    An epoch cut short (--max_steps, a signal, --save_every_steps) is recorded with the number
-    of its samples consumed by all processes together, so a resume finishes it, on any number of
-    processes at the same effective batch."""
+def checkpoint_times(stall, writer):
+    """For log.txt: the seconds this epoch's saves held training up (the copy, and any wait for
+    the write before), and how long the last finished write took (in the background: the previous
+    save's). Nothing on the ranks that do not write."""
+    if writer.write_seconds is None and not stall:
+        return {}
+    times = {'checkpoint_stall_s': round(stall, 3)}
+    if writer.write_seconds is not None:
+        times['checkpoint_write_s'] = round(writer.write_seconds, 3)
+    return times
+
+
+def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, args, writer, ema=None,
+                              epoch_files=True):
+    """checkpoint-last.pth always; checkpoint-{epoch}.pth on --save_freq epochs and the last one;
+    stats['checkpoint_files'] too. An epoch cut short (--max_steps, a signal, --save_every_steps)
+    is recorded with the number of its samples consumed by all processes together, so a resume
+    finishes it, on any number of processes at the same effective batch.
+    returns: the seconds training was held up (0 on the ranks that do not write)"""
     if not args.output_dir or not dist.is_main_process():
-        return
+        return 0.0
     completed = epoch if stats['complete'] else epoch - 1
     epoch_samples = 0 if stats['complete'] else stats['iters'] * args.batch_size * dist.get_world_size()
     state = checkpoint.training_state(model, optimizer, scaler, completed, progress.step, args,
                                       epoch_samples=epoch_samples, ema=ema)
-    checkpoint.atomic_save(state, os.path.join(args.output_dir, checkpoint.LAST))
+    files = {os.path.join(args.output_dir, checkpoint.LAST): state}
     if epoch_files and stats['complete'] and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
-        checkpoint.atomic_save(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+        files[os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')] = state
+    files.update(stats.pop('checkpoint_files', {}))
+    return writer.save(files)
 
 
 @torch.no_grad()
@@ -269,17 +320,20 @@ def evaluate(model, loader, device, precision, sum_over_ranks=True):
     model.eval()
     dev = device.torch_device
     # counts in int64 and the loss in float32: no float64 on MPS, and exact counts at any size
-    counts = torch.zeros(3, dtype=torch.int64, device=dev)  # correct@1, correct@5, images
+    correct = torch.zeros(2, dtype=torch.int64, device=dev)  # correct@1, correct@5
     loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+    seen = 0  # images, counted on the host: a device tensor of a count made per batch is a copy per batch
     for images, targets in loader:
-        images, targets = to_device(images, dev), to_device(targets, dev)
+        images, targets = model_input(to_device(images, dev)), to_device(targets, dev)
         with device.autocast(precision):
             logits = model(images)
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == targets[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(targets), device=dev)])
+        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
         loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction='sum')
+        seen += len(targets)
+    counts = torch.cat([correct, torch.tensor([seen], device=dev)])
     if sum_over_ranks:
         counts, loss_sum = dist.all_reduce_sum(counts), dist.all_reduce_sum(loss_sum)
     correct1, correct5, count = counts.tolist()

@@ -12,6 +12,7 @@ import torch
 
 from util import checkpoint, dist, signals
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
+from util.datasets import default_num_workers
 from util.engine import Progress
 from util.errors import UsageError
 from util.images import DEFAULT_MAX_BAD_IMAGES
@@ -84,7 +85,9 @@ def apply_recipe(args, recipe):
 def add_run_args(parser):
     """Data, output, device and loop-control flags."""
     parser.add_argument('--data_path', required=True, type=str,
-                        help='ImageFolder root with train/ (and val/), e.g. ImageNet, or "demo" for the built-in set')
+                        help='ImageFolder root with train/ (and val/), e.g. ImageNet, "demo" for the built-in set, or '
+                             '"synthetic" (ImageNet-1k\'s size; "synthetic:N": N training images) for images made '
+                             'per sample, to measure a device without a disk')
     parser.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.jsonl, log.txt')
     parser.add_argument('--log_dir', default=None, help='TensorBoard directory (default: output_dir)')
     parser.add_argument('--device', default='auto', choices=('auto',) + AUTO_ORDER,
@@ -93,6 +96,12 @@ def add_run_args(parser):
                         help='autocast dtype; auto: bf16 where supported, else fp16 (with loss scaling), '
                              'fp32 on the CPU')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--grad_ckpt', action='store_true',
+                        help='activation checkpointing: recompute each block\'s activations in the backward pass, '
+                             'about a third more compute for much less memory (ViT-H, HiViT-L on one device)')
+    parser.add_argument('--peak_tflops', default=None, type=float,
+                        help='dense peak TFLOP/s of one device at --precision, for the mfu of the logs (default: '
+                             'util/flops.py\'s table: H100, H200, A100, Ascend 910B; none for the CPU)')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--resume', default='',
                         help='checkpoint to resume from (default: <output_dir>/checkpoint-last.pth if present)')
@@ -101,13 +110,19 @@ def add_run_args(parser):
                         help='stop after this many optimizer steps (smoke and performance runs)')
     parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
     parser.add_argument('--log_freq', default=None, type=int, help='log every N optimizer steps (default: 20)')
-    parser.add_argument('--num_workers', default=min(10, os.cpu_count() or 1), type=int,
-                        help='data-loading processes per training process (default: 10, or the number of CPUs if fewer)')
+    parser.add_argument('--num_workers', default=default_num_workers(), type=int,
+                        help='data-loading processes per training process (default: the cores this process may use, '
+                             'shared among the processes of this node (LOCAL_WORLD_SIZE), or 10 (fewer cores: all of '
+                             'them) where that is more; here: %(default)s)')
     parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
                         help='pin host memory in the data loader for faster copies to the device')
     parser.add_argument('--save_every_steps', default=0, type=int,
                         help='also write checkpoint-last.pth every N optimizer steps within an epoch, bounding the work '
                              'a SIGKILL loses in long epochs (default: 0, at the end of each epoch only)')
+    parser.add_argument('--sync_checkpoints', action='store_true',
+                        help='write checkpoints in the training thread: training waits for the whole write (for '
+                             'debugging). By default training waits only for a copy of the state into host memory, '
+                             'and a background thread writes the files (atomically, one save at a time)')
     parser.add_argument('--max_bad_images', default=DEFAULT_MAX_BAD_IMAGES, type=int,
                         help='training replaces an unreadable image by another sample and reports it; past this many '
                              'replacements (all processes together) the run stops (default: %(default)s)')
@@ -205,6 +220,8 @@ def start_run(args, deterministic=False):
     if deterministic:
         device.use_deterministic_algorithms()
         watch_nondeterministic_kernels()
+    else:
+        device.use_fast_fp32()
     dist.init_process_group(world, device)
     if args.output_dir and dist.is_main_process():
         lock_output_dir(args.output_dir)
@@ -261,7 +278,13 @@ def resume_training(args, model, optimizer, scaler, ema=None):
 
 
 def compile_and_wrap(model, device, args):
-    """DDP around the model when distributed, then torch.compile with --compile."""
+    """Activation checkpointing with --grad_ckpt, DDP around the model when distributed, then
+    torch.compile with --compile."""
+    if args.grad_ckpt:
+        if not hasattr(model, 'set_grad_checkpointing'):
+            raise UsageError(f'--grad_ckpt: {type(model).__name__} has no activation checkpointing (timm\'s '
+                             f'set_grad_checkpointing); run without it')
+        model.set_grad_checkpointing(True)
     model_ddp = dist.wrap_ddp(model, device)
     return torch.compile(model_ddp) if args.compile else model_ddp
 

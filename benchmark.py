@@ -1,0 +1,400 @@
+"""Throughput of the training step and of the input pipeline, with training FLOPs and MFU.
+
+    # the device: the real training step on synthetic data already there
+    python benchmark.py --model mae_vit_base --device cuda --batch_size 64 --precision bf16
+    python benchmark.py --all --device cpu            # one model of each family (tiny ones on the CPU)
+    # the input pipeline alone, as main_pretrain (or main_finetune: --finetune_pipeline) builds it
+    python benchmark.py --data_path /data/imagenet --num_workers 8 --compare_official
+    # how long saving checkpoint-last.pth holds training up (weights and AdamW state)
+    python benchmark.py --checkpoint_stall --model mae_vit_base --device cuda
+
+Model mode prints images/s, ms a step, training GFLOPs per image (counted by util.flops over one
+forward and backward, not typed in), achieved TFLOP/s, MFU against util.flops.PEAK_TFLOPS (n/a where
+the device's peak is unknown: the CPU, unless --peak_tflops) and peak memory. Loader mode prints
+images/s of one core (per data-loader worker) and of a DataLoader with --num_workers, and with
+--compare_official the official MAE transform (Pillow) on the same files beside it. Checkpoint
+mode prints the seconds a save holds training up, synchronous and with the background writer.
+"""
+import argparse
+import os
+import tempfile
+import time
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import main_finetune
+import main_pretrain
+from util import checkpoint
+from util.checkpoint_writer import CheckpointWriter
+from util.datasets import (MixupCollate, SeededSamples, build_finetune_train_folder, build_loader,
+                           build_pretrain_dataset, is_synthetic)
+from util.device import AUTO_ORDER, PRECISIONS, resolve_device
+from util.engine import to_device
+from util.errors import UsageError, run_cli
+from util.flops import device_name, example_batch, matmul_precision, peak_tflops, training_flops_per_image
+from util.images import BadImages
+from util.optim import build_adamw, param_groups
+from util.registry import create_classifier, create_pretrain_model, native_input_size, pretrain_model_names
+
+# One model of each family, (small, published size): --all runs the small ones on the CPU.
+FAMILIES = {
+    'MAE': ('mae_vit_tiny', 'mae_vit_base'),
+    'SimMIM ViT': ('simmim_vit_tiny', 'simmim_vit_base'),
+    'SimMIM Swin': ('simmim_swin_tiny', 'simmim_swin_base'),
+    'MaskFeat': ('maskfeat_vit_tiny', 'maskfeat_vit_base'),
+    'MAE-HiViT': ('mae_hivit_tiny', 'mae_hivit_base'),
+    'ViT fine-tuning': ('vit_tiny_patch8', 'vit_base_patch16'),
+    'HiViT supervised': ('hivit_tiny_patch8_64', 'hivit_base'),
+}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Benchmark: the training step on the device, or the input pipeline')
+    parser.add_argument('--model', default=None,
+                        help='a pre-training model of util.registry or any timm classifier (default: mae_vit_base; '
+                             'vit_base_patch16 with --finetune_pipeline)')
+    parser.add_argument('--all', action='store_true',
+                        help='one model of each family: the tiny ones (--sizes small), the published ones (published)')
+    parser.add_argument('--sizes', choices=('auto', 'small', 'published'), default='auto',
+                        help='the models of --all; auto: small on the CPU, published elsewhere')
+    parser.add_argument('--batch_size', type=int, default=None,
+                        help='images a step (default: 64 in model mode on an accelerator, 16 on the CPU; 64 in loader mode)')
+    parser.add_argument('--steps', type=int, default=10, help='timed training steps (default: %(default)s)')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (default: %(default)s)')
+    parser.add_argument('--device', default='auto', choices=('auto',) + AUTO_ORDER)
+    parser.add_argument('--precision', default='auto', choices=PRECISIONS,
+                        help='autocast dtype, as in training (auto: bf16 where supported, fp32 on the CPU)')
+    parser.add_argument('--input_size', type=int, default=None,
+                        help='image size (default: the size the model is built for)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model (more warm-up steps advised)')
+    parser.add_argument('--peak_tflops', type=float, default=None,
+                        help='dense peak TFLOP/s of the device at --precision (default: util/flops.py\'s table)')
+    # loader mode
+    parser.add_argument('--data_path', default=None,
+                        help='measure the input pipeline alone on this data set (an ImageFolder root, demo or synthetic)')
+    parser.add_argument('--finetune_pipeline', action='store_true',
+                        help='the pipeline of main_finetune (RandAugment, random erasing, mixup) instead of '
+                             'main_pretrain\'s')
+    parser.add_argument('--input_pipeline', default=None, choices=('tensor', 'pil'),
+                        help='main_pretrain\'s --input_pipeline (default: its default, tensor)')
+    parser.add_argument('--num_workers', type=int, default=2, help='DataLoader workers (default: %(default)s)')
+    parser.add_argument('--images', type=int, default=200,
+                        help='images timed on one core, and at least this many through the DataLoader (default: %(default)s)')
+    parser.add_argument('--checkpoint_stall', action='store_true',
+                        help='checkpoint mode: the stall of --saves saves of --model\'s weights and AdamW state')
+    parser.add_argument('--saves', type=int, default=3, help='checkpoint mode: saves per writer (default: %(default)s)')
+    parser.add_argument('--compare_official', action='store_true',
+                        help='also time the official MAE transform (Pillow RandomResizedCrop(0.2-1, bicubic), flip, '
+                             'ToTensor, Normalize) on the same files, on one core')
+    return parser
+
+
+def check_args(args):
+    for name in ('steps', 'images'):
+        if getattr(args, name) < 1:
+            raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f'--batch_size must be at least 1, got {args.batch_size}')
+    if args.warmup < 0 or args.num_workers < 0:
+        raise UsageError('--warmup and --num_workers must be 0 or more')
+    if args.compare_official and args.finetune_pipeline:
+        raise UsageError('--compare_official compares the pre-training pipeline with the official MAE one: '
+                         'leave out --finetune_pipeline')
+
+
+# ---- model mode ------------------------------------------------------------------------------
+
+def training_args(entry_point, model, data_path, input_size, extra=()):
+    """The flags of main_pretrain or main_finetune for this model, with their recipe filled in as
+    the entry point fills it: the benchmark runs what training runs."""
+    argv = ['--model', model, '--data_path', data_path, *extra]
+    if input_size is not None:
+        argv += ['--input_size', str(input_size)]
+    args = entry_point.get_args_parser().parse_args(argv)
+    entry_point.fill_recipe(args)
+    return args
+
+
+def build_step(name, batch_size, input_size):
+    """The model, the loss of the training step and a batch on the CPU for a model name.
+    returns: (model, loss_fn(model, batch), batch, input size)"""
+    if name in pretrain_model_names():
+        args = training_args(main_pretrain, name, 'synthetic', input_size)
+        model = create_pretrain_model(name, img_size=args.input_size)
+        masks = model.mask_generator(args)
+        loss_fn = partial(main_pretrain.mim_loss, forward_kwargs=masks.forward_kwargs)
+        return model, loss_fn, example_batch(batch_size, args.input_size, masks), args.input_size
+    size = input_size or native_input_size(name)
+    model = create_classifier(name, img_size=size, num_classes=1000)
+    loss_fn = partial(main_finetune.classification_loss, criterion=torch.nn.CrossEntropyLoss())
+    images, targets = example_batch(batch_size, size, num_classes=1000)
+    return model, loss_fn, (images, torch.randint(1000, targets.shape)), size
+
+
+def time_training_steps(model, loss_fn, batch, device, precision, warmup, steps):
+    """Seconds per step of the real training step (autocast, backward, loss scaling for fp16,
+    the project's AdamW, zero_grad) over `steps` steps after `warmup` untimed ones."""
+    optimizer = build_adamw(param_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
+    scaler = device.grad_scaler(precision)
+
+    def step():
+        with device.autocast(precision):
+            loss = loss_fn(model, batch)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    for _ in range(warmup):
+        step()
+    device.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    device.synchronize()  # the host only queues work: wait for the device before reading the clock
+    return (time.perf_counter() - start) / steps
+
+
+def benchmark_model(name, args, device, precision):
+    """One model's figures. returns: a dict of them (for the table)"""
+    batch_size = args.batch_size or (16 if device.type == 'cpu' else 64)
+    model, loss_fn, batch, size = build_step(name, batch_size, args.input_size)
+    flops = training_flops_per_image(model, loss_fn, example_batch_of(batch, 2))  # on fake tensors: free
+    model.to(device.torch_device)
+    batch = to_device(batch, device.torch_device)
+    batch[0].normal_()  # images of ImageNet's statistics after normalisation, not zeros
+    reset_peak = getattr(device.module, 'reset_peak_memory_stats', None)
+    if reset_peak is not None:
+        reset_peak(device.torch_device)
+    step_model = torch.compile(model) if args.compile else model
+    seconds = time_training_steps(step_model, loss_fn, batch, device, precision, args.warmup, args.steps)
+    ips = batch_size / seconds
+    tflops = flops * ips / 1e12
+    peak = args.peak_tflops or peak_tflops(device_name(device), matmul_precision(device, precision))
+    memory = device.max_memory_allocated()
+    return {'model': name, 'size': size, 'batch': batch_size, 'ips': ips, 'ms': seconds * 1000,
+            'gflops': flops / 1e9, 'tflops': tflops, 'mfu': tflops / peak if peak else None,
+            'memory': f'{memory / 2 ** 30:.2f} GiB' if memory else 'n/a'}
+
+
+def example_batch_of(batch, count):
+    """The first `count` images of a batch (and their masks or targets)."""
+    return torch.utils._pytree.tree_map(lambda t: t[:count] if isinstance(t, torch.Tensor) else t, batch)
+
+
+def print_model_figures(r, where):
+    mfu = f"{100 * r['mfu']:.1f} %" if r['mfu'] is not None else 'n/a (no known peak: --peak_tflops)'
+    print(f"{r['model']}: {r['size']} px, batch {r['batch']}, {where}: {r['ips']:.1f} images/s, {r['ms']:.1f} ms/step, "
+          f"{r['gflops']:.3f} GFLOPs/image (training), {r['tflops']:.3f} TFLOP/s, MFU {mfu}, peak memory "
+          f"{r['memory']}", flush=True)
+
+
+def run_models(args):
+    device = resolve_device(args.device)
+    precision = device.resolve_precision(args.precision)
+    if hasattr(device, 'use_fast_fp32'):
+        device.use_fast_fp32()  # what a training run (not --align) does
+    sizes = args.sizes if args.sizes != 'auto' else 'small' if device.type == 'cpu' else 'published'
+    names = [pair[sizes == 'published'] for pair in FAMILIES.values()] if args.all else [args.model or 'mae_vit_base']
+    where = f'{precision} on {device_name(device)}'
+    results = []
+    for name in names:
+        results.append(benchmark_model(name, args, device, precision))
+        print_model_figures(results[-1], where)
+    print('\n| model | size | batch | precision | device | images/s | ms/step | GFLOPs/image | TFLOP/s | MFU | memory |\n'
+          '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f} %" if r['mfu'] is not None else 'n/a'
+        print(f"| {r['model']} | {r['size']} | {r['batch']} | {precision} | {device_name(device)} | {r['ips']:.1f} | "
+              f"{r['ms']:.1f} | {r['gflops']:.3f} | {r['tflops']:.3f} | {mfu} | {r['memory']} |")
+    return results
+
+
+# ---- loader mode -----------------------------------------------------------------------------
+
+def pipeline_dataset(args):
+    """The training samples and the collate function of the entry point's input pipeline, built
+    by the functions the entry point uses.
+    returns: (SeededSamples, collate_fn or None, description, the entry point's flags)"""
+    bad_images = BadImages.of_run(None, 0)
+    if args.finetune_pipeline:
+        ft = training_args(main_finetune, args.model or 'vit_base_patch16', args.data_path, args.input_size)
+        folder = build_finetune_train_folder(ft)
+        mixup = main_finetune.build_mixup(ft, ft.nb_classes or len(folder.classes))
+        dataset = SeededSamples(folder, ft.seed, batch_seeds=mixup is not None, bad_images=bad_images)
+        return dataset, MixupCollate(mixup) if mixup else None, \
+            f'main_finetune ({ft.model}, {ft.input_size} px, RandAugment {ft.aa}, random erasing {ft.reprob})', ft
+    extra = ['--input_pipeline', args.input_pipeline] if args.input_pipeline else []
+    pre = training_args(main_pretrain, args.model or 'mae_vit_base', args.data_path, args.input_size, extra)
+    pre.input_pipeline = pre.input_pipeline or 'tensor'  # main_pretrain's default
+    masks = create_pretrain_model(pre.model, img_size=pre.input_size).mask_generator(pre)
+    dataset = build_pretrain_dataset(pre, masks, bad_images)
+    return dataset, None, f'main_pretrain ({pre.model}, {pre.input_size} px, {pre.input_pipeline} pipeline)', pre
+
+
+def sample_indices(dataset, count):
+    """`count` indices spread at random over the data set, the same every time."""
+    return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count].tolist()
+
+
+def images_per_second_one_core(load, indices):
+    """Images/s of `load(index)` in this process on one thread: what one data-loader worker does
+    (a worker runs torch with one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load(indices[0])  # the first call holds imports and caches
+        start = time.perf_counter()
+        for i in indices:
+            load(i)
+        return len(indices) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def images_per_second_loader(dataset, collate_fn, train_args, args):
+    """Images/s of a DataLoader with --num_workers over the data set, after its first batch
+    (worker start-up). returns: (images/s, images timed)"""
+    train_args.batch_size = args.batch_size or 64
+    train_args.num_workers, train_args.accum_iter = args.num_workers, 1
+    loader = build_loader(dataset, SimpleNamespace(world_size=1, rank=0), train_args, pin_memory=False,
+                          collate_fn=collate_fn)
+    loader.sampler.set_epoch(0)
+    batches = iter(loader)
+    next(batches)
+    images, start = 0, time.perf_counter()
+    for batch in batches:
+        images += len(batch[0])
+        if images >= args.images:
+            break
+    return images / (time.perf_counter() - start), images
+
+
+def official_mae_transform(input_size):
+    """The official MAE pre-training transform (main_pretrain.py of facebookresearch/mae)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+
+def official_mae_load(path, transform):
+    """torchvision's pil_loader (open, convert to RGB), then the transform, as ImageFolder does."""
+    with open(path, 'rb') as f:
+        image = Image.open(f).convert('RGB')
+    return transform(image)
+
+
+def run_loader(args):
+    dataset, collate_fn, description, train_args = pipeline_dataset(args)
+    indices = sample_indices(dataset, args.images)
+    per_core = images_per_second_one_core(lambda i: dataset[(i, 0)], indices)
+    print(f'input pipeline of {description}, {len(dataset)} images in {args.data_path}:')
+    print(f'  one core (a data-loader worker): {per_core:.1f} images/s ({1000 / per_core:.2f} ms an image, '
+          f'{len(indices)} images)', flush=True)
+    total, timed = images_per_second_loader(dataset, collate_fn, train_args, args)
+    workers = max(args.num_workers, 1)
+    print(f'  DataLoader, {args.num_workers} workers, batch {train_args.batch_size}: {total:.1f} images/s in total, '
+          f'{total / workers:.1f} per worker ({timed} images after the first batch)', flush=True)
+    figures = {'per_core': per_core, 'total': total}
+    if args.compare_official:
+        if is_synthetic(args.data_path):
+            raise UsageError('--compare_official reads image files: give an ImageFolder root or demo, not synthetic')
+        paths = {i: dataset.dataset.samples[i][0] for i in indices}
+        transform = official_mae_transform(train_args.input_size)
+        official = images_per_second_one_core(lambda i: official_mae_load(paths[i], transform), indices)
+        figures['official'] = official
+        print(f'  official MAE transform (Pillow), same files, one core: {official:.1f} images/s; this pipeline / '
+              f'official: {per_core / official:.2f}x per core')
+    return figures
+
+
+# ---- checkpoint mode -------------------------------------------------------------------------
+
+def model_and_adamw(name, device):
+    """The model and an AdamW whose moments exist (one step on zero gradients): the state a
+    training checkpoint holds."""
+    model = create_pretrain_model(name).to(device.torch_device)
+    optimizer = build_adamw(param_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    return model, optimizer
+
+
+def state_of(model, optimizer, step):
+    args = argparse.Namespace(batch_size=64, accum_iter=1, model='benchmark')
+    return checkpoint.training_state(model, optimizer, None, 0, step, args)
+
+
+def work(size=1024):
+    """A stand-in for training steps: matrix products for about a second. returns: seconds"""
+    a = torch.randn(size, size)
+    start = time.perf_counter()
+    for _ in range(20):
+        a = torch.tanh(a @ a / size)
+    return time.perf_counter() - start
+
+
+def time_saves(writer, model, optimizer, path, saves, device):
+    """`saves` saves, each after the write before it has ended. returns: ([stall s], [write s], slowdown)"""
+    stalls, writes, slowdowns = [], [], []
+    for step in range(saves):
+        stalls.append(writer.save({path: state_of(model, optimizer, step)}))
+        device.synchronize()
+        if not writer.synchronous:
+            slowdowns.append(work())  # runs while the write does
+        writer.wait()
+        writes.append(writer.write_seconds)
+    return stalls, writes, slowdowns
+
+
+def run_checkpoint_stall(args):
+    """--checkpoint_stall: the seconds each save of a training checkpoint (weights and AdamW state)
+    holds training up, synchronous (--sync_checkpoints) against the background writer (the first
+    background save allocates its host buffers, later ones reuse them), the time of the write
+    itself, and how much a stand-in for training slows down while a background write runs."""
+    device = resolve_device(args.device)
+    name = args.model or 'mae_vit_base'
+    model, optimizer = model_and_adamw(name, device)
+    tensors = [t for t in state_of(model, optimizer, 0)['model'].values()] + \
+        [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    print(f'{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, '
+          f'{size / 2 ** 30:.2f} GiB with the AdamW moments, on {device.torch_device}, '
+          f'{torch.get_num_threads()} threads')
+    alone = min(work() for _ in range(3))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, checkpoint.LAST)
+        for name, writer in (('synchronous', CheckpointWriter(synchronous=True, synchronize=device.synchronize)),
+                             ('background', CheckpointWriter(synchronize=device.synchronize))):
+            stalls, writes, during = time_saves(writer, model, optimizer, path, args.saves, device)
+            writer.close()
+            line = (f'{name:>11}: training held up {", ".join(f"{s:.2f}" for s in stalls)} s per save; '
+                    f'writes {", ".join(f"{w:.2f}" for w in writes)} s')
+            if during:
+                line += f'; training work during a write {max(during) / alone:.2f}x as slow as alone ({alone:.2f} s)'
+            print(line, flush=True)
+        print(f'file size {os.path.getsize(path) / 2 ** 30:.2f} GiB')
+
+
+def main(args):
+    check_args(args)
+    torch.manual_seed(0)
+    if args.checkpoint_stall:
+        return run_checkpoint_stall(args)
+    return run_loader(args) if args.data_path else run_models(args)
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,179 @@
+"""Training FLOPs, MFU in the logs, benchmark.py and --data_path synthetic, on the CPU with tiny
+models. Speeds are printed, never asserted: what is checked is that the figures are there and
+agree with each other and with a count by hand."""
+import re
+from functools import partial
+
+import pytest
+import torch
+
+from helpers import read_jsonl, run_finetune, run_pretrain
+
+
+
+def mae_training_flops_by_hand(img=224, p=16, dim=768, depth=12, dec_dim=512, dec_depth=8, mlp_ratio=4,
+                               mask_ratio=0.75):
+    """FLOPs of one MAE training image, from the matrix products alone: the patch embedding of
+    every patch, the encoder on the kept patches + cls, the decoder on all patches + cls, the
+    prediction head; forward x 3 for forward and backward (the backward computes two products
+    for each of the forward's: the gradients of the input and of the weights)."""
+    patches = (img // p) ** 2
+    encoded = int(patches * (1 - mask_ratio)) + 1  # 49 + 1
+    decoded = patches + 1  # 196 + 1
+
+    def block(n, d):  # multiply-adds of one transformer block on n tokens of width d
+        qkv, scores, values, proj = n * d * 3 * d, n * n * d, n * n * d, n * d * d
+        return qkv + scores + values + proj + 2 * n * d * mlp_ratio * d
+
+    macs = (patches * 3 * p * p * dim + depth * block(encoded, dim) + encoded * dim * dec_dim
+            + dec_depth * block(decoded, dec_dim) + decoded * dec_dim * p * p * 3)
+    return 3 * 2 * macs
+
+
+def mae_step(name, **kwargs):
+    from main_pretrain import mim_loss
+    from util.flops import example_batch
+    from util.registry import create_pretrain_model
+    model = create_pretrain_model(name, **kwargs)
+    masks = model.mask_generator(type('Args', (), {'mask_ratio': 0.75})())
+    return model, partial(mim_loss, forward_kwargs=masks.forward_kwargs), example_batch(2, model.patch_embed.img_size[0], masks)
+
+
+def test_mae_vit_base_training_flops_agree_with_a_count_by_hand():
+    from util.flops import training_flops_per_image
+    counted = training_flops_per_image(*mae_step('mae_vit_base'))
+    by_hand = mae_training_flops_by_hand()
+    assert by_hand == pytest.approx(58.7e9, rel=0.005)  # the issue's figure
+    assert counted == pytest.approx(by_hand, rel=0.05)
+    # what is left: the images need no gradient, so the patch embedding's backward is half
+    assert by_hand - counted == pytest.approx(2 * 196 * 768 * 768, rel=0.01)
+
+
+def test_counting_changes_neither_the_weights_nor_any_random_state():
+    from util.flops import training_flops_per_image
+    torch.manual_seed(0)
+    model, loss_fn, batch = mae_step('mae_vit_tiny')
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    assert training_flops_per_image(model, loss_fn, batch) > 0
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_peak_table_matches_device_names():
+    from util.flops import FlopRate, peak_tflops
+    assert peak_tflops('NVIDIA H100 80GB HBM3', 'bf16') == 989.4
+    assert peak_tflops('NVIDIA H100 PCIe', 'bf16') == 756.0
+    assert peak_tflops('NVIDIA H200', 'tf32') == 494.7
+    assert peak_tflops('NVIDIA A100-SXM4-80GB', 'fp16') == 312.0
+    assert peak_tflops('Ascend910B2', 'bf16') == 320.0
+    assert peak_tflops('2 CPU cores', 'fp32') is None
+    assert FlopRate(1e12, 100.0, world_size=2).fields(50.0) == {'tflops': 25.0, 'mfu': 0.25}  # per device
+    assert FlopRate(1e12, None).fields(1.0, prefix='train_') == {'train_tflops': 1.0}
+
+
+def figures_table(out):
+    """The rows of benchmark.py's closing table: {model: [column values]}"""
+    rows = [line.strip('|').split(' | ') for line in out.splitlines() if line.startswith('| ') and '---' not in line]
+    return {row[0].strip(): [c.strip() for c in row[1:]] for row in rows[1:]}
+
+
+def test_benchmark_runs_one_model_of_each_family_on_the_cpu(capsys):
+    import benchmark
+    results = benchmark.main(benchmark.get_args_parser().parse_args(
+        ['--all', '--device', 'cpu', '--steps', '1', '--warmup', '0', '--batch_size', '2', '--peak_tflops', '1']))
+    out = capsys.readouterr().out
+    table = figures_table(out)
+    assert list(table) == [tiny for tiny, _ in benchmark.FAMILIES.values()]
+    for r in results:
+        size, batch, precision, device, ips, ms, gflops, tflops, mfu, memory = table[r['model']]
+        assert (precision, memory) == ('fp32', 'n/a') and device.endswith(('CPU core', 'CPU cores'))
+        assert float(gflops) == pytest.approx(r['gflops'], abs=5e-4) and r['gflops'] > 0.5  # tiny: 0.7-2.2 at 64 px
+        assert (ips, ms) == (f"{r['ips']:.1f}", f"{r['ms']:.1f}") and r['ips'] > 0
+        assert r['ips'] == pytest.approx(int(batch) * 1000 / r['ms'], rel=1e-9)
+        assert r['tflops'] == pytest.approx(r['gflops'] * r['ips'] / 1000, rel=1e-6)
+        assert mfu == f"{100 * r['tflops']:.1f} %"  # against the peak of 1 TFLOP/s given
+        assert f"{r['model']}: 64 px, batch 2, fp32 on" in out
+
+
+def test_benchmark_without_a_known_peak_says_n_a(capsys):
+    import benchmark
+    benchmark.main(benchmark.get_args_parser().parse_args(
+        ['--model', 'mae_vit_tiny', '--device', 'cpu', '--steps', '1', '--warmup', '0', '--batch_size', '2']))
+    out = capsys.readouterr().out
+    assert 'MFU n/a' in out and 'peak memory n/a' in out
+    assert figures_table(out)['mae_vit_tiny'][8] == 'n/a'
+
+
+def test_benchmark_loader_mode_times_the_entry_points_pipelines(demo_root, capsys):
+    import benchmark
+    figures = benchmark.main(benchmark.get_args_parser().parse_args(
+        ['--data_path', 'demo', '--model', 'mae_vit_tiny', '--num_workers', '1', '--images', '32', '--batch_size', '8',
+         '--compare_official']))
+    out = capsys.readouterr().out
+    assert 'input pipeline of main_pretrain (mae_vit_tiny, 64 px, tensor pipeline)' in out
+    assert figures['per_core'] > 0 and figures['total'] > 0 and figures['official'] > 0
+    ratio = float(re.search(r'this pipeline / official: (\S+)x per core', out).group(1))
+    assert ratio == pytest.approx(figures['per_core'] / figures['official'], abs=0.01)
+
+    benchmark.main(benchmark.get_args_parser().parse_args(
+        ['--data_path', 'synthetic:64', '--finetune_pipeline', '--model', 'vit_tiny_patch8', '--num_workers', '0',
+         '--images', '16', '--batch_size', '8']))
+    out = capsys.readouterr().out
+    assert 'main_finetune (vit_tiny_patch8, 64 px, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25)' in out
+    assert '64 images in synthetic:64' in out
+
+
+def test_synthetic_images_are_made_from_the_index():
+    from util.datasets import SyntheticImages, build_image_folder, synthetic_size
+    from util.errors import UsageError
+    assert (synthetic_size('synthetic', 'train'), synthetic_size('synthetic', 'val')) == (1281167, 50000)
+    assert (synthetic_size('synthetic:1000', 'train'), synthetic_size('synthetic:1000', 'val')) == (1000, 39)
+    with pytest.raises(UsageError, match='synthetic:N'):
+        synthetic_size('synthetic:ten', 'train')
+    folder = build_image_folder('synthetic', 'train', None)
+    assert len(folder) == 1281167 and len(folder.classes) == 1000
+    image, target = folder[1001]
+    assert image.size == (256, 256) and target == 1
+    assert (torch.from_numpy(SyntheticImages('train', 2000).image(1001)) == torch.from_numpy(folder.image(1001))).all()
+    assert not (folder.image(1001) == folder.image(1002)).all()
+
+
+def test_synthetic_data_trains_and_fine_tunes_with_tflops_and_mfu_logged(tmp_path):
+    from main_pretrain import mim_loss
+    from util.flops import example_batch, training_flops_per_image
+    from util.registry import create_pretrain_model
+    common = ['--epochs', 1, '--max_steps', 2, '--log_freq', 1, '--num_workers', 0, '--device', 'cpu', '--batch_size', 8,
+              '--peak_tflops', 0.5]
+    run_pretrain('--model', 'mae_vit_tiny', '--data_path', 'synthetic:64', '--output_dir', tmp_path / 'pre', *common)
+    steps = read_jsonl(tmp_path / 'pre' / 'log.jsonl')
+    epochs = read_jsonl(tmp_path / 'pre' / 'log.txt')
+    model = create_pretrain_model('mae_vit_tiny')
+    masks = model.mask_generator(type('Args', (), {'mask_ratio': 0.75})())
+    flops = training_flops_per_image(model, partial(mim_loss, forward_kwargs=masks.forward_kwargs),
+                                     example_batch(2, 64, masks))
+    assert [s['step'] for s in steps] == [1, 2]
+    for s in steps:
+        assert s['tflops'] == pytest.approx(flops * s['ips'] / 1e12, rel=1e-9)
+        assert s['mfu'] == pytest.approx(s['tflops'] / 0.5, rel=1e-9)
+    assert epochs[-1]['train_tflops'] == pytest.approx(flops * epochs[-1]['train_ips'] / 1e12, rel=1e-9)
+    assert epochs[-1]['train_mfu'] == pytest.approx(epochs[-1]['train_tflops'] / 0.5, rel=1e-9)
+
+    run_finetune('--model', 'vit_tiny_patch8', '--data_path', 'synthetic:64', '--output_dir', tmp_path / 'ft', *common)
+    steps = read_jsonl(tmp_path / 'ft' / 'log.jsonl')
+    epochs = read_jsonl(tmp_path / 'ft' / 'log.txt')
+    assert len(steps) == 2 and all('tflops' in s and 'mfu' in s for s in steps)
+    assert 'test_acc1' in epochs[-1] and 'train_mfu' in epochs[-1]
+
+
+def test_checkpoint_mode_times_both_writers(capsys):
+    import benchmark
+    benchmark.main(benchmark.get_args_parser().parse_args(
+        ['--checkpoint_stall', '--model', 'mae_vit_tiny', '--device', 'cpu', '--saves', '2']))
+    out = capsys.readouterr().out
+    sync = re.search(r'synchronous: training held up ([0-9.]+), ([0-9.]+) s per save; writes ([0-9.]+), ([0-9.]+) s', out)
+    background = re.search(r'background: training held up ([0-9.]+), ([0-9.]+) s per save; writes', out)
+    assert sync and background, out
+    # synchronous: the training thread waits for the whole write
+    assert [float(s) for s in sync.groups()[:2]] == [float(w) for w in sync.groups()[2:]]

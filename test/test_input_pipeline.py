@@ -1,0 +1,131 @@
+"""The two pre-training input paths: the same crops and flips from (seed, epoch, index), the
+tensor path's pixels within resampling rounding of Pillow's, normalising on the device equal to
+ToTensor + Normalize, and the fast reader's verdicts equal to Pillow's."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+
+from util.datasets import (CropFlip, SeededSamples, build_image_folder, build_pretrain_dataset, default_num_workers,
+                           draw_resized_crop, normalize_images, pretrain_transform)
+from util.engine import model_input
+from util.images import UnreadableImage, load_rgb, load_rgb_tensor
+
+# The tensor path's largest and mean difference from Pillow's pixels (0-255), as the README states
+# them: bilinear within 1, bicubic within 4 (a few pixels in a million), both well under 0.1 on average.
+MAX_DIFFERENCE, MEAN_DIFFERENCE = 4, 0.1
+
+
+def pretrain_args(data_path, pipeline, size=48, interpolation='bicubic'):
+    return argparse.Namespace(data_path=data_path, input_size=size, crop_min=0.2, interpolation=interpolation, seed=0,
+                              input_pipeline=pipeline)
+
+
+def test_crop_and_flip_draws_are_torchvisions():
+    """A generator seeded with s draws what torchvision's RandomResizedCrop and RandomHorizontalFlip
+    draw from the global generator seeded with s, the centre-crop fallback included (a strip)."""
+    crop = transforms.RandomResizedCrop(32, scale=(0.2, 1.0))
+    for (height, width), scale in [((64, 64), (0.2, 1.0)), ((375, 500), (0.08, 1.0)), ((4, 400), (0.9, 1.0))]:
+        image = torch.zeros(3, height, width)
+        for seed in range(50):
+            torch.manual_seed(seed)
+            expected = (*crop.get_params(image, scale, crop.ratio), bool(torch.rand(1) < 0.5))
+            generator = torch.Generator().manual_seed(seed)
+            drawn = (*draw_resized_crop(height, width, scale, generator),
+                     bool(torch.rand(1, generator=generator) < 0.5))
+            assert drawn == expected, (height, width, seed)
+
+
+def test_pil_pipeline_is_the_old_transform_pixel_for_pixel(demo_root):
+    old = SeededSamples(build_image_folder('demo', 'train', pretrain_transform(48)), 3)
+    new = build_pretrain_dataset(argparse.Namespace(**{**vars(pretrain_args('demo', 'pil')), 'seed': 3}))
+    for index, epoch in [(0, 0), (5, 2), (123, 7)]:
+        assert torch.equal(new[(index, epoch)][0], old[(index, epoch)][0])
+
+
+def to_pixels(normalised):
+    """The 0-255 pixels of a normalised float image."""
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return (normalised * std + mean) * 255
+
+
+@pytest.mark.parametrize('interpolation', ['bicubic', 'bilinear'])
+def test_tensor_pipeline_is_within_rounding_of_pillow(demo_root, tmp_path, interpolation):
+    """On demo images (PNG, upsampled) and on JPEGs (decoded by libjpeg-turbo, downsampled)."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        folder = tmp_path / 'train' / f'c{i % 2}'
+        folder.mkdir(parents=True, exist_ok=True)
+        smooth = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((200, 150), Image.BICUBIC)
+        smooth.save(folder / f'{i}.jpg', quality=90)
+    for data_path, size in [('demo', 48), (str(tmp_path), 96)]:
+        pil = build_pretrain_dataset(pretrain_args(data_path, 'pil', size, interpolation))
+        tensor = build_pretrain_dataset(pretrain_args(data_path, 'tensor', size, interpolation))
+        for index in range(4):
+            image = tensor[(index, 1)][0]
+            assert image.dtype == torch.uint8 and image.shape == (3, size, size)
+            difference = (image.float() - to_pixels(pil[(index, 1)][0])).abs()
+            assert difference.max() <= MAX_DIFFERENCE + 1e-3, (data_path, index)
+            assert difference.mean() < MEAN_DIFFERENCE, (data_path, index)
+
+
+def test_normalising_on_the_device_is_totensor_and_normalize():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    reference = transforms.Compose([transforms.ToTensor(),
+                                    transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    expected = torch.stack([reference(Image.fromarray(image.permute(1, 2, 0).numpy())) for image in images])
+    assert torch.equal(normalize_images(images), expected)
+    # in a batch, only the uint8 images change: masks, noise and targets pass as they are
+    noise, targets = torch.rand(2, 4), torch.tensor([1, 2])
+    out_images, out_kwargs, out_targets = model_input((images, {'noise': noise}, targets))
+    assert torch.equal(out_images, expected) and out_kwargs['noise'] is noise and out_targets is targets
+
+
+def test_fast_reader_gives_pillows_pixels_and_verdicts(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    images = {'rgb.jpg': rgb, 'gray.jpg': rgb.convert('L'), 'cmyk.jpg': rgb.convert('CMYK'),
+              'rgba.png': rgb.convert('RGBA'), 'palette.png': rgb.convert('P')}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+        tensor = load_rgb_tensor(str(tmp_path / name))
+        assert tensor.dtype == torch.uint8 and tensor.shape == (3, 20, 30), name
+        assert np.array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(load_rgb(str(tmp_path / name)))), name
+    data = (tmp_path / 'rgb.jpg').read_bytes()
+    (tmp_path / 'truncated.jpg').write_bytes(data[:len(data) // 3])
+    (tmp_path / 'empty.jpg').write_bytes(b'')
+    for name in ('truncated.jpg', 'empty.jpg', 'missing.jpg'):
+        with pytest.raises(UnreadableImage) as pillow:
+            load_rgb(str(tmp_path / name))
+        with pytest.raises(UnreadableImage) as fast:
+            load_rgb_tensor(str(tmp_path / name))
+        assert str(fast.value) == str(pillow.value)
+
+
+def test_crop_flip_leaves_the_global_generators_alone(demo_root):
+    dataset = build_pretrain_dataset(pretrain_args('demo', 'tensor'))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    first = dataset[(2, 0)][0]
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+    assert torch.equal(dataset[(2, 0)][0], first)
+
+
+def test_unknown_pipeline_is_one_line():
+    with pytest.raises(Exception, match='--input_pipeline must be one of tensor, pil'):
+        CropFlip(32, pipeline='dali')
+
+
+def test_default_workers_share_the_cores(monkeypatch):
+    monkeypatch.setattr('os.sched_getaffinity', lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert default_num_workers() == 16
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')
+    assert default_num_workers() == 10  # the former default, where it gives more
+    monkeypatch.setattr('os.sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    assert default_num_workers() == 2
