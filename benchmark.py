@@ -71,6 +71,9 @@ def get_args_parser():
     parser.add_argument('--input_size', type=int, default=None,
                         help='image size (default: the size the model is built for)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (more warm-up steps advised)')
+    parser.add_argument('--grad_ckpt', action='store_true',
+                        help='activation checkpointing, as the entry points\' flag: compare the peak memory (and the '
+                             'images/s; MFU counts the model\'s FLOPs, not the recomputation)')
     parser.add_argument('--peak_tflops', type=float, default=None,
                         help='dense peak TFLOP/s of the device at --precision (default: util/flops.py\'s table)')
     # loader mode
@@ -169,6 +172,8 @@ def benchmark_model(name, args, device, precision):
     batch_size = args.batch_size or (16 if device.type == 'cpu' else 64)
     model, loss_fn, batch, size = build_step(name, batch_size, args.input_size)
     flops = training_flops_per_image(model, loss_fn, example_batch_of(batch, 2))  # on fake tensors: free
+    if args.grad_ckpt:  # after the count: the recomputation is not the model's work
+        model.set_grad_checkpointing(True)
     model.to(device.torch_device)
     batch = to_device(batch, device.torch_device)
     batch[0].normal_()  # images of ImageNet's statistics after normalisation, not zeros

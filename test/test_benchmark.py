@@ -177,3 +177,11 @@ def test_checkpoint_mode_times_both_writers(capsys):
     assert sync and background, out
     # synchronous: the training thread waits for the whole write
     assert [float(s) for s in sync.groups()[:2]] == [float(w) for w in sync.groups()[2:]]
+
+
+def test_grad_ckpt_counts_the_models_flops_not_the_recomputation(capsys):
+    import benchmark
+    flags = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--steps', '1', '--warmup', '0', '--batch_size', '2']
+    [plain] = benchmark.main(benchmark.get_args_parser().parse_args(flags))
+    [checkpointed] = benchmark.main(benchmark.get_args_parser().parse_args([*flags, '--grad_ckpt']))
+    assert checkpointed['gflops'] == plain['gflops'] and checkpointed['ips'] > 0
