@@ -23,19 +23,19 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
-from PIL import Image
-from torchvision import transforms
+from torchvision.datasets.folder import pil_loader
 
 import main_finetune
 import main_pretrain
 from util import checkpoint
 from util.checkpoint_writer import CheckpointWriter
-from util.datasets import (MixupCollate, SeededSamples, build_finetune_train_folder, build_loader,
-                           build_pretrain_dataset, is_synthetic)
+from util.datasets import (INPUT_PIPELINES, MixupCollate, SeededSamples, build_finetune_train_folder, build_loader,
+                           build_pretrain_dataset, is_synthetic, pretrain_transform)
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
 from util.engine import to_device
 from util.errors import UsageError, run_cli
-from util.flops import device_name, example_batch, matmul_precision, peak_tflops, training_flops_per_image
+from util.flops import (FlopRate, device_name, device_peak, example_batch, matmul_precision,
+                        training_flops_per_image)
 from util.images import BadImages
 from util.optim import build_adamw, param_groups
 from util.registry import create_classifier, create_pretrain_model, native_input_size, pretrain_model_names
@@ -82,7 +82,7 @@ def get_args_parser():
     parser.add_argument('--finetune_pipeline', action='store_true',
                         help='the pipeline of main_finetune (RandAugment, random erasing, mixup) instead of '
                              'main_pretrain\'s')
-    parser.add_argument('--input_pipeline', default=None, choices=('tensor', 'pil'),
+    parser.add_argument('--input_pipeline', default=None, choices=INPUT_PIPELINES,
                         help='main_pretrain\'s --input_pipeline (default: its default, tensor)')
     parser.add_argument('--num_workers', type=int, default=2, help='DataLoader workers (default: %(default)s)')
     parser.add_argument('--images', type=int, default=200,
@@ -183,11 +183,10 @@ def benchmark_model(name, args, device, precision):
     step_model = torch.compile(model) if args.compile else model
     seconds = time_training_steps(step_model, loss_fn, batch, device, precision, args.warmup, args.steps)
     ips = batch_size / seconds
-    tflops = flops * ips / 1e12
-    peak = args.peak_tflops or peak_tflops(device_name(device), matmul_precision(device, precision))
+    rate = FlopRate(flops, device_peak(device, matmul_precision(device, precision), args.peak_tflops)).fields(ips)
     memory = device.max_memory_allocated()
     return {'model': name, 'size': size, 'batch': batch_size, 'ips': ips, 'ms': seconds * 1000,
-            'gflops': flops / 1e9, 'tflops': tflops, 'mfu': tflops / peak if peak else None,
+            'gflops': flops / 1e9, 'tflops': rate['tflops'], 'mfu': rate.get('mfu'),
             'memory': f'{memory / 2 ** 30:.2f} GiB' if memory else 'n/a'}
 
 
@@ -206,8 +205,7 @@ def print_model_figures(r, where):
 def run_models(args):
     device = resolve_device(args.device)
     precision = device.resolve_precision(args.precision)
-    if hasattr(device, 'use_fast_fp32'):
-        device.use_fast_fp32()  # what a training run (not --align) does
+    device.use_fast_fp32()  # what a training run (not --align) does
     sizes = args.sizes if args.sizes != 'auto' else 'small' if device.type == 'cpu' else 'published'
     names = [pair[sizes == 'published'] for pair in FAMILIES.values()] if args.all else [args.model or 'mae_vit_base']
     where = f'{precision} on {device_name(device)}'
@@ -284,20 +282,9 @@ def images_per_second_loader(dataset, collate_fn, train_args, args):
     return images / (time.perf_counter() - start), images
 
 
-def official_mae_transform(input_size):
-    """The official MAE pre-training transform (main_pretrain.py of facebookresearch/mae)."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
-
-
 def official_mae_load(path, transform):
-    """torchvision's pil_loader (open, convert to RGB), then the transform, as ImageFolder does."""
-    with open(path, 'rb') as f:
-        image = Image.open(f).convert('RGB')
-    return transform(image)
+    """The official MAE pipeline of one image: ImageFolder's pil_loader, then its transform."""
+    return transform(pil_loader(path))
 
 
 def run_loader(args):
@@ -316,7 +303,7 @@ def run_loader(args):
         if is_synthetic(args.data_path):
             raise UsageError('--compare_official reads image files: give an ImageFolder root or demo, not synthetic')
         paths = {i: dataset.dataset.samples[i][0] for i in indices}
-        transform = official_mae_transform(train_args.input_size)
+        transform = pretrain_transform(train_args.input_size)  # the official MAE transform: crop (0.2, 1) bicubic
         official = images_per_second_one_core(lambda i: official_mae_load(paths[i], transform), indices)
         figures['official'] = official
         print(f'  official MAE transform (Pillow), same files, one core: {official:.1f} images/s; this pipeline / '

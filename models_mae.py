@@ -16,8 +16,8 @@ from timm.models.vision_transformer import Block
 from models_vit import timm_vit_like
 from util.export import register_timm_encoder
 from util.layers import apply_blocks
-from util.masking import UniformNoise
-from util.pictures import pixel_mask, reconstruction_panels, unnormalize_patches
+from util.masking import UniformNoise, pixel_mask
+from util.pictures import reconstruction_panels, unnormalize_patches
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import register_pretrain_model
 from util.errors import UsageError

@@ -21,8 +21,8 @@ from models_vit import timm_vit_like
 from util.errors import UsageError
 from util.export import register_timm_encoder
 from util.layers import apply_blocks
-from util.masking import BlockMask, batch_masks
-from util.pictures import Panels, masked_view, oriented_gradient_picture, pixel_mask, to_display, upscale
+from util.masking import BlockMask, batch_masks, pixel_mask
+from util.pictures import Panels, masked_view, oriented_gradient_picture, to_display, upscale
 from util.registry import register_pretrain_model
 
 

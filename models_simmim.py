@@ -29,8 +29,8 @@ from util.checkpoint import encoder_of, rebuilt_buffers, register_pretrained_fil
 from util.errors import UsageError
 from util.export import register_timm_encoder, timm_model_like
 from util.layers import apply_blocks
-from util.masking import MaskPatches, batch_masks
-from util.pictures import pixel_mask, reconstruction_panels
+from util.masking import MaskPatches, batch_masks, pixel_mask
+from util.pictures import reconstruction_panels
 from util.optim import register_layer_ids
 from util.registry import register_checkpoint_identifier, register_pretrain_model
 
@@ -161,10 +161,9 @@ class SimMIM(nn.Module):
         mask: (N, H/p, W/p), 1 = masked
         returns: sum |imgs - pred| over the masked pixels / (masked pixels + 1e-5) / C
         """
-        p = self.patch_size
-        pixel_mask = mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).to(imgs.dtype)
+        masked = pixel_mask(mask, self.patch_size).to(imgs.dtype)
         error = F.l1_loss(pred.float(), imgs.float(), reduction='none')
-        return (error * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / imgs.shape[1]
+        return (error * masked).sum() / (masked.sum() + 1e-5) / imgs.shape[1]
 
     def pictures(self, imgs, pred, mask):
         """What visualize.py and TensorBoard show of a forward's output (util.pictures): the

@@ -24,6 +24,7 @@ from util.datasets import DEMO, load_eval_images, spread_image_paths
 from util.device import resolve_device
 from util.errors import UsageError, run_cli
 from util.pictures import reconstruct
+from util.plots import check_plot_path, draw_training_curves
 from util.registry import create_pretrain_model, pretrain_recipe, pretraining_of
 
 # the figure: each panel PANEL_INCHES square, a header for the title and the notes, at DPI
@@ -115,9 +116,7 @@ def check_output(path, default):
     path = path or default
     if not path.lower().endswith('.png'):
         raise UsageError(f'--output {path}: write a .png file')
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f'--output {path}: the folder {folder} does not exist')
+    check_plot_path(path)  # the folder exists
     return path
 
 
@@ -139,7 +138,6 @@ def draw_reconstructions(args):
 
 def main(args):
     if args.logs:
-        from util.plots import draw_training_curves
         output = args.output or 'curves.png'
         draw_training_curves(output, args.logs)  # any image type matplotlib writes
         print(f'curves of {len(args.logs)} runs: {output}')

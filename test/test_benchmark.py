@@ -175,8 +175,9 @@ def test_checkpoint_mode_times_both_writers(capsys):
     sync = re.search(r'synchronous: training held up ([0-9.]+), ([0-9.]+) s per save; writes ([0-9.]+), ([0-9.]+) s', out)
     background = re.search(r'background: training held up ([0-9.]+), ([0-9.]+) s per save; writes', out)
     assert sync and background, out
-    # synchronous: the training thread waits for the whole write
-    assert [float(s) for s in sync.groups()[:2]] == [float(w) for w in sync.groups()[2:]]
+    # synchronous: the training thread waits for the whole write (the stall also holds the wait's own
+    # bookkeeping, so the two printed values may round apart by one unit of 0.01 s)
+    assert [float(s) for s in sync.groups()[:2]] == pytest.approx([float(w) for w in sync.groups()[2:]], abs=0.011)
 
 
 def test_grad_ckpt_counts_the_models_flops_not_the_recomputation(capsys):

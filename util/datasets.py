@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
 from util import demo_data
@@ -34,7 +35,6 @@ from util.images import UnreadableImage, load_rgb, load_rgb_tensor
 DEMO = 'demo'
 SYNTHETIC = 'synthetic'  # --data_path synthetic[:N]: images made per sample, no disk (SyntheticImages)
 INPUT_PIPELINES = ('tensor', 'pil')
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
 def resolve_data_root(data_path):
@@ -183,9 +183,9 @@ def spread_image_paths(data_path, count):
     if not os.path.isdir(data_path):
         raise UsageError(f'--data_path {data_path!r} is neither an image, a folder of images nor demo')
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(data_path) for name in names
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
+                   if name.lower().endswith(IMG_EXTENSIONS))
     if not paths:
-        raise UsageError(f'no images under {data_path!r} (looked for {", ".join(IMAGE_EXTENSIONS)})')
+        raise UsageError(f'no images under {data_path!r} (looked for {", ".join(IMG_EXTENSIONS)})')
     count = min(count, len(paths))
     return [paths[i * len(paths) // count] for i in range(count)]
 

@@ -95,7 +95,7 @@ def _all_reduce(tensor, op):
     which has no collective backend of its own) the copy is made on the CPU."""
     if not is_dist_initialized():
         return tensor
-    tensor = tensor.cpu() if dist.get_backend() == 'gloo' else tensor.clone()
+    tensor = tensor.to('cpu', copy=True) if dist.get_backend() == 'gloo' else tensor.clone()  # never the caller's
     dist.all_reduce(tensor, op=op)
     return tensor
 

@@ -58,9 +58,9 @@ class Throughput:
         return self.first[0] / max(self.first[1], 1e-9) if self.first else 0.0
 
 
-def out_of_steps(progress, args):
-    """--max_steps optimizer steps have run in this invocation."""
-    return args.max_steps is not None and progress.run_steps >= args.max_steps
+def out_of_steps(progress, args, ahead=0):
+    """--max_steps optimizer steps have run in this invocation (after `ahead` more)."""
+    return args.max_steps is not None and progress.run_steps + ahead >= args.max_steps
 
 
 def seed_model_randomness(seed, epoch, iteration):
@@ -161,13 +161,16 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             continue
 
         step_in_epoch = (it + 1) // accum
-        logging_step = (not (progress.step + 1) % args.log_freq or step_in_epoch == steps_per_epoch
-                        or (args.max_steps is not None and progress.run_steps + 1 >= args.max_steps))
+        last_step = out_of_steps(progress, args, ahead=1)
+        logging_step = not (progress.step + 1) % args.log_freq or step_in_epoch == steps_per_epoch or last_step
         grad_norm = None
         if args.clip_grad or logging_step:  # the norm is logged: measured at log steps, or wherever it clips
             if scaler is not None:
                 scaler.unscale_(optimizer)  # the true gradients, not the scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf)
+            if args.clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            else:  # measured only: the gradients are not touched
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -181,7 +184,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
         images += images_per_step
 
         preempted = signals.stop_agreed()
-        stopping = out_of_steps(progress, args) or preempted
+        stopping = last_step or preempted
         if logging_step or stopping:
             # a log step: the one place where the host waits for the device
             mean_loss, bad_images = log_step_values(loss_sum / micro_batches, loader, args)

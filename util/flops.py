@@ -126,6 +126,12 @@ def training_flops_per_image(model, loss_fn, batch):
     return training_flops(model, loss_fn, batch) / batch[0].shape[0]
 
 
+def device_peak(device, precision, override=None):
+    """The dense peak TFLOP/s of one device at a matmul precision: `override` (--peak_tflops), else
+    the table's; None when unknown."""
+    return override or peak_tflops(device_name(device), precision)
+
+
 class FlopRate:
     """Achieved TFLOP/s per device and MFU from the images/s of all processes together."""
 
@@ -152,7 +158,7 @@ class FlopRate:
             print(f'FLOPs per image unknown ({type(e).__name__}: {first_line(e)}): no tflops or mfu in the log')
             return None
         name, precision = device_name(device), matmul_precision(device, precision)
-        peak = peak_override or peak_tflops(name, precision)
+        peak = device_peak(device, precision, peak_override)
         source = '--peak_tflops' if peak_override else 'util/flops.py'
         print(f'training FLOPs per image: {flops / 1e9:.3f} GFLOPs (forward + backward); peak of {name} at '
               f'{precision}: ' + (f'{peak:g} TFLOP/s ({source})' if peak else 'unknown, mfu n/a (--peak_tflops sets one)'))

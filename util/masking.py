@@ -25,6 +25,15 @@ def batch_masks(imgs, mask, patch_size, generator):
     return mask
 
 
+def pixel_mask(mask, patch_size):
+    """A mask per patch as a mask per pixel.
+    mask: (N, L) over a square grid, or (N, h, w); 1 = masked -> (N, 1, h*p, w*p) float"""
+    if mask.dim() == 2:
+        side = math.isqrt(mask.shape[1])
+        mask = mask.reshape(mask.shape[0], side, side)
+    return mask.float().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+
+
 class UniformNoise:
     """MAE's random masking: one uniform value per patch; the model keeps the patches with the
     smallest values, so every subset of int(L * (1 - mask_ratio)) patches is equally likely."""

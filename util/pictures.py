@@ -29,14 +29,6 @@ def to_display(imgs):
     return (imgs.float() * std + mean).clamp(0, 1)
 
 
-def pixel_mask(mask, patch_size):
-    """mask: (N, L) over a square grid, or (N, h, w); 1 = masked -> (N, 1, h*p, w*p) float"""
-    if mask.dim() == 2:
-        side = math.isqrt(mask.shape[1])
-        mask = mask.reshape(mask.shape[0], side, side)
-    return mask.float().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
-
-
 def unnormalize_patches(pred, target):
     """Predictions of per-patch normalised pixels (a norm-pix loss) back in pixel space, with
     each patch's mean and variance taken from the original image, as the loss normalised it:
