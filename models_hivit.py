@@ -139,7 +139,7 @@ class HiViT(nn.Module):
                              f'(pass --global_pool)')
         self.num_classes = num_classes
         self.num_features = embed_dim
-        self.num_main_blocks = depths[-1]
+        self.depths, self.num_main_blocks = tuple(depths), depths[-1]
         self.ape, self.rpe = ape, rpe
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, 4, in_chans, embed_dim // 2 ** (len(depths) - 1),
@@ -520,9 +520,7 @@ def timm_encoder(model):
     skip = ('norm.', 'decoder_', 'mask_token')
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     state.update({'fc_norm.weight': torch.ones(model.num_features), 'fc_norm.bias': torch.zeros(model.num_features)})
-    merges = [i for i, block in enumerate(model.blocks) if isinstance(block, PatchMerge)]
-    stem_depths = [(end - start - 1) // 2 for start, end in zip([-1] + merges, merges)]  # 2 x depth MLP blocks
     arch = dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_size, embed_dim=model.num_features,
-                depths=(*stem_depths, model.num_main_blocks), num_heads=model.blocks[-1].attn.num_heads)
+                depths=model.depths, num_heads=model.blocks[-1].attn.num_heads)
     name, kwargs = timm_model_like(HIVIT_SIZES, arch)
     return name, {**kwargs, **({} if model.rpe else {'rpe': False})}, state

@@ -27,6 +27,7 @@ from timm.models import swin_transformer as timm_swin
 
 from util.checkpoint import encoder_of, rebuilt_buffers, register_pretrained_filter
 from util.errors import UsageError
+from models_vit import timm_vit_like
 from util.export import register_timm_encoder, timm_model_like
 from util.layers import apply_blocks
 from util.masking import MaskPatches, batch_masks, pixel_mask
@@ -472,10 +473,7 @@ def timm_encoder(model):
                     depths=tuple(len(stage.blocks) for stage in encoder.layers),
                     num_heads=tuple(stage.blocks[0].attn.num_heads for stage in encoder.layers))
         return (*timm_model_like(TIMM_SWINS, arch), swin_original_layout(state))
-    arch = dict(img_size=encoder.patch_embed.img_size[0], patch_size=encoder.patch_embed.patch_size[0],
-                embed_dim=width, depth=len(encoder.blocks), num_heads=encoder.blocks[0].attn.num_heads,
-                mlp_ratio=encoder.blocks[0].mlp.fc1.out_features / width)
-    name, kwargs = timm_model_like(TIMM_BEITS, arch)
+    name, kwargs = timm_vit_like(encoder, TIMM_BEITS)
     table = state.pop('rel_pos_bias.relative_position_bias_table')
     state.pop('rel_pos_bias.relative_position_index', None)
     state.update({f'blocks.{i}.attn.relative_position_bias_table': table.clone() for i in range(len(encoder.blocks))})

@@ -86,11 +86,12 @@ TIMM_VITS = {
 }
 
 
-def timm_vit_like(encoder):
-    """(timm name, keywords) of timm's ViT with the architecture of `encoder`, a ViT of timm's
-    patch embedding and blocks (MAE's encoder, MaskFeat's)."""
+def timm_vit_like(encoder, family=None):
+    """(timm name, keywords) of the model of `family` ({timm name: architecture}; default timm's
+    ViTs) with the architecture of `encoder`, a ViT of timm's patch embedding and blocks (MAE's
+    encoder, MaskFeat's, SimMIM's BEiT)."""
     width = encoder.patch_embed.proj.out_channels
     arch = dict(img_size=encoder.patch_embed.img_size[0], patch_size=encoder.patch_embed.patch_size[0],
                 embed_dim=width, depth=len(encoder.blocks), num_heads=encoder.blocks[0].attn.num_heads,
                 mlp_ratio=encoder.blocks[0].mlp.fc1.out_features / width)
-    return timm_model_like(TIMM_VITS, arch)
+    return timm_model_like(family or TIMM_VITS, arch)

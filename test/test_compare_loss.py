@@ -344,7 +344,7 @@ def test_plot_draws_both_curves_in_the_top_panel(tmp_path):
     reference, both falling as the made-up loss does."""
     png, (top, bottom) = draw(tmp_path, curve() * 1.3)
     with Image.open(png) as image:
-        assert image.size == (plots.FIGSIZE[0] * plots.DPI, plots.FIGSIZE[1] * plots.DPI)
+        assert image.size == (1000, 700)  # 10 x 7 inches at 100 dpi
     assert top[3] < bottom[1]  # the loss panel is above the difference panel
     cand_rows, cand_columns = color_pixels(png, plots.CAND_COLOR, top)
     ref_rows, ref_columns = color_pixels(png, plots.REF_COLOR, top)

@@ -53,11 +53,12 @@ class TimmCall:
         import_model_files()
         return next((m for m in MODEL_FILES if is_model_in_modules(self.name, [m])), None)
 
-    def create(self, file=None):
-        """Build the model as the call does (from `file` instead of the overlay's, if given)."""
+    def create(self, file):
+        """Build the model as the call does, from `file` instead of the overlay's (the file is
+        checked under its temporary name before it is renamed into place)."""
         import timm
         import_model_files()
-        overlay = {**self.overlay, **({'file': file} if file else {})}
+        overlay = {**self.overlay, 'file': file}
         return timm.create_model(self.name, pretrained=True, pretrained_cfg_overlay=overlay, **self.kwargs)
 
     def __str__(self):
