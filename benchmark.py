@@ -29,8 +29,8 @@ import main_finetune
 import main_pretrain
 from util import checkpoint
 from util.checkpoint_writer import CheckpointWriter
-from util.datasets import (INPUT_PIPELINES, MixupCollate, SeededSamples, build_finetune_train_folder, build_loader,
-                           build_pretrain_dataset, is_synthetic, pretrain_transform)
+from util.datasets import (INPUT_PIPELINES, JpegBatch, MixupCollate, SeededSamples, build_finetune_train_folder,
+                           build_loader, build_pretrain_dataset, is_synthetic, pretrain_transform)
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
 from util.engine import to_device
 from util.errors import UsageError, run_cli
@@ -83,7 +83,8 @@ def get_args_parser():
                         help='the pipeline of main_finetune (RandAugment, random erasing, mixup) instead of '
                              'main_pretrain\'s')
     parser.add_argument('--input_pipeline', default=None, choices=INPUT_PIPELINES,
-                        help='main_pretrain\'s --input_pipeline (default: its default, tensor)')
+                        help='main_pretrain\'s --input_pipeline (default: its default, tensor; nvjpeg decodes on '
+                             '--device, and its DataLoader figure includes that)')
     parser.add_argument('--num_workers', type=int, default=2, help='DataLoader workers (default: %(default)s)')
     parser.add_argument('--images', type=int, default=200,
                         help='images timed on one core, and at least this many through the DataLoader (default: %(default)s)')
@@ -241,7 +242,8 @@ def pipeline_dataset(args):
     pre.input_pipeline = pre.input_pipeline or 'tensor'  # main_pretrain's default
     masks = create_pretrain_model(pre.model, img_size=pre.input_size).mask_generator(pre)
     dataset = build_pretrain_dataset(pre, masks, bad_images)
-    return dataset, None, f'main_pretrain ({pre.model}, {pre.input_size} px, {pre.input_pipeline} pipeline)', pre
+    collate_fn = JpegBatch.collate if pre.input_pipeline == 'nvjpeg' else None
+    return dataset, collate_fn, f'main_pretrain ({pre.model}, {pre.input_size} px, {pre.input_pipeline} pipeline)', pre
 
 
 def sample_indices(dataset, count):
@@ -264,21 +266,30 @@ def images_per_second_one_core(load, indices):
         torch.set_num_threads(threads)
 
 
-def images_per_second_loader(dataset, collate_fn, train_args, args):
+def images_per_second_loader(dataset, collate_fn, train_args, args, device=None):
     """Images/s of a DataLoader with --num_workers over the data set, after its first batch
-    (worker start-up). returns: (images/s, images timed)"""
+    (worker start-up); with a `device`, each batch's images are also put there as training does
+    (the nvjpeg pipeline decodes them there). returns: (images/s, images timed)"""
     train_args.batch_size = args.batch_size or 64
     train_args.num_workers, train_args.accum_iter = args.num_workers, 1
-    loader = build_loader(dataset, SimpleNamespace(world_size=1, rank=0), train_args, pin_memory=False,
-                          collate_fn=collate_fn)
+    loader = build_loader(dataset, SimpleNamespace(world_size=1, rank=0), train_args,
+                          pin_memory=device is not None and device.type != 'cpu', collate_fn=collate_fn)
     loader.sampler.set_epoch(0)
     batches = iter(loader)
-    next(batches)
+    if device is not None:
+        to_device(next(batches)[0], device.torch_device)  # also the decoder's start-up
+        device.synchronize()
+    else:
+        next(batches)
     images, start = 0, time.perf_counter()
     for batch in batches:
         images += len(batch[0])
+        if device is not None:
+            to_device(batch[0], device.torch_device)
         if images >= args.images:
             break
+    if device is not None:
+        device.synchronize()
     return images / (time.perf_counter() - start), images
 
 
@@ -289,15 +300,18 @@ def official_mae_load(path, transform):
 
 def run_loader(args):
     dataset, collate_fn, description, train_args = pipeline_dataset(args)
+    device = resolve_device(args.device) if getattr(train_args, 'input_pipeline', None) == 'nvjpeg' else None
     indices = sample_indices(dataset, args.images)
     per_core = images_per_second_one_core(lambda i: dataset[(i, 0)], indices)
     print(f'input pipeline of {description}, {len(dataset)} images in {args.data_path}:')
     print(f'  one core (a data-loader worker): {per_core:.1f} images/s ({1000 / per_core:.2f} ms an image, '
-          f'{len(indices)} images)', flush=True)
-    total, timed = images_per_second_loader(dataset, collate_fn, train_args, args)
+          f'{len(indices)} images)' + (': reading and drawing the crops; the decoding is on the device' if device
+                                       else ''), flush=True)
+    total, timed = images_per_second_loader(dataset, collate_fn, train_args, args, device)
     workers = max(args.num_workers, 1)
-    print(f'  DataLoader, {args.num_workers} workers, batch {train_args.batch_size}: {total:.1f} images/s in total, '
-          f'{total / workers:.1f} per worker ({timed} images after the first batch)', flush=True)
+    decoded = f', decoded, cropped and resized on {device_name(device)}' if device else ''
+    print(f'  DataLoader, {args.num_workers} workers, batch {train_args.batch_size}{decoded}: {total:.1f} images/s in '
+          f'total, {total / workers:.1f} per worker ({timed} images after the first batch)', flush=True)
     figures = {'per_core': per_core, 'total': total}
     if args.compare_official:
         if is_synthetic(args.data_path):

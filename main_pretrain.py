@@ -17,10 +17,10 @@ from functools import partial
 import torch
 
 from util import dist
-from util.datasets import INPUT_PIPELINES, EpochSampler, build_loader, build_pretrain_dataset, eval_images
+from util.datasets import INPUT_PIPELINES, EpochSampler, JpegBatch, build_loader, build_pretrain_dataset, eval_images
 from util.images import BadImages
 from util.engine import train
-from util.errors import run_cli
+from util.errors import UsageError, run_cli
 from util.flops import FlopRate, example_batch
 from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, fingerprint,
                          print_outputs, resume_training, set_learning_rate, start_run)
@@ -72,8 +72,10 @@ def get_args_parser():
                              'JPEGs); pil: the torchvision transforms on Pillow images, normalised in the workers, as '
                              'before. The '
                              'same crops and flips; the pixels differ by resampling rounding (mean 0.05 of 255, at '
-                             'most 1 bilinear, 4 bicubic) (default: tensor; pil with --align, whose pixels do not '
-                             'depend on the CPU)')
+                             'most 1 bilinear, 4 bicubic); nvjpeg: the workers only read the files and draw the crops, '
+                             'the GPU decodes each batch (nvJPEG) and crops, resizes and flips it: for hosts with too '
+                             'few cores to decode (CUDA; on the CPU the training process decodes) (default: tensor; '
+                             'pil with --align, whose pixels do not depend on the CPU)')
     add_run_args(parser)
     parser.add_argument('--vis_freq', default=None, type=int,
                         help=f'every N epochs and at the last, reconstructions of {VIS_IMAGES} fixed val/ images go to '
@@ -122,12 +124,25 @@ def fill_recipe(args):
     return f"recipe: {args.model}'s published {recipe.get('epochs')}-epoch recipe; the flags given override it"
 
 
+def check_input_pipeline(args, device):
+    """nvjpeg decodes with torchvision's CUDA decoder (or on the CPU): no other device has one, and
+    its pixels are the GPU's, which another device cannot reproduce under --align."""
+    if args.input_pipeline != 'nvjpeg':
+        return
+    if device.type not in ('cuda', 'cpu'):
+        raise UsageError(f'--input_pipeline nvjpeg decodes on CUDA GPUs only, not on {device.type}: use tensor')
+    if args.align:
+        raise UsageError('--input_pipeline nvjpeg decodes with the GPU\'s arithmetic, which another device cannot '
+                         'reproduce: leave it out under --align (pil)')
+
+
 def main(args):
     recipe = fill_recipe(args)
     if args.align:
         use_alignment_defaults(args)
     args.input_pipeline = args.input_pipeline or 'tensor'
     world, device, precision = start_run(args, deterministic=args.align)
+    check_input_pipeline(args, device)
     print(recipe)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank, drawn on the CPU
@@ -141,7 +156,8 @@ def main(args):
     if args.align:
         print_fingerprints(model, dataset, args.seed)
     model.to(device.torch_device)
-    loader = build_loader(dataset, world, args, pin_memory=args.pin_mem and device.type != 'cpu')
+    loader = build_loader(dataset, world, args, pin_memory=args.pin_mem and device.type != 'cpu',
+                          collate_fn=JpegBatch.collate if args.input_pipeline == 'nvjpeg' else None)
     print(f'{len(dataset)} training images, {len(loader)} batches of {args.batch_size} per process')
 
     set_learning_rate(args, world)

@@ -1,6 +1,7 @@
-"""The two pre-training input paths: the same crops and flips from (seed, epoch, index), the
-tensor path's pixels within resampling rounding of Pillow's, normalising on the device equal to
-ToTensor + Normalize, and the fast reader's verdicts equal to Pillow's."""
+"""The pre-training input paths: the same crops and flips from (seed, epoch, index), the tensor
+path's pixels within resampling rounding of Pillow's, normalising on the device equal to
+ToTensor + Normalize, the fast reader's verdicts equal to Pillow's, and the nvjpeg path's batches
+(decoded where the batch goes: here the CPU) equal to the tensor path's."""
 import argparse
 
 import numpy as np
@@ -10,10 +11,12 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
-from util.datasets import (CropFlip, SeededSamples, build_image_folder, build_pretrain_dataset, default_num_workers,
-                           draw_resized_crop, normalize_images, pretrain_transform)
-from util.engine import model_input
-from util.images import UnreadableImage, load_rgb, load_rgb_tensor
+from util.datasets import (CropFlip, JpegBatch, SeededSamples, build_image_folder, build_loader, build_pretrain_dataset,
+                           default_num_workers, draw_resized_crop, normalize_images, pretrain_transform)
+from util.engine import model_input, to_device
+from util.errors import UsageError
+from util.images import (EncodedJpeg, UnreadableImage, decode_jpegs_on, load_rgb, load_rgb_tensor,
+                         read_jpeg_or_decode)
 
 # The tensor path's largest and mean difference from Pillow's pixels (0-255), as the README states
 # them: bilinear within 1, bicubic within 4 (a few pixels in a million), both well under 0.1 on average.
@@ -106,6 +109,74 @@ def test_fast_reader_gives_pillows_pixels_and_verdicts(tmp_path):
         assert str(fast.value) == str(pillow.value)
 
 
+def odd_images_folder(root):
+    """An ImageFolder of 12 images: plain RGB and grayscale JPEGs (left for the device), and those a
+    worker decodes itself: CMYK, a PNG, a JPEG with bytes after its end, a truncated one.
+    returns: {path: kind}"""
+    rng = np.random.default_rng(2)
+    kinds = {}
+    for i in range(12):
+        folder = root / 'train' / f'c{i % 2}'
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((70 + i, 50), Image.BICUBIC)
+        kind = ['RGB', 'L', 'CMYK', 'png', 'trailing', 'truncated'][i % 6] if i < 6 else 'RGB'
+        kinds[str(folder / f'{i}.{"png" if kind == "png" else "jpg"}')] = kind
+        if kind == 'png':
+            image.save(folder / f'{i}.png')
+            continue
+        image.convert(kind if kind in ('L', 'CMYK') else 'RGB').save(folder / f'{i}.jpg', quality=90)
+        data = (folder / f'{i}.jpg').read_bytes()
+        if kind == 'trailing':
+            (folder / f'{i}.jpg').write_bytes(data + b'\0' * 10)
+        if kind == 'truncated':
+            (folder / f'{i}.jpg').write_bytes(data[:len(data) // 2])
+    return kinds
+
+
+def test_nvjpeg_batches_are_the_tensor_paths(tmp_path):
+    """The workers leave plain JPEGs encoded and decode the rest; JpegBatch decodes, crops and flips
+    on the batch's device and puts every image back in its place: on the CPU (libjpeg-turbo, the
+    same kernels) the batches equal the tensor path's, byte for byte, the replaced truncated image
+    included."""
+    root = str(tmp_path)
+    for path, kind in odd_images_folder(tmp_path).items():
+        if kind == 'truncated':
+            with pytest.raises(UnreadableImage):
+                read_jpeg_or_decode(path)
+        else:
+            assert isinstance(read_jpeg_or_decode(path), EncodedJpeg) == (kind in ('RGB', 'L')), kind
+    batches = {}
+    for pipeline in ('tensor', 'nvjpeg'):
+        args = argparse.Namespace(**vars(pretrain_args(root, pipeline, size=32)), batch_size=6, num_workers=0,
+                                  accum_iter=1)
+        dataset = build_pretrain_dataset(args, bad_images=BadImagesStub())
+        loader = build_loader(dataset, argparse.Namespace(world_size=1, rank=0), args, pin_memory=False,
+                              collate_fn=JpegBatch.collate if pipeline == 'nvjpeg' else None)
+        loader.sampler.set_epoch(3)
+        batches[pipeline] = [to_device(batch, torch.device('cpu')) for batch in loader]
+    for tensor_batch, nvjpeg_batch in zip(*batches.values(), strict=True):
+        assert nvjpeg_batch[0].shape == (6, 3, 32, 32) and nvjpeg_batch[0].dtype == torch.uint8
+        assert torch.equal(nvjpeg_batch[0], tensor_batch[0]) and torch.equal(nvjpeg_batch[1], tensor_batch[1])
+
+
+class BadImagesStub:
+    def record(self, error):
+        pass
+
+
+def test_device_decoding_falls_back_per_image_then_names_the_file(tmp_path):
+    good = Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    good.save(tmp_path / 'good.jpg')
+    jpeg = read_jpeg_or_decode(str(tmp_path / 'good.jpg'))
+    assert isinstance(jpeg, EncodedJpeg) and (jpeg.height, jpeg.width) == (16, 24)
+    broken = EncodedJpeg(torch.frombuffer(bytearray(b'\xff\xd8\xff' + bytes(100) + b'\xff\xd9'), dtype=torch.uint8),
+                         16, 24, 'broken.jpg')
+    with pytest.raises(UsageError, match='unreadable image broken.jpg: .*--input_pipeline tensor'):
+        decode_jpegs_on([jpeg, broken, jpeg], 'cpu')
+    images = decode_jpegs_on([jpeg, jpeg], 'cpu')
+    assert all(torch.equal(image, load_rgb_tensor(str(tmp_path / 'good.jpg'))) for image in images)
+
+
 def test_crop_flip_leaves_the_global_generators_alone(demo_root):
     dataset = build_pretrain_dataset(pretrain_args('demo', 'tensor'))
     torch.manual_seed(7)
@@ -117,7 +188,7 @@ def test_crop_flip_leaves_the_global_generators_alone(demo_root):
 
 
 def test_unknown_pipeline_is_one_line():
-    with pytest.raises(Exception, match='--input_pipeline must be one of tensor, pil'):
+    with pytest.raises(Exception, match='--input_pipeline must be one of tensor, pil, nvjpeg'):
         CropFlip(32, pipeline='dali')
 
 

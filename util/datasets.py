@@ -12,12 +12,15 @@ resumed from a checkpoint continues exactly as an uninterrupted one would.
 Pre-training has two input paths (--input_pipeline), with the same crops and flips: 'tensor'
 (the default) decodes JPEGs with libjpeg-turbo, crops, resizes and flips uint8 tensors, and the
 loader hands uint8 batches to the device, where `normalize_images` makes the model's float input;
-'pil' is the torchvision transforms on Pillow images, normalised in the workers, as before.
+'pil' is the torchvision transforms on Pillow images, normalised in the workers, as before;
+'nvjpeg' leaves the decoding to the GPU: the workers read the files and draw the crops, and
+`JpegBatch` decodes a batch with nvJPEG and crops, resizes and flips it on the device.
 """
 import contextlib
 import math
 import os
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,11 +33,11 @@ from torchvision.transforms.v2 import functional as TF
 
 from util import demo_data
 from util.errors import UsageError
-from util.images import UnreadableImage, load_rgb, load_rgb_tensor
+from util.images import EncodedJpeg, UnreadableImage, decode_jpegs_on, load_rgb, load_rgb_tensor, read_jpeg_or_decode
 
 DEMO = 'demo'
 SYNTHETIC = 'synthetic'  # --data_path synthetic[:N]: images made per sample, no disk (SyntheticImages)
-INPUT_PIPELINES = ('tensor', 'pil')
+INPUT_PIPELINES = ('tensor', 'pil', 'nvjpeg')
 
 
 def resolve_data_root(data_path):
@@ -94,7 +97,8 @@ class CropFlip:
     'tensor': (3, H, W) uint8 in, (3, size, size) uint8 out, resized with antialiasing by
     torchvision's uint8 kernels (Pillow's filters: mean difference 0.05 of 255, see the README);
     the device normalises (`normalize_images`). 'pil': a Pillow image in, the float tensor of
-    `pretrain_transform` out, pixel for pixel."""
+    `pretrain_transform` out, pixel for pixel. 'nvjpeg': as 'tensor', except that an `EncodedJpeg`
+    comes out as a `PendingCrop`, cropped where `JpegBatch` decodes it."""
 
     def __init__(self, size, scale=(0.2, 1.0), interpolation='bicubic', pipeline='tensor'):
         if pipeline not in INPUT_PIPELINES:
@@ -105,14 +109,71 @@ class CropFlip:
                                             transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
 
     def __call__(self, image, generator):
-        height, width = image.shape[-2:] if self.pipeline == 'tensor' else (image.height, image.width)
+        if isinstance(image, EncodedJpeg):
+            height, width = image.height, image.width
+        else:
+            height, width = (image.height, image.width) if self.pipeline == 'pil' else image.shape[-2:]
         top, left, h, w = draw_resized_crop(height, width, self.scale, generator)
-        flip = torch.rand(1, generator=generator) < 0.5  # RandomHorizontalFlip's draw
-        if self.pipeline == 'tensor':
-            image = TF.resized_crop(image, top, left, h, w, self.size, interpolation=self.interpolation, antialias=True)
-            return TF.horizontal_flip(image) if flip else image
+        flip = bool(torch.rand(1, generator=generator) < 0.5)  # RandomHorizontalFlip's draw
+        if isinstance(image, EncodedJpeg):
+            return PendingCrop(image, (top, left, h, w), flip, self)
+        if self.pipeline != 'pil':
+            return self.crop_tensor(image, (top, left, h, w), flip)
         image = transforms.functional.resized_crop(image, top, left, h, w, self.size, interpolation=self.interpolation)
         return self.to_float(transforms.functional.hflip(image) if flip else image)
+
+    def crop_tensor(self, image, box, flip):
+        """(3, H, W) uint8 -> (3, size, size) uint8: the crop `box` (top, left, height, width),
+        resized, then flipped if `flip`, on the image's device."""
+        image = TF.resized_crop(image, *box, self.size, interpolation=self.interpolation, antialias=True)
+        return TF.horizontal_flip(image) if flip else image
+
+
+class PendingCrop(NamedTuple):
+    """A sample of the 'nvjpeg' pipeline: the JPEG still encoded, with the crop and flip drawn
+    for it and the CropFlip that applies them after decoding."""
+    jpeg: EncodedJpeg
+    box: tuple  # (top, left, height, width)
+    flip: bool
+    crop: CropFlip
+
+
+class JpegBatch:
+    """A batch of the 'nvjpeg' pipeline, as the data loader hands it over: the JPEGs still to be
+    decoded (`PendingCrop`) and the images a worker had to decode itself (not plain JPEGs: already
+    cropped, (3, S, S) uint8). `to(device)` decodes the JPEGs there in one call (nvJPEG on a GPU),
+    crops, resizes and flips each, and returns the (N, 3, S, S) uint8 batch in sample order;
+    util.engine.to_device calls it, `normalize_images` then makes the model's input."""
+
+    def __init__(self, images):
+        self.count = len(images)
+        self.pending = [(i, image) for i, image in enumerate(images) if isinstance(image, PendingCrop)]
+        ready = [(i, image) for i, image in enumerate(images) if not isinstance(image, PendingCrop)]
+        self.ready_at = [i for i, _ in ready]
+        self.ready = torch.stack([image for _, image in ready]) if ready else None
+
+    @classmethod
+    def collate(cls, samples):
+        """default_collate, except that the images of (image, ...) samples form a JpegBatch."""
+        return [cls([image for image, *_ in samples]), *default_collate([tuple(rest) for _, *rest in samples])]
+
+    def __len__(self):
+        return self.count
+
+    def pin_memory(self):
+        if self.ready is not None:
+            self.ready = self.ready.pin_memory()
+        return self
+
+    def to(self, device, non_blocking=False):
+        size = self.pending[0][1].crop.size if self.pending else self.ready.shape[-2:]
+        batch = torch.empty((self.count, 3, *size), dtype=torch.uint8, device=device)
+        if self.ready is not None:
+            batch[self.ready_at] = self.ready.to(device, non_blocking=non_blocking)
+        decoded = decode_jpegs_on([sample.jpeg for _, sample in self.pending], device) if self.pending else []
+        for (i, sample), image in zip(self.pending, decoded):
+            batch[i] = sample.crop.crop_tensor(image, sample.box, sample.flip)
+        return batch
 
 
 _MEAN_STD = {}  # device -> ImageNet's mean and std there, (3, 1, 1) each: copied to a device once
@@ -213,10 +274,11 @@ def build_image_folder(data_path, split, transform, loader=load_rgb):
 def build_pretrain_dataset(args, mask_generator=None, bad_images=None):
     """The pre-training samples of train/: the crop and flip of --input_size, --crop_min and
     --interpolation on the images of --input_pipeline ('tensor': uint8, normalised on the device
-    by `normalize_images`; 'pil': normalised floats), drawn per sample from --seed, with the masks
+    by `normalize_images`; 'pil': normalised floats; 'nvjpeg': `PendingCrop`s, batched by
+    `JpegBatch.collate`), drawn per sample from --seed, with the masks
     of `mask_generator`."""
     crop = CropFlip(args.input_size, (args.crop_min, 1.0), args.interpolation, args.input_pipeline)
-    loader = load_rgb_tensor if args.input_pipeline == 'tensor' else load_rgb
+    loader = {'tensor': load_rgb_tensor, 'pil': load_rgb, 'nvjpeg': read_jpeg_or_decode}[args.input_pipeline]
     return SeededSamples(build_image_folder(args.data_path, 'train', None, loader=loader), args.seed,
                          mask_generator=mask_generator, bad_images=bad_images, transform=crop)
 

@@ -17,7 +17,7 @@ import torch
 
 from util import checkpoint, dist, signals
 from util.checkpoint_writer import CheckpointWriter
-from util.datasets import normalize_images
+from util.datasets import JpegBatch, normalize_images
 from util.errors import EXIT_DIVERGED, Preempted, RunEnded
 from util.lr_sched import adjust_learning_rate
 
@@ -71,8 +71,9 @@ def seed_model_randomness(seed, epoch, iteration):
 
 
 def to_device(batch, device):
-    """Move the tensors of a (nested) batch to the device, without waiting for the copy."""
-    if isinstance(batch, torch.Tensor):
+    """Move the tensors of a (nested) batch to the device, without waiting for the copy (a
+    JpegBatch is decoded there)."""
+    if isinstance(batch, (torch.Tensor, JpegBatch)):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}

@@ -9,9 +9,14 @@ log.jsonl and stops the run past --max_bad_images. In evaluation an unreadable i
 
 `load_rgb_tensor` is the fast input path's reader: libjpeg-turbo through torchvision for the
 common JPEG, `load_rgb` for everything else, so the verdict on an odd or broken file is Pillow's.
+`read_jpeg_or_decode` is the reader of the path that decodes on the GPU: a plain JPEG stays
+bytes (`EncodedJpeg`), decoded later in a batch on the device (util.datasets.JpegBatch); anything
+else is decoded here by `load_rgb_tensor`.
 """
+import io
 import os
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,6 +84,58 @@ def load_rgb_tensor(path):
         except RuntimeError:
             pass  # Pillow decides: it reads some files libjpeg-turbo refuses, and names the fault of the others
     return torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).contiguous()
+
+
+JPEG_END = b'\xff\xd9'
+
+
+class EncodedJpeg(NamedTuple):
+    """A JPEG file's bytes, left for the device to decode, and its size read from the header."""
+    data: torch.Tensor  # (bytes,) uint8
+    height: int
+    width: int
+    path: str
+
+
+def read_jpeg_or_decode(path):
+    """An `EncodedJpeg` for a complete 8-bit grayscale or RGB JPEG (its header read by Pillow, the
+    pixels not decoded), else the image decoded here by `load_rgb_tensor`, (3, H, W) uint8: a file
+    whose last bytes are not the end-of-image marker (truncated, or trailing data), CMYK, other
+    formats, or an unreadable file (UnreadableImage), so that a broken file is still met, and
+    replaced, in the data-loader worker."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        data = np.zeros(0, np.uint8)
+    if data[:len(JPEG_START)].tobytes() == JPEG_START and data[-len(JPEG_END):].tobytes() == JPEG_END:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.mode in ('L', 'RGB'):
+                    return EncodedJpeg(torch.from_numpy(data), img.height, img.width, path)
+        except DECODE_ERRORS:
+            pass  # load_rgb_tensor names the fault
+    return load_rgb_tensor(path)
+
+
+def decode_jpegs_on(jpegs, device):
+    """The images of a list of `EncodedJpeg`, decoded together on `device` (nvJPEG on a GPU; the
+    CPU decodes them with libjpeg-turbo). A batch nvJPEG refuses is decoded one image at a time,
+    and an image it refuses by Pillow on the host.
+    returns: [(3, H, W) uint8 on `device`]"""
+    try:
+        return decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        if len(jpegs) > 1:
+            return [image for j in jpegs for image in decode_jpegs_on([j], device)]
+    jpeg = jpegs[0]
+    try:
+        with Image.open(io.BytesIO(jpeg.data.numpy())) as img:
+            img.load()
+            pixels = to_rgb(img)
+    except DECODE_ERRORS as e:
+        raise UsageError(f'unreadable image {jpeg.path}: {first_line(e)} (use --input_pipeline tensor, whose '
+                         f'workers replace such images, or repair or remove the file)') from None
+    return [torch.from_numpy(np.array(pixels)).permute(2, 0, 1).to(device)]
 
 
 class BadImages:
