@@ -267,25 +267,33 @@ def images_per_second_one_core(load, indices):
 
 
 def images_per_second_loader(dataset, collate_fn, train_args, args, device=None):
-    """Images/s of a DataLoader with --num_workers over the data set, after its first batch
-    (worker start-up); with a `device`, each batch's images are also put there as training does
-    (the nvjpeg pipeline decodes them there). returns: (images/s, images timed)"""
+    """Images/s of a DataLoader with --num_workers over the data set, in steady state: after the
+    batches its workers made while the first one was awaited (worker start-up), which arrive at
+    once; with a `device`, each batch's images are also put there as training does (the nvjpeg
+    pipeline decodes them there). returns: (images/s, images timed)"""
     train_args.batch_size = args.batch_size or 64
     train_args.num_workers, train_args.accum_iter = args.num_workers, 1
     loader = build_loader(dataset, SimpleNamespace(world_size=1, rank=0), train_args,
                           pin_memory=device is not None and device.type != 'cpu', collate_fn=collate_fn)
     loader.sampler.set_epoch(0)
-    batches = iter(loader)
-    if device is not None:
-        to_device(next(batches)[0], device.torch_device)  # also the decoder's start-up
-        device.synchronize()
-    else:
-        next(batches)
-    images, start = 0, time.perf_counter()
-    for batch in batches:
-        images += len(batch[0])
+    ready_early = 1 + args.num_workers * (loader.prefetch_factor or 0)
+    if len(loader) < ready_early + 2:
+        raise UsageError(f'the data set makes {len(loader)} batches of {train_args.batch_size}, too few to time after '
+                         f'the {ready_early} the workers have ready at the start: lower --batch_size or --num_workers')
+
+    def put(batch):
         if device is not None:
             to_device(batch[0], device.torch_device)
+        return len(batch[0])
+
+    batches = iter(loader)
+    for _ in range(ready_early):
+        put(next(batches))
+    if device is not None:
+        device.synchronize()
+    images, start = 0, time.perf_counter()
+    for batch in batches:
+        images += put(batch)
         if images >= args.images:
             break
     if device is not None:
@@ -311,7 +319,7 @@ def run_loader(args):
     workers = max(args.num_workers, 1)
     decoded = f', decoded, cropped and resized on {device_name(device)}' if device else ''
     print(f'  DataLoader, {args.num_workers} workers, batch {train_args.batch_size}{decoded}: {total:.1f} images/s in '
-          f'total, {total / workers:.1f} per worker ({timed} images after the first batch)', flush=True)
+          f'total, {total / workers:.1f} per worker ({timed} images after those ready at the start)', flush=True)
     figures = {'per_core': per_core, 'total': total}
     if args.compare_official:
         if is_synthetic(args.data_path):

@@ -136,8 +136,9 @@ def odd_images_folder(root):
 def test_nvjpeg_batches_are_the_tensor_paths(tmp_path):
     """The workers leave plain JPEGs encoded and decode the rest; JpegBatch decodes, crops and flips
     on the batch's device and puts every image back in its place: on the CPU (libjpeg-turbo, the
-    same kernels) the batches equal the tensor path's, byte for byte, the replaced truncated image
-    included."""
+    same decoder) the batches are the tensor path's within resampling rounding (a float resize
+    against the uint8 kernel's fixed-point one: about a fifth of the pixels 1 apart on JPEGs), the
+    replaced truncated image included."""
     root = str(tmp_path)
     for path, kind in odd_images_folder(tmp_path).items():
         if kind == 'truncated':
@@ -156,7 +157,9 @@ def test_nvjpeg_batches_are_the_tensor_paths(tmp_path):
         batches[pipeline] = [to_device(batch, torch.device('cpu')) for batch in loader]
     for tensor_batch, nvjpeg_batch in zip(*batches.values(), strict=True):
         assert nvjpeg_batch[0].shape == (6, 3, 32, 32) and nvjpeg_batch[0].dtype == torch.uint8
-        assert torch.equal(nvjpeg_batch[0], tensor_batch[0]) and torch.equal(nvjpeg_batch[1], tensor_batch[1])
+        difference = (nvjpeg_batch[0].float() - tensor_batch[0].float()).abs()
+        assert difference.max() <= MAX_DIFFERENCE and difference.mean() < 0.3
+        assert torch.equal(nvjpeg_batch[1], tensor_batch[1])
 
 
 class BadImagesStub:

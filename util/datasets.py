@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
@@ -118,15 +119,10 @@ class CropFlip:
         if isinstance(image, EncodedJpeg):
             return PendingCrop(image, (top, left, h, w), flip, self)
         if self.pipeline != 'pil':
-            return self.crop_tensor(image, (top, left, h, w), flip)
+            image = TF.resized_crop(image, top, left, h, w, self.size, interpolation=self.interpolation, antialias=True)
+            return TF.horizontal_flip(image) if flip else image
         image = transforms.functional.resized_crop(image, top, left, h, w, self.size, interpolation=self.interpolation)
         return self.to_float(transforms.functional.hflip(image) if flip else image)
-
-    def crop_tensor(self, image, box, flip):
-        """(3, H, W) uint8 -> (3, size, size) uint8: the crop `box` (top, left, height, width),
-        resized, then flipped if `flip`, on the image's device."""
-        image = TF.resized_crop(image, *box, self.size, interpolation=self.interpolation, antialias=True)
-        return TF.horizontal_flip(image) if flip else image
 
 
 class PendingCrop(NamedTuple):
@@ -140,15 +136,29 @@ class PendingCrop(NamedTuple):
 
 class JpegBatch:
     """A batch of the 'nvjpeg' pipeline, as the data loader hands it over: the JPEGs still to be
-    decoded (`PendingCrop`) and the images a worker had to decode itself (not plain JPEGs: already
-    cropped, (3, S, S) uint8). `to(device)` decodes the JPEGs there in one call (nvJPEG on a GPU),
-    crops, resizes and flips each, and returns the (N, 3, S, S) uint8 batch in sample order;
-    util.engine.to_device calls it, `normalize_images` then makes the model's input."""
+    decoded (from `PendingCrop`s) and the images a worker had to decode itself (not plain JPEGs:
+    already cropped, (3, S, S) uint8). `to(device)` decodes the JPEGs there in one call (nvJPEG on a
+    GPU), crops, resizes and flips them, and returns the (N, 3, S, S) uint8 batch in sample order;
+    util.engine.to_device calls it, `normalize_images` then makes the model's input.
+
+    The JPEGs' bytes travel as one tensor: a data-loader worker hands each tensor to the training
+    process through shared memory of its own, which costs more than reading the file. The resize
+    runs in float32 without rounding each image (one image's kernels are launched one by one: the
+    fewer the better), and the batch is flipped and rounded to uint8 at once (on the CPU, against
+    the tensor path's fixed-point uint8 resampling: at most 3 apart, 0.2 on average on
+    ImageNet-like JPEGs; on a GPU nvJPEG's decoding differs from libjpeg-turbo's more, see
+    docs/PERFORMANCE.md)."""
 
     def __init__(self, images):
         self.count = len(images)
-        self.pending = [(i, image) for i, image in enumerate(images) if isinstance(image, PendingCrop)]
+        pending = [(i, image) for i, image in enumerate(images) if isinstance(image, PendingCrop)]
         ready = [(i, image) for i, image in enumerate(images) if not isinstance(image, PendingCrop)]
+        self.pending_at = [i for i, _ in pending]
+        self.data = torch.cat([sample.jpeg.data for _, sample in pending]) if pending else None
+        self.jpeg_fields = [(len(s.jpeg.data), s.jpeg.height, s.jpeg.width, s.jpeg.path) for _, s in pending]
+        self.boxes = [sample.box for _, sample in pending]
+        self.flipped = [i for i, sample in pending if sample.flip]
+        self.crop = pending[0][1].crop if pending else None
         self.ready_at = [i for i, _ in ready]
         self.ready = torch.stack([image for _, image in ready]) if ready else None
 
@@ -165,15 +175,22 @@ class JpegBatch:
             self.ready = self.ready.pin_memory()
         return self
 
+    def jpegs(self):
+        lengths = [length for length, *_ in self.jpeg_fields]
+        return [EncodedJpeg(data, *fields) for data, (_, *fields) in zip(self.data.split(lengths), self.jpeg_fields)]
+
     def to(self, device, non_blocking=False):
-        size = self.pending[0][1].crop.size if self.pending else self.ready.shape[-2:]
-        batch = torch.empty((self.count, 3, *size), dtype=torch.uint8, device=device)
+        size = self.crop.size if self.crop is not None else list(self.ready.shape[-2:])
+        batch = torch.empty((self.count, 3, *size), dtype=torch.float32, device=device)
         if self.ready is not None:
-            batch[self.ready_at] = self.ready.to(device, non_blocking=non_blocking)
-        decoded = decode_jpegs_on([sample.jpeg for _, sample in self.pending], device) if self.pending else []
-        for (i, sample), image in zip(self.pending, decoded):
-            batch[i] = sample.crop.crop_tensor(image, sample.box, sample.flip)
-        return batch
+            batch[self.ready_at] = self.ready.to(device, non_blocking=non_blocking).float()
+        if self.data is not None:
+            for i, image, (top, left, h, w) in zip(self.pending_at, decode_jpegs_on(self.jpegs(), device), self.boxes):
+                crop = image[None, :, top:top + h, left:left + w].float()
+                batch[i] = F.interpolate(crop, size, mode=self.crop.interpolation.value, antialias=True)[0]
+            if self.flipped:
+                batch[self.flipped] = batch[self.flipped].flip(-1)
+        return batch.round_().clamp_(0, 255).to(torch.uint8)
 
 
 _MEAN_STD = {}  # device -> ImageNet's mean and std there, (3, 1, 1) each: copied to a device once

@@ -117,16 +117,40 @@ def read_jpeg_or_decode(path):
     return load_rgb_tensor(path)
 
 
+_DECODE_STREAMS = {}  # CUDA device -> the side stream that decode_jpegs_on decodes on
+
+
 def decode_jpegs_on(jpegs, device):
     """The images of a list of `EncodedJpeg`, decoded together on `device` (nvJPEG on a GPU; the
     CPU decodes them with libjpeg-turbo). A batch nvJPEG refuses is decoded one image at a time,
     and an image it refuses by Pillow on the host.
+
+    On a GPU the decoding runs with a stream of its own current: torchvision's decoder allocates
+    its output on the current stream but writes it from another stream that does not wait for
+    the current one, so on the training stream it could overwrite memory that queued kernels are
+    still to read (seen as a NaN loss; pytorch/vision#9606). The side stream's memory holds
+    decoded images only; the caller's stream waits for the decoding, and the images are marked
+    as in use there, so that their memory is not handed to the next batch's decoding too early.
     returns: [(3, H, W) uint8 on `device`]"""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return decode_jpegs_where_possible(jpegs, device)
+    current = torch.cuda.current_stream(device)
+    stream = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(stream):
+        images = decode_jpegs_where_possible(jpegs, device)
+    current.wait_stream(stream)
+    for image in images:
+        image.record_stream(current)
+    return images
+
+
+def decode_jpegs_where_possible(jpegs, device):
     try:
         return decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         if len(jpegs) > 1:
-            return [image for j in jpegs for image in decode_jpegs_on([j], device)]
+            return [image for j in jpegs for image in decode_jpegs_where_possible([j], device)]
     jpeg = jpegs[0]
     try:
         with Image.open(io.BytesIO(jpeg.data.numpy())) as img:
