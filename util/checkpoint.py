@@ -263,7 +263,13 @@ def load_pretrained(model, path, head_init_std=2e-5):
     A checkpoint whose weights do not fit the model is a UsageError naming the first mismatching keys.
     returns: a report {'loaded', 'missing', 'unexpected', 'dropped', 'resized'}
     """
-    state, dropped = encoder_of(dict(model_state_of(load(path), path)))
+    return load_pretrained_state(model, model_state_of(load(path), path), path, head_init_std)
+
+
+def load_pretrained_state(model, state, path, head_init_std=2e-5):
+    """load_pretrained from a state dict in memory (`path` names its source in messages): a
+    pre-training model's current weights become a classifier as its checkpoint file would."""
+    state, dropped = encoder_of(dict(state))
     pretrain_only = sorted(k for k in state if k.startswith(PRETRAIN_ONLY_PREFIXES) or k.startswith('head.'))
     for key in pretrain_only:
         del state[key]

@@ -110,6 +110,24 @@ def all_reduce_mean(tensor):
     return _all_reduce(tensor, dist.ReduceOp.SUM) / get_world_size()
 
 
+def all_gather_rows(tensor):
+    """The rows of `tensor` of every rank, concatenated in rank order (the tensor itself on a single
+    process). The ranks may hold different numbers of rows: each shard is padded to the longest
+    for the collective, then cut back. With Gloo the gathering goes through the CPU; the result is
+    on the tensor's device."""
+    if not is_dist_initialized():
+        return tensor
+    local = tensor.cpu() if dist.get_backend() == 'gloo' else tensor
+    counts = [torch.zeros(1, dtype=torch.int64, device=local.device) for _ in range(get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
+    counts = [int(c) for c in counts]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
+    padded[:len(local)] = local
+    shards = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(shards, padded)
+    return torch.cat([shard[:count] for shard, count in zip(shards, counts)]).to(tensor.device)
+
+
 def wrap_ddp(model, device):
     """DistributedDataParallel on one device per process; the model itself when not distributed."""
     if not is_dist_initialized():

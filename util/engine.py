@@ -315,6 +315,14 @@ def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, 
     return writer.save(files)
 
 
+def topk_correct(scores, labels):
+    """How many rows of `scores` (N, C) have their label first, and among the first five.
+    returns: (2,) int64 on the scores' device"""
+    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hits = top5 == labels[:, None]
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, precision, sum_over_ranks=True):
     """Top-1, top-5 accuracy (%) and mean cross-entropy over the loader's images, summed over all
@@ -332,9 +340,7 @@ def evaluate(model, loader, device, precision, sum_over_ranks=True):
         with device.autocast(precision):
             logits = model(images)
         logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == targets[:, None]
-        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        correct += topk_correct(logits, targets)
         loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction='sum')
         seen += len(targets)
     counts = torch.cat([correct, torch.tensor([seen], device=dev)])

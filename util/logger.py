@@ -65,6 +65,11 @@ class RunLogger:
                     self.writer.add_scalar(f'epoch/{key}', value, record['epoch'])
             self.writer.flush()
 
+    def log_evaluation(self, record):
+        """A record of an evaluation outside training (main_finetune --knn) appended to log.txt."""
+        if self.enabled:
+            self._append('log.txt', record)
+
     def log_image(self, tag, image, epoch):
         """image: (3, H, W) in [0, 1], to TensorBoard at the epoch (nothing without a log_dir)."""
         if self.writer is not None:

@@ -1,0 +1,154 @@
+"""How good are an encoder's frozen features? k-nearest neighbours and a linear probe.
+
+Both classify the validation images from features extracted once, with the evaluation
+transform, by an encoder that is not trained further:
+- k-NN (DINO's monitor): each validation feature takes the k training features of highest
+  cosine similarity, which vote for their classes with weight exp(similarity / T) (T = 0.07),
+  or one vote each (`majority`). Computed a chunk of queries at a time, each chunk's similarity
+  matrix about 1 GiB at most, so that ImageNet's 1.28 M training features fit.
+- The linear probe: multinomial logistic regression on the standardised features, trained to
+  convergence by L-BFGS over the whole training set (the features are cached: no augmentation,
+  no re-extraction per epoch), with scikit-learn's default L2 penalty (C = 1: |W|^2 / 2 against the
+  summed cross-entropy). Seconds on small sets; unlike MAE's --linprobe recipe (LARS, 90 epochs of
+  ImageNet), it does not depend on a long schedule to say what the features are worth.
+
+With several processes each rank extracts its shard of each split (util.datasets.ShardSampler);
+the training features are gathered on every rank, each rank classifies its own validation
+images, and the correct counts are summed: the accuracy is exact over the whole split.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from util import dist
+from util.engine import model_input, to_device, topk_correct
+
+TEMPERATURE = 0.07  # DINO's
+SIMILARITY_ELEMENTS = 2 ** 28  # floats in one chunk's (queries, training features) matrix: 1 GiB
+
+
+@torch.no_grad()
+def extract_features(model, loader, device, precision):
+    """The model's outputs for this rank's images (a classifier built with num_classes=0 gives its
+    pooled features), in float32 on the device.
+    returns: (features (N, D), labels (N,))"""
+    model.eval()
+    dev = device.torch_device
+    features, labels = [], []
+    for images, targets in loader:
+        with device.autocast(precision):
+            features.append(model(model_input(to_device(images, dev))).float())
+        labels.append(to_device(targets, dev))
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_votes(bank, bank_labels, queries, num_classes, k, temperature=TEMPERATURE):
+    """The class votes of each query's k most cosine-similar bank features: exp(similarity /
+    temperature) each, or 1 each with temperature None (a majority vote).
+    bank: (N, D), bank_labels: (N,), queries: (Q, D) -> (Q, num_classes) float32"""
+    bank = F.normalize(bank, dim=1)
+    k = min(k, len(bank))
+    votes = []
+    for chunk in queries.split(max(1, SIMILARITY_ELEMENTS // len(bank))):
+        similarity, nearest = (F.normalize(chunk, dim=1) @ bank.T).topk(k, dim=1)
+        weights = (similarity / temperature).exp() if temperature else torch.ones_like(similarity)
+        chunk_votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
+        votes.append(chunk_votes.scatter_add_(1, bank_labels[nearest], weights))
+    return torch.cat(votes)
+
+
+class LinearProbe(torch.nn.Module):
+    """A linear classifier on standardised features (the training features' mean and std)."""
+
+    def __init__(self, mean, std, num_classes):
+        super().__init__()
+        self.register_buffer('mean', mean)
+        self.register_buffer('std', std)
+        self.linear = torch.nn.Linear(len(mean), num_classes, device=mean.device)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features):
+        return self.linear((features - self.mean) / self.std)
+
+
+def train_linear_probe(features, labels, num_classes, max_iter=1000):
+    """Logistic regression to convergence: L-BFGS (strong Wolfe line search) from zero weights on
+    the mean cross-entropy + |W|^2 / (2 N), scikit-learn's LogisticRegression(C=1) objective divided
+    by N. The loss is summed a chunk of features at a time, so any number of features fits.
+    returns: (LinearProbe, its final training loss)"""
+    probe = LinearProbe(features.mean(0), features.std(0).clamp_min(1e-6), num_classes)
+    optimizer = torch.optim.LBFGS(probe.linear.parameters(), max_iter=max_iter, history_size=20,
+                                  line_search_fn='strong_wolfe', tolerance_grad=1e-6, tolerance_change=1e-10)
+    rows = max(1, SIMILARITY_ELEMENTS // 8 // num_classes)
+
+    def objective():
+        optimizer.zero_grad()
+        total = probe.linear.weight.square().sum() / (2 * len(features))
+        total.backward()
+        total = total.detach()
+        for chunk, chunk_labels in zip(features.split(rows), labels.split(rows)):
+            loss = F.cross_entropy(probe(chunk), chunk_labels, reduction='sum') / len(features)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+        loss = objective()
+    return probe, loss.item()
+
+
+@torch.no_grad()
+def evaluate_features(bank, bank_labels, queries, query_labels, num_classes, ks=(20,), probe=True):
+    """k-NN for each k in `ks` (weighted and majority) and the linear probe, for this rank's
+    validation features against the training features of all ranks (`bank`).
+    returns: {'knn{k}_acc1', 'knn{k}_acc5', 'knn{k}_majority_acc1', ..., 'probe_acc1', 'probe_acc5',
+    'probe_loss', 'images'}; the first k's weighted vote is also 'knn_acc1' and 'knn_acc5'"""
+    correct, names = [], []
+    for k in ks:
+        for suffix, temperature in (('', TEMPERATURE), ('_majority', None)):
+            correct.append(topk_correct(knn_votes(bank, bank_labels, queries, num_classes, k, temperature),
+                                        query_labels))
+            names.append(f'knn{k}{suffix}')
+    results = {}
+    if probe:
+        linear, results['probe_loss'] = train_linear_probe(bank, bank_labels, num_classes)
+        correct.append(topk_correct(linear(queries), query_labels))
+        names.append('probe')
+    counts = dist.all_reduce_sum(torch.cat([*correct, torch.tensor([len(queries)], device=queries.device)]))
+    counts = counts.tolist()
+    images = max(counts[-1], 1)
+    for i, name in enumerate(names):
+        results[f'{name}_acc1'], results[f'{name}_acc5'] = (100 * c / images for c in counts[2 * i:2 * i + 2])
+    results['knn_acc1'], results['knn_acc5'] = results[f'knn{ks[0]}_acc1'], results[f'knn{ks[0]}_acc5']
+    results['images'] = int(counts[-1])
+    return results
+
+
+def frozen_feature_accuracy(model, train_loader, val_loader, device, precision, num_classes, ks=(20,),
+                            probe=True):
+    """Extract the features of both splits with `model`, gather the training ones on every rank,
+    and evaluate them (`evaluate_features`); 'seconds' and 'train_images' are added."""
+    start = time.perf_counter()
+    bank, bank_labels = extract_features(model, train_loader, device, precision)
+    bank, bank_labels = dist.all_gather_rows(bank), dist.all_gather_rows(bank_labels)
+    queries, query_labels = extract_features(model, val_loader, device, precision)
+    results = evaluate_features(bank, bank_labels, queries, query_labels, num_classes, ks, probe)
+    results.update(train_images=len(bank), feature_dim=bank.shape[1], seconds=round(time.perf_counter() - start, 1))
+    return results
+
+
+def print_results(results, ks):
+    """Lines in the `* Acc@1 X Acc@5 Y` format of evaluation, one per classifier."""
+    print(f"frozen features ({results['feature_dim']}-d) of {results['train_images']} training images, "
+          f"{results['images']} validation images, {results['seconds']:.1f} s:")
+    for k in ks:
+        print(f"* Acc@1 {results[f'knn{k}_acc1']:.3f} Acc@5 {results[f'knn{k}_acc5']:.3f}  "
+              f"k-NN, k={k}, votes weighted by exp(cos / {TEMPERATURE})")
+        print(f"* Acc@1 {results[f'knn{k}_majority_acc1']:.3f} Acc@5 {results[f'knn{k}_majority_acc5']:.3f}  "
+              f"k-NN, k={k}, majority vote")
+    if 'probe_acc1' in results:
+        print(f"* Acc@1 {results['probe_acc1']:.3f} Acc@5 {results['probe_acc5']:.3f}  linear probe "
+              f"(logistic regression to convergence, training loss {results['probe_loss']:.4f})")
