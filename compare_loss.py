@@ -45,9 +45,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from util.errors import UsageError
 
-class UnusableInput(Exception):
-    """The comparison cannot be made (exit 2): the message says what is wrong and what to do."""
+
+class UnusableInput(UsageError):
+    """The comparison cannot be made: the message says what is wrong and what to do. A UsageError,
+    so that it ends with the exit status of bad input (2) like the UsageErrors of util.plots."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,12 +346,8 @@ def check_args(args):
     if args.smooth is not None and args.smooth < 1:
         raise UnusableInput(f'--smooth must be >= 1, got {args.smooth}')
     if args.plot:
-        from util.errors import UsageError
         from util.plots import check_plot_path
-        try:
-            check_plot_path(args.plot)
-        except UsageError as e:
-            raise UnusableInput(str(e)) from None
+        check_plot_path(args.plot)
 
 
 def report(args, cand, ref, cand_format, ref_format, steps, result):
@@ -385,19 +384,15 @@ def main(argv=None):
             print(f'note: the candidate loss is {cand[elsewhere[0]]} at step {elsewhere[0]}, '
                   f'outside the compared steps')
         if args.plot:
-            from util.errors import UsageError
             from util.plots import draw_loss_comparison
             smooth_k = args.smooth or max(1, len(steps) // 50)
-            try:
-                draw_loss_comparison(args.plot, result, args.candidate, args.reference, smooth_k)
-            except UsageError as e:
-                raise UnusableInput(str(e)) from None
+            draw_loss_comparison(args.plot, result, args.candidate, args.reference, smooth_k)
             print(f'plot: {args.plot}')
         print(result.rule)
         return 0 if result.passed else 1
-    except UnusableInput as e:
+    except UsageError as e:  # not run_cli: main returns its exit status (0 pass, 1 fail, 2 unusable input)
         print(f'error: {e}', file=sys.stderr, flush=True)
-        return 2
+        return e.exit_code
 
 
 if __name__ == '__main__':

@@ -30,7 +30,7 @@ from util.export import register_timm_encoder, timm_model_like
 from util.layers import apply_blocks
 from util.masking import UniformNoise
 from util.pos_embed import get_2d_sincos_pos_embed
-from util.registry import register_pretrain_model, supervised_recipe
+from util.registry import file_only_cfg, register_pretrain_model, supervised_recipe
 
 
 def relative_position_index(grid):
@@ -409,10 +409,7 @@ HIVIT_SIZES = {
     'hivit_tiny_patch8_64': dict(img_size=64, patch_size=8, embed_dim=192, depths=(1, 1, 10), num_heads=3),
 }
 
-# No weights to download: `pretrained=True` needs a file (pretrained_cfg_overlay=dict(file=...)).
-default_cfgs = generate_default_cfgs({
-    name: dict(input_size=(3, arch['img_size'], arch['img_size']), num_classes=1000, first_conv='patch_embed.proj',
-               classifier='head') for name, arch in HIVIT_SIZES.items()})
+default_cfgs = generate_default_cfgs({name: file_only_cfg(arch['img_size']) for name, arch in HIVIT_SIZES.items()})
 
 
 # The official supervised recipe (Swin's training code and configs): lr 1e-3 at batch 1024 (5e-4 per

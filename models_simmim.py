@@ -33,7 +33,7 @@ from util.layers import apply_blocks
 from util.masking import MaskPatches, batch_masks, pixel_mask
 from util.pictures import reconstruction_panels
 from util.optim import register_layer_ids
-from util.registry import register_checkpoint_identifier, register_pretrain_model
+from util.registry import file_only_cfg, register_checkpoint_identifier, register_pretrain_model
 
 
 class SwinEncoder(timm_swin.SwinTransformer):
@@ -397,16 +397,11 @@ def simmim_vit_tiny_patch8_64(**kwargs):
 # BEiT classifier: a relative position table per block (each a copy of the shared one when
 # loading), layer scale, mean pooling and fc_norm: timm's beit_base_patch16_224.
 
-def _cfg(size, classifier):
-    """No weights to download: `pretrained=True` needs a file (pretrained_cfg_overlay=dict(file=...))."""
-    return dict(input_size=(3, size, size), num_classes=1000, first_conv='patch_embed.proj', classifier=classifier)
-
-
 default_cfgs = generate_default_cfgs({
-    'swin_base_patch4_window6_192': _cfg(192, 'head.fc'),
-    'swin_large_patch4_window14_224': _cfg(224, 'head.fc'),
-    'swin_tiny_patch4_window4_64': _cfg(64, 'head.fc'),
-    'beit_tiny_patch8_64': _cfg(64, 'head'),
+    'swin_base_patch4_window6_192': file_only_cfg(192, classifier='head.fc'),
+    'swin_large_patch4_window14_224': file_only_cfg(224, classifier='head.fc'),
+    'swin_tiny_patch4_window4_64': file_only_cfg(64, classifier='head.fc'),
+    'beit_tiny_patch8_64': file_only_cfg(64),
 })
 
 

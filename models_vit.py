@@ -18,19 +18,14 @@ from timm.models import vision_transformer as timm_vit
 from timm.models.vision_transformer import VisionTransformer
 
 from util.export import timm_model_like
-
-
-def _cfg(**kwargs):
-    """No weights to download: `pretrained=True` needs a file (pretrained_cfg_overlay=dict(file=...))."""
-    return {**dict(num_classes=1000, input_size=(3, 224, 224), first_conv='patch_embed.proj', classifier='head'),
-            **kwargs}
+from util.registry import file_only_cfg
 
 
 # the image size each classifier is built for (main_finetune.py's default --input_size)
 default_cfgs = generate_default_cfgs({
-    'vit_tiny_patch8': _cfg(input_size=(3, 64, 64)),
-    'vit_tiny_patch16': _cfg(), 'vit_small_patch16': _cfg(), 'vit_base_patch16': _cfg(),
-    'vit_large_patch16': _cfg(), 'vit_huge_patch14': _cfg(),
+    'vit_tiny_patch8': file_only_cfg(64),
+    'vit_tiny_patch16': file_only_cfg(), 'vit_small_patch16': file_only_cfg(), 'vit_base_patch16': file_only_cfg(),
+    'vit_large_patch16': file_only_cfg(), 'vit_huge_patch14': file_only_cfg(),
 })
 
 

@@ -4,8 +4,8 @@ Pre-training models: each model file decorates its factories with `register_pret
 which also records the published recipes of the model (the defaults of the entry points and of
 the ModelZoo scripts); `create_pretrain_model` imports the model files (so the decorators run)
 and builds a model by its official name or an alias. Classifiers are timm models: the model files register theirs
-with timm, and `create_classifier` builds any timm model by name. An unknown name is a
-`UsageError` that lists the closest known names.
+with timm (their pretrained cfgs made by `file_only_cfg`), and `create_classifier` builds any timm
+model by name. An unknown name is a `UsageError` that lists the closest known names.
 """
 import difflib
 import importlib
@@ -61,6 +61,14 @@ def supervised_recipe_of(name):
     """The published from-scratch recipe of a classifier (a copy; {} when none is published)."""
     import_model_files()
     return dict(_SUPERVISED_RECIPES.get(name, {}))
+
+
+def file_only_cfg(img_size=224, classifier='head'):
+    """The timm pretrained cfg of a classifier of a model file. There are no weights to download:
+    `pretrained=True` needs a file (pretrained_cfg_overlay=dict(file=...)). The input size is the
+    image size the classifier is built for (main_finetune.py's default --input_size)."""
+    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv='patch_embed.proj',
+                classifier=classifier)
 
 
 def register_checkpoint_identifier(identify):
