@@ -6,6 +6,7 @@ group; every helper here works in both cases.
 """
 import builtins
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -55,8 +56,15 @@ def init_process_group(world, device, timeout_minutes=30):
 
 
 def destroy_process_group():
+    """Leave the process group once every rank is done with it, and free what it left behind
+    while the interpreter is still whole: objects of the last collectives, kept alive by reference
+    cycles until the interpreter's finalisation, were destroyed there by Gloo's threads, which
+    then aborted the process after its work was done ("terminate called without an active
+    exception", in 1 of 8 two-process runs of main_finetune --knn; none in 24 with the collection)."""
     if is_dist_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def print_only_on_main_process(is_main):
