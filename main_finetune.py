@@ -36,7 +36,7 @@ from util import checkpoint, dist
 from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build_finetune_train_folder,
                            build_image_folder, build_loader, eval_transform)
 from util.engine import evaluate, train
-from util.feature_eval import frozen_feature_accuracy, print_results
+from util.feature_eval import add_knn_k_argument, feature_loaders, frozen_feature_accuracy, print_results
 from util.errors import UsageError, run_cli
 from util.flops import FlopRate, example_batch
 from util.images import BadImages
@@ -114,9 +114,7 @@ def get_args_parser():
                              'convergence on the cached features (logistic regression, L-BFGS). Seconds on small '
                              'sets, a feature pass over the data set on ImageNet; where --linprobe\'s 90-epoch '
                              'ImageNet recipe is too long to converge, this says what the features are worth')
-    parser.add_argument('--knn_k', type=int, nargs='+', default=[20],
-                        help='neighbours of --knn and --knn_freq; several give one result each, the first is '
-                             'knn_acc1 (default: %(default)s; DINO reports 10 20 100 200)')
+    add_knn_k_argument(parser)
     parser.add_argument('--dist_eval', default=True, action=argparse.BooleanOptionalAction,
                         help='each process evaluates its own share of the validation images (exact: no padding)')
     parser.add_argument('--model_ema', action='store_true', help='keep an exponential moving average of the weights')
@@ -185,8 +183,6 @@ def check_args(args):
     if args.knn and (args.eval or args.linprobe):
         raise UsageError('--knn evaluates the frozen features of --finetune\'s encoder by itself: leave out '
                          f'{"--eval" if args.eval else "--linprobe"}')
-    if min(args.knn_k) < 1:
-        raise UsageError(f'--knn_k must be 1 or more, got {min(args.knn_k)}')
 
 
 def mixup_active(args):
@@ -308,12 +304,10 @@ def run_eval(args, model, loader, device, precision):
 def run_knn(args, world, device, precision, pin_memory):
     """--knn: the frozen features' k-NN and linear-probe accuracy (util.feature_eval), printed
     and appended to log.txt. returns: the results"""
-    loaders = [build_eval_loader(SeededSamples(build_image_folder(args.data_path, split, eval_transform(args.input_size)),
-                                               args.seed), world, args, pin_memory, distributed=True)
-               for split in ('train', 'val')]
-    num_classes = args.nb_classes or len(loaders[0].dataset.dataset.classes)
+    train_loader, val_loader, num_classes = feature_loaders(args, world, pin_memory)
+    torch.manual_seed(args.seed)  # without --finetune: the same random encoder on every rank, in every run
     model = build_model(args, num_classes=0, resuming=False).to(device.torch_device)
-    results = frozen_feature_accuracy(model, *loaders, device, precision, num_classes, args.knn_k)
+    results = frozen_feature_accuracy(model, train_loader, val_loader, device, precision, num_classes, args.knn_k)
     print_results(results, args.knn_k)
     RunLogger(args.output_dir, None, enabled=dist.is_main_process()).log_evaluation(
         {**results, 'model': args.model, 'weights': args.finetune or 'random initialisation'})

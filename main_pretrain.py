@@ -21,6 +21,7 @@ from util.datasets import INPUT_PIPELINES, EpochSampler, JpegBatch, build_loader
 from util.images import BadImages
 from util.engine import train
 from util.errors import UsageError, run_cli
+from util.feature_eval import KnnMonitor, add_knn_k_argument, feature_loaders
 from util.flops import FlopRate, example_batch
 from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, fingerprint,
                          print_outputs, resume_training, set_learning_rate, start_run)
@@ -77,6 +78,12 @@ def get_args_parser():
                              'few cores to decode (CUDA; on the CPU the training process decodes) (default: tensor; '
                              'pil with --align, whose pixels do not depend on the CPU)')
     add_run_args(parser)
+    parser.add_argument('--knn_freq', default=0, type=int,
+                        help='every N epochs and at the last, the k-NN accuracy of the encoder\'s features on val/, '
+                             'with train/ as the reference (knn_acc1 in log.txt, log.jsonl and TensorBoard): a curve '
+                             'of what the representation is worth. Each costs a forward pass over train/ and val/ '
+                             '(seconds on the demo, minutes on ImageNet: knn_seconds says) (default: 0, off)')
+    add_knn_k_argument(parser)
     parser.add_argument('--vis_freq', default=None, type=int,
                         help=f'every N epochs and at the last, reconstructions of {VIS_IMAGES} fixed val/ images go to '
                              f'TensorBoard (default: --save_freq; 0: never)')
@@ -136,6 +143,18 @@ def check_input_pipeline(args, device):
                          'reproduce: leave it out under --align (pil)')
 
 
+def after_each_epoch(*hooks):
+    """One after_epoch hook running the given ones (None: absent) and merging their results."""
+    hooks = [hook for hook in hooks if hook is not None]
+
+    def run(epoch, stats):
+        results = {}
+        for hook in hooks:
+            results.update(hook(epoch, stats))
+        return results
+    return run if hooks else None
+
+
 def main(args):
     recipe = fill_recipe(args)
     if args.align:
@@ -176,10 +195,15 @@ def main(args):
         images = eval_images(args.data_path, VIS_IMAGES, args.input_size)
         every = args.save_freq if args.vis_freq is None else args.vis_freq
         monitor = ReconstructionMonitor(model, mask_generator, images.to(device.torch_device), logger, every, args.epochs)
+    knn = None
+    if args.knn_freq != 0:
+        train_loader, val_loader, num_classes = feature_loaders(args, world, args.pin_mem and device.type != 'cpu')
+        knn = KnnMonitor(model, (train_loader, val_loader), device, precision, num_classes, args.knn_k,
+                         args.knn_freq, args.epochs, logger, progress)
     start_time = time.time()
     stats = train(model_ddp, model, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
-                  start_epoch=start_epoch, start_iter=start_iter, progress=progress, after_epoch=monitor,
-                  flop_rate=flop_rate)
+                  start_epoch=start_epoch, start_iter=start_iter, progress=progress,
+                  after_epoch=after_each_epoch(monitor, knn), flop_rate=flop_rate)
     logger.close()
     print_outputs(args, stats, time.time() - start_time, dataset.bad_images)
     dist.destroy_process_group()

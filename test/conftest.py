@@ -33,3 +33,21 @@ def small_folder(demo_root, tmp_path_factory):
             for name in sorted(os.listdir(src))[:count]:
                 shutil.copy(os.path.join(src, name), dst / name)
     return str(root)
+
+
+@pytest.fixture(scope='session')
+def demo_finetuning(demo_root, tmp_path_factory):
+    """The README pipeline, shortened, run once: one epoch of MAE pre-training of mae_vit_tiny on
+    the demo set, then two epochs fine-tuning its encoder as vit_tiny_patch8 (no warm-up, a
+    gentler layer decay than the README's). returns: (pre-training folder, fine-tuning folder)"""
+    from helpers import run_finetune, run_pretrain
+    root = tmp_path_factory.mktemp('demo_finetuning')
+    run_pretrain('--model', 'mae_vit_tiny', '--input_size', 64, '--num_workers', 0, '--device', 'cpu',
+                 '--data_path', 'demo', '--batch_size', 64, '--epochs', 1, '--warmup_epochs', 0, '--blr', 1.5e-3,
+                 '--output_dir', root / 'pretrain')
+    run_finetune('--model', 'vit_tiny_patch8', '--input_size', 64, '--num_workers', 0, '--device', 'cpu',
+                 '--data_path', 'demo', '--finetune', root / 'pretrain' / 'checkpoint-last.pth',
+                 '--batch_size', 64, '--blr', 2e-3, '--layer_decay', 0.9, '--aa', 'none', '--reprob', 0,
+                 '--mixup', 0, '--cutmix', 0, '--crop_min', 0.4, '--epochs', 2, '--warmup_epochs', 0,
+                 '--log_freq', 10, '--output_dir', root / 'finetune')
+    return root / 'pretrain', root / 'finetune'

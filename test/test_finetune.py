@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers import read_jsonl, run_finetune, run_pretrain, run_script
+from helpers import read_jsonl, run_finetune, run_script
 from util import checkpoint
 from util.errors import UsageError
 
@@ -119,22 +119,15 @@ def test_mixup_targets_are_smoothed_mixtures_and_seeded_per_batch():
     assert len(mixes) > 1  # other seeds, other mixes
 
 
-def test_finetuning_a_demo_pretraining_beats_chance(demo_root, tmp_path):
-    """The README pipeline, shortened: MAE pre-training on the demo set, then fine-tuning its
-    encoder; the 10-class validation accuracy must be far above chance: 10 % +- 1.3 % (one
-    standard deviation of guessing on 500 images), so more than 20 %."""
-    run_pretrain('--model', 'mae_vit_tiny', '--input_size', 64, '--num_workers', 0, '--device', 'cpu',
-                 '--data_path', 'demo', '--batch_size', 64, '--epochs', 1, '--warmup_epochs', 0, '--blr', 1.5e-3,
-                 '--output_dir', tmp_path / 'pretrain')
-    # two epochs without warm-up and a gentler layer decay: 25.4 % when measured (3 epochs as in the
-    # README with a warm-up epoch: 25.0 %)
-    run_finetune(*TINY, '--data_path', 'demo', '--finetune', tmp_path / 'pretrain' / checkpoint.LAST,
-                 *DEMO_FINETUNE, '--layer_decay', 0.9, '--epochs', 2, '--warmup_epochs', 0, '--log_freq', 10,
-                 '--output_dir', tmp_path / 'finetune')
-    epochs = read_jsonl(tmp_path / 'finetune' / 'log.txt')
+def test_finetuning_a_demo_pretraining_beats_chance(demo_finetuning):
+    """The README pipeline, shortened (conftest's demo_finetuning): the 10-class validation accuracy
+    must be far above chance: 10 % +- 1.3 % (one standard deviation of guessing on 500 images), so
+    more than 20 % (25.4 % when measured; 3 epochs as in the README with a warm-up epoch: 25.0 %)."""
+    _, finetuning = demo_finetuning
+    epochs = read_jsonl(finetuning / 'log.txt')
     assert [r['epoch'] for r in epochs] == [0, 1]
     assert epochs[-1]['test_acc1'] > 20, epochs
-    assert os.path.isfile(tmp_path / 'finetune' / checkpoint.BEST)
+    assert os.path.isfile(finetuning / checkpoint.BEST)
 
 
 def test_linear_probe_trains_only_the_head(small_folder, tmp_path):

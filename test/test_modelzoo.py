@@ -90,21 +90,31 @@ def check_case(launch, output_dir, case_name, batch_size, accum_iter, nproc, fin
     return summary
 
 
-def test_pretrain_performance_1p(demo_root, tmp_path):
-    launch = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=12', '--log_freq=3', '--peak_tflops=0.5',
+def test_pretrain_performance_1p_then_a_short_launch_starts_afresh(demo_root, tmp_path):
+    # 8 steps: a log every 2 steps, so that the first interval (start-up) can be left out
+    launch = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=8', '--peak_tflops=0.5',
                       f'--output_dir={tmp_path}')
-    summary = check_case(launch, tmp_path, 'mae_vit_tiny_pretrain_bs16_1p_perf', 16, 1, 1, finetune=False)
+    case = 'mae_vit_tiny_pretrain_bs16_1p_perf'
+    summary = check_case(launch, tmp_path, case, 16, 1, 1, finetune=False)
     assert summary['Network'] == 'mae_vit_tiny_pretrain'
+    assert [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')] == [2, 4, 6, 8]
+    assert 'note: this launch logged one interval' not in launch.stdout
     # MFU: the last epoch's, against the peak given (no CPU has one in util.flops)
-    assert summary['MFU'] == f"{read_jsonl(tmp_path / summary['CaseName'] / 'log.txt')[-1]['train_mfu']:.4f}"
+    assert summary['MFU'] == f"{read_jsonl(tmp_path / case / 'log.txt')[-1]['train_mfu']:.4f}"
     assert re.search(r'^Final MFU : [0-9.]+$', launch.stdout, re.MULTILINE)
-    assert [r['step'] for r in read_jsonl(tmp_path / summary['CaseName'] / 'log.jsonl')] == [3, 6, 9, 12]
     # the console the script wrote is a loss log that compare_loss.py lines up with log.jsonl
-    result = run_script(sys.executable, 'compare_loss.py', tmp_path / 'train_mae_vit_tiny_pretrain_bs16_1p_perf.log',
-                        tmp_path / 'mae_vit_tiny_pretrain_bs16_1p_perf' / 'log.jsonl')
+    result = run_script(sys.executable, 'compare_loss.py', tmp_path / f'train_{case}.log', tmp_path / case / 'log.jsonl')
     assert result.returncode == 0 and 'steps: 4 compared' in result.stdout
     mean_relative_error = re.search(r'^MeanRelativeError: (\S+)$', result.stdout, re.MULTILINE).group(1)
     assert float(mean_relative_error) == pytest.approx(0, abs=1e-6)
+
+    # a performance run starts afresh in the same folder; asked for one interval only, its figure
+    # holds the start-up, and the script says so
+    out, _ = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=3', '--log_freq=5', f'--output_dir={tmp_path}')
+    assert 'note: this launch logged one interval only' in out
+    assert [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')] == [3]
+    with open(tmp_path / f'train_{case}.log') as f:
+        assert f.read().count('train.loss : ') == 1
 
 
 def test_pretrain_performance_8p_with_two_processes_from_the_test_folder(demo_root, tmp_path):
@@ -145,28 +155,6 @@ def test_finetune_performance_scripts(demo_root, tmp_path):
     launch = run_case('finetune_performance_8p.sh', *FINETUNE, '--nproc=2', '--max_steps=4', '--log_freq=2',
                       f'--output_dir={tmp_path}')
     check_case(launch, tmp_path, 'vit_tiny_patch8_finetune_bs16_2p_perf', 16, 1, 2, finetune=True)
-
-
-def test_a_performance_run_starts_afresh(demo_root, tmp_path):
-    case = 'mae_vit_tiny_pretrain_bs16_1p_perf'
-    for _ in range(2):
-        out, _ = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=2', '--log_freq=1',
-                          f'--output_dir={tmp_path}')
-    assert [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')] == [1, 2]
-    with open(tmp_path / f'train_{case}.log') as f:
-        assert f.read().count('train.loss : ') == 2
-    assert 'note: this launch logged one interval' not in out
-
-
-def test_short_performance_runs_log_often_enough_for_a_steady_state(demo_root, tmp_path):
-    # 8 steps: a log every 2 steps, so that the first interval (start-up) can be left out
-    launch = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=8', f'--output_dir={tmp_path}')
-    case = 'mae_vit_tiny_pretrain_bs16_1p_perf'
-    assert [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')] == [2, 4, 6, 8]
-    check_case(launch, tmp_path, case, 16, 1, 1, finetune=False)
-    # asked for one interval only, the figure holds the start-up, and the script says so
-    out, _ = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=3', '--log_freq=5', f'--output_dir={tmp_path}')
-    assert 'note: this launch logged one interval only' in out
 
 
 @pytest.mark.parametrize('script, args, message', [

@@ -270,7 +270,7 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                 stats.update(after_epoch(epoch, stats))
             save(epoch, stats)
             logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
-                              **{k: v for k, v in stats.items() if k.startswith('test_')},
+                              **{k: v for k, v in stats.items() if k.startswith(('test_', 'knn_'))},
                               'epoch': epoch, 'step': progress.step,
                               **(flop_rate.fields(stats['ips'], prefix='train_') if flop_rate else {}),
                               'epoch_seconds': round(time.perf_counter() - epoch_start, 1),

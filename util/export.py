@@ -94,11 +94,17 @@ def pretrained_encoder(ckpt, path, name):
     model = create_pretrain_model(name, **arch)
     state = in_model_layout(model, dict(model_state_of(ckpt, path)), path)  # official layouts (SimMIM, HiViT)
     load_weights(model, state, path, optional=PRETRAIN_ONLY_PREFIXES)  # an encoder-only release has no decoder
+    timm_name, kwargs, weights = timm_encoder_of(model)
+    return (timm_name, kwargs, 0), weights, f'the encoder of {name}'
+
+
+def timm_encoder_of(model):
+    """The encoder of a pre-training model as a timm model, by the function its model file
+    registered. returns: (timm name, create_model keywords, state dict)"""
     export = next((_TIMM_ENCODERS[c] for c in type(model).__mro__ if c in _TIMM_ENCODERS), None)
     if export is None:
-        raise UsageError(f'{name} has no timm form registered for its encoder')
-    timm_name, kwargs, weights = export(model)
-    return (timm_name, kwargs, 0), weights, f'the encoder of {name}'
+        raise UsageError(f'{type(model).__name__} has no timm form registered for its encoder')
+    return export(model)
 
 
 def fold_probe_head(state, head):

@@ -12,6 +12,10 @@ transform, by an encoder that is not trained further:
   summed cross-entropy). Seconds on small sets; unlike MAE's --linprobe recipe (LARS, 90 epochs of
   ImageNet), it does not depend on a long schedule to say what the features are worth.
 
+During pre-training, `KnnMonitor` (main_pretrain --knn_freq) measures the k-NN accuracy of the
+encoder's current weights every few epochs: a curve of what the representation is worth, which
+the reconstruction loss does not give.
+
 With several processes each rank extracts its shard of each split (util.datasets.ShardSampler);
 the training features are gathered on every rank, each rank classifies its own validation
 images, and the correct counts are summed: the accuracy is exact over the whole split.
@@ -22,10 +26,32 @@ import torch
 import torch.nn.functional as F
 
 from util import dist
+from util.checkpoint import load_pretrained_state
+from util.datasets import SeededSamples, build_eval_loader, build_image_folder, eval_transform
 from util.engine import model_input, to_device, topk_correct
+from util.errors import UsageError
+from util.export import timm_encoder_of
+from util.registry import create_classifier
 
 TEMPERATURE = 0.07  # DINO's
 SIMILARITY_ELEMENTS = 2 ** 28  # floats in one chunk's (queries, training features) matrix: 1 GiB
+
+
+def add_knn_k_argument(parser):
+    parser.add_argument('--knn_k', type=int, nargs='+', default=[20],
+                        help='neighbours of the k-NN evaluation; several give one result each, the first is '
+                             'knn_acc1 (default: %(default)s; DINO reports 10 20 100 200)')
+
+
+def feature_loaders(args, world, pin_memory):
+    """Loaders of train/ and val/ under the evaluation transform (--input_size), each rank its
+    shard. returns: (train loader, val loader, number of classes: --nb_classes or train/'s)"""
+    if min(args.knn_k) < 1 or getattr(args, 'knn_freq', 0) < 0:
+        raise UsageError(f'--knn_k must be 1 or more (got {" ".join(map(str, args.knn_k))}) and --knn_freq 0 or more')
+    loaders = [build_eval_loader(SeededSamples(build_image_folder(args.data_path, split, eval_transform(args.input_size)),
+                                               args.seed), world, args, pin_memory, distributed=True)
+               for split in ('train', 'val')]
+    return (*loaders, getattr(args, 'nb_classes', None) or len(loaders[0].dataset.dataset.classes))
 
 
 @torch.no_grad()
@@ -152,3 +178,39 @@ def print_results(results, ks):
     if 'probe_acc1' in results:
         print(f"* Acc@1 {results['probe_acc1']:.3f} Acc@5 {results['probe_acc5']:.3f}  linear probe "
               f"(logistic regression to convergence, training loss {results['probe_loss']:.4f})")
+
+
+def encoder_as_classifier(model):
+    """The encoder of a pre-training model, with its current weights, as main_finetune --knn sees a
+    checkpoint of it: the timm model its model file exports the encoder to (util.export), without
+    a head, average-pooled (main_finetune's default --global_pool), loaded as --finetune loads."""
+    name, kwargs, state = timm_encoder_of(model)
+    classifier = create_classifier(name, num_classes=0, **{**kwargs, 'global_pool': 'avg'})
+    load_pretrained_state(classifier, state, 'the weights being pre-trained')
+    return classifier
+
+
+class KnnMonitor:
+    """Pre-training: every `every` epochs and at the last, the k-NN accuracy (first of `ks`,
+    weighted vote) of the encoder's current weights on val/, with train/ as the reference, under
+    the evaluation transform. Called as the loop's after_epoch hook on every rank; returns
+    knn_acc1, knn_acc5 and knn_seconds for log.txt (and TensorBoard's epoch scalars), and appends
+    them to log.jsonl at the global step."""
+
+    def __init__(self, model, loaders, device, precision, num_classes, ks, every, epochs, logger, progress):
+        self.model, self.loaders, self.device, self.precision = model, loaders, device, precision
+        self.num_classes, self.ks, self.every, self.epochs = num_classes, ks, every, epochs
+        self.logger, self.progress = logger, progress
+
+    def __call__(self, epoch, stats):
+        if not self.every or (epoch % self.every and epoch + 1 != self.epochs):
+            return {}
+        classifier = encoder_as_classifier(self.model).to(self.device.torch_device)
+        results = frozen_feature_accuracy(classifier, *self.loaders, self.device, self.precision, self.num_classes,
+                                          self.ks[:1], probe=False)
+        values = {'knn_acc1': results['knn_acc1'], 'knn_acc5': results['knn_acc5'], 'knn_seconds': results['seconds']}
+        print(f"k-NN accuracy of the encoder after epoch {epoch}: top-1 {values['knn_acc1']:.2f}%, top-5 "
+              f"{values['knn_acc5']:.2f}% (k={self.ks[0]}, {results['train_images']} training images, "
+              f"{values['knn_seconds']:.1f} s)")
+        self.logger.log_values({'epoch': epoch, 'step': self.progress.step, **values})
+        return values

@@ -65,6 +65,12 @@ class RunLogger:
                     self.writer.add_scalar(f'epoch/{key}', value, record['epoch'])
             self.writer.flush()
 
+    def log_values(self, record):
+        """A record of values measured at a step other than the loss (the k-NN monitor's), appended
+        to log.jsonl; readers of the loss skip it."""
+        if self.enabled:
+            self._append('log.jsonl', record)
+
     def log_evaluation(self, record):
         """A record of an evaluation outside training (main_finetune --knn) appended to log.txt."""
         if self.enabled:
