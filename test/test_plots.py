@@ -112,6 +112,17 @@ def test_accuracy_panel_when_a_run_has_test_acc1(tmp_path):
     assert not len(color_pixels(png, plots.RUN_COLORS[1], acc_box)[0])
 
 
+def test_a_pretraining_runs_knn_curve_is_its_accuracy(tmp_path):
+    """main_pretrain --knn_freq writes knn_acc1 at some epochs of log.txt: those are the run's
+    accuracy curve (a fine-tuning run's test_acc1 comes first where a log has both)."""
+    pretrain = write_run(tmp_path / 'pretrain', loss_curve(1.5), schedule(5e-4))
+    with open(pretrain / 'log.txt', 'w') as f:
+        for epoch in range(5):
+            f.write(json.dumps({'train_loss': 1.0, 'epoch': epoch, **({'knn_acc1': 20.0 + epoch} if epoch % 2 == 0
+                                                                       else {})}) + '\n')
+    assert plots.read_run(str(pretrain)).acc1 == {0: 20.0, 2: 22.0, 4: 24.0}
+
+
 def test_errors_are_one_line_usage_errors(tmp_path):
     run = write_run(tmp_path / 'run1', loss_curve(1.0), schedule(1e-3))
     empty = tmp_path / 'empty'

@@ -170,11 +170,12 @@ class Run:
     name: str          # the run's folder as given (or the log file's path when it is not a log.jsonl)
     loss: dict         # {step: loss} from log.jsonl
     lr: dict           # {step: lr} from log.jsonl
-    acc1: dict         # {epoch: test_acc1} from log.txt beside it (fine-tuning); {} when none
+    acc1: dict         # {epoch: top-1} from log.txt beside it: test_acc1 (fine-tuning), else knn_acc1
+                       # (pre-training with --knn_freq); {} when neither
 
 
 def read_run(path):
-    """A run's curves from its folder (its log.jsonl, and log.txt's test_acc1 when there is one)
+    """A run's curves from its folder (its log.jsonl, and log.txt's test_acc1 or knn_acc1 if any)
     or from the log.jsonl path itself. A resumed run's steps logged again: the later value wins.
     Raises UsageError for a folder without log.jsonl, an unreadable file or one without losses."""
     from compare_loss import parse_jsonl  # the one log.jsonl reader (compare_loss imports no torch)
@@ -196,7 +197,9 @@ def read_run(path):
     acc1 = {}
     log_txt = os.path.join(folder, 'log.txt')
     if os.path.isfile(log_txt):
-        acc1 = parse_jsonl(read_text(log_txt), value='test_acc1', position='epoch') or {}
+        epochs = read_text(log_txt)
+        acc1 = (parse_jsonl(epochs, value='test_acc1', position='epoch') or
+                parse_jsonl(epochs, value='knn_acc1', position='epoch') or {})
     return Run(name, loss, parse_jsonl(text, value='lr') or {}, acc1)
 
 
@@ -211,7 +214,8 @@ def read_text(path):
 def draw_training_curves(path, runs):
     """The loss and the lr of one or more runs against the step, in two panels sharing the step
     axis, one colour per run (RUN_COLORS, in order) and a legend naming the runs; a third panel
-    shows the top-1 accuracy per epoch when a run's log.txt has test_acc1 (fine-tuning).
+    shows the top-1 accuracy per epoch when a run's log.txt has one: test_acc1 (fine-tuning) or
+    knn_acc1 (the k-NN curve of a pre-training run with --knn_freq).
 
     path: the image to write; its format follows the extension (.png, .jpg, .pdf, .svg, ...)
     runs: run folders (each with a log.jsonl) or log.jsonl paths
