@@ -238,7 +238,7 @@ def build_model(args, num_classes, resuming):
             if report[key]:
                 print(f'  {key}: {", ".join(report[key])}')
     elif not args.finetune and not args.eval:
-        print(f'no --finetune: training {args.model} from random initialisation')
+        print(f'no --finetune: {args.model} from random initialisation' + (' (its features)' if args.knn else ''))
     if args.linprobe:
         add_probe_head(model)
     return model
