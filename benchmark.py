@@ -239,7 +239,6 @@ def pipeline_dataset(args):
             f'main_finetune ({ft.model}, {ft.input_size} px, RandAugment {ft.aa}, random erasing {ft.reprob})', ft
     extra = ['--input_pipeline', args.input_pipeline] if args.input_pipeline else []
     pre = training_args(main_pretrain, args.model or 'mae_vit_base', args.data_path, args.input_size, extra)
-    pre.input_pipeline = pre.input_pipeline or 'tensor'  # main_pretrain's default
     masks = create_pretrain_model(pre.model, img_size=pre.input_size).mask_generator(pre)
     dataset = build_pretrain_dataset(pre, masks, bad_images)
     collate_fn = JpegBatch.collate if pre.input_pipeline == 'nvjpeg' else None

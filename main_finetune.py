@@ -352,7 +352,7 @@ def main(args):
     print(f'{len(dataset)} training images, {len(val_folder)} validation images, '
           f'{len(loader)} batches of {args.batch_size} per process')
 
-    set_learning_rate(args, world)
+    set_learning_rate(args)
     optimizer = build_optimizer(args, model, device)
     scaler = device.grad_scaler(precision)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None

@@ -125,9 +125,13 @@ def print_fingerprints(model, dataset, seed):
 
 def fill_recipe(args):
     """The flags left unset take the published recipe of --model (of --epochs epochs when the model
-    has one of that length, e.g. SimMIM Swin-B's 800-epoch recipe). returns: what was chosen, in words"""
+    has one of that length, e.g. SimMIM Swin-B's 800-epoch recipe), then --align's defaults, then
+    the tensor input pipeline. returns: what was chosen, in words"""
     recipe = pretrain_recipe(args.model, args.epochs)
     apply_recipe(args, recipe)
+    if args.align:
+        use_alignment_defaults(args)
+    args.input_pipeline = args.input_pipeline or 'tensor'
     return f"recipe: {args.model}'s published {recipe.get('epochs')}-epoch recipe; the flags given override it"
 
 
@@ -157,9 +161,6 @@ def after_each_epoch(*hooks):
 
 def main(args):
     recipe = fill_recipe(args)
-    if args.align:
-        use_alignment_defaults(args)
-    args.input_pipeline = args.input_pipeline or 'tensor'
     world, device, precision = start_run(args, deterministic=args.align)
     check_input_pipeline(args, device)
     print(recipe)
@@ -179,7 +180,7 @@ def main(args):
                           collate_fn=JpegBatch.collate if args.input_pipeline == 'nvjpeg' else None)
     print(f'{len(dataset)} training images, {len(loader)} batches of {args.batch_size} per process')
 
-    set_learning_rate(args, world)
+    set_learning_rate(args)
     optimizer = build_adamw(param_groups(model, args.weight_decay), args.lr, tuple(args.opt_betas), device)
     scaler = device.grad_scaler(precision)
     start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler)

@@ -103,7 +103,7 @@ def training_state(model, optimizer, scaler, epoch, step, args, epoch_samples=0,
         'scaler': scaler.state_dict() if scaler is not None else None,
         'epoch': epoch,
         'epoch_samples': epoch_samples,
-        'effective_batch': args.batch_size * args.accum_iter * dist.get_world_size(),
+        'effective_batch': dist.effective_batch_size(args),
         'step': step,
         'args': plain_args(args),
     }
@@ -117,9 +117,9 @@ def resumed_epoch_samples(ckpt, path, args):
     together, checked against this run's effective batch: another split of the same effective
     batch (processes x --batch_size x --accum_iter) continues exactly; another effective batch
     would change the lr and the steps, and is refused."""
-    effective = args.batch_size * args.accum_iter * dist.get_world_size()
+    effective = dist.effective_batch_size(args)
     if 'epoch_samples' not in ckpt:  # older checkpoints count one rank's micro-batches, on this cluster
-        return ckpt.get('epoch_iters', 0) * args.batch_size * dist.get_world_size()
+        return ckpt.get('epoch_iters', 0) * dist.micro_batch_images(args)
     saved = ckpt.get('effective_batch')
     if saved is not None and saved != effective:
         raise UsageError(f'{path!r} was written by a run with an effective batch of {saved} images (processes x '

@@ -93,6 +93,17 @@ def is_main_process():
     return get_rank() == 0
 
 
+def micro_batch_images(args):
+    """Images one micro-batch takes, all processes together: --batch_size x processes (the unit in
+    which a resumed epoch's progress, counted in samples, becomes this run's micro-batches)."""
+    return args.batch_size * get_world_size()
+
+
+def effective_batch_size(args):
+    """Images an optimizer step takes, all processes together: --batch_size x --accum_iter x processes."""
+    return micro_batch_images(args) * args.accum_iter
+
+
 def barrier():
     if is_dist_initialized():
         dist.barrier()

@@ -132,7 +132,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
     accum = args.accum_iter
     epoch_iters = iters_per_epoch(loader, accum)
     steps_per_epoch = epoch_iters // accum
-    images_per_step = args.batch_size * accum * dist.get_world_size()
+    images_per_step = dist.effective_batch_size(args)
     dev = device.torch_device
 
     loss_sum = torch.zeros((), device=dev)  # micro-batch losses since the last log, on the device
@@ -254,7 +254,7 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
     try:
         for epoch in range(start_epoch, args.epochs):
             epoch_start, stall = time.perf_counter(), 0.0
-            loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size * dist.get_world_size())
+            loader.sampler.set_epoch(epoch, start=start_iter * dist.micro_batch_images(args))
             stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
                                     progress, throughput, logger, start_iter=start_iter, ema=ema,
                                     save_progress=save_progress, flop_rate=flop_rate)
@@ -305,7 +305,7 @@ def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, 
     if not args.output_dir or not dist.is_main_process():
         return 0.0
     completed = epoch if stats['complete'] else epoch - 1
-    epoch_samples = 0 if stats['complete'] else stats['iters'] * args.batch_size * dist.get_world_size()
+    epoch_samples = 0 if stats['complete'] else stats['iters'] * dist.micro_batch_images(args)
     state = checkpoint.training_state(model, optimizer, scaler, completed, progress.step, args,
                                       epoch_samples=epoch_samples, ema=ema)
     files = {os.path.join(args.output_dir, checkpoint.LAST): state}

@@ -242,10 +242,10 @@ def fingerprint(tensors):
     return digest.hexdigest()[:16]
 
 
-def set_learning_rate(args, world):
+def set_learning_rate(args):
     """lr = blr * effective batch / 256 unless --lr is given; the lower bound and the start of the
     warm-up scale the same way when the recipe gives them per 256 images."""
-    eff_batch_size = args.batch_size * args.accum_iter * world.world_size
+    eff_batch_size = dist.effective_batch_size(args)
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
     for absolute, per_256 in BOUND_FORMS:
@@ -267,7 +267,7 @@ def resume_training(args, model, optimizer, scaler, ema=None):
     if resume:
         start_epoch, epoch_samples, progress.step = checkpoint.restore_training_state(
             resume, model, optimizer, scaler, args, ema=ema)
-        start_iter = epoch_samples // (args.batch_size * dist.get_world_size())
+        start_iter = epoch_samples // dist.micro_batch_images(args)
         print(f'resumed from {resume}: epoch {start_epoch}, {epoch_samples} of its samples done, step {progress.step}')
     if start_epoch >= args.epochs:
         print(f'nothing to train: the run in {args.output_dir} has finished its {args.epochs} epochs '
