@@ -69,19 +69,21 @@ def extract_features(model, loader, device, precision):
     return torch.cat(features), torch.cat(labels)
 
 
-def knn_votes(bank, bank_labels, queries, num_classes, k, temperature=TEMPERATURE):
-    """The class votes of each query's k most cosine-similar bank features: exp(similarity /
-    temperature) each, or 1 each with temperature None (a majority vote).
-    bank: (N, D), bank_labels: (N,), queries: (Q, D) -> (Q, num_classes) float32"""
+def knn_votes(bank, bank_labels, queries, num_classes, ks, temperature=TEMPERATURE):
+    """For each k of `ks`, the class votes of each query's k most cosine-similar bank features:
+    exp(similarity / temperature) each, or 1 each with temperature None (a majority vote). The
+    neighbours are searched once, for the largest k; a smaller k takes the first of them.
+    bank: (N, D), bank_labels: (N,), queries: (Q, D) -> {k: (Q, num_classes) float32}"""
     bank = F.normalize(bank, dim=1)
-    k = min(k, len(bank))
-    votes = []
+    votes = {k: [] for k in ks}
     for chunk in queries.split(max(1, SIMILARITY_ELEMENTS // len(bank))):
-        similarity, nearest = (F.normalize(chunk, dim=1) @ bank.T).topk(k, dim=1)
+        similarity, nearest = (F.normalize(chunk, dim=1) @ bank.T).topk(min(max(ks), len(bank)), dim=1)
         weights = (similarity / temperature).exp() if temperature else torch.ones_like(similarity)
-        chunk_votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
-        votes.append(chunk_votes.scatter_add_(1, bank_labels[nearest], weights))
-    return torch.cat(votes)
+        labels = bank_labels[nearest]
+        for k in ks:
+            chunk_votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
+            votes[k].append(chunk_votes.scatter_add_(1, labels[:, :k], weights[:, :k]))
+    return {k: torch.cat(chunks) for k, chunks in votes.items()}
 
 
 class LinearProbe(torch.nn.Module):
@@ -133,10 +135,9 @@ def evaluate_features(bank, bank_labels, queries, query_labels, num_classes, ks=
     returns: {'knn{k}_acc1', 'knn{k}_acc5', 'knn{k}_majority_acc1', ..., 'probe_acc1', 'probe_acc5',
     'probe_loss', 'images'}; the first k's weighted vote is also 'knn_acc1' and 'knn_acc5'"""
     correct, names = [], []
-    for k in ks:
-        for suffix, temperature in (('', TEMPERATURE), ('_majority', None)):
-            correct.append(topk_correct(knn_votes(bank, bank_labels, queries, num_classes, k, temperature),
-                                        query_labels))
+    for suffix, temperature in (('', TEMPERATURE), ('_majority', None)):
+        for k, votes in knn_votes(bank, bank_labels, queries, num_classes, ks, temperature).items():
+            correct.append(topk_correct(votes, query_labels))
             names.append(f'knn{k}{suffix}')
     results = {}
     if probe:
