@@ -534,13 +534,14 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
                       persistent_workers=args.num_workers > 0)
 
 
-def build_eval_loader(dataset, world, args, pin_memory, distributed):
-    """Evaluation batches: this rank's shard when `distributed`, else every image. Its workers
-    live from one evaluation to the next (no start-up of a pool each epoch)."""
+def build_eval_loader(dataset, world, args, pin_memory, distributed, persistent=True):
+    """Evaluation batches: this rank's shard when `distributed`, else every image. With
+    `persistent` its workers live from one evaluation to the next (no start-up of a pool each
+    epoch); without, they exist only while it is read (an evaluation every few epochs)."""
     num_replicas, rank = (world.world_size, world.rank) if distributed else (1, 0)
     return DataLoader(dataset, sampler=ShardSampler(dataset, num_replicas, rank), batch_size=args.batch_size,
                       num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
-                      persistent_workers=args.num_workers > 0)
+                      persistent_workers=persistent and args.num_workers > 0)
 
 
 class ShardSampler(torch.utils.data.Sampler):

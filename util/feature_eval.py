@@ -45,11 +45,14 @@ def add_knn_k_argument(parser):
 
 def feature_loaders(args, world, pin_memory):
     """Loaders of train/ and val/ under the evaluation transform (--input_size), each rank its
-    shard. returns: (train loader, val loader, number of classes: --nb_classes or train/'s)"""
+    shard, their workers started for each pass (between two measurements of the pre-training
+    monitor, epochs apart, they would idle beside the training loader's). returns: (train loader,
+    val loader, number of classes: --nb_classes or train/'s)"""
     if min(args.knn_k) < 1 or getattr(args, 'knn_freq', 0) < 0:
         raise UsageError(f'--knn_k must be 1 or more (got {" ".join(map(str, args.knn_k))}) and --knn_freq 0 or more')
     loaders = [build_eval_loader(SeededSamples(build_image_folder(args.data_path, split, eval_transform(args.input_size)),
-                                               args.seed), world, args, pin_memory, distributed=True)
+                                               args.seed), world, args, pin_memory, distributed=True,
+                                 persistent=False)
                for split in ('train', 'val')]
     return (*loaders, getattr(args, 'nb_classes', None) or len(loaders[0].dataset.dataset.classes))
 
