@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map
 
 from util import checkpoint, dist, signals
 from util.checkpoint_writer import CheckpointWriter
@@ -73,26 +74,15 @@ def seed_model_randomness(seed, epoch, iteration):
 def to_device(batch, device):
     """Move the tensors of a (nested) batch to the device, without waiting for the copy (a
     JpegBatch is decoded there)."""
-    if isinstance(batch, (torch.Tensor, JpegBatch)):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, (torch.Tensor, JpegBatch)) else x, batch)
 
 
 def model_input(batch):
     """The batch the model takes: uint8 image batches (N, 3, H, W) of the fast input path, sent
     to the device as they were decoded (a quarter of the bytes of floats, and no normalising in
     the workers), become normalised float32 there (util.datasets.normalize_images)."""
-    if isinstance(batch, torch.Tensor):
-        return normalize_images(batch) if batch.dtype == torch.uint8 and batch.dim() == 4 else batch
-    if isinstance(batch, dict):
-        return {k: model_input(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(model_input(v) for v in batch)
-    return batch
+    return tree_map(lambda x: normalize_images(x) if isinstance(x, torch.Tensor) and x.dtype == torch.uint8
+                    and x.dim() == 4 else x, batch)
 
 
 def iters_per_epoch(loader, accum_iter):

@@ -52,10 +52,11 @@ def to_rgb(img):
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
-def load_rgb(path):
-    """The image at `path` in 8-bit RGB; UnreadableImage when it cannot be decoded."""
+def load_rgb(path, data=None):
+    """The image at `path` (or its bytes `data`, already read from it) in 8-bit RGB;
+    UnreadableImage when it cannot be decoded."""
     try:
-        with open(path, 'rb') as f:
+        with open(path, 'rb') if data is None else io.BytesIO(data) as f:
             img = Image.open(f)
             img.load()
         return to_rgb(img)
@@ -63,27 +64,37 @@ def load_rgb(path):
         raise UnreadableImage(path, first_line(e)) from None
 
 
+def rgb_tensor(img):
+    """A Pillow RGB image as a (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+def file_bytes(path):
+    """The bytes of a file as a uint8 array, or None when it cannot be read (load_rgb names why)."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+
+
 JPEG_START = b'\xff\xd8\xff'
 
 
-def load_rgb_tensor(path):
+def load_rgb_tensor(path, data=None):
     """The image at `path` as 8-bit RGB, a (3, H, W) uint8 tensor; UnreadableImage when it cannot
     be decoded. A JPEG of 1 or 3 channels is decoded by torchvision straight into a tensor
     (libjpeg-turbo, as fast as Pillow's and the same pixels, without a copy out of a Pillow image);
     anything else, or a JPEG that torchvision refuses (truncated, CMYK), goes through load_rgb,
-    which converts or rejects it."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError:
-        data = np.zeros(0, np.uint8)  # load_rgb names the fault
-    if data[:len(JPEG_START)].tobytes() == JPEG_START:
+    which converts or rejects it. `data`: the file's bytes, when already read."""
+    data = file_bytes(path) if data is None else data
+    if data is not None and data[:len(JPEG_START)].tobytes() == JPEG_START:
         try:
             image = decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.UNCHANGED)
             if image.shape[0] in (1, 3):
                 return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
         except RuntimeError:
             pass  # Pillow decides: it reads some files libjpeg-turbo refuses, and names the fault of the others
-    return torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).contiguous()
+    return rgb_tensor(load_rgb(path))  # from the file: Pillow's message names it
 
 
 JPEG_END = b'\xff\xd9'
@@ -103,18 +114,16 @@ def read_jpeg_or_decode(path):
     whose last bytes are not the end-of-image marker (truncated, or trailing data), CMYK, other
     formats, or an unreadable file (UnreadableImage), so that a broken file is still met, and
     replaced, in the data-loader worker."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError:
-        data = np.zeros(0, np.uint8)
-    if data[:len(JPEG_START)].tobytes() == JPEG_START and data[-len(JPEG_END):].tobytes() == JPEG_END:
+    data = file_bytes(path)
+    if data is not None and data[:len(JPEG_START)].tobytes() == JPEG_START and \
+            data[-len(JPEG_END):].tobytes() == JPEG_END:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 if img.mode in ('L', 'RGB'):
                     return EncodedJpeg(torch.from_numpy(data), img.height, img.width, path)
         except DECODE_ERRORS:
             pass  # load_rgb_tensor names the fault
-    return load_rgb_tensor(path)
+    return load_rgb_tensor(path, data)
 
 
 _DECODE_STREAMS = {}  # CUDA device -> the side stream that decode_jpegs_on decodes on
@@ -151,15 +160,11 @@ def decode_jpegs_where_possible(jpegs, device):
     except RuntimeError:
         if len(jpegs) > 1:
             return [image for j in jpegs for image in decode_jpegs_where_possible([j], device)]
-    jpeg = jpegs[0]
     try:
-        with Image.open(io.BytesIO(jpeg.data.numpy())) as img:
-            img.load()
-            pixels = to_rgb(img)
-    except DECODE_ERRORS as e:
-        raise UsageError(f'unreadable image {jpeg.path}: {first_line(e)} (use --input_pipeline tensor, whose '
-                         f'workers replace such images, or repair or remove the file)') from None
-    return [torch.from_numpy(np.array(pixels)).permute(2, 0, 1).to(device)]
+        return [rgb_tensor(load_rgb(jpegs[0].path, jpegs[0].data.numpy())).to(device)]
+    except UnreadableImage as e:
+        raise UsageError(f'unreadable image {e} (use --input_pipeline tensor, whose workers replace such images, '
+                         f'or repair or remove the file)') from None
 
 
 class BadImages:
