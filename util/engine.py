@@ -20,7 +20,7 @@ from util import checkpoint, dist, signals
 from util.checkpoint_writer import CheckpointWriter
 from util.datasets import JpegBatch, normalize_images
 from util.errors import EXIT_DIVERGED, Preempted, RunEnded
-from util.lr_sched import adjust_learning_rate
+from util.lr_sched import adjust_learning_rate, due_at_epoch
 
 
 class TrainingDiverged(RunEnded):
@@ -299,7 +299,7 @@ def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, 
     state = checkpoint.training_state(model, optimizer, scaler, completed, progress.step, args,
                                       epoch_samples=epoch_samples, ema=ema)
     files = {os.path.join(args.output_dir, checkpoint.LAST): state}
-    if epoch_files and stats['complete'] and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+    if epoch_files and stats['complete'] and due_at_epoch(epoch, args.save_freq, args.epochs):
         files[os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')] = state
     files.update(stats.pop('checkpoint_files', {}))
     return writer.save(files)

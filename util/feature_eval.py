@@ -31,6 +31,7 @@ from util.datasets import SeededSamples, build_eval_loader, build_image_folder, 
 from util.engine import model_input, to_device, topk_correct
 from util.errors import UsageError
 from util.export import timm_encoder_of
+from util.lr_sched import due_at_epoch
 from util.registry import create_classifier
 
 TEMPERATURE = 0.07  # DINO's
@@ -207,7 +208,7 @@ class KnnMonitor:
         self.logger, self.progress = logger, progress
 
     def __call__(self, epoch, stats):
-        if not self.every or (epoch % self.every and epoch + 1 != self.epochs):
+        if not due_at_epoch(epoch, self.every, self.epochs):
             return {}
         classifier = encoder_as_classifier(self.model).to(self.device.torch_device)
         results = frozen_feature_accuracy(classifier, *self.loaders, self.device, self.precision, self.num_classes,

@@ -31,3 +31,9 @@ def adjust_learning_rate(optimizer, epoch, args):
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
     return lr
+
+
+def due_at_epoch(epoch, every, epochs):
+    """Whether something done every `every` epochs and at the last (checkpoint-{epoch}.pth, the
+    monitors' pictures and k-NN) is due after `epoch` of `epochs`; never with every = 0."""
+    return bool(every) and (epoch % every == 0 or epoch + 1 == epochs)

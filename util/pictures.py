@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from util.lr_sched import due_at_epoch
+
 MASKED_GRAY = 0.5  # how a masked pixel is shown in the masked input
 
 
@@ -127,7 +129,7 @@ class ReconstructionMonitor:
         self.every, self.epochs, self.seed = every, epochs, seed
 
     def __call__(self, epoch, stats):
-        if self.every and (epoch % self.every == 0 or epoch + 1 == self.epochs):
+        if due_at_epoch(epoch, self.every, self.epochs):
             panels = reconstruct(self.model, self.images, self.mask_generator, self.seed)
             self.logger.log_image('reconstructions', panel_grid(panels), epoch)
         return {}
