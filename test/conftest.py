@@ -40,11 +40,9 @@ def demo_finetuning(demo_root, tmp_path_factory):
     """The README pipeline, shortened, run once: one epoch of MAE pre-training of mae_vit_tiny on
     the demo set, then two epochs fine-tuning its encoder as vit_tiny_patch8 (no warm-up, a
     gentler layer decay than the README's). returns: (pre-training folder, fine-tuning folder)"""
-    from helpers import run_finetune, run_pretrain
+    from helpers import run_demo_pretraining, run_finetune
     root = tmp_path_factory.mktemp('demo_finetuning')
-    run_pretrain('--model', 'mae_vit_tiny', '--input_size', 64, '--num_workers', 0, '--device', 'cpu',
-                 '--data_path', 'demo', '--batch_size', 64, '--epochs', 1, '--warmup_epochs', 0, '--blr', 1.5e-3,
-                 '--output_dir', root / 'pretrain')
+    run_demo_pretraining('mae_vit_tiny', root / 'pretrain', blr=1.5e-3)  # its recipe: 64 px, batches of 64
     run_finetune('--model', 'vit_tiny_patch8', '--input_size', 64, '--num_workers', 0, '--device', 'cpu',
                  '--data_path', 'demo', '--finetune', root / 'pretrain' / 'checkpoint-last.pth',
                  '--batch_size', 64, '--blr', 2e-3, '--layer_decay', 0.9, '--aa', 'none', '--reprob', 0,

@@ -2,13 +2,12 @@
 models. Speeds are printed, never asserted: what is checked is that the figures are there and
 agree with each other and with a count by hand."""
 import re
-from functools import partial
 
 import pytest
 import torch
 
+from benchmark import build_step
 from helpers import read_jsonl, run_finetune, run_pretrain
-
 
 
 def mae_training_flops_by_hand(img=224, p=16, dim=768, depth=12, dec_dim=512, dec_depth=8, mlp_ratio=4,
@@ -38,13 +37,9 @@ def mae_vit_tiny_gflops_by_hand():
     return (mae_training_flops_by_hand(img=64, p=8, dim=192, dec_dim=128, dec_depth=2) - image_grad) / 1e9
 
 
-def mae_step(name, **kwargs):
-    from main_pretrain import mim_loss
-    from util.flops import example_batch
-    from util.registry import create_pretrain_model
-    model = create_pretrain_model(name, **kwargs)
-    masks = model.mask_generator(type('Args', (), {'mask_ratio': 0.75})())
-    return model, partial(mim_loss, forward_kwargs=masks.forward_kwargs), example_batch(2, model.patch_embed.img_size[0], masks)
+def mae_step(name):
+    """The model, loss function and a 2-image batch of the training step, as benchmark.py builds them."""
+    return build_step(name, 2, None)[:3]
 
 
 def test_mae_vit_base_training_flops_agree_with_a_count_by_hand():

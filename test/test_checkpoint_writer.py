@@ -53,6 +53,8 @@ def test_background_and_synchronous_writes_hold_the_same_checkpoints(small_folde
     assert files[0] == files[1]  # and no temporary file left
     epochs = read_jsonl(tmp_path / 'background' / 'log.txt')
     assert all(e['checkpoint_stall_s'] >= 0 and e['checkpoint_write_s'] > 0 for e in epochs)
+    # written in the training thread, the whole write holds training up
+    assert all(e['checkpoint_stall_s'] >= e['checkpoint_write_s'] > 0 for e in read_jsonl(tmp_path / 'sync' / 'log.txt'))
 
 
 def test_the_best_fine_tuning_checkpoint_is_written_from_the_epochs_copy(small_folder, tmp_path):

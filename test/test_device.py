@@ -634,7 +634,8 @@ def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
     try:
         launch.start_run(args)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        # as a fast-fp32 run (and torch's own cudnn default) leaves them: --align must turn both off
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         launch.start_run(args, deterministic=True)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
