@@ -2,16 +2,14 @@
 that the printed timm.create_model call loads, computing what the checkpoint's own model computes."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 from safetensors import safe_open
 
-from helpers import REPO, run_main
-from util.errors import UsageError
+from helpers import run_main
+from util.errors import UsageError, run_cli
 from util.registry import create_classifier, create_pretrain_model
 
 
@@ -168,7 +166,7 @@ def test_linear_probe_head_is_folded(tmp_path, capsys):
     torch.testing.assert_close(model(images()), probe(images()), rtol=1e-5, atol=1e-5)
 
 
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_is_one_line(tmp_path, capsys):
     _, path = pretraining_checkpoint(tmp_path, 'mae_vit_tiny', depth=1)
     out = tmp_path / 'x.safetensors'
     with pytest.raises(UsageError, match=r'must end in \.safetensors'):
@@ -182,11 +180,13 @@ def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(UsageError, match='not a SimMIM checkpoint'):
         run_main('export', '--checkpoint', path, '--output', out, '--model', 'simmim_vit_tiny')
     assert os.listdir(tmp_path) == [path.name]  # nothing written, no temporary file left
-    # as a user runs it: one line, exit code 2, no traceback
-    result = subprocess.run([sys.executable, 'export.py', '--checkpoint', str(path), '--output', str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    lines = [line for line in result.stderr.splitlines() if 'Warning' not in line and 'warnings.warn' not in line]
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    # as the command line ends it (util.errors.run_cli): one line on stderr, exit code 2, no traceback
+    import export
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        run_cli(export.main, export.get_args_parser().parse_args(['--checkpoint', str(path), '--output', str(out)]))
+    lines = capsys.readouterr().err.splitlines()
+    assert ended.value.code == 2 and len(lines) == 1 and lines[0].startswith('error: '), lines
 
 
 def test_weights_that_do_not_load_into_the_printed_call_are_refused(tmp_path, monkeypatch):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import run_main, run_script
+from helpers import run_main
 from test_models_maskfeat import cells_by_definition
-from util.errors import UsageError
+from util.errors import UsageError, run_cli
 from util.pictures import MASKED_GRAY, oriented_gradient_picture, reconstruction_panels, unnormalize_patches
 from util.registry import create_pretrain_model
 
@@ -156,7 +156,7 @@ def test_visualize_reads_an_official_layout_given_the_model_and_an_image_file(tm
         assert figure.size == (800, 280)
 
 
-def test_visualize_bad_input_is_one_line(tmp_path, demo_root):
+def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
     model = save_checkpoint(tmp_path / 'full.pth', 'mae_vit_tiny', with_args=False)
     with pytest.raises(UsageError, match='does not say which pre-training model'):
         run_main('visualize', '--checkpoint', tmp_path / 'full.pth', '--output', tmp_path / 'a.png')
@@ -168,9 +168,13 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root):
     torch.save({'model': {}, 'args': {'model': 'vit_tiny_patch8'}}, tmp_path / 'finetuned.pth')
     with pytest.raises(UsageError, match='vit_tiny_patch8, which is not a pre-training model'):
         run_main('visualize', '--checkpoint', tmp_path / 'finetuned.pth', '--output', tmp_path / 'a.png')
-    result = run_script('python', 'visualize.py', '--checkpoint', tmp_path / 'full.pth', '--model', 'mae_vit_tiny',
-                        '--output', tmp_path / 'a.jpg')
-    assert result.returncode == 2 and result.stderr.strip() == f'error: --output {tmp_path / "a.jpg"}: write a .png file'
+    # as the command line ends it (util.errors.run_cli): one line on stderr, exit code 2
+    import visualize
+    argv = ['--checkpoint', str(tmp_path / 'full.pth'), '--model', 'mae_vit_tiny', '--output', str(tmp_path / 'a.jpg')]
+    with pytest.raises(SystemExit) as ended:
+        run_cli(visualize.main, visualize.get_args_parser().parse_args(argv))
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.strip() == f'error: --output {tmp_path / "a.jpg"}: write a .png file'
 
 
 def test_visualize_draws_the_curves_of_runs(tmp_path):
