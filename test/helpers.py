@@ -105,3 +105,29 @@ def formula_state(shapes):
         else:
             out[k] = (0.05 * wave).float()
     return out
+
+
+def disk_full(obj, f):
+    """A stand-in for torch.save on a full disk: part of the file written, then ENOSPC."""
+    with open(f, 'wb') as out:
+        out.write(b'partial')
+    raise OSError(28, 'No space left on device')
+
+
+# The one line a save that met a full disk ends with (util.checkpoint.atomic_save).
+NO_SPACE = r'cannot write .*checkpoint-last.pth \(\[Errno 28\] No space left on device\); the previous file is intact'
+
+
+def write_broken_files(folder):
+    """A truncated JPEG, a zero-byte file and a text file, each named like an image.
+    returns: their paths"""
+    from PIL import Image
+    import numpy as np
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(folder / 'whole.jpg', quality=90)
+    data = (folder / 'whole.jpg').read_bytes()
+    (folder / 'whole.jpg').unlink()
+    paths = [folder / 'truncated.jpg', folder / 'empty.jpg', folder / 'text.png']
+    paths[0].write_bytes(data[:len(data) // 3])
+    paths[1].write_bytes(b'')
+    paths[2].write_text('not an image')
+    return [str(p) for p in paths]

@@ -9,25 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import read_jsonl, run_pretrain, run_script
+from helpers import read_jsonl, run_pretrain, run_script, write_broken_files
 from util.datasets import SeededSamples, build_image_folder, pretrain_transform
 from util.errors import UsageError
 from util.images import BadImages, UnreadableImage, load_rgb
 
 CPU = ['--num_workers', 0, '--device', 'cpu']
-
-
-def write_broken_files(folder):
-    """A truncated JPEG, a zero-byte file and a text file, each named like an image.
-    returns: their paths"""
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(folder / 'whole.jpg', quality=90)
-    data = (folder / 'whole.jpg').read_bytes()
-    (folder / 'whole.jpg').unlink()
-    paths = [folder / 'truncated.jpg', folder / 'empty.jpg', folder / 'text.png']
-    paths[0].write_bytes(data[:len(data) // 3])
-    paths[1].write_bytes(b'')
-    paths[2].write_text('not an image')
-    return [str(p) for p in paths]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from helpers import read_jsonl, run_finetune, run_pretrain
+from helpers import NO_SPACE, disk_full, read_jsonl, run_finetune, run_pretrain
 from util import checkpoint, engine
 from util.checkpoint_writer import CheckpointWriter
 from util.errors import Preempted, UsageError
@@ -118,15 +118,6 @@ def test_the_state_written_is_the_state_at_the_save(tmp_path, held_writes):
     assert_same_values(checkpoint.load(tmp_path / 'last.pth'), copy.deepcopy(now))
 
 
-def disk_full(obj, f):
-    with open(f, 'wb') as out:
-        out.write(b'partial')
-    raise OSError(28, 'No space left on device')
-
-
-NO_SPACE = r'^cannot write .*checkpoint-last.pth \(\[Errno 28\] No space left on device\); the previous file is intact'
-
-
 def test_a_failed_background_write_is_one_line_at_the_next_save_and_the_previous_file_stays(tmp_path, monkeypatch,
                                                                                             capsys):
     path = str(tmp_path / checkpoint.LAST)
@@ -135,11 +126,11 @@ def test_a_failed_background_write_is_one_line_at_the_next_save_and_the_previous
     writer.wait()
     monkeypatch.setattr(torch, 'save', disk_full)
     writer.save({path: {'epoch': 2}})  # fails in the thread
-    with pytest.raises(UsageError, match=NO_SPACE) as failed:
+    with pytest.raises(UsageError, match="^" + NO_SPACE) as failed:
         writer.save({path: {'epoch': 3}})
     assert '\n' not in str(failed.value)
     writer.save({path: {'epoch': 4}})
-    with pytest.raises(UsageError, match=NO_SPACE):  # the end of the run
+    with pytest.raises(UsageError, match="^" + NO_SPACE):  # the end of the run
         writer.wait()
     # another error ends the run while a write fails: that error stays, the failure is printed
     writer.save({path: {'epoch': 5}})
@@ -159,7 +150,7 @@ def test_a_run_whose_last_write_fails_ends_with_one_line_and_keeps_the_previous_
     flags = [*COMMON, '--data_path', small_folder, '--output_dir', tmp_path]
     run_pretrain(*flags, '--epochs', 1)
     monkeypatch.setattr(torch, 'save', disk_full)
-    with pytest.raises(UsageError, match=NO_SPACE):
+    with pytest.raises(UsageError, match="^" + NO_SPACE):
         run_pretrain(*flags, '--epochs', 2)  # epoch 1's write fails in the background, after its last step
     monkeypatch.undo()
     assert checkpoint.load(tmp_path / checkpoint.LAST)['epoch'] == 0
@@ -187,6 +178,6 @@ def test_preemption_exits_only_once_the_checkpoint_is_written(small_folder, tmp_
         run_pretrain(*flags)
     assert stopped.value.step == 1
     monkeypatch.setattr(torch, 'save', disk_full)
-    with pytest.raises(UsageError, match=NO_SPACE):
+    with pytest.raises(UsageError, match="^" + NO_SPACE):
         run_pretrain(*flags)  # resumes at step 1, stops after step 2, and cannot write it
     assert checkpoint.load(tmp_path / checkpoint.LAST)['step'] == 1

@@ -11,6 +11,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
+from helpers import write_broken_files
 from util.datasets import (CropFlip, JpegBatch, SeededSamples, build_image_folder, build_loader, build_pretrain_dataset,
                            default_num_workers, draw_resized_crop, normalize_images, pretrain_transform)
 from util.engine import model_input, to_device
@@ -98,14 +99,11 @@ def test_fast_reader_gives_pillows_pixels_and_verdicts(tmp_path):
         tensor = load_rgb_tensor(str(tmp_path / name))
         assert tensor.dtype == torch.uint8 and tensor.shape == (3, 20, 30), name
         assert np.array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(load_rgb(str(tmp_path / name)))), name
-    data = (tmp_path / 'rgb.jpg').read_bytes()
-    (tmp_path / 'truncated.jpg').write_bytes(data[:len(data) // 3])
-    (tmp_path / 'empty.jpg').write_bytes(b'')
-    for name in ('truncated.jpg', 'empty.jpg', 'missing.jpg'):
+    for path in [*write_broken_files(tmp_path), str(tmp_path / 'missing.jpg')]:
         with pytest.raises(UnreadableImage) as pillow:
-            load_rgb(str(tmp_path / name))
+            load_rgb(path)
         with pytest.raises(UnreadableImage) as fast:
-            load_rgb_tensor(str(tmp_path / name))
+            load_rgb_tensor(path)
         assert str(fast.value) == str(pillow.value)
 
 
