@@ -620,10 +620,11 @@ def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
     import argparse
     import torch
     from util import launch
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', torch.backends.cudnn.deterministic)
-    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)
+    # torch's backend flags are properties of module stand-ins, which pytest's monkeypatch (9.2 and
+    # newer) cannot restore: they are saved and put back by hand
+    flags = [(torch.backends.cuda.matmul, 'allow_tf32'), (torch.backends.cudnn, 'allow_tf32'),
+             (torch.backends.cudnn, 'deterministic'), (torch.backends.cudnn, 'benchmark')]
+    saved = [getattr(owner, name) for owner, name in flags]
     precision = torch.get_float32_matmul_precision()
     monkeypatch.setattr(launch, 'resolve_device', lambda name, local_rank: Device('cuda', 0))
     for stub in ('check_run_args', 'lock_output_dir', 'watch_nondeterministic_kernels'):
@@ -632,14 +633,17 @@ def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
     monkeypatch.setattr(launch.signals, 'install_handlers', lambda: None)
     args = argparse.Namespace(device='cuda', output_dir='', precision='fp32', log_dir=None)
     try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         launch.start_run(args)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         # as a fast-fp32 run (and torch's own cudnn default) leaves them: --align must turn both off
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         launch.start_run(args, deterministic=True)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        Device('cpu', None).use_fast_fp32()
+        assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.set_float32_matmul_precision(precision)
         torch.use_deterministic_algorithms(False)
-    Device('cpu', None).use_fast_fp32()
-    assert not torch.backends.cuda.matmul.allow_tf32
+        for (owner, name), value in zip(flags, saved):
+            setattr(owner, name, value)
