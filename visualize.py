@@ -20,7 +20,7 @@ import argparse
 import os
 
 from util import checkpoint
-from util.datasets import DEMO, load_eval_images, spread_image_paths
+from util.datasets import DEMO, load_eval_images
 from util.device import resolve_device
 from util.errors import UsageError, run_cli
 from util.pictures import reconstruct
@@ -128,7 +128,7 @@ def draw_reconstructions(args):
     output = check_output(args.output, 'reconstructions.png')
     device = resolve_device(args.device)
     name, model, settings = load_pretraining_model(args)
-    images = load_eval_images(spread_image_paths(args.data_path, args.num_images), settings.input_size)
+    images = load_eval_images(args.data_path, args.num_images, settings.input_size)
     model.to(device.torch_device)
     panels = reconstruct(model, images.to(device.torch_device), model.mask_generator(settings), args.seed)
     masking = f'mask ratio {settings.mask_ratio}' if settings.mask_ratio is not None else 'masked'

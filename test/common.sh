@@ -29,5 +29,13 @@ run_case() {
         source "$TEST_DIR/env_$device.sh"
         set -u
     fi
-    exec python3 "$TEST_DIR/modelzoo.py" "$@"
+    exec "$(case_python)" "$TEST_DIR/modelzoo.py" "$@"
+}
+
+# The Python that runs the case: $PYTHON, else the active virtual environment's, else python3.
+case_python() {
+    if [[ -n "${PYTHON:-}" ]]; then echo "$PYTHON"
+    elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then echo "$VIRTUAL_ENV/bin/python"
+    else echo python3
+    fi
 }

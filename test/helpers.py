@@ -3,6 +3,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +29,9 @@ def run_finetune(*argv):
 
 
 def run_script(*argv, env=None, timeout=600, cwd=REPO):
-    """A command in a subprocess, from the repository root unless `cwd` says; returns CompletedProcess."""
-    full_env = {**os.environ, **(env or {})}
+    """A command in a subprocess, from the repository root unless `cwd` says, the ModelZoo scripts
+    running this interpreter ($PYTHON); returns CompletedProcess."""
+    full_env = {**os.environ, 'PYTHON': sys.executable, **(env or {})}
     return subprocess.run([str(a) for a in argv], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
 

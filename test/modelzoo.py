@@ -28,6 +28,7 @@ interrupted run from its folder.
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,13 @@ CASE_KEYS = ('data_path', 'model', 'device', 'batch_size', 'nproc', 'epochs', 'm
 
 
 class CaseError(Exception):
-    """A problem with the arguments or the run: printed as one line, exit status 2."""
+    """A problem with the arguments or the run: printed as one line. The exit status is 2 (bad
+    input), or the entry point's own when the run failed (3: diverged, 4: stopped by a signal),
+    so that the status says what the line says."""
+
+    def __init__(self, message, exit_code=2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def parse_case_args(argv):
@@ -192,19 +199,22 @@ class Case:
             process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
             errors = []  # the entry point's one-line errors, repeated below torchrun's report
+            exit_codes = []  # the ranks' exit codes, from torchrun's failure report (its own is 1)
             for line in process.stdout:
                 sys.stdout.write(line)
                 log.write(line)
                 if line.startswith('error: '):
                     errors.append(line[len('error: '):].strip())
+                exit_codes += [int(code) for code in re.findall(r'exitcode\s*:\s*(-?\d+)', line)]
             returncode = process.wait()
         e2e_seconds = time.time() - start
         if returncode != 0:
             if not os.listdir(self.run_dir):
                 os.rmdir(self.run_dir)
             cause = f'{errors[0]}; ' if errors else ''
-            raise CaseError(f'training failed (exit status {returncode}): {cause}the whole output is in '
-                            f'{self.console_log}')
+            code = next((c for c in exit_codes if c > 0), returncode)
+            raise CaseError(f'training failed (exit status {code}): {cause}the whole output is in '
+                            f'{self.console_log}', exit_code=code)
         steps = read_new_records(os.path.join(self.run_dir, 'log.jsonl'), offsets['log.jsonl'])
         epochs = read_new_records(os.path.join(self.run_dir, 'log.txt'), offsets['log.txt'])
         if not steps or not epochs:
@@ -271,4 +281,4 @@ if __name__ == '__main__':
         main(sys.argv[1:])
     except CaseError as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)

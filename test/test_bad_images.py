@@ -3,6 +3,7 @@ training image is replaced deterministically, reported once and counted, too man
 the run with one line, an unreadable validation image is an error, and empty folders are refused."""
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def test_training_replaces_reports_and_counts_bad_images(broken_folder, tmp_path
 
 def test_past_max_bad_images_the_run_stops_naming_the_files(broken_folder, tmp_path):
     root, broken = broken_folder
-    result = run_script('python', 'main_pretrain.py', '--model', 'mae_vit_tiny', '--data_path', root,
+    result = run_script(sys.executable, 'main_pretrain.py', '--model', 'mae_vit_tiny', '--data_path', root,
                         '--batch_size', 16, '--epochs', 1, '--log_freq', 1, '--max_bad_images', 2, '--num_workers', 1,
                         '--device', 'cpu', '--output_dir', tmp_path)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
@@ -100,7 +101,7 @@ def test_an_unreadable_validation_image_is_an_error_naming_it(small_folder, tmp_
     val_class = root / 'val' / sorted(os.listdir(root / 'val'))[1]
     broken = write_broken_files(val_class)[1]
     # in a data-loader worker (the evaluation after the step): the worker's error comes back as one line
-    result = run_script('python', 'main_finetune.py', '--model', 'vit_tiny_patch8', '--data_path', root,
+    result = run_script(sys.executable, 'main_finetune.py', '--model', 'vit_tiny_patch8', '--data_path', root,
                         '--batch_size', 8, '--epochs', 1, '--max_steps', 1, '--num_workers', 1, '--device', 'cpu',
                         '--output_dir', tmp_path / 'out')
     assert result.returncode == 2 and 'Traceback' not in result.stderr

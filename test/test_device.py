@@ -630,7 +630,7 @@ def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
     for stub in ('check_run_args', 'lock_output_dir', 'watch_nondeterministic_kernels'):
         monkeypatch.setattr(launch, stub, lambda *a: None)
     monkeypatch.setattr(launch.dist, 'init_process_group', lambda world, device: None)
-    monkeypatch.setattr(launch.signals, 'install_handlers', lambda: None)
+    monkeypatch.setattr(launch.signals, 'join_agreement_group', lambda: None)
     args = argparse.Namespace(device='cuda', output_dir='', precision='fp32', log_dir=None)
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -1,5 +1,5 @@
-"""Runs that survive pre-emption, a killed worker and a changed cluster: SIGTERM stops after the
-current step with checkpoint-last.pth and exit code 4, and the resumed run logs what the
+"""Runs that survive pre-emption, a killed worker and a changed cluster: SIGTERM, SIGUSR1 and
+Ctrl-C stop after the current step with checkpoint-last.pth and exit code 4, and the resumed run logs what the
 uninterrupted one logs; `torchrun --max-restarts` with --save_every_steps finishes a run whose
 worker was killed; a run stopped on 2 processes x 8 resumes on 1 x 16 exactly; another
 effective batch is refused."""
@@ -50,31 +50,48 @@ def start(*argv):
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_both_preemption_signals_are_caught():
+def test_stop_signals_end_start_up_at_once_and_training_after_its_step():
+    """Before the loop trains there is nothing to save: a signal ends the run at once (exit 4,
+    one line). While it trains, SIGTERM, SIGUSR1 and SIGINT are noted for the loop to act on after
+    the step; a second Ctrl-C stops at once."""
     from util import signals
+    from util.errors import Preempted
     try:
-        signals.install_handlers()
-        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGUSR1) is signals._note
-        assert not signals.stop_agreed()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert signals.stop_agreed() and signals.received() == 'SIGUSR1'
+        signals.catch_signals()
+        with pytest.raises(Preempted, match='stopped by SIGTERM outside the training loop'):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes: well before this ends
+        for signum in signals.STOP_SIGNALS:
+            signals.catch_signals()
+            with signals.training():
+                assert not signals.stop_agreed()
+                os.kill(os.getpid(), signum)
+                assert signals.stop_agreed() and signals.received() == signal.Signals(signum).name
+        with signals.training(), pytest.raises(Preempted, match='second SIGINT'):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
     finally:
         signals._received.clear()
-        for signum in signals.PREEMPTION_SIGNALS:
+        for signum in signals.STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def test_sigterm_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_folder, tmp_path, uninterrupted):
-    signum = signal.SIGTERM
-    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path]
-    process = start('main_pretrain.py', *flags)
+def test_ctrl_c_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_folder, tmp_path, uninterrupted):
+    """Ctrl-C in a terminal: SIGINT to the whole process group, the data-loader worker included.
+    The run finishes its step, writes checkpoint-last.pth and exits with 4 without a traceback;
+    started again it logs what the uninterrupted run logs (whose worker count differs: the
+    samples do not depend on it)."""
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path, '--num_workers', 1]
+    process = subprocess.Popen([sys.executable, 'main_pretrain.py', *map(str, flags)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_step(tmp_path, 5, process)
-    process.send_signal(signum)
+    os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
-    assert 'Traceback' not in stderr
+    assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-2000:]
     last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f'error: stopped by {signal.Signals(signum).name} after step ')
+    assert last_line.startswith('error: stopped by SIGINT after step ')
     stopped_at = int(last_line.split('after step ')[1].split()[0])
     ckpt = checkpoint.load(tmp_path / checkpoint.LAST)
     assert ckpt['step'] == stopped_at and stopped_at < 12

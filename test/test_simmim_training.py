@@ -2,6 +2,8 @@
 weight decay as the official code sets it, masks drawn per sample in the data pipeline, a demo
 pre-training whose loss falls, fine-tuning from it at another window size, the ModelZoo cases,
 and bad input."""
+import sys
+
 import pytest
 import torch
 
@@ -233,7 +235,7 @@ def test_bad_input_is_one_line(vit_pretraining, tmp_path):
         run_pretrain('--model', 'simmim_vit_tiny', '--data_path', 'demo', '--input_size', 72, *CPU,
                      '--output_dir', tmp_path)
     # a ViT checkpoint into a Swin classifier: one line naming the keys that do not fit
-    result = run_script('python', 'main_finetune.py', '--model', 'swin_tiny_patch4_window4_64', '--data_path', 'demo',
+    result = run_script(sys.executable, 'main_finetune.py', '--model', 'swin_tiny_patch4_window4_64', '--data_path', 'demo',
                         '--finetune', vit_pretraining / 'checkpoint-last.pth', *CPU, '--output_dir', tmp_path)
     last_line = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and 'Traceback' not in result.stderr

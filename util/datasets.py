@@ -32,7 +32,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
-from util import demo_data
+from util import demo_data, signals
 from util.errors import UsageError
 from util.images import EncodedJpeg, UnreadableImage, decode_jpegs_on, load_rgb, load_rgb_tensor, read_jpeg_or_decode
 
@@ -249,10 +249,9 @@ def eval_transform(input_size):
         transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
 
 
-def spread_image_paths(data_path, count):
-    """`count` image files spread evenly over what `data_path` names: an image file, a folder of
-    images (searched through), an ImageFolder root (its val/ images, else train/), or demo. Sorted,
-    so the same files every time."""
+def image_paths_of(data_path):
+    """The image files of what `data_path` names, sorted: an image file, a folder of images
+    (searched through), an ImageFolder root (its val/ images, else train/), or demo."""
     if os.path.isfile(data_path):
         return [data_path]
     if data_path == DEMO or os.path.isdir(os.path.join(data_path, 'train')):
@@ -264,14 +263,38 @@ def spread_image_paths(data_path, count):
                    if name.lower().endswith(IMG_EXTENSIONS))
     if not paths:
         raise UsageError(f'no images under {data_path!r} (looked for {", ".join(IMG_EXTENSIONS)})')
-    count = min(count, len(paths))
-    return [paths[i * len(paths) // count] for i in range(count)]
+    return paths
 
 
-def load_eval_images(paths, input_size):
-    """(N, 3, input_size, input_size), normalised as in evaluation (resize, centre crop)."""
+def load_eval_images(data_path, count, input_size):
+    """`count` fixed images spread evenly over what `data_path` names (`image_paths_of`), normalised
+    as in evaluation (resize, centre crop): the same files every time. An unreadable file is
+    skipped for the next readable one, as training replaces it; an image file given alone, or a
+    folder without a readable image, is a UsageError. returns: (N <= count, 3, S, S)"""
+    paths = image_paths_of(data_path)
     transform = eval_transform(input_size)
-    return torch.stack([transform(load_rgb(path)) for path in paths])
+    starts = [i * len(paths) // min(count, len(paths)) for i in range(min(count, len(paths)))]
+    images, taken, skipped = [], set(), []
+    for start in starts:
+        for index in range(start, len(paths)):
+            if index in taken:
+                continue
+            taken.add(index)
+            try:
+                images.append(transform(to_pil(load_rgb_tensor(paths[index]))))
+                break
+            except UnreadableImage as e:
+                skipped.append(str(e))
+    if skipped:
+        print(f'skipped {len(skipped)} unreadable image(s) for the pictures: {"; ".join(skipped[:3])}')
+    if not images:
+        raise UsageError(f'no readable image in --data_path {data_path!r} ({skipped[0]}): repair or replace it')
+    return torch.stack(images)
+
+
+def to_pil(image):
+    """A (3, H, W) uint8 tensor as a Pillow image, for the evaluation transform."""
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
 
 
 def build_image_folder(data_path, split, transform, loader=load_rgb):
@@ -361,11 +384,11 @@ class SyntheticImages(Dataset):
 
 def eval_images(data_path, count, input_size):
     """`count` fixed images of the data set, normalised as in evaluation: files spread over it
-    (`spread_image_paths`), or the first of synthetic's val split. returns: (count, 3, S, S)"""
+    (`load_eval_images`), or the first of synthetic's val split. returns: (count, 3, S, S)"""
     if is_synthetic(data_path):
         val = SyntheticImages('val', synthetic_size(data_path, 'val'), eval_transform(input_size))
         return torch.stack([val[i][0] for i in range(min(count, len(val)))])
-    return load_eval_images(spread_image_paths(data_path, count), input_size)
+    return load_eval_images(data_path, count, input_size)
 
 
 def default_num_workers():
@@ -531,7 +554,7 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
                          f'step would be taken; lower --batch_size or --accum_iter (or use more images)')
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_fn,
-                      persistent_workers=args.num_workers > 0)
+                      persistent_workers=args.num_workers > 0, worker_init_fn=signals.ignore_interrupts_in_worker)
 
 
 def build_eval_loader(dataset, world, args, pin_memory, distributed, persistent=True):
@@ -541,7 +564,8 @@ def build_eval_loader(dataset, world, args, pin_memory, distributed, persistent=
     num_replicas, rank = (world.world_size, world.rank) if distributed else (1, 0)
     return DataLoader(dataset, sampler=ShardSampler(dataset, num_replicas, rank), batch_size=args.batch_size,
                       num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
-                      persistent_workers=persistent and args.num_workers > 0)
+                      persistent_workers=persistent and args.num_workers > 0,
+                      worker_init_fn=signals.ignore_interrupts_in_worker)
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -241,35 +241,36 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
     def save_progress(epoch, iters):
         save(epoch, {'complete': False, 'iters': iters}, epoch_files=False)
 
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            epoch_start, stall = time.perf_counter(), 0.0
-            loader.sampler.set_epoch(epoch, start=start_iter * dist.micro_batch_images(args))
-            stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
-                                    progress, throughput, logger, start_iter=start_iter, ema=ema,
-                                    save_progress=save_progress, flop_rate=flop_rate)
-            start_iter = 0
-            if stats['preempted']:  # no evaluation: the grace time before a kill is short
-                save(epoch, stats, epoch_files=False)
-                writer.wait()  # the file complete (or its failure raised) before the exit code says it is
-                dist.barrier()
-                raise Preempted(f'stopped by {signals.received() or "a signal to another process"} after step '
-                                f'{progress.step} (epoch {epoch}); checkpoint-last.pth is written: run the same '
-                                f'command again to resume')
-            if after_epoch is not None:
-                stats.update(after_epoch(epoch, stats))
-            save(epoch, stats)
-            logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
-                              **{k: v for k, v in stats.items() if k.startswith(('test_', 'knn_'))},
-                              'epoch': epoch, 'step': progress.step,
-                              **(flop_rate.fields(stats['ips'], prefix='train_') if flop_rate else {}),
-                              'epoch_seconds': round(time.perf_counter() - epoch_start, 1),
-                              **checkpoint_times(stall, writer)})
-            if not stats['complete'] or out_of_steps(progress, args):
-                break
-        writer.wait()  # the end of the run: every file complete, a failed write raised here
-    finally:
-        writer.close()  # after an error too: the write in flight ends before the process does
+    with signals.training():  # a stop signal is acted on after the step it arrives in
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                epoch_start, stall = time.perf_counter(), 0.0
+                loader.sampler.set_epoch(epoch, start=start_iter * dist.micro_batch_images(args))
+                stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
+                                        progress, throughput, logger, start_iter=start_iter, ema=ema,
+                                        save_progress=save_progress, flop_rate=flop_rate)
+                start_iter = 0
+                if stats['preempted']:  # no evaluation: the grace time before a kill is short
+                    save(epoch, stats, epoch_files=False)
+                    writer.wait()  # the file complete (or its failure raised) before the exit code says it is
+                    dist.barrier()
+                    raise Preempted(f'stopped by {signals.received() or "a signal to another process"} after step '
+                                    f'{progress.step} (epoch {epoch}); checkpoint-last.pth is written: run the same '
+                                    f'command again to resume')
+                if after_epoch is not None:
+                    stats.update(after_epoch(epoch, stats))
+                save(epoch, stats)
+                logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
+                                  **{k: v for k, v in stats.items() if k.startswith(('test_', 'knn_'))},
+                                  'epoch': epoch, 'step': progress.step,
+                                  **(flop_rate.fields(stats['ips'], prefix='train_') if flop_rate else {}),
+                                  'epoch_seconds': round(time.perf_counter() - epoch_start, 1),
+                                  **checkpoint_times(stall, writer)})
+                if not stats['complete'] or out_of_steps(progress, args):
+                    break
+            writer.wait()  # the end of the run: every file complete, a failed write raised here
+        finally:
+            writer.close()  # after an error too: the write in flight ends before the process does
     return stats
 
 

@@ -26,6 +26,8 @@ class Preempted(RunEnded):
 def run_cli(main, *args):
     """Run an entry point; a RunEnded (bad input, divergence, pre-emption) ends the program with
     its one-line message and its exit code."""
+    from util import signals  # imports torch: not before the arguments are parsed (--help stays quick)
+    signals.catch_signals()
     try:
         return main(*args)
     except RunEnded as e:

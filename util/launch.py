@@ -225,7 +225,7 @@ def start_run(args, deterministic=False):
     dist.init_process_group(world, device)
     if args.output_dir and dist.is_main_process():
         lock_output_dir(args.output_dir)
-    signals.install_handlers()
+    signals.join_agreement_group()
     precision = device.resolve_precision(args.precision)
     args.log_dir = args.log_dir or args.output_dir
     print(f'device: {device.torch_device} x {world.world_size} processes, precision: {precision}')

@@ -1,36 +1,78 @@
-"""Pre-emption: SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they kill a job) ask
-the run to stop cleanly.
+"""Stopping a run cleanly: SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they kill
+a job) and SIGINT (Ctrl-C) all ask the run to stop.
 
-The handler only notes the signal. After every optimizer step the loop asks `stop_agreed()`,
-which all ranks answer together (a one-number all-reduce on the CPU, over Gloo, so the
-accelerator is not waited for): when any rank was signalled, all of them finish that step, rank 0
-writes checkpoint-last.pth, and the run exits with EXIT_PREEMPTED. Started again with the same
---output_dir, it resumes exactly where it stopped.
+Before training starts (reading the data set, building the model, loading a checkpoint), and in
+evaluation-only runs, there is nothing to save: the signal ends the run at once, with one line
+and EXIT_PREEMPTED. Once the loop trains (`training()`), the handler only notes the signal. After
+every optimizer step the loop asks `stop_agreed()`, which all ranks answer together (a one-number
+all-reduce on the CPU, over Gloo, so the accelerator is not waited for): when any rank was
+signalled, all of them finish that step, rank 0 writes checkpoint-last.pth, and the run exits
+with EXIT_PREEMPTED. Started again with the same --output_dir, it resumes exactly where it
+stopped. A second Ctrl-C stops at once: checkpoints are written atomically, so the last one
+written stays whole.
+
+Data-loader workers ignore SIGINT (`ignore_interrupts_in_worker`): a Ctrl-C in a terminal reaches
+every process of the foreground group, and a worker that died of it would break the step the
+run finishes before saving.
 """
+import contextlib
 import signal
 
 import torch
 import torch.distributed as dist
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from util.errors import Preempted
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 _received = []
 _group = None
+_deferred = False  # True while the loop trains: a signal is noted, acted on after the step
 
 
-def _note(signum, frame):
+def _handle(signum, frame):
+    name = signal.Signals(signum).name
+    if not _deferred:
+        raise Preempted(f'stopped by {name} outside the training loop (starting, evaluating or closing): the '
+                        f'checkpoints written before are intact; run the same command again to continue')
+    if signum == signal.SIGINT and signal.SIGINT in _received:
+        raise Preempted('stopped at once by a second SIGINT: the last checkpoint written (checkpoint-last.pth, if '
+                        'any) is intact; run the same command again to resume from it')
     _received.append(signum)
 
 
-def install_handlers():
-    """Catch the pre-emption signals in this process (call once, after joining the process group:
-    every rank makes the CPU group for the agreement here, together)."""
-    global _group
+def catch_signals():
+    """Stop the run cleanly on the stop signals from here on (call first thing: a signal during
+    start-up ends the run with one line instead of a traceback or, for SIGTERM, no reaction)."""
+    global _deferred
     _received.clear()
-    for signum in PREEMPTION_SIGNALS:
-        signal.signal(signum, _note)
+    _deferred = False
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _handle)
+
+
+def join_agreement_group():
+    """Make the CPU group in which the ranks agree to stop (call once, after joining the process
+    group: every rank makes it here, together)."""
+    global _group
     if dist.is_initialized() and _group is None:
         _group = dist.group.WORLD if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
+
+
+@contextlib.contextmanager
+def training():
+    """While the loop trains, a stop signal is noted and acted on after the step it arrives in."""
+    global _deferred
+    _deferred = True
+    try:
+        yield
+    finally:
+        _deferred = False
+
+
+def ignore_interrupts_in_worker(worker_id):
+    """DataLoader worker_init_fn: leave Ctrl-C to the training process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def received():
@@ -39,7 +81,7 @@ def received():
 
 
 def stop_agreed():
-    """Whether any rank received a pre-emption signal; every rank must call this at the same step."""
+    """Whether any rank received a stop signal; every rank must call this at the same step."""
     if not (dist.is_initialized() and _group is not None):
         return bool(_received)
     flag = torch.tensor([1 if _received else 0], dtype=torch.int32)  # on the CPU: no device sync
