@@ -34,7 +34,7 @@ from timm.utils import ModelEmaV3
 
 from util import checkpoint, dist
 from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build_finetune_train_folder,
-                           build_image_folder, build_loader, eval_transform)
+                           build_image_folder, build_loader, eval_transform, number_of_classes)
 from util.engine import evaluate, train
 from util.feature_eval import add_knn_k_argument, feature_loaders, frozen_feature_accuracy, print_results
 from util.errors import UsageError, run_cli
@@ -151,6 +151,8 @@ def fill_recipe(args):
     MAE's; from scratch, the model's own supervised recipe (HiViT's), else DeiT's. returns: the mode."""
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
     recipe, published, args.recipe_source = dict(RECIPES[mode]), {}, None
+    if args.eval and args.model is None:
+        args.model = model_of_checkpoint(checkpoint.resume_path(args.resume, args.output_dir))
     if mode == 'finetune' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
         source, published = finetune_recipe_of(checkpoint.load(args.finetune))
         if published:
@@ -170,6 +172,15 @@ def fill_recipe(args):
     if args.layer_decay == 1.0:
         args.layer_decay = None
     return mode
+
+
+def model_of_checkpoint(path):
+    """The --model a fine-tuning checkpoint of this project records (None for another file, or
+    none), so that --eval --resume needs no --model for it."""
+    if not path or not os.path.isfile(path):
+        return None  # --eval reports a missing file where it loads it
+    model = checkpoint.saved_args(checkpoint.load(path)).get('model')
+    return model if isinstance(model, str) else None
 
 
 def check_args(args):
@@ -328,10 +339,7 @@ def main(args):
 
     train_folder = build_finetune_train_folder(args)
     val_folder = build_image_folder(args.data_path, 'val', eval_transform(args.input_size))
-    num_classes = args.nb_classes or len(train_folder.classes)
-    if num_classes < len(train_folder.classes):
-        raise UsageError(f'--nb_classes {num_classes} is fewer than the {len(train_folder.classes)} class '
-                         f'folders of the training data')
+    num_classes = number_of_classes(train_folder, val_folder, args.nb_classes)
     val_loader = build_eval_loader(SeededSamples(val_folder, args.seed), world, args, pin_memory, args.dist_eval)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank

@@ -50,12 +50,32 @@ def load(path):
     a yacs configuration (the official SimMIM code's) is read as nested dicts."""
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path!r} does not exist')
+    with open(path, 'rb') as f:
+        start = f.read(4)
+    if not start.startswith(CHECKPOINT_STARTS):
+        raise UsageError(f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive or a '
+                         f'pickle): give the .pth file a training run or a release wrote{older_checkpoint_hint(path)}')
     try:
         with torch.serialization.safe_globals([argparse.Namespace, (ConfigAsData, 'yacs.config.CfgNode')]):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise UsageError(f'cannot load {path!r} as a checkpoint ({first_line(e)}); is it a complete PyTorch '
-                         f'checkpoint file?{older_checkpoint_hint(path)}') from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if found:  # torch's own advice (weights_only=False) would run code from the file: not given here
+            raise UsageError(f'{path!r} holds a Python object ({found[1]}), not only tensors and plain containers, '
+                             f'and checkpoints are loaded as data: save the weights alone (torch.save('
+                             f'model.state_dict(), ...)) and give that file') from None
+        raise unloadable(path, e) from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise unloadable(path, e) from None
+
+
+# What a checkpoint file begins with: a zip archive (torch.save since 1.6), or a pickle (older).
+CHECKPOINT_STARTS = (b'PK\x03\x04', b'\x80')
+
+
+def unloadable(path, error):
+    return UsageError(f'cannot load {path!r} as a checkpoint ({first_line(error)}); is it a complete PyTorch '
+                      f'checkpoint file?{older_checkpoint_hint(path)}')
 
 
 def older_checkpoint_hint(path):
@@ -138,8 +158,15 @@ def check_same_kind_of_run(ckpt, path, args):
     for flag in ('model', 'linprobe'):
         if flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
             raise UsageError(f'{path!r} was written by a run with --{flag} {saved[flag]}, this run has '
-                             f'{getattr(args, flag)}: resume it with the same flags, start from its weights with '
-                             f'--finetune, or use another --output_dir')
+                             f'{getattr(args, flag)}: resume it with the same flags{other_run_advice(args)}')
+
+
+def other_run_advice(args):
+    """What else to do with a checkpoint of another run: fine-tuning can start from its weights
+    (--finetune); pre-training has no such flag, so a new run goes to another folder."""
+    if hasattr(args, 'finetune'):
+        return ', start from its weights with --finetune, or use another --output_dir'
+    return ', or start a new run in another --output_dir (or remove its checkpoint-last.pth)'
 
 
 def restore_training_state(path, model, optimizer, scaler, args, ema=None):
@@ -159,7 +186,7 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:  # other parameter groups: another model, mode or layer decay
         raise UsageError(f'{path!r} holds the optimizer of another kind of run ({first_line(e)}): resume it with '
-                         f'the flags it was written with, or start from its weights with --finetune') from None
+                         f'the flags it was written with{other_run_advice(args)}') from None
     if ema is not None:
         # a run that starts its EMA on resumption starts it from the resumed weights
         load_weights(ema.module, ckpt.get('model_ema', ckpt['model']), path)

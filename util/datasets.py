@@ -238,14 +238,16 @@ def finetune_transform(args):
                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def eval_transform(input_size):
+def eval_transform(input_size, tensors=False):
     """Resize to input_size / 0.875 (224 -> 256; no margin above 224 px, as MAE does), then crop
-    the centre."""
+    the centre. `tensors`: of (3, H, W) uint8 tensors instead of Pillow images (the pixels differ
+    by resampling rounding), for images too large for Pillow's decompression-bomb limit."""
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     return transforms.Compose([
-        transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC,
+                          antialias=True),
         transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
+        transforms.ConvertImageDtype(torch.float32) if tensors else transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
 
 
@@ -268,11 +270,12 @@ def image_paths_of(data_path):
 
 def load_eval_images(data_path, count, input_size):
     """`count` fixed images spread evenly over what `data_path` names (`image_paths_of`), normalised
-    as in evaluation (resize, centre crop): the same files every time. An unreadable file is
-    skipped for the next readable one, as training replaces it; an image file given alone, or a
-    folder without a readable image, is a UsageError. returns: (N <= count, 3, S, S)"""
+    as in evaluation (resize, centre crop, on tensors: JPEGs of any size are decoded by
+    libjpeg-turbo, as in training): the same files every time. An unreadable file is skipped for
+    the next readable one, as training replaces it; an image file given alone, or a folder without
+    a readable image, is a UsageError. returns: (N <= count, 3, S, S)"""
     paths = image_paths_of(data_path)
-    transform = eval_transform(input_size)
+    transform = eval_transform(input_size, tensors=True)
     starts = [i * len(paths) // min(count, len(paths)) for i in range(min(count, len(paths)))]
     images, taken, skipped = [], set(), []
     for start in starts:
@@ -281,7 +284,7 @@ def load_eval_images(data_path, count, input_size):
                 continue
             taken.add(index)
             try:
-                images.append(transform(to_pil(load_rgb_tensor(paths[index]))))
+                images.append(transform(load_rgb_tensor(paths[index])))
                 break
             except UnreadableImage as e:
                 skipped.append(str(e))
@@ -292,9 +295,41 @@ def load_eval_images(data_path, count, input_size):
     return torch.stack(images)
 
 
-def to_pil(image):
-    """A (3, H, W) uint8 tensor as a Pillow image, for the evaluation transform."""
-    return Image.fromarray(image.permute(1, 2, 0).numpy())
+def walk_without_cycles(top):
+    """sorted(os.walk(top, followlinks=True)) as torchvision's ImageFolder walks a class folder,
+    but entering each real folder once: a link back to a folder above it (a loop) would repeat
+    its images without end, and crossing loops make the walk grow exponentially. A link to a
+    folder that holds `top` is a loop too: left out, not walked once.
+    returns: [(folder, sorted file names)] in the order of the folder paths"""
+    seen, found, real_top = set(), [], os.path.realpath(top)
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen or (folder != top and real_top.startswith(os.path.join(real, ''))):
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()  # which of two links to one folder is kept does not depend on the file system
+        found.append((folder, sorted(names)))
+    return sorted(found)
+
+
+class ImageFolderWithoutLoops(datasets.ImageFolder):
+    """torchvision's ImageFolder, its class folders walked by `walk_without_cycles`."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples, empty = [], []
+        for class_name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+            found = [(os.path.join(folder, name), index)
+                     for folder, names in walk_without_cycles(os.path.join(directory, class_name))
+                     for name in names if name.lower().endswith(IMG_EXTENSIONS)]
+            samples += found
+            if not found:
+                empty.append(class_name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f'found no valid image in the class folder(s) {", ".join(empty[:5])}; supported '
+                                    f'extensions: {", ".join(IMG_EXTENSIONS)}')
+        return samples
 
 
 def build_image_folder(data_path, split, transform, loader=load_rgb):
@@ -306,9 +341,25 @@ def build_image_folder(data_path, split, transform, loader=load_rgb):
         return SyntheticImages(split, synthetic_size(data_path, split), transform, tensors=loader is not load_rgb)
     root = os.path.join(resolve_data_root(data_path), split)
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=loader)
+        return ImageFolderWithoutLoops(root, transform=transform, loader=loader)
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f'cannot read the {split} images under {root!r}: {e}') from None
+
+
+def number_of_classes(train_folder, val_folder, nb_classes):
+    """The number of classes (--nb_classes, else train/'s class folders); val/ must hold the same
+    classes as train/, or its labels would mean other classes than the model's outputs."""
+    num_classes = len(train_folder.classes) if nb_classes is None else nb_classes
+    if num_classes < len(train_folder.classes):
+        raise UsageError(f'--nb_classes {num_classes} is fewer than the {len(train_folder.classes)} class '
+                         f'folders of the training data')
+    if val_folder.classes != train_folder.classes:
+        only_train = sorted(set(train_folder.classes) - set(val_folder.classes))
+        only_val = sorted(set(val_folder.classes) - set(train_folder.classes))
+        raise UsageError(f'val/ and train/ hold different class folders (only in train/: {only_train[:5]}, only in '
+                         f'val/: {only_val[:5]}): the labels would not match; give val/ the class folders of '
+                         f'train/ (an empty one is refused too)')
+    return num_classes
 
 
 def build_pretrain_dataset(args, mask_generator=None, bad_images=None):

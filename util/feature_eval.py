@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from util import dist
 from util.checkpoint import load_pretrained_state
-from util.datasets import SeededSamples, build_eval_loader, build_image_folder, eval_transform
+from util.datasets import SeededSamples, build_eval_loader, build_image_folder, eval_transform, number_of_classes
 from util.engine import model_input, to_device, topk_correct
 from util.errors import UsageError
 from util.export import timm_encoder_of
@@ -55,7 +55,8 @@ def feature_loaders(args, world, pin_memory):
                                                args.seed), world, args, pin_memory, distributed=True,
                                  persistent=False)
                for split in ('train', 'val')]
-    return (*loaders, getattr(args, 'nb_classes', None) or len(loaders[0].dataset.dataset.classes))
+    folders = [loader.dataset.dataset for loader in loaders]
+    return (*loaders, number_of_classes(*folders, getattr(args, 'nb_classes', None)))
 
 
 @torch.no_grad()

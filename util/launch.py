@@ -4,8 +4,10 @@ resumption, and the summary printed at the end."""
 import argparse
 import hashlib
 import json
+import math
 import os
 import socket
+import tempfile
 import warnings
 
 import torch
@@ -14,7 +16,7 @@ from util import checkpoint, dist, signals
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
 from util.datasets import default_num_workers
 from util.engine import Progress
-from util.errors import UsageError
+from util.errors import UsageError, first_line
 from util.images import DEFAULT_MAX_BAD_IMAGES
 from util.lr_sched import SCHEDULES
 
@@ -140,6 +142,36 @@ def check_run_args(args):
         raise UsageError(f'--max_steps must be at least 1, got {args.max_steps}')
     if args.num_workers < 0:
         raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
+    check_schedule_values(args)
+    size = getattr(args, 'input_size', None)
+    if size is not None and size < 1:
+        raise UsageError(f'--input_size must be a positive number of pixels, got {size}')
+    ratio = getattr(args, 'mask_ratio', None)
+    if ratio is not None and not 0 < ratio < 1:
+        raise UsageError(f'--mask_ratio must lie between 0 and 1 (both excluded: with nothing masked there is no '
+                         f'loss, with everything masked nothing to see), got {ratio}')
+
+
+# Rates and bounds that must be finite numbers, and the ones that must be above 0 as well.
+NON_NEGATIVE = ('lr', 'blr', 'min_lr', 'min_blr', 'warmup_lr', 'warmup_blr', 'weight_decay', 'clip_grad', 'lr_gamma')
+POSITIVE = ('lr', 'blr', 'clip_grad', 'lr_gamma')
+
+
+def check_schedule_values(args):
+    """Refuse a learning rate, bound or factor that is negative, NaN or infinite (a run would
+    train nowhere, or diverge at its first step), and a warm-up longer than the run (the lr
+    would never reach its peak)."""
+    for name in NON_NEGATIVE:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in POSITIVE):
+            least = 'above 0' if name in POSITIVE else '0 or more'
+            raise UsageError(f'--{name} must be a finite number {least}, got {value}')
+    warmup = getattr(args, 'warmup_epochs', None)
+    if warmup is not None and (warmup < 0 or warmup > args.epochs):
+        raise UsageError(f'--warmup_epochs {warmup} does not fit a run of --epochs {args.epochs}: the lr would never '
+                         f'reach its peak; give --warmup_epochs between 0 and {args.epochs}')
 
 
 # What --align's warn_only deterministic mode warned about: ops that ran without a deterministic
@@ -167,6 +199,19 @@ def alignment_summary():
         return 'align: every kernel that ran was deterministic'
     return (f'align: WARNING: {len(NONDETERMINISTIC_OPS)} op(s) ran without a deterministic kernel, so two runs may '
             f'differ beyond rounding: {"; ".join(NONDETERMINISTIC_OPS)}')
+
+
+def check_output_dir(output_dir):
+    """Make --output_dir and write a file in it, so that a path that is a file, lies under a
+    file, or is read-only is one line now rather than a traceback at the first checkpoint."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        reason = e.strerror or first_line(e)
+        raise UsageError(f'--output_dir {output_dir}: cannot write there ({reason}): give a folder you can write '
+                         f'to') from None
 
 
 _OUTPUT_DIR_LOCKS = {}  # real path -> the open lock file, held until the process ends
@@ -224,6 +269,7 @@ def start_run(args, deterministic=False):
         device.use_fast_fp32()
     dist.init_process_group(world, device)
     if args.output_dir and dist.is_main_process():
+        check_output_dir(args.output_dir)
         lock_output_dir(args.output_dir)
     signals.join_agreement_group()
     precision = device.resolve_precision(args.precision)

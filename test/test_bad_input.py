@@ -1,0 +1,143 @@
+"""Bad input a new user meets first, each a clear one-line error (or a run that carries on
+correctly): impossible rates and sizes, an output folder that cannot be written, data sets with
+symlink loops or mismatched classes, unreadable or huge images for the pictures, checkpoints
+that are not checkpoints, and messages that advise what the entry point offers."""
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import run_finetune, run_pretrain, run_script, write_broken_files
+from util import checkpoint
+from util.errors import UsageError
+
+TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--lr', -0.1], '--lr must be a finite number above 0, got -0.1'),
+    (['--blr', 'nan'], '--blr must be a finite number above 0, got nan'),
+    (['--weight_decay', 'inf'], '--weight_decay must be a finite number 0 or more, got inf'),
+    (['--input_size', 0], '--input_size must be a positive number of pixels, got 0'),
+    (['--mask_ratio', 0], '--mask_ratio must lie between 0 and 1'),
+    (['--mask_ratio', 1], '--mask_ratio must lie between 0 and 1'),
+    (['--epochs', 3], '--warmup_epochs 40 does not fit a run of --epochs 3'),  # the recipe's 40-epoch warm-up
+    (['--epochs', 3, '--warmup_epochs', 4], '--warmup_epochs 4 does not fit a run of --epochs 3'),
+])
+def test_impossible_rates_and_sizes_are_refused_before_the_run(flags, message, tmp_path):
+    with pytest.raises(UsageError) as error:
+        run_pretrain(*TINY, *flags, '--output_dir', tmp_path)
+    assert str(error.value).startswith(message)
+    assert not (tmp_path / 'log.jsonl').exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
+    a_file = tmp_path / 'file'
+    a_file.write_text('')
+    for output_dir in (a_file, a_file / 'below', '/proc/self'):  # /proc/self: not writable, even by root
+        with pytest.raises(UsageError, match=f'--output_dir {output_dir}: cannot write there'):
+            run_pretrain(*TINY, '--max_steps', 1, '--output_dir', output_dir)
+    # and as a user sees it: one line, exit 2
+    result = run_script(sys.executable, 'main_pretrain.py', *TINY, '--output_dir', a_file)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f'error: --output_dir {a_file}: cannot write there (File exists): give a folder you can write to']
+
+
+def image_folder_with_loops(root):
+    """train/<a, b>/ with 3 images each; a/loop links back to train/ (one loop), b/x and b/x/y
+    link to each other's parents (crossing loops)."""
+    for name in ('a', 'b'):
+        (root / 'train' / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / 'train' / name / f'{i}.png')
+    os.symlink(root / 'train', root / 'train' / 'a' / 'loop')
+    (root / 'train' / 'b' / 'x').mkdir()
+    os.symlink(root / 'train' / 'b', root / 'train' / 'b' / 'x' / 'up')
+    os.symlink(root / 'train' / 'b' / 'x', root / 'train' / 'b' / 'x' / 'here')
+    return root
+
+
+def test_symlink_loops_in_the_data_are_walked_once(tmp_path):
+    from util.datasets import build_image_folder
+    root = image_folder_with_loops(tmp_path)
+    folder = build_image_folder(str(root), 'train', None)
+    assert sorted(os.path.relpath(path, root) for path, _ in folder.samples) == \
+        [f'train/{c}/{i}.png' for c in 'ab' for i in range(3)]
+    # a link to another real folder is still followed (a class folder assembled from links)
+    os.symlink(root / 'train' / 'b', root / 'train' / 'a' / 'more')
+    assert len(build_image_folder(str(root), 'train', None).samples) == 9
+
+
+def folder_with_other_val_classes(small_folder, root):
+    shutil.copytree(small_folder, root)
+    first = sorted(os.listdir(root / 'val'))[0]
+    os.rename(root / 'val' / first, root / 'val' / 'zebra')
+    return first
+
+
+def test_val_classes_that_differ_from_train_are_refused(small_folder, tmp_path):
+    renamed = folder_with_other_val_classes(small_folder, tmp_path / 'data')
+    with pytest.raises(UsageError, match=rf"only in train/: \['{renamed}'\], only in val/: \['zebra'\]"):
+        run_finetune('--model', 'vit_tiny_patch8', '--input_size', 64, '--device', 'cpu', '--num_workers', 0,
+                     '--data_path', tmp_path / 'data', '--epochs', 1, '--warmup_epochs', 0,
+                     '--output_dir', tmp_path / 'out')
+    with pytest.raises(UsageError, match='--nb_classes 0 is fewer than the 2 class folders'):
+        run_finetune('--model', 'vit_tiny_patch8', '--input_size', 64, '--device', 'cpu', '--num_workers', 0,
+                     '--data_path', small_folder, '--nb_classes', 0, '--output_dir', tmp_path / 'out2')
+
+
+def test_pictures_skip_unreadable_images_and_read_huge_jpegs(tmp_path, monkeypatch):
+    from util.datasets import eval_transform, load_eval_images
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    broken = write_broken_files(folder)
+    good = []
+    for i in range(3):
+        good.append(folder / f'z{i}.jpg')
+        ramp = np.add.outer(np.arange(40) * (2 + i), np.arange(48) * 3)[..., None] + np.array([0, 40, 80])
+        Image.fromarray(np.clip(ramp, 0, 255).astype(np.uint8)).save(good[-1])  # smooth: resampling agrees
+    images = load_eval_images(str(folder), 2, 32)
+    # 6 sorted files (empty, text, truncated, z0, z1, z2): the picks at 0 and 3 skip the broken ones;
+    # the tensor resize differs from Pillow's by rounding (4 of 255 at most: 0.07 normalised)
+    expected = torch.stack([eval_transform(32)(Image.open(path).convert('RGB')) for path in good[:2]])
+    torch.testing.assert_close(images, expected, atol=0.08, rtol=0)
+    with pytest.raises(UsageError, match='no readable image in --data_path'):
+        load_eval_images(broken[0], 2, 32)
+    expected = eval_transform(32)(Image.open(good[2]).convert('RGB'))
+    # a JPEG above Pillow's decompression-bomb limit (lowered here to 1,000 pixels): decoded anyway
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 500)
+    torch.testing.assert_close(load_eval_images(str(good[2]), 1, 32)[0], expected, atol=0.08, rtol=0)
+
+
+def test_files_that_are_not_checkpoints_get_advice_that_holds(tmp_path):
+    text = tmp_path / 'notes.pth'
+    text.write_text('model: vit_base\n')
+    with pytest.raises(UsageError, match='is not a PyTorch checkpoint') as error:
+        checkpoint.load(str(text))
+    objects = tmp_path / 'objects.pth'
+    torch.save({'model': {}, 'run': np.random.default_rng(0)}, objects)
+    with pytest.raises(UsageError, match='holds a Python object') as error2:
+        checkpoint.load(str(objects))
+    for e in (error, error2):
+        assert 'weights_only' not in str(e.value)
+
+
+def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_path):
+    run_pretrain(*TINY, '--max_steps', 1, '--batch_size', 8, '--epochs', 1, '--warmup_epochs', 0,
+                 '--output_dir', tmp_path)
+    with pytest.raises(UsageError) as error:
+        run_pretrain(*TINY[:1], 'maskfeat_vit_tiny', *TINY[2:], '--max_steps', 2, '--batch_size', 8, '--epochs', 1,
+                     '--warmup_epochs', 0, '--output_dir', tmp_path)
+    assert '--model mae_vit_tiny' in str(error.value) and '--finetune' not in str(error.value)
+
+
+def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys):
+    _, finetuned = demo_finetuning
+    stats = run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--input_size', 64, '--device', 'cpu',
+                         '--num_workers', 0, '--data_path', 'demo', '--output_dir', '')
+    assert 'model vit_tiny_patch8:' in capsys.readouterr().out
+    assert stats['acc1'] > 0
