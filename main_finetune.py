@@ -44,7 +44,8 @@ from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_
                          print_outputs, resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
 from util.optim import build_adamw, build_lars, param_groups
-from util.registry import create_classifier, finetune_recipe_of, native_input_size, supervised_recipe_of
+from util.registry import (create_classifier, finetune_recipe_of, model_names_by_method, native_input_size,
+                           supervised_recipe_of)
 
 AA_DEFAULT = 'rand-m9-mstd0.5-inc1'
 # The published recipes; None in a flag's default means "the recipe of the mode decides".
@@ -73,22 +74,25 @@ def recipe_note(key):
     values = [RECIPES[m].get(key) for m in ('finetune', 'linprobe', 'scratch')]
     if all(v is None for v in values):
         return 'default: the recipe of the mode'
-    return BY_MODE.format(' / '.join(str(v) for v in values)) + \
-        ' (with --finetune, the checkpoint\'s own fine-tuning recipe when its pre-training has one, e.g. SimMIM\'s)'
+    return BY_MODE.format(' / '.join('off' if v is None else str(v) for v in values))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Fine-tuning, linear probing and evaluation of classifiers', add_help=True)
+    parser = argparse.ArgumentParser(
+        description='Fine-tuning, linear probing, evaluation and supervised training of classifiers. Flags left out '
+                    'take the recipe of the mode; with --finetune, the fine-tuning recipe published with the '
+                    'checkpoint\'s pre-training where it has one (SimMIM\'s, MaskFeat\'s, MAE-HiViT\'s) wins.')
     add_schedule_args(parser, recipe_note)
     parser.add_argument('--layer_decay', type=float, default=None,
                         help='layer-wise lr decay; ' + recipe_note('layer_decay') + ' (1 or none: off)')
 
     parser.add_argument('--model', default=None, type=str,
-                        help='any timm model name, e.g. vit_base_patch16, vit_large_patch16, swin_base_patch4_window7_224, '
+                        help='any timm model name, e.g. vit_base_patch16, swin_base_patch4_window7_224, '
                              'beit_base_patch16_224, seresnet50 (default: vit_base_patch16, or the classifier of the '
-                             'checkpoint\'s fine-tuning recipe, e.g. swin_base_patch4_window7_224 for SimMIM Swin-B; '
-                             'fine-tuning vit_large_patch16/vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, '
-                             'blr 1e-3, layer decay 0.75, drop path 0.2/0.3)')
+                             'checkpoint\'s fine-tuning recipe, e.g. swin_base_patch4_window7_224 for SimMIM Swin-B, or '
+                             'with --eval the model its checkpoint records; fine-tuning vit_large_patch16/'
+                             'vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, blr 1e-3, layer decay '
+                             f'0.75, drop path 0.2/0.3). This project\'s own: {model_names_by_method(pretraining=False)}')
     parser.add_argument('--input_size', default=None, type=int,
                         help='image size in pixels (default: the size the model is built for, 224 for most)')
     parser.add_argument('--head_init_std', default=None, type=float,

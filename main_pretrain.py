@@ -28,7 +28,7 @@ from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_
 from util.logger import RunLogger
 from util.optim import build_adamw, param_groups
 from util.pictures import ReconstructionMonitor
-from util.registry import create_pretrain_model, pretrain_recipe
+from util.registry import create_pretrain_model, model_names_by_method, pretrain_recipe
 
 DEFAULT_MODEL = 'mae_vit_base_patch16'
 VIS_IMAGES = 8  # the rows of the reconstructions in TensorBoard
@@ -42,10 +42,12 @@ def recipe_note(flag):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Masked-image-modeling pre-training', add_help=True)
+    parser = argparse.ArgumentParser(description='Masked-image-modeling pre-training (MAE, SimMIM, MaskFeat, '
+                                                 'MAE-HiViT). Flags left out take the published recipe of --model.')
     add_schedule_args(parser, recipe_note)
     parser.add_argument('--model', default=DEFAULT_MODEL, type=str,
-                        help='model name, e.g. mae_vit_base, simmim_swin_base, simmim_vit_base')
+                        help=f'pre-training model, by official name or alias (default: %(default)s). '
+                             f'{model_names_by_method()}')
     parser.add_argument('--input_size', default=None, type=int, help='image size in pixels; ' + recipe_note('input_size'))
     parser.add_argument('--crop_min', default=None, type=float,
                         help='smallest area of the random crop, as a fraction of the image; ' + recipe_note('crop_min'))

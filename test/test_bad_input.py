@@ -141,3 +141,19 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys):
                          '--num_workers', 0, '--data_path', 'demo', '--output_dir', '')
     assert 'model vit_tiny_patch8:' in capsys.readouterr().out
     assert stats['acc1'] > 0
+
+
+def test_help_names_the_script_the_models_and_every_default():
+    import main_pretrain
+    result = run_script(sys.executable, 'main_finetune.py', '--help')
+    assert result.returncode == 0 and result.stdout.startswith('usage: main_finetune.py [-h]')
+    pretrain_help = main_pretrain.get_args_parser().format_help()
+    for text in (result.stdout, pretrain_help):
+        words = ' '.join(text.split())
+        assert 'None' not in words and '--seed SEED seeds the initial weights' in words
+        assert words.count("the checkpoint's pre-training") <= 1  # said once, not after every recipe flag
+    words = ' '.join(pretrain_help.split())
+    from util.registry import pretrain_model_names
+    assert all(name in words for name in pretrain_model_names())
+    assert 'MAE: mae_vit_base_patch16,' in words and 'HiViT: mae_hivit_base_dec512d6b' in words
+    assert 'HiViT: hivit_base, hivit_large' in ' '.join(result.stdout.split())

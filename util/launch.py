@@ -104,7 +104,9 @@ def add_run_args(parser):
     parser.add_argument('--peak_tflops', default=None, type=float,
                         help='dense peak TFLOP/s of one device at --precision, for the mfu of the logs (default: '
                              'util/flops.py\'s table: H100, H200, A100, Ascend 910B; none for the CPU)')
-    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--seed', default=0, type=int,
+                        help='seeds the initial weights, the data order, every crop, flip and mask: the same seed '
+                             'gives the same run on any number of processes and workers (default: %(default)s)')
     parser.add_argument('--resume', default='',
                         help='checkpoint to resume from (default: <output_dir>/checkpoint-last.pth if present)')
     parser.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')

@@ -112,6 +112,22 @@ def pretrain_model_names():
     return sorted(_PRETRAIN_MODELS)
 
 
+METHODS = {'models_mae': 'MAE', 'models_vit': 'ViT', 'models_simmim': 'SimMIM', 'models_maskfeat': 'MaskFeat',
+           'models_hivit': 'HiViT'}
+
+
+def model_names_by_method(pretraining=True):
+    """For --help: the registered pre-training models (or this project's timm classifiers), one
+    'Method: name, name, ...' line a model file, in MODEL_FILES' order."""
+    import_model_files()
+    if pretraining:
+        by_file = {m: [n for n, f in _PRETRAIN_MODELS.items() if f.__module__ == m] for m in MODEL_FILES}
+    else:
+        import timm
+        by_file = {m: timm.list_models(module=m) for m in MODEL_FILES}
+    return '; '.join(f'{METHODS[m]}: {", ".join(names)}' for m, names in by_file.items() if names)
+
+
 def _unknown(kind, name, names):
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
     hint = f'closest: {", ".join(close)}' if close else f'known: {", ".join(names[:20])}, ...'
