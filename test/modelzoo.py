@@ -30,6 +30,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -198,6 +199,8 @@ class Case:
             log.write(' '.join(command) + '\n')
             process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
+            # Ctrl-C reaches the run too, which saves and stops: the case waits for it, then reports
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             errors = []  # the entry point's one-line errors, repeated below torchrun's report
             exit_codes = []  # the ranks' exit codes, from torchrun's failure report (its own is 1)
             for line in process.stdout:

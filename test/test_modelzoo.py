@@ -223,3 +223,18 @@ def test_relative_paths_are_the_callers(tmp_path, monkeypatch):
     assert args[args.index('--data_path') + 1] == str(tmp_path / 'imagenet')
     assert args[args.index('--finetune') + 1] == str(tmp_path / 'ckpt.pth')
     assert case.run_dir == str(tmp_path / 'out' / case.name)
+
+
+def test_the_scripts_run_python_and_exit_with_the_runs_status(tmp_path):
+    """$PYTHON runs the case (else the active venv's python, else python3), and the script's exit
+    status is the run's own: 3 for a loss that diverged, as its last line says."""
+    wrapper = tmp_path / 'bin' / 'python'
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$0" > {tmp_path / "used"}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    result = run_script('bash', os.path.join('test', 'pretrain_performance_1p.sh'), *PRETRAIN, '--max_steps=4',
+                        '--log_freq=1', '--num_workers', '0', '--blr', '1e30', f'--output_dir={tmp_path / "out"}',
+                        env={'PYTHON': '', 'VIRTUAL_ENV': str(tmp_path)})
+    assert (tmp_path / 'used').read_text().strip() == str(wrapper)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith('error: training failed (exit status 3): the loss is nan')
