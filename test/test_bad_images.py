@@ -113,7 +113,7 @@ def test_empty_folders_are_clear_errors(small_folder, tmp_path):
     root = tmp_path / 'data'
     shutil.copytree(small_folder, root)
     (root / 'train' / 'empty_class').mkdir()
-    with pytest.raises(UsageError, match='Found no valid file for the classes empty_class'):
+    with pytest.raises(UsageError, match='found no valid image in the class folder.s. empty_class'):
         build_image_folder(str(root), 'train', None)
     empty = tmp_path / 'empty'
     (empty / 'train').mkdir(parents=True)

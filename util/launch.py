@@ -82,6 +82,21 @@ def apply_recipe(args, recipe):
             setattr(args, key, list(value) if isinstance(value, tuple) else value)
     if args.clip_grad == 0:
         args.clip_grad = None
+    check_warmup_fits(args, given_warmup='warmup_epochs' in given)
+
+
+def check_warmup_fits(args, given_warmup):
+    """A warm-up longer than the run never reaches the peak lr: refused when --warmup_epochs says
+    so, said in a warning line when the recipe's warm-up meets a shorter --epochs (short trials of
+    a recipe, --max_steps runs)."""
+    warmup, epochs = getattr(args, 'warmup_epochs', None), getattr(args, 'epochs', None)
+    if warmup is None or epochs is None or warmup <= epochs:
+        return
+    if given_warmup:
+        raise UsageError(f'--warmup_epochs {warmup} does not fit a run of --epochs {epochs}: the lr would never '
+                         f'reach its peak; give --warmup_epochs between 0 and {epochs}')
+    print(f'warning: the recipe\'s {warmup} warm-up epochs are more than --epochs {epochs}: the lr rises for the '
+          f'whole run and never reaches --lr (give --warmup_epochs to choose)', flush=True)
 
 
 def add_run_args(parser):
@@ -171,9 +186,8 @@ def check_schedule_values(args):
             least = 'above 0' if name in POSITIVE else '0 or more'
             raise UsageError(f'--{name} must be a finite number {least}, got {value}')
     warmup = getattr(args, 'warmup_epochs', None)
-    if warmup is not None and (warmup < 0 or warmup > args.epochs):
-        raise UsageError(f'--warmup_epochs {warmup} does not fit a run of --epochs {args.epochs}: the lr would never '
-                         f'reach its peak; give --warmup_epochs between 0 and {args.epochs}')
+    if warmup is not None and warmup < 0:
+        raise UsageError(f'--warmup_epochs must be 0 or more, got {warmup}')
 
 
 # What --align's warn_only deterministic mode warned about: ops that ran without a deterministic
