@@ -287,6 +287,8 @@ class HiViTMaskedAutoencoder(HiViT):
         self.hifeat, self.norm_pix_loss, self.patch_size = hifeat, norm_pix_loss, patch_size
         grid = self.patch_embed.patches_resolution[0]
         self.norm = norm_layer(7 * embed_dim if hifeat else embed_dim)
+        if not hifeat:  # the official code normalises only the hifeat features: the norm stays (its keys), unused
+            self.norm.requires_grad_(False)
 
         self.decoder_embed = nn.Linear(self.norm.normalized_shape[0], decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -338,10 +340,8 @@ class HiViTMaskedAutoencoder(HiViT):
         ids_keep, mask, ids_restore = masking_order(noise, imgs.shape[0], self.num_patches, mask_ratio, imgs.device)
         if self.hifeat:
             features = self.forward_features(imgs, ids_keep, return_hifeat=True)
-            x = torch.cat([f.flatten(2) for f in features], dim=-1)
-        else:
-            x = self.forward_features(imgs, ids_keep)
-        return self.norm(x), mask, ids_restore
+            return self.norm(torch.cat([f.flatten(2) for f in features], dim=-1)), mask, ids_restore
+        return self.forward_features(imgs, ids_keep), mask, ids_restore
 
     def forward_decoder(self, x, ids_restore):
         """

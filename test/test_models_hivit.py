@@ -249,3 +249,15 @@ def test_bad_sizes_are_refused():
         models_hivit.HiViT(**{**ARCH, 'img_size': 72})
     with pytest.raises(ValueError, match='no cls token'):
         timm.create_model('hivit_tiny_patch8_64', global_pool='token')
+
+
+def test_without_hifeat_the_encoder_output_is_not_normalised():
+    """The official MAE-HiViT normalises the encoder's output only with hifeat (its forward_encoder);
+    without, the latent is the main stage's tokens as they are, and the unused norm is not trained."""
+    model = models_hivit.HiViTMaskedAutoencoder(**ARCH, **{**MAE_DECODER, 'hifeat': False}).eval()
+    imgs, noise = inputs()
+    ids_keep = torch.argsort(noise, dim=1)[:, :4]
+    with torch.no_grad():
+        latent, _, _ = model.forward_encoder(imgs, 0.75, noise)
+        torch.testing.assert_close(latent, model.forward_features(imgs, ids_keep))
+    assert 'norm.weight' in model.state_dict() and not model.norm.weight.requires_grad
