@@ -158,7 +158,7 @@ def test_help_names_the_script_the_models_and_every_default():
     for text in (result.stdout, pretrain_help):
         words = ' '.join(text.split())
         assert 'None' not in words and '--seed SEED seeds the initial weights' in words
-        assert words.count("the checkpoint's pre-training") <= 1  # said once, not after every recipe flag
+        assert words.count('with --finetune') <= 1  # the recipe clause said once, not after every recipe flag
     words = ' '.join(pretrain_help.split())
     from util.registry import pretrain_model_names
     assert all(name in words for name in pretrain_model_names())

@@ -276,18 +276,17 @@ def load_eval_images(data_path, count, input_size):
     a readable image, is a UsageError. returns: (N <= count, 3, S, S)"""
     paths = image_paths_of(data_path)
     transform = eval_transform(input_size, tensors=True)
-    starts = [i * len(paths) // min(count, len(paths)) for i in range(min(count, len(paths)))]
-    images, taken, skipped = [], set(), []
-    for start in starts:
-        for index in range(start, len(paths)):
-            if index in taken:
-                continue
-            taken.add(index)
+    count = min(count, len(paths))
+    images, skipped, index = [], [], -1
+    for start in (i * len(paths) // count for i in range(count)):
+        index = max(start, index + 1)  # past the files an earlier pick tried
+        while index < len(paths):
             try:
                 images.append(transform(load_rgb_tensor(paths[index])))
                 break
             except UnreadableImage as e:
                 skipped.append(str(e))
+                index += 1
     if skipped:
         print(f'skipped {len(skipped)} unreadable image(s) for the pictures: {"; ".join(skipped[:3])}')
     if not images:

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import socket
-import tempfile
 import warnings
 
 import torch
@@ -176,8 +175,8 @@ POSITIVE = ('lr', 'blr', 'clip_grad', 'lr_gamma')
 
 def check_schedule_values(args):
     """Refuse a learning rate, bound or factor that is negative, NaN or infinite (a run would
-    train nowhere, or diverge at its first step), and a warm-up longer than the run (the lr
-    would never reach its peak)."""
+    train nowhere, or diverge at its first step), and a negative warm-up (`check_warmup_fits`
+    judges one longer than the run)."""
     for name in NON_NEGATIVE:
         value = getattr(args, name, None)
         if value is None:
@@ -217,19 +216,6 @@ def alignment_summary():
             f'differ beyond rounding: {"; ".join(NONDETERMINISTIC_OPS)}')
 
 
-def check_output_dir(output_dir):
-    """Make --output_dir and write a file in it, so that a path that is a file, lies under a
-    file, or is read-only is one line now rather than a traceback at the first checkpoint."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        reason = e.strerror or first_line(e)
-        raise UsageError(f'--output_dir {output_dir}: cannot write there ({reason}): give a folder you can write '
-                         f'to') from None
-
-
 _OUTPUT_DIR_LOCKS = {}  # real path -> the open lock file, held until the process ends
 
 
@@ -237,16 +223,23 @@ def lock_output_dir(output_dir):
     """Hold an flock on <output_dir>/.lock for the life of this process, so that a second run
     started in the same folder refuses instead of interleaving its checkpoints and logs. The
     operating system drops the lock when the process ends, crashed or killed included, so it
-    never stays stuck. Taking it again in the same process (runs one after the other) is fine."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): no protection
-        return
-    os.makedirs(output_dir, exist_ok=True)
+    never stays stuck. Taking it again in the same process (runs one after the other) is fine.
+    Writing the lock file also proves the folder writable: a path that is a file, lies under a
+    file, or is read-only is one line now rather than a traceback at the first checkpoint."""
     key = os.path.realpath(output_dir)
     if key in _OUTPUT_DIR_LOCKS:
         return
-    handle = open(os.path.join(output_dir, '.lock'), 'a+')
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle = open(os.path.join(output_dir, '.lock'), 'a+')
+    except OSError as e:
+        raise UsageError(f'--output_dir {output_dir}: cannot write there ({e.strerror or first_line(e)}): give a '
+                         f'folder you can write to') from None
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the folder is checked, but not protected
+        handle.close()
+        return
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -285,7 +278,6 @@ def start_run(args, deterministic=False):
         device.use_fast_fp32()
     dist.init_process_group(world, device)
     if args.output_dir and dist.is_main_process():
-        check_output_dir(args.output_dir)
         lock_output_dir(args.output_dir)
     signals.join_agreement_group()
     precision = device.resolve_precision(args.precision)

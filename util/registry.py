@@ -13,7 +13,8 @@ import importlib
 from util.errors import UsageError, first_line
 
 # The flat model files at the top of the repository; a new method adds its file here.
-MODEL_FILES = ('models_mae', 'models_vit', 'models_simmim', 'models_maskfeat', 'models_hivit')
+MODEL_FILES = {'models_mae': 'MAE', 'models_vit': 'ViT', 'models_simmim': 'SimMIM', 'models_maskfeat': 'MaskFeat',
+               'models_hivit': 'HiViT'}  # file: the method, for --help
 
 _PRETRAIN_MODELS = {}
 _RECIPES = {}
@@ -112,10 +113,6 @@ def pretrain_model_names():
     return sorted(_PRETRAIN_MODELS)
 
 
-METHODS = {'models_mae': 'MAE', 'models_vit': 'ViT', 'models_simmim': 'SimMIM', 'models_maskfeat': 'MaskFeat',
-           'models_hivit': 'HiViT'}
-
-
 def model_names_by_method(pretraining=True):
     """For --help: the registered pre-training models (or this project's timm classifiers), one
     'Method: name, name, ...' line a model file, in MODEL_FILES' order."""
@@ -125,7 +122,7 @@ def model_names_by_method(pretraining=True):
     else:
         import timm
         by_file = {m: timm.list_models(module=m) for m in MODEL_FILES}
-    return '; '.join(f'{METHODS[m]}: {", ".join(names)}' for m, names in by_file.items() if names)
+    return '; '.join(f'{MODEL_FILES[m]}: {", ".join(names)}' for m, names in by_file.items() if names)
 
 
 def _unknown(kind, name, names):
