@@ -50,8 +50,11 @@ class SwinEncoder(timm_swin.SwinTransformer):
         return self.patch_embed.patch_size[0] * 2 ** (len(self.layers) - 1)
 
     def no_weight_decay(self):
-        """The relative position tables (timm's list) and the mask token, as the official code."""
-        return super().no_weight_decay() | {'mask_token'}
+        """The mask token only (besides 1-D parameters and biases), as the official pre-training: its
+        Swin also names `relative_position_bias_table` as a keyword to exempt, but SimMIM prefixes
+        it with `encoder.`, which no parameter name contains, so the tables are decayed (when
+        fine-tuning, timm's Swin exempts them, as the official code does there)."""
+        return {'mask_token'}
 
     def forward_masked(self, x, mask):
         """
@@ -102,7 +105,7 @@ class BeitEncoder(timm_beit.Beit):
 
     def no_weight_decay(self):
         """The cls token only, as the official ViT: its mask token and relative position table are
-        decayed (the official Swin exempts both)."""
+        decayed (the official Swin exempts its mask token only)."""
         return {'cls_token'}
 
     def forward_masked(self, x, mask):

@@ -141,18 +141,28 @@ def test_step_schedule():
 
 
 def test_weight_decay_as_the_official_code():
-    """Swin: no decay on 1-D parameters, biases, the mask token and the relative position tables.
-    ViT: the official code exempts only the cls token besides them (its mask token and shared table
-    are decayed)."""
+    """The official get_pretrain_param_groups: no decay for 1-D parameters, biases, the names of
+    model.no_weight_decay() and the names containing a keyword of no_weight_decay_keywords(); the
+    official SimMIM prefixes both sets with 'encoder.'. Its Swin's sets are {'absolute_pos_embed',
+    'mask_token'} and the keyword {'relative_position_bias_table'} (which, prefixed, matches no
+    name: the tables are decayed); its ViT's {'pos_embed', 'cls_token'} and no keyword."""
     import models_simmim
     from util.optim import param_groups
-    for model, exempt in ((models_simmim.simmim_swin_tiny_patch4_window4_64(depths=(1, 1, 1, 1)),
-                           lambda n: n == 'encoder.mask_token' or n.endswith('relative_position_bias_table')),
-                          (models_simmim.simmim_vit_tiny_patch8_64(depth=2), lambda n: n == 'encoder.cls_token')):
+
+    def official_exempt(name, param, skip, keywords):
+        prefixed = {f'encoder.{k}' for k in keywords}
+        return (len(param.shape) == 1 or name.endswith('.bias') or name in {f'encoder.{k}' for k in skip}
+                or any(k in name for k in prefixed))
+
+    for model, skip, keywords in (
+            (models_simmim.simmim_swin_tiny_patch4_window4_64(depths=(1, 1, 1, 1)),
+             {'absolute_pos_embed', 'mask_token'}, {'relative_position_bias_table'}),
+            (models_simmim.simmim_vit_tiny_patch8_64(depth=2), {'pos_embed', 'cls_token'}, set())):
         names = {id(p): n for n, p in model.named_parameters()}
         no_decay = {names[id(p)] for g in param_groups(model, 0.05) if g['weight_decay'] == 0 for p in g['params']}
-        expected = {n for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith('.bias') or exempt(n)}
+        expected = {n for n, p in model.named_parameters() if official_exempt(n, p, skip, keywords)}
         assert no_decay == expected
+        assert any('relative_position_bias_table' in n for n in set(names.values()) - no_decay)
 
 
 def test_masks_are_drawn_per_sample_from_seed_epoch_and_index():
