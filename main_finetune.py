@@ -43,13 +43,15 @@ from util.images import BadImages
 from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, merge_recipes,
                          print_outputs, resume_training, set_learning_rate, start_run)
 from util.logger import RunLogger
+from util.lr_sched import LAYER_LR_BOUNDS
 from util.optim import build_adamw, build_lars, param_groups
 from util.registry import (create_classifier, finetune_recipe_of, model_names_by_method, native_input_size,
                            supervised_recipe_of)
 
 AA_DEFAULT = 'rand-m9-mstd0.5-inc1'
 # The published recipes; None in a flag's default means "the recipe of the mode decides".
-COMMON = dict(model='vit_base_patch16', batch_size=64, opt_betas=(0.9, 0.999))
+COMMON = dict(model='vit_base_patch16', batch_size=64, opt_betas=(0.9, 0.999), layer_lr_bounds='scaled',
+              head_init_bias=0.0)
 RECIPES = {
     # MAE fine-tuning, ViT-B/16: 83.6 top-1 (batch 1024; ViT-L/H: layer decay 0.75, drop path 0.2/0.3, 50 epochs)
     'finetune': dict(COMMON, epochs=100, blr=5e-4, weight_decay=0.05, min_lr=1e-6, warmup_epochs=5, layer_decay=0.65,
@@ -85,6 +87,11 @@ def get_args_parser():
     add_schedule_args(parser, recipe_note)
     parser.add_argument('--layer_decay', type=float, default=None,
                         help='layer-wise lr decay; ' + recipe_note('layer_decay') + ' (1 or none: off)')
+    parser.add_argument('--layer_lr_bounds', default=None, choices=tuple(LAYER_LR_BOUNDS),
+                        help='under layer decay, whether the lr the warm-up starts from and the floor (min lr) are '
+                             'times each layer\'s scale too: scaled (MAE, MAE-HiViT), shared (SimMIM: both the same '
+                             'in every layer, as timm\'s schedulers) or warmup_scaled (MaskFeat: as mmpretrain\'s '
+                             'LinearLR and CosineAnnealingLR); default: the recipe\'s, scaled for MAE\'s')
 
     parser.add_argument('--model', default=None, type=str,
                         help='any timm model name, e.g. vit_base_patch16, swin_base_patch4_window7_224, '
@@ -97,6 +104,8 @@ def get_args_parser():
                         help='image size in pixels (default: the size the model is built for, 224 for most)')
     parser.add_argument('--head_init_std', default=None, type=float,
                         help='std of the normal the new head is drawn from; ' + recipe_note('head_init_std'))
+    parser.add_argument('--head_init_bias', default=None, type=float,
+                        help='value the new head\'s bias starts at (default: the recipe\'s: 0, MaskFeat\'s 2e-5)')
     parser.add_argument('--drop_path', type=float, default=None, help='stochastic depth; ' + recipe_note('drop_path'))
     parser.add_argument('--nb_classes', default=None, type=int,
                         help='classes of the head (default: the number of class folders in train/)')
@@ -127,7 +136,9 @@ def get_args_parser():
     # augmentation (timm), MAE's names
     parser.add_argument('--crop_min', type=float, default=0.08,
                         help='smallest area of the random crop, as a fraction of the image (fine-tuning and probing)')
-    parser.add_argument('--color_jitter', type=float, default=None, help='colour jitter strength (used without --aa)')
+    parser.add_argument('--color_jitter', type=float, default=None,
+                        help='colour jitter of brightness, contrast and saturation, after RandAugment when --aa is on '
+                             '(default: off; the recipe\'s: MaskFeat\'s 0.4)')
     parser.add_argument('--aa', type=str, default=None,
                         help=f'RandAugment policy, "none" for none; {recipe_note("aa")}')
     parser.add_argument('--smoothing', type=float, default=None, help='label smoothing; ' + recipe_note('smoothing'))
@@ -247,7 +258,8 @@ def build_model(args, num_classes, resuming):
     model = create_classifier(args.model, img_size=args.input_size, num_classes=num_classes,
                               drop_path_rate=args.drop_path, global_pool='avg' if args.global_pool else 'token')
     if args.finetune and not resuming:
-        report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std)
+        report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std,
+                                            head_init_bias=args.head_init_bias)
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
         for key in ('missing', 'unexpected', 'dropped', 'resized'):
             if report[key]:

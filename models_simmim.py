@@ -308,10 +308,12 @@ def official_pretraining(ckpt):
 
 PER_512 = 0.5  # converts a published rate per 512 images to this project's per 256
 
+# Fine-tuning: timm's scheduler starts the warm-up of every layer at the same lr and ends every
+# layer's cosine at the same floor (layer_lr_bounds 'shared').
 FINETUNE = dict(epochs=100, warmup_epochs=20, blr=1.25e-3 * PER_512, warmup_blr=2.5e-7 * PER_512,
-                min_blr=2.5e-7 * PER_512, lr_schedule='cosine_whole_run', weight_decay=0.05, drop_path=0.1,
-                clip_grad=5.0, aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25,
-                batch_size=128, effective_batch=2048, global_pool=True)
+                min_blr=2.5e-7 * PER_512, lr_schedule='cosine_whole_run', layer_lr_bounds='shared', weight_decay=0.05,
+                drop_path=0.1, clip_grad=5.0, aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0, smoothing=0.1,
+                reprob=0.25, batch_size=128, effective_batch=2048, global_pool=True)
 PRETRAIN = dict(batch_size=128, effective_batch=2048, weight_decay=0.05, opt_betas=(0.9, 0.999), clip_grad=5.0,
                 crop_min=0.67, interpolation='bilinear', mask_ratio=0.6, mask_patch_size=32, warmup_epochs=10)
 # Swin-B, 100 epochs: 83.5 top-1 after fine-tuning (layer decay 0.9)

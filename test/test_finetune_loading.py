@@ -42,6 +42,9 @@ def test_official_encoder_checkpoint_at_another_image_size(tmp_path):
     # the head starts tiny (std 2e-5) with zero bias
     assert 0 < state['head.weight'].std() < 1e-4 and not state['head.bias'].any()
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    # MaskFeat's recipe (mmpretrain's TruncNormal(std=2e-5, bias=2e-5)) starts the bias at 2e-5
+    checkpoint.load_pretrained(model, str(path), head_init_std=2e-5, head_init_bias=2e-5)
+    assert torch.equal(model.head.bias, torch.full((10,), 2e-5))
 
 
 def test_full_pretraining_checkpoint_drops_the_decoder(tmp_path):

@@ -204,3 +204,28 @@ def test_published_recipes():
     no_decay = {names[id(p)] for g in param_groups(model, 0.05) if g['weight_decay'] == 0 for p in g['params']}
     assert 'encoder.mask_token' in no_decay and 'encoder.pos_embed' not in no_decay
     assert 'encoder.cls_token' not in no_decay
+
+
+def test_fine_tuning_recipe_is_mmpretrains(tmp_path):
+    """mmpretrain's maskfeat benchmarks/vit-base-p16_8xb256-coslr-100e_in1k: AdamW lr 8e-3 at 2048, layer
+    decay 0.65, LinearLR from start_factor 1e-4 over 20 epochs, CosineAnnealingLR to eta_min 1e-6 (the
+    same floor in every layer), RandAugment then ColorJitter(0.4, 0.4, 0.4), random erasing 0.25, the head
+    TruncNormal(std=2e-5, bias=2e-5)."""
+    import main_finetune
+    from util import dist
+    from util.datasets import finetune_transform
+    from util.launch import set_learning_rate
+    torch.save({'model': {}, 'args': {'model': 'maskfeat_vit_base', 'epochs': 300}}, tmp_path / 'maskfeat.pth')
+    args = main_finetune.get_args_parser().parse_args(['--data_path', 'demo', '--finetune', str(tmp_path / 'maskfeat.pth'),
+                                                       '--accum_iter', '8'])
+    main_finetune.fill_recipe(args)
+    assert dist.effective_batch_size(args) == 2048
+    set_learning_rate(args)
+    assert (args.lr, args.warmup_lr, args.min_lr) == pytest.approx((8e-3, 8e-3 * 1e-4, 1e-6))
+    assert (args.layer_decay, args.layer_lr_bounds, args.warmup_epochs, args.epochs) == (0.65, 'warmup_scaled', 20, 100)
+    assert (args.head_init_std, args.head_init_bias, args.reprob) == (2e-5, 2e-5, 0.25)
+    names = [type(t).__name__ for t in finetune_transform(args).transforms]
+    assert names.index('ColorJitter') == names.index('RandAugment') + 1
+    jitter = finetune_transform(args).transforms[names.index('ColorJitter')]
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4),
+                                                                                   None)

@@ -66,6 +66,7 @@ def test_finetuning_recipe_comes_with_a_simmim_checkpoint(tmp_path):
             (model, layer_decay, 100, 20, 5.0)
         assert (args.blr * 2, args.warmup_blr * 2, args.min_blr * 2) == pytest.approx((1.25e-3, 2.5e-7, 2.5e-7))
         assert args.min_lr is None and args.input_size == 224
+        assert args.layer_lr_bounds == 'shared'  # timm's scheduler: one warm-up start and floor for every layer
 
 
 def test_official_checkpoint_with_its_yacs_configuration(tmp_path, monkeypatch):

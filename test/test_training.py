@@ -38,6 +38,74 @@ def test_adjust_learning_rate_scales_each_group():
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.5, 0.05])
 
 
+SCALES = (1.0, 0.65, 0.65 ** 5)  # three layer-decay groups
+
+
+def flat(rows):
+    return [x for row in rows for x in row]
+
+
+def group_lrs_by_step(bounds, steps_per_epoch, epochs, **schedule):
+    """The lr of each SCALES group at every optimizer step, as adjust_learning_rate sets them."""
+    optimizer = torch.optim.SGD([{'params': [torch.zeros(1, requires_grad=True)], 'lr_scale': s} for s in SCALES],
+                                lr=1.0)
+    args = type('Args', (), dict(layer_lr_bounds=bounds, epochs=epochs, **schedule))()
+    lrs = []
+    for t in range(epochs * steps_per_epoch):
+        adjust_learning_rate(optimizer, t / steps_per_epoch, args)
+        lrs.append([g['lr'] for g in optimizer.param_groups])
+    return lrs
+
+
+def test_layer_decay_bounds_follow_each_official_schedule():
+    """Under layer decay each group's peak lr is lr x its scale; what the warm-up starts from and the
+    floor follow the official code of each method, compared step by step with it:
+    - scaled (MAE's lr_sched.adjust_learning_rate, written out): the whole schedule times the scale;
+    - shared (SimMIM: timm's CosineLRScheduler on groups whose lr is lr x scale): every group warms up
+      from the same lr and ends at the same floor;
+    - warmup_scaled (MaskFeat: mmpretrain's LinearLR(start_factor) then CosineAnnealingLR(eta_min), as
+      torch's schedulers of the same names): the warm-up starts at a fraction of each group's lr, the
+      floor is shared."""
+    from timm.scheduler import CosineLRScheduler
+    spe, epochs, warmup, lr, min_lr = 5, 12, 3, 1e-3, 1e-5
+
+    def mae(t):
+        epoch = t / spe
+        at = lr * epoch / warmup if epoch < warmup else \
+            min_lr + (lr - min_lr) * 0.5 * (1. + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+        return [at * s for s in SCALES]
+    ours = group_lrs_by_step('scaled', spe, epochs, lr=lr, min_lr=min_lr, warmup_epochs=warmup, warmup_lr=0.0)
+    assert flat(ours) == pytest.approx(flat(mae(t) for t in range(epochs * spe)), rel=1e-9)
+
+    warmup_lr = 1e-6
+    optimizer = torch.optim.SGD([{'params': [torch.zeros(1, requires_grad=True)], 'lr': lr * s} for s in SCALES])
+    timm_sched = CosineLRScheduler(optimizer, t_initial=epochs * spe, lr_min=min_lr, warmup_lr_init=warmup_lr,
+                                   warmup_t=warmup * spe, cycle_limit=1, t_in_epochs=False)
+    ours = group_lrs_by_step('shared', spe, epochs, lr=lr, min_lr=min_lr, warmup_epochs=warmup, warmup_lr=warmup_lr,
+                             lr_schedule='cosine_whole_run')
+    assert flat(ours) == pytest.approx(flat(timm_sched._get_lr(t) for t in range(epochs * spe)), rel=1e-9)
+
+    factor = 1e-4
+
+    def torch_schedule(scheduler_class, steps, **kwargs):
+        """The lrs of the SCALES groups over `steps` steps of a torch scheduler, from their peak lrs."""
+        optimizer = torch.optim.SGD([{'params': [torch.zeros(1, requires_grad=True)], 'lr': lr * s} for s in SCALES])
+        scheduler, lrs = scheduler_class(optimizer, **kwargs), []
+        for _ in range(steps):
+            lrs.append([g['lr'] for g in optimizer.param_groups])
+            optimizer.step()  # no gradients: nothing moves; torch wants it before the scheduler's step
+            scheduler.step()
+        return lrs
+    torch_lrs = (torch_schedule(torch.optim.lr_scheduler.LinearLR, warmup * spe, start_factor=factor,
+                                total_iters=warmup * spe)
+                 + torch_schedule(torch.optim.lr_scheduler.CosineAnnealingLR, (epochs - warmup) * spe,
+                                  T_max=(epochs - warmup) * spe, eta_min=min_lr))
+    ours = group_lrs_by_step('warmup_scaled', spe, epochs, lr=lr, min_lr=min_lr, warmup_epochs=warmup,
+                             warmup_lr=factor * lr)
+    assert flat(ours) == pytest.approx(flat(torch_lrs), rel=1e-6)
+    assert ours[-1][2] > min_lr > ours[-1][2] - 1e-6  # the lowest group's floor is min_lr itself
+
+
 def test_weight_decay_as_the_official_mae_pre_training():
     """timm's add_weight_decay as the official main_pretrain.py calls it: no decay on 1-D
     parameters and biases only; the cls and mask tokens (3-D) are decayed."""

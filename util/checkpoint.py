@@ -280,20 +280,21 @@ def encoder_of(state):
             sorted(k for k in state if not k.startswith('encoder.')))
 
 
-def load_pretrained(model, path, head_init_std=2e-5):
+def load_pretrained(model, path, head_init_std=2e-5, head_init_bias=0.0):
     """Initialise a classifier from a pre-trained (or fine-tuned) checkpoint for fine-tuning.
 
     Pre-training-only weights are dropped, the position table is resampled when the image size
     differs, a checkpoint of another layout goes through the filter registered for the model's
     class (SimMIM's Swin and BEiT: the official layout, relative position tables resized to the
-    classifier's windows), the head is re-initialised (normal, std `head_init_std`; MAE: 2e-5).
+    classifier's windows), the head is re-initialised: weights from a normal of std `head_init_std`
+    (MAE: 2e-5), the bias `head_init_bias` (MAE: 0; MaskFeat's mmpretrain recipe: 2e-5).
     A checkpoint whose weights do not fit the model is a UsageError naming the first mismatching keys.
     returns: a report {'loaded', 'missing', 'unexpected', 'dropped', 'resized'}
     """
-    return load_pretrained_state(model, model_state_of(load(path), path), path, head_init_std)
+    return load_pretrained_state(model, model_state_of(load(path), path), path, head_init_std, head_init_bias)
 
 
-def load_pretrained_state(model, state, path, head_init_std=2e-5):
+def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias=0.0):
     """load_pretrained from a state dict in memory (`path` names its source in messages): a
     pre-training model's current weights become a classifier as its checkpoint file would."""
     state, dropped = encoder_of(dict(state))
@@ -319,6 +320,6 @@ def load_pretrained_state(model, state, path, head_init_std=2e-5):
     head = model.get_classifier() if hasattr(model, 'get_classifier') else getattr(model, 'head', None)
     if isinstance(head, torch.nn.Linear):
         torch.nn.init.normal_(head.weight, std=head_init_std)
-        torch.nn.init.zeros_(head.bias)
+        torch.nn.init.constant_(head.bias, head_init_bias)
     return {'loaded': len(state) - len(unexpected), 'missing': sorted(missing), 'unexpected': sorted(unexpected),
             'dropped': dropped, 'resized': resized}

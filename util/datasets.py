@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -228,14 +229,14 @@ def _use_compatible_posterize():
 
 def finetune_transform(args):
     """The fine-tuning augmentation of MAE and DeiT, built by timm: RandomResizedCrop (bicubic,
-    at least --crop_min of the image), flip, RandAugment (--aa), colour jitter (--color_jitter, only without --aa), random erasing
-    (--reprob/--remode/--recount)."""
+    at least --crop_min of the image), flip, RandAugment (--aa), colour jitter (--color_jitter: after
+    RandAugment when both are given, as mmpretrain's MaskFeat recipe; timm's create_transform would
+    drop it), random erasing (--reprob/--remode/--recount)."""
     _use_compatible_posterize()
-    return create_transform(input_size=args.input_size, is_training=True, scale=(args.crop_min, 1.0),
-                            color_jitter=args.color_jitter,
-                            auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
-                            re_mode=args.remode, re_count=args.recount,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    return transforms_imagenet_train(args.input_size, scale=(args.crop_min, 1.0), color_jitter=args.color_jitter,
+                                     force_color_jitter=True, auto_augment=args.aa, interpolation='bicubic',
+                                     re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
 def eval_transform(input_size, tensors=False):

@@ -23,14 +23,31 @@ def lr_at(epoch, lr, min_lr, warmup_epochs, epochs, warmup_lr=0.0, schedule='cos
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+# How layer-wise lr decay treats the two bounds of the schedule, the lr the warm-up starts from
+# and the floor (min_lr): {name: (warm-up start scaled, floor scaled)} by each group's lr_scale.
+LAYER_LR_BOUNDS = {
+    'scaled': (True, True),  # MAE (and MAE-HiViT): the whole schedule times lr_scale
+    'shared': (False, False),  # SimMIM: timm's schedulers, from and to the same values in every group
+    'warmup_scaled': (True, False),  # MaskFeat: mmpretrain's LinearLR (a factor) and CosineAnnealingLR (eta_min)
+}
+
+
 def adjust_learning_rate(optimizer, epoch, args):
-    """Set every parameter group's lr for this step (times its 'lr_scale' under layer decay)."""
-    lr = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs,
-               warmup_lr=getattr(args, 'warmup_lr', 0.0), schedule=getattr(args, 'lr_schedule', 'cosine'),
-               milestones=getattr(args, 'lr_milestones', None) or (), gamma=getattr(args, 'lr_gamma', 0.1))
+    """Set every parameter group's lr for this step: the schedule of its peak lr (args.lr times its
+    'lr_scale' under layer decay), from and to the bounds that args.layer_lr_bounds scales.
+    returns: the lr of a group of scale 1 (the one logged)"""
+    scale_warmup, scale_floor = LAYER_LR_BOUNDS[getattr(args, 'layer_lr_bounds', None) or 'scaled']
+    schedule = dict(warmup_epochs=args.warmup_epochs, epochs=args.epochs,
+                    schedule=getattr(args, 'lr_schedule', 'cosine'),
+                    milestones=getattr(args, 'lr_milestones', None) or (), gamma=getattr(args, 'lr_gamma', 0.1))
+    warmup_lr = getattr(args, 'warmup_lr', 0.0)
+
+    def lr_of(scale):
+        return lr_at(epoch, args.lr * scale, args.min_lr * (scale if scale_floor else 1.0),
+                     warmup_lr=warmup_lr * (scale if scale_warmup else 1.0), **schedule)
     for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
-    return lr
+        group['lr'] = lr_of(group.get('lr_scale', 1.0))
+    return lr_of(1.0)
 
 
 def due_at_epoch(epoch, every, epochs):
