@@ -127,12 +127,13 @@ class PatchMerge(PatchMerging):
 
 
 class HiViT(nn.Module):
-    """The HiViT classifier: the mean of the main stage's tokens, `fc_norm`, then the head."""
+    """The HiViT classifier: the mean of the main stage's tokens, `fc_norm` (mmpretrain's
+    classifiers: none, fc_norm=False), then the head."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=512, depths=(2, 2, 20),
                  num_heads=8, stem_mlp_ratio=3., mlp_ratio=4., qkv_bias=True, qk_scale=None, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0., norm_layer=nn.LayerNorm, ape=True, rpe=True, patch_norm=True,
-                 global_pool='avg'):
+                 global_pool='avg', fc_norm=True):
         super().__init__()
         if global_pool not in ('avg', ''):
             raise ValueError(f'HiViT has no cls token and classifies the mean of its tokens, not {global_pool!r} '
@@ -152,7 +153,7 @@ class HiViT(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks = self._build_blocks(grid, embed_dim, depths, num_heads, stem_mlp_ratio, mlp_ratio, qkv_bias,
                                          qk_scale, drop_rate, attn_drop_rate, drop_path_rate, norm_layer, rpe)
-        self.fc_norm = norm_layer(embed_dim)
+        self.fc_norm = norm_layer(embed_dim) if fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         HiViT.init_weights(self)
 
@@ -382,6 +383,9 @@ def checkpoint_filter_fn(state_dict, model):
     own = model.state_dict()
     if 'norm.weight' not in own:
         state = {k: v for k, v in state.items() if not k.startswith('norm.')}
+    elif 'norm.weight' not in state and not getattr(model, 'hifeat', True):
+        # mmpretrain's MAE-HiViT has no such norm; the model keeps its unused one as it is
+        state.update({k: v for k, v in own.items() if k.startswith('norm.')})
     for key, value in own.items():
         if key.endswith('relative_position_bias_table'):
             if key not in state:
@@ -469,6 +473,46 @@ def hivit_tiny_patch8_64(pretrained=False, **kwargs):
     return _hivit('hivit_tiny_patch8_64', pretrained, kwargs)
 
 
+# mmpretrain's HiViT classifiers (configs/hivit; util/mmpretrain.py reads their checkpoints): the
+# mean of the tokens goes to the head without fc_norm, LayerNorm keeps torch's eps (1e-5), and its
+# base has 24 main blocks (79 M parameters).
+MMPRETRAIN_SIZES = {'hivit_tiny': HIVIT_SIZES['hivit_tiny'], 'hivit_small': HIVIT_SIZES['hivit_small'],
+                    'hivit_base': dict(HIVIT_SIZES['hivit_base'], depths=(2, 2, 24)),
+                    'hivit_tiny_patch8_64': HIVIT_SIZES['hivit_tiny_patch8_64']}
+default_cfgs.update(generate_default_cfgs({f'{name}_mmpretrain': file_only_cfg(arch['img_size'])
+                                           for name, arch in MMPRETRAIN_SIZES.items()}))
+
+
+def _mmpretrain_hivit(size, pretrained, kwargs):
+    defaults = dict(stem_mlp_ratio=3., mlp_ratio=4., fc_norm=False)
+    return build_model_with_cfg(HiViT, f'{size}_mmpretrain', pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**defaults, **MMPRETRAIN_SIZES[size], **kwargs})
+
+
+@register_model
+def hivit_tiny_mmpretrain(pretrained=False, **kwargs):
+    """mmpretrain's hivit-tiny-p16 classifier: hivit_tiny without fc_norm."""
+    return _mmpretrain_hivit('hivit_tiny', pretrained, kwargs)
+
+
+@register_model
+def hivit_small_mmpretrain(pretrained=False, **kwargs):
+    """mmpretrain's hivit-small-p16 classifier: hivit_small without fc_norm."""
+    return _mmpretrain_hivit('hivit_small', pretrained, kwargs)
+
+
+@register_model
+def hivit_base_mmpretrain(pretrained=False, **kwargs):
+    """mmpretrain's hivit-base-p16 classifier: 512 wide, depths (2, 2, 24), 8 heads, no fc_norm."""
+    return _mmpretrain_hivit('hivit_base', pretrained, kwargs)
+
+
+@register_model
+def hivit_tiny_patch8_64_mmpretrain(pretrained=False, **kwargs):
+    """hivit_tiny_patch8_64 as mmpretrain builds its classifiers (no fc_norm): the tests."""
+    return _mmpretrain_hivit('hivit_tiny_patch8_64', pretrained, kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # MAE pre-training
 
@@ -503,6 +547,32 @@ def mae_hivit_base_dec512d6b(**kwargs):
 def mae_hivit_tiny_patch8_64(**kwargs):
     """The encoder of hivit_tiny_patch8_64 at 64 px, decoder 128 x 2 (4 heads): the demo and the tests."""
     return _mae_hivit(kwargs, img_size=64, patch_size=8, embed_dim=192, depths=(1, 1, 10), num_heads=3,
+                      decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+
+
+# mmpretrain's MAE-HiViT (configs/mae/mae_hivit-base-p16_8xb512-amp-coslr-1600e_in1k.py): its HiViT-B of
+# 24 main blocks, without hifeat (the decoder sees the main stage's tokens) and without relative position
+# bias, the same decoder; MAE's recipe (blr 1.5e-4 at 4096 = 512 x 8, 40 warm-up epochs from 1e-4 x lr,
+# 1600 epochs; 400 and 800 also published). Fine-tuned as mmpretrain's classifier of the same size.
+MAE_HIVIT_MMPRETRAIN = [dict(MAE_HIVIT_RECIPE, epochs=epochs, blr=1.5e-4, warmup_blr=1.5e-4 * 1e-4, batch_size=512,
+                             finetune=dict(MAE_HIVIT_FINETUNE, model='hivit_base_mmpretrain'))
+                        for epochs in (1600, 800, 400)]
+
+
+@register_pretrain_model(recipes=MAE_HIVIT_MMPRETRAIN)
+def mae_hivit_base_mmpretrain(**kwargs):
+    """mmpretrain's MAE-HiViT-B: depths (2, 2, 24), no hifeat, no relative position bias, decoder
+    512 x 6 (16 heads)."""
+    return _mae_hivit(kwargs, embed_dim=512, depths=(2, 2, 24), num_heads=8, hifeat=False, decoder_embed_dim=512,
+                      decoder_depth=6, decoder_num_heads=16)
+
+
+@register_pretrain_model(recipes=[dict(
+        MAE_HIVIT_MMPRETRAIN[0], input_size=64, batch_size=64, effective_batch=64,
+        finetune=dict(MAE_HIVIT_FINETUNE, model='hivit_tiny_patch8_64_mmpretrain', batch_size=64, effective_batch=64))])
+def mae_hivit_tiny_patch8_64_mmpretrain(**kwargs):
+    """mae_hivit_tiny_patch8_64 as mmpretrain builds MAE-HiViT (no hifeat): the tests."""
+    return _mae_hivit(kwargs, img_size=64, patch_size=8, embed_dim=192, depths=(1, 1, 10), num_heads=3, hifeat=False,
                       decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
 
 

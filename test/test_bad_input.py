@@ -163,4 +163,4 @@ def test_help_names_the_script_the_models_and_every_default():
     from util.registry import pretrain_model_names
     assert all(name in words for name in pretrain_model_names())
     assert 'MAE: mae_vit_base_patch16,' in words and 'HiViT: mae_hivit_base_dec512d6b' in words
-    assert 'HiViT: hivit_base, hivit_large' in ' '.join(result.stdout.split())
+    assert 'HiViT: hivit_base, hivit_base_mmpretrain, hivit_large' in ' '.join(result.stdout.split())

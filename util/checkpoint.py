@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from util import dist
+from util import dist, mmpretrain
 from util.errors import UsageError, first_line
 
 LAST = 'checkpoint-last.pth'
@@ -175,8 +175,9 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
     returns: (start_epoch, samples of start_epoch already consumed by all processes, step)
     """
     ckpt = load(path)
-    if not isinstance(ckpt, dict) or 'model' not in ckpt:
-        raise UsageError(f'{path!r} is not a training checkpoint (no "model" entry)')
+    if not isinstance(ckpt, dict) or 'model' not in ckpt:  # weights alone: a release (mmpretrain's, say)
+        load_weights(model, in_model_layout(model, model_state_of(ckpt, path), path), path)
+        return 0, 0, 0
     check_same_kind_of_run(ckpt, path, args)
     load_weights(model, ckpt['model'], path)
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
@@ -215,13 +216,15 @@ HEAD_PREFIXES = ('head.', 'fc_norm.', 'norm.')
 
 def model_state_of(ckpt, path):
     """The weights inside a checkpoint: {'model': ...} (this project, the official MAE releases),
-    {'state_dict': ...}, or a bare state dict."""
-    for key in ('model', 'state_dict'):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt
-    raise UsageError(f'{path!r} holds no model weights (expected a "model" entry or a state dict)')
+    {'state_dict': ...}, or a bare state dict; mmpretrain's layout (backbone.*, neck.*, head.*) comes
+    back in the official one (util/mmpretrain.py)."""
+    state = next((ckpt[key] for key in ('model', 'state_dict')
+                  if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict)), None)
+    if state is None and isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = ckpt
+    if state is None:
+        raise UsageError(f'{path!r} holds no model weights (expected a "model" entry or a state dict)')
+    return mmpretrain.official_layout(state) if mmpretrain.is_mmpretrain(state) else state
 
 
 def resize_pos_embed(pos_embed, model):

@@ -87,7 +87,8 @@ def pretraining_of(ckpt):
     args = saved_args(ckpt)
     if args.get('model') in _RECIPES:
         return args['model'], args.get('epochs')
-    for identify in _CHECKPOINT_IDENTIFIERS:
+    from util import mmpretrain
+    for identify in (*_CHECKPOINT_IDENTIFIERS, mmpretrain.pretraining_of):
         found = identify(ckpt)
         if found:
             return found
