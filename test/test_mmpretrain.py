@@ -165,3 +165,36 @@ def test_mmpretrain_checkpoints_fine_tune_evaluate_and_serve_the_tools(small_fol
     result = run_script(sys.executable, 'export.py', '--checkpoint', tmp_path / 'maskfeat.pth', '--output', tmp_path / 'enc.safetensors')
     assert result.returncode == 0, result.stderr
     assert "timm.create_model('vit_tiny_patch8'" in result.stdout or 'vit_tiny_patch8' in result.stdout
+
+
+def test_an_mmengine_training_checkpoint_evaluates_and_its_logger_state_runs_no_code(tmp_path, monkeypatch, capsys):
+    """mmengine's epoch_N.pth also holds the message hub: HistoryBuffer objects of numpy arrays. Its
+    weights evaluate (the logger's objects are stood in for); a file that names any other class is
+    still refused as a Python object."""
+    import sys
+    import types
+
+    import numpy as np
+    module = types.ModuleType('mmengine.logging.history_buffer')
+
+    class HistoryBuffer:  # what mmengine pickles: an object whose state holds numpy arrays
+        def __init__(self):
+            self._log_history, self._count_history, self.max_length = np.array([2.3, 2.1]), np.array([1, 1]), 1000000
+    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = module.__name__, 'HistoryBuffer'
+    module.HistoryBuffer = HistoryBuffer
+    for name in ('mmengine', 'mmengine.logging', 'mmengine.logging.history_buffer'):
+        monkeypatch.setitem(sys.modules, name, module)
+    model = torch.nn.Linear(2, 2)
+    training_state = {**release('vit_classifier'), 'message_hub': {'log_scalars': {'train/loss': HistoryBuffer()},
+                                                                   'runtime_info': {'epoch': 3}},
+                      'optimizer': torch.optim.AdamW(model.parameters()).state_dict()}
+    torch.save(training_state, tmp_path / 'epoch_3.pth')
+    torch.save({**training_state, 'other': types.SimpleNamespace()}, tmp_path / 'other.pth')
+    for name in ('mmengine', 'mmengine.logging', 'mmengine.logging.history_buffer'):
+        monkeypatch.delitem(sys.modules, name)
+
+    stats = run_finetune('--eval', '--resume', tmp_path / 'epoch_3.pth', '--model', 'vit_tiny_patch8', '--nb_classes', 10,
+                         '--data_path', 'demo', *CPU, '--output_dir', '')
+    assert 'acc1' in stats
+    with pytest.raises(Exception, match=r'holds a Python object \(types.SimpleNamespace\)'):
+        checkpoint.load(str(tmp_path / 'other.pth'))

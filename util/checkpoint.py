@@ -56,17 +56,26 @@ def load(path):
         raise UsageError(f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive or a '
                          f'pickle): give the .pth file a training run or a release wrote{older_checkpoint_hint(path)}')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, (ConfigAsData, 'yacs.config.CfgNode')]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+        return load_as_data(path)
     except pickle.UnpicklingError as e:
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        if found:  # torch's own advice (weights_only=False) would run code from the file: not given here
-            raise UsageError(f'{path!r} holds a Python object ({found[1]}), not only tensors and plain containers, '
-                             f'and checkpoints are loaded as data: save the weights alone (torch.save('
-                             f'model.state_dict(), ...)) and give that file') from None
-        raise unloadable(path, e) from None
+        if not re.search(r'Unsupported global: GLOBAL (\S+)', str(e)):
+            raise unloadable(path, e) from None
+        stand_ins, objects = mmpretrain.training_state_stand_ins(path)
+        if not objects:  # mmengine's epoch_N.pth: its logger's objects are not needed, stand-ins take their place
+            return load_as_data(path, stand_ins)
+        # torch's own advice (weights_only=False) would run code from the file: not given here
+        raise UsageError(f'{path!r} holds a Python object ({", ".join(objects)}), not only tensors and plain '
+                         f'containers, and checkpoints are loaded as data: save the weights alone (torch.save('
+                         f'model.state_dict(), ...)) and give that file') from None
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as e:
         raise unloadable(path, e) from None
+
+
+def load_as_data(path, stand_ins=()):
+    """torch.load with weights_only, allowing argparse.Namespace, yacs' CfgNode read as a dict, and
+    `stand_ins`: [(harmless callable, 'module.name' it replaces)]."""
+    with torch.serialization.safe_globals([argparse.Namespace, (ConfigAsData, 'yacs.config.CfgNode'), *stand_ins]):
+        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 # What a checkpoint file begins with: a zip archive (torch.save since 1.6), or a pickle (older).

@@ -20,6 +20,8 @@ The HOG generator's buffers (`target_generator.*`) are dropped: the model comput
 """
 import re
 
+import torch
+
 # Block-level renames of mmpretrain's TransformerEncoderLayer (the ViT's and the MAE decoder's).
 VIT_BLOCK = ((r'\.ln1\.', '.norm1.'), (r'\.ln2\.', '.norm2.'), (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
              (r'\.ffn\.layers\.1\.', '.mlp.fc2.'))
@@ -129,3 +131,34 @@ def pretraining_of(ckpt):
     config = (ckpt.get('meta') or {}).get('cfg') if isinstance(ckpt.get('meta'), dict) else None
     epochs = re.search(r'max_epochs\s*=\s*(\d+)', config) if isinstance(config, str) else None
     return PRETRAINING_MODELS[arch], int(epochs[1]) if epochs else None
+
+
+# --- mmengine's training checkpoints ------------------------------------------------------------
+# Besides meta and state_dict, an epoch_N.pth of mmengine's Runner holds the message hub: the
+# logger's HistoryBuffer objects and the numpy arrays inside them. Loaded as data, each of these
+# names is given a stand-in that builds nothing (no code of the file's choosing runs); the weights
+# and meta are untouched.
+class Ignored:
+    """Stands in for an object of mmengine's logger state (a class or a function of its pickle), which
+    loading weights does not need: called or built, it keeps nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+LOGGER_STATE = ('mmengine.logging.history_buffer.HistoryBuffer', 'numpy.ndarray', 'numpy.dtype',
+                'numpy._core.multiarray._reconstruct', 'numpy.core.multiarray._reconstruct',
+                'numpy._core.multiarray.scalar', 'numpy.core.multiarray.scalar', 'builtins.getattr')
+
+
+def training_state_stand_ins(path):
+    """What it takes to load a checkpoint that torch's weights-only loading refuses.
+    returns: (stand-ins [(callable, name)] for the logger state of an mmengine training checkpoint,
+              the names of the other Python objects the file holds: none for such a checkpoint)"""
+    names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    if LOGGER_STATE[0] not in names:
+        return [], names
+    return [(Ignored, name) for name in names if name in LOGGER_STATE], [n for n in names if n not in LOGGER_STATE]
