@@ -140,18 +140,18 @@ def test_pretraining_checkpoints_are_recognised_with_their_recipe():
 
 
 def test_mmpretrain_checkpoints_fine_tune_evaluate_and_serve_the_tools(small_folder, tmp_path):
-    """As a user runs them: each pre-training checkpoint fine-tunes (with the recipe that goes with
-    it, the classifier included, and an evaluation at the end of the epoch), the fine-tuned one
-    evaluates with --eval, a classifier of mmpretrain's evaluates as it is, and the pre-training
-    checkpoints serve --knn, visualize.py and export.py."""
+    """As a user runs them: a pre-training checkpoint fine-tunes (with the recipe that goes with it,
+    the classifier included, and an evaluation at the end of the epoch), the fine-tuned one evaluates
+    with --eval, a classifier of mmpretrain's evaluates as it is, and the pre-training checkpoints
+    serve --knn, visualize.py and export.py."""
     for name in ('mae', 'maskfeat', 'mae_hivit', 'hivit_classifier'):
         torch.save(release(name), tmp_path / f'{name}.pth')
     common = ['--data_path', small_folder, '--batch_size', 16, '--epochs', 1, '--max_steps', 2, *CPU]
-    for name, extra in (('mae', ['--model', 'vit_tiny_patch8']), ('maskfeat', []), ('mae_hivit', [])):
-        run_finetune('--finetune', tmp_path / f'{name}.pth', *extra, *common, '--output_dir', tmp_path / f'ft_{name}')
-        assert read_jsonl(tmp_path / f'ft_{name}' / 'log.jsonl')[-1]['step'] == 2
-        with open(tmp_path / f'ft_{name}' / 'log.txt') as f:
-            assert 'test_acc1' in f.read()
+    # MAE's and MaskFeat's recognition and conversion are the tests above; one run shows the wiring
+    run_finetune('--finetune', tmp_path / 'mae_hivit.pth', *common, '--output_dir', tmp_path / 'ft_mae_hivit')
+    assert read_jsonl(tmp_path / 'ft_mae_hivit' / 'log.jsonl')[-1]['step'] == 2
+    with open(tmp_path / 'ft_mae_hivit' / 'log.txt') as f:
+        assert 'test_acc1' in f.read()
     run_finetune('--eval', '--resume', tmp_path / 'ft_mae_hivit' / 'checkpoint-last.pth', '--data_path', small_folder, *CPU,
                  '--output_dir', tmp_path / 'eval_ft')
     run_finetune('--eval', '--resume', tmp_path / 'hivit_classifier.pth', '--model', 'hivit_tiny_patch8_64_mmpretrain',

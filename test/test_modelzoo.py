@@ -152,9 +152,10 @@ def test_finetune_performance_scripts(demo_root, tmp_path):
                       f'--output_dir={tmp_path}')
     check_case(launch, tmp_path, 'vit_tiny_patch8_finetune_bs16_1p_perf', 16, 1, 1, finetune=True)
     assert 'no --finetune_pth=: supervised training from scratch' in launch.stdout
-    launch = run_case('finetune_performance_8p.sh', *FINETUNE, '--nproc=2', '--max_steps=4', '--log_freq=2',
+    # one process is enough here: two fine-tune in test_pretrain_full_then_finetune_full_and_resume
+    launch = run_case('finetune_performance_8p.sh', *FINETUNE, '--nproc=1', '--max_steps=4', '--log_freq=2',
                       f'--output_dir={tmp_path}')
-    check_case(launch, tmp_path, 'vit_tiny_patch8_finetune_bs16_2p_perf', 16, 1, 2, finetune=True)
+    check_case(launch, tmp_path, 'vit_tiny_patch8_finetune_bs16_1p_perf', 16, 1, 1, finetune=True)
 
 
 @pytest.mark.parametrize('script, args, message', [
@@ -162,8 +163,7 @@ def test_finetune_performance_scripts(demo_root, tmp_path):
     ('finetune_full_8p.sh', ['--data_path=demo', '--batch_size=48'], 'does not divide'),  # DeiT's 1024
     ('pretrain_full_8p.sh', ['--data_path=demo', '--batch_size=48'], 'does not divide'),
     ('pretrain_performance_1p.sh', ['--data_path=demo', '--nproc=two'], '--nproc= must be a whole number'),
-    ('pretrain_performance_1p.sh', ['--data_path=/nowhere', '--device=cpu'], "has no train/ folder"),
-    ('pretrain_performance_1p.sh', ['--data_path=demo', '--device=npu'], 'needs the torch_npu package'),
+    # an entry point's own error (test_device and test_training check the others in-process)
     ('pretrain_performance_1p.sh', ['--data_path=demo', '--device=sdaa'], 'needs the torch_sdaa package'),
 ])
 def test_bad_input_is_a_clear_error(script, args, message, tmp_path):
