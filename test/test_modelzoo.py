@@ -142,9 +142,10 @@ def test_pretrain_full_then_finetune_full_and_resume(demo_root, tmp_path):
     assert [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')] == [2, 4, 5, 6]
 
     checkpoint = tmp_path / case / 'checkpoint-last.pth'
-    launch = run_case('finetune_full_8p.sh', *FINETUNE, '--nproc=2', '--accum_iter=1', '--epochs=1',
+    # one process (two fine-tune in test_finetune's test_two_process_evaluation_is_exact)
+    launch = run_case('finetune_full_8p.sh', *FINETUNE, '--nproc=1', '--accum_iter=1', '--epochs=1',
                       '--max_steps=3', '--log_freq=1', f'--finetune_pth={checkpoint}', f'--output_dir={tmp_path}')
-    check_case(launch, tmp_path, 'vit_tiny_patch8_finetune_bs16_2p_acc', 16, 1, 2, finetune=True)
+    check_case(launch, tmp_path, 'vit_tiny_patch8_finetune_bs16_1p_acc', 16, 1, 1, finetune=True)
     assert 'mode: finetune' in launch.stdout
 
 
