@@ -19,3 +19,59 @@ def test_training_step_is_one_graph(name):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_compile_is_the_default_with_cuda_only():
+    from util.launch import compiles_by_default
+    assert compiles_by_default('cuda', deterministic=False)
+    assert not compiles_by_default('cuda', deterministic=True)  # --align compares eager kernels
+    assert not any(compiles_by_default(device, False) for device in ('cpu', 'mps', 'npu', 'sdaa'))
+
+
+def losses_of_run(tmp_path, name, *flags):
+    from helpers import read_jsonl, run_pretrain
+    run_pretrain('--model', 'mae_vit_tiny', '--data_path', 'demo', '--batch_size', 8, '--epochs', 1, '--max_steps', 3,
+                 '--log_freq', 1, '--num_workers', 0, '--device', 'cpu', '--output_dir', tmp_path / name, *flags)
+    return [r['loss'] for r in read_jsonl(tmp_path / name / 'log.jsonl')]
+
+
+def test_a_compiled_run_logs_the_eager_runs_losses_and_a_failed_compilation_falls_back(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """--compile in the real loop: TorchDynamo's graphs run by AOTAutograd without code generation
+    (backend aot_eager: Inductor's compilation takes minutes on a CPU) log the losses of the eager
+    run; a backend that fails to compile costs one line, and the run trains eagerly."""
+    from util import launch
+    eager = losses_of_run(tmp_path, 'eager')
+    assert 'torch.compile' not in capsys.readouterr().out  # off by default on the CPU
+
+    compile_with = {'backend': 'aot_eager'}
+    monkeypatch.setattr(launch.torch, 'compile', lambda model: torch._dynamo.optimize(**compile_with)(model))
+    torch._dynamo.reset()
+    assert losses_of_run(tmp_path, 'compiled', '--compile') == pytest.approx(eager, rel=1e-6)
+    assert 'torch.compile failed' not in capsys.readouterr().out
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError('no C++ compiler found')
+    compile_with['backend'] = broken_backend
+    torch._dynamo.reset()
+    assert losses_of_run(tmp_path, 'fallback', '--compile') == eager
+    out = capsys.readouterr().out
+    assert out.count('torch.compile failed') == 1
+    assert 'torch.compile failed (RuntimeError: no C++ compiler found): training without it (--no-compile skips it)' \
+        in out
+
+
+def test_the_fallback_is_the_model_to_the_loop():
+    """What the loop asks of the model it steps: no_sync exactly where the model (DDP) has it, and
+    the model's parameters once (the compiled module shares them)."""
+    import contextlib
+
+    from util.launch import EagerFallback
+
+    class WithNoSync(torch.nn.Linear):
+        def no_sync(self):
+            return contextlib.nullcontext()
+    plain, synced = torch.nn.Linear(2, 2), WithNoSync(2, 2)
+    assert hasattr(EagerFallback(synced, torch.compile(synced)), 'no_sync')
+    assert not hasattr(EagerFallback(plain, torch.compile(plain)), 'no_sync')
+    assert list(EagerFallback(plain, torch.compile(plain)).parameters()) == list(plain.parameters())
