@@ -28,33 +28,33 @@ def test_compile_is_the_default_with_cuda_only():
     assert not any(compiles_by_default(device, False) for device in ('cpu', 'mps', 'npu', 'sdaa'))
 
 
-def losses_of_run(tmp_path, name, *flags):
+def losses_of_run(data_path, output_dir, *flags):
     from helpers import read_jsonl, run_pretrain
-    run_pretrain('--model', 'mae_vit_tiny', '--data_path', 'demo', '--batch_size', 8, '--epochs', 1, '--max_steps', 3,
-                 '--log_freq', 1, '--num_workers', 0, '--device', 'cpu', '--output_dir', tmp_path / name, *flags)
-    return [r['loss'] for r in read_jsonl(tmp_path / name / 'log.jsonl')]
+    run_pretrain('--model', 'mae_vit_tiny', '--data_path', data_path, '--batch_size', 8, '--epochs', 1, '--max_steps', 2,
+                 '--log_freq', 1, '--num_workers', 0, '--device', 'cpu', '--output_dir', output_dir, *flags)
+    return [r['loss'] for r in read_jsonl(output_dir / 'log.jsonl')]
 
 
-def test_a_compiled_run_logs_the_eager_runs_losses_and_a_failed_compilation_falls_back(tmp_path, monkeypatch,
-                                                                                        capsys):
+def test_a_compiled_run_logs_the_eager_runs_losses_and_a_failed_compilation_falls_back(small_folder, tmp_path,
+                                                                                        monkeypatch, capsys):
     """--compile in the real loop: TorchDynamo's graphs run by AOTAutograd without code generation
     (backend aot_eager: Inductor's compilation takes minutes on a CPU) log the losses of the eager
     run; a backend that fails to compile costs one line, and the run trains eagerly."""
     from util import launch
-    eager = losses_of_run(tmp_path, 'eager')
+    eager = losses_of_run(small_folder, tmp_path / 'eager')
     assert 'torch.compile' not in capsys.readouterr().out  # off by default on the CPU
 
     compile_with = {'backend': 'aot_eager'}
     monkeypatch.setattr(launch.torch, 'compile', lambda model: torch._dynamo.optimize(**compile_with)(model))
     torch._dynamo.reset()
-    assert losses_of_run(tmp_path, 'compiled', '--compile') == pytest.approx(eager, rel=1e-6)
+    assert losses_of_run(small_folder, tmp_path / 'compiled', '--compile') == pytest.approx(eager, rel=1e-6)
     assert 'torch.compile failed' not in capsys.readouterr().out
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError('no C++ compiler found')
     compile_with['backend'] = broken_backend
     torch._dynamo.reset()
-    assert losses_of_run(tmp_path, 'fallback', '--compile') == eager
+    assert losses_of_run(small_folder, tmp_path / 'fallback', '--compile') == eager
     out = capsys.readouterr().out
     assert out.count('torch.compile failed') == 1
     assert 'torch.compile failed (RuntimeError: no C++ compiler found): training without it (--no-compile skips it)' \
