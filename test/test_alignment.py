@@ -40,9 +40,11 @@ def test_two_aligned_runs_give_identical_curves(demo_root, tmp_path):
 
 def test_one_process_and_two_processes_see_the_same_global_batches(demo_root, tmp_path):
     """16 images on one process == 8 on each of two: the same samples, crops and masks per step,
-    so the curves differ only by the order of floating-point sums (gradient all-reduce)."""
+    so the curves differ only by the order of floating-point sums (gradient all-reduce); only rank 0
+    prints the steps."""
     single, prints_single, _ = aligned_run(tmp_path / 'one', '--batch_size', 16, '--num_workers', 1)
-    double, prints_double, _ = aligned_run(tmp_path / 'two', '--batch_size', 8, '--num_workers', 1, nproc=2)
+    double, prints_double, stdout = aligned_run(tmp_path / 'two', '--batch_size', 8, '--num_workers', 1, nproc=2)
+    assert 'x 2 processes' in stdout and stdout.count('train.ips') == len(double) == 6
     assert prints_single == prints_double
     losses_single = np.array([r['loss'] for r in single])
     losses_double = np.array([r['loss'] for r in double])
