@@ -631,15 +631,20 @@ def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
         monkeypatch.setattr(launch, stub, lambda *a: None)
     monkeypatch.setattr(launch.dist, 'init_process_group', lambda world, device: None)
     monkeypatch.setattr(launch.signals, 'join_agreement_group', lambda: None)
-    args = argparse.Namespace(device='cuda', output_dir='', precision='fp32', log_dir=None)
+    def args():
+        return argparse.Namespace(device='cuda', output_dir='', precision='fp32', log_dir=None, compile=None)
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        launch.start_run(args)
+        fast = args()
+        launch.start_run(fast)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert fast.compile  # --compile's default on CUDA
         # as a fast-fp32 run (and torch's own cudnn default) leaves them: --align must turn both off
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        launch.start_run(args, deterministic=True)
+        aligned = args()
+        launch.start_run(aligned, deterministic=True)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert aligned.compile is False
         Device('cpu', None).use_fast_fp32()
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
