@@ -224,8 +224,9 @@ def test_fine_tuning_recipe_is_mmpretrains(tmp_path):
     assert (args.lr, args.warmup_lr, args.min_lr) == pytest.approx((8e-3, 8e-3 * 1e-4, 1e-6))
     assert (args.layer_decay, args.layer_lr_bounds, args.warmup_epochs, args.epochs) == (0.65, 'warmup_scaled', 20, 100)
     assert (args.head_init_std, args.head_init_bias, args.reprob) == (2e-5, 2e-5, 0.25)
-    names = [type(t).__name__ for t in finetune_transform(args).transforms]
+    steps = finetune_transform(args).transforms
+    names = [type(t).__name__ for t in steps]
     assert names.index('ColorJitter') == names.index('RandAugment') + 1
-    jitter = finetune_transform(args).transforms[names.index('ColorJitter')]
+    jitter = steps[names.index('ColorJitter')]
     assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4),
                                                                                    None)

@@ -36,12 +36,16 @@ def is_hivit(state):
     return any(k.startswith('backbone.blocks.') for k in state)
 
 
+def is_maskfeat(state):
+    """MaskFeat's pre-training model: a backbone with a mask token, the linear neck predicting HOG."""
+    return 'neck.fc.weight' in state and 'backbone.mask_token' in state
+
+
 def official_layout(state):
     """An mmpretrain state dict (a pre-training model or a classifier) in the layout of the official
     code: MAE's (ViT or HiViT encoder, its decoder), this project's MaskFeat (encoder.*, head.*), a timm
     classifier's (ViT: patch_embed.proj, blocks.N.norm1, ..., fc_norm, head; HiViT: the official keys)."""
-    hivit = is_hivit(state)
-    maskfeat = 'neck.fc.weight' in state and 'backbone.mask_token' in state
+    hivit, maskfeat = is_hivit(state), is_maskfeat(state)
     probe = 'neck.bn.running_mean' in state
     out = {}
     for key, value in state.items():
@@ -104,7 +108,7 @@ def architecture(state):
     classifier or another layout."""
     if not is_mmpretrain(state):
         return None
-    if 'neck.fc.weight' in state and 'backbone.mask_token' in state:
+    if is_maskfeat(state):
         method = 'maskfeat'
     elif 'neck.decoder_pred.weight' in state:
         method = 'mae_hivit' if is_hivit(state) else 'mae'
