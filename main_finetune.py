@@ -40,8 +40,9 @@ from util.feature_eval import add_knn_k_argument, feature_loaders, frozen_featur
 from util.errors import UsageError, run_cli
 from util.flops import FlopRate, example_batch
 from util.images import BadImages
-from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, merge_recipes,
-                         print_outputs, resume_training, set_learning_rate, start_run)
+from util.compiling import compile_and_wrap
+from util.flags import add_run_args, add_schedule_args, apply_recipe, merge_recipes, set_learning_rate
+from util.launch import print_outputs, resume_training, start_run
 from util.logger import RunLogger
 from util.lr_sched import LAYER_LR_BOUNDS
 from util.optim import build_adamw, build_lars, param_groups

@@ -23,8 +23,10 @@ from util.engine import train
 from util.errors import UsageError, run_cli
 from util.feature_eval import KnnMonitor, add_knn_k_argument, feature_loaders
 from util.flops import FlopRate, example_batch
-from util.launch import (add_run_args, add_schedule_args, apply_recipe, compile_and_wrap, fingerprint,
-                         print_outputs, resume_training, set_learning_rate, start_run)
+from util.compiling import compile_and_wrap
+from util.determinism import fingerprint
+from util.flags import add_run_args, add_schedule_args, apply_recipe, set_learning_rate
+from util.launch import print_outputs, resume_training, start_run
 from util.logger import RunLogger
 from util.optim import build_adamw, param_groups
 from util.pictures import ReconstructionMonitor

@@ -12,7 +12,7 @@ def run_main(module_name, *argv):
     """An entry point (main_pretrain, main_finetune) with these arguments, in this process.
     returns: what its main() returns"""
     import importlib
-    from util.launch import release_output_dir_locks
+    from util.output_dir import release_output_dir_locks
     module = importlib.import_module(module_name)
     try:
         return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))

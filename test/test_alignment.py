@@ -106,10 +106,10 @@ def test_an_op_without_a_deterministic_kernel_is_named_in_the_summary(monkeypatc
     """warn_only mode warns once where an op has no deterministic kernel (put_ on the CPU, a
     real one); --align's closing line names it, and says all was deterministic otherwise."""
     import warnings
-    from util import launch
+    from util import determinism
     monkeypatch.setattr(warnings, 'showwarning', warnings.showwarning)  # restored after the test
-    launch.watch_nondeterministic_kernels()
-    assert launch.alignment_summary() == 'align: every kernel that ran was deterministic'
+    determinism.watch_nondeterministic_kernels()
+    assert determinism.alignment_summary() == 'align: every kernel that ran was deterministic'
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         with warnings.catch_warnings():
@@ -117,5 +117,5 @@ def test_an_op_without_a_deterministic_kernel_is_named_in_the_summary(monkeypatc
             torch.zeros(5).put_(torch.tensor([0, 0]), torch.tensor([1., 2.]))
     finally:
         torch.use_deterministic_algorithms(False)
-    summary = launch.alignment_summary()
+    summary = determinism.alignment_summary()
     assert summary.startswith('align: WARNING: 1 op(s) ran without a deterministic kernel') and 'put_' in summary

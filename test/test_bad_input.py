@@ -36,7 +36,7 @@ def test_impossible_rates_and_sizes_are_refused_before_the_run(flags, message, t
 
 
 def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
-    from util.launch import apply_recipe
+    from util.flags import apply_recipe
     args = argparse.Namespace(epochs=3, warmup_epochs=None, lr=None, clip_grad=None)
     apply_recipe(args, {'warmup_epochs': 40})
     assert "warning: the recipe's 40 warm-up epochs are more than --epochs 3" in capsys.readouterr().out

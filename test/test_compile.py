@@ -22,7 +22,7 @@ def test_training_step_is_one_graph(name):
 
 
 def test_compile_is_the_default_with_cuda_only():
-    from util.launch import compiles_by_default
+    from util.compiling import compiles_by_default
     assert compiles_by_default('cuda', deterministic=False)
     assert not compiles_by_default('cuda', deterministic=True)  # --align compares eager kernels
     assert not any(compiles_by_default(device, False) for device in ('cpu', 'mps', 'npu', 'sdaa'))
@@ -40,12 +40,12 @@ def test_a_compiled_run_logs_the_eager_runs_losses_and_a_failed_compilation_fall
     """--compile in the real loop: TorchDynamo's graphs run by AOTAutograd without code generation
     (backend aot_eager: Inductor's compilation takes minutes on a CPU) log the losses of the eager
     run; a backend that fails to compile costs one line, and the run trains eagerly."""
-    from util import launch
+    from util import compiling
     eager = losses_of_run(small_folder, tmp_path / 'eager')
     assert 'torch.compile' not in capsys.readouterr().out  # off by default on the CPU
 
     compile_with = {'backend': 'aot_eager'}
-    monkeypatch.setattr(launch.torch, 'compile', lambda model: torch._dynamo.optimize(**compile_with)(model))
+    monkeypatch.setattr(compiling.torch, 'compile', lambda model: torch._dynamo.optimize(**compile_with)(model))
     torch._dynamo.reset()
     assert losses_of_run(small_folder, tmp_path / 'compiled', '--compile') == pytest.approx(eager, rel=1e-6)
     assert 'torch.compile failed' not in capsys.readouterr().out
@@ -66,7 +66,7 @@ def test_the_fallback_is_the_model_to_the_loop():
     the model's parameters once (the compiled module shares them)."""
     import contextlib
 
-    from util.launch import EagerFallback
+    from util.compiling import EagerFallback
 
     class WithNoSync(torch.nn.Linear):
         def no_sync(self):

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, read_jsonl, run_finetune, run_script
+from helpers import read_jsonl, run_finetune, run_script
 from util import checkpoint
 
 GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), 'golden', 'mmpretrain_golden.json')))

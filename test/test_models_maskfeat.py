@@ -214,7 +214,7 @@ def test_fine_tuning_recipe_is_mmpretrains(tmp_path):
     import main_finetune
     from util import dist
     from util.datasets import finetune_transform
-    from util.launch import set_learning_rate
+    from util.flags import set_learning_rate
     torch.save({'model': {}, 'args': {'model': 'maskfeat_vit_base', 'epochs': 300}}, tmp_path / 'maskfeat.pth')
     args = main_finetune.get_args_parser().parse_args(['--data_path', 'demo', '--finetune', str(tmp_path / 'maskfeat.pth'),
                                                        '--accum_iter', '8'])

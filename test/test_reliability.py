@@ -186,8 +186,8 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
 
 
 def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_folder, tmp_path):
-    from util.launch import lock_output_dir, release_output_dir_locks
-    holder = start('-c', f'import sys, time; sys.path.insert(0, {REPO!r}); from util.launch import lock_output_dir; '
+    from util.output_dir import lock_output_dir, release_output_dir_locks
+    holder = start('-c', f'import sys, time; sys.path.insert(0, {REPO!r}); from util.output_dir import lock_output_dir; '
                          f'lock_output_dir({str(tmp_path)!r}); print("locked", flush=True); time.sleep(600)')
     assert holder.stdout.readline().strip() == 'locked'
     with pytest.raises(UsageError, match=f'another run is using --output_dir {tmp_path} \\(pid {holder.pid} on '):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, read_jsonl, run_pretrain, run_script
+from helpers import read_jsonl, run_pretrain, run_script
 from util import checkpoint
 from util.errors import UsageError
 from util.lr_sched import adjust_learning_rate, lr_at

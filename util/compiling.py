@@ -1,0 +1,52 @@
+"""torch.compile around the model, and the eager model where compiling fails."""
+import torch
+
+from util import dist
+from util.errors import UsageError, first_line
+
+
+def compiles_by_default(device_type, deterministic):
+    """--compile's default: on with CUDA, where it was measured faster; off on the other devices
+    (their compilers are their vendors' to prove) and for --align (its kernels are not the eager
+    ones that another device's run is compared with)."""
+    return device_type == 'cuda' and not deterministic
+
+
+def compile_and_wrap(model, device, args):
+    """Activation checkpointing with --grad_ckpt, DDP around the model when distributed, then
+    torch.compile with --compile."""
+    if args.grad_ckpt:
+        if not hasattr(model, 'set_grad_checkpointing'):
+            raise UsageError(f'--grad_ckpt: {type(model).__name__} has no activation checkpointing (timm\'s '
+                             f'set_grad_checkpointing); run without it')
+        model.set_grad_checkpointing(True)
+    model_ddp = dist.wrap_ddp(model, device)
+    return EagerFallback(model_ddp, torch.compile(model_ddp)) if args.compile else model_ddp
+
+
+class EagerFallback(torch.nn.Module):
+    """The compiled model, or the model itself from the first call whose compilation fails (no
+    Triton, no C++ compiler, an op the backend lacks): one line says so, and the step runs eagerly,
+    as every later one. Attributes the loop asks for (no_sync under DDP) are the model's."""
+
+    def __init__(self, model, compiled):
+        super().__init__()
+        self.model = model
+        self.__dict__['compiled'] = compiled  # not a submodule: its parameters are the model's
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:  # compiling failed (Inductor's errors included)
+                cause = getattr(e, 'inner_exception', None) or e  # what the backend raised, when it was the backend
+                print(f'torch.compile failed ({type(cause).__name__}: {first_line(cause)}): training without it '
+                      f'(--no-compile skips it)', flush=True)
+                self.__dict__['compiled'] = None
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)

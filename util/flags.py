@@ -1,0 +1,201 @@
+"""The flags every entry point shares, checked and filled in: batch, schedule and optimizer
+flags whose defaults are the published recipe of --model (`apply_recipe`), the data, device and
+loop flags, and the learning rate from the base rate."""
+import argparse
+import math
+
+from util import dist
+from util.datasets import default_num_workers
+from util.device import AUTO_ORDER, PRECISIONS
+from util.errors import UsageError
+from util.images import DEFAULT_MAX_BAD_IMAGES
+from util.lr_sched import SCHEDULES
+
+
+def add_schedule_args(parser, recipe_note):
+    """Batch, schedule and optimizer flags. Their defaults (None here) are the published recipe,
+    filled in by `apply_recipe` once the model (and the mode) is known; `recipe_note(flag)` says
+    in --help what the default is."""
+    def add(flag, help_text, **kwargs):
+        parser.add_argument(f'--{flag}', default=None, help=f'{help_text}; {recipe_note(flag)}', **kwargs)
+    add('batch_size', 'images per device per step; effective batch = batch_size * accum_iter * devices', type=int)
+    add('epochs', 'epochs to train', type=int)
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='accumulate gradients over this many micro-batches per optimizer step')
+    add('weight_decay', 'weight decay', type=float)
+    parser.add_argument('--lr', type=float, default=None, help='absolute learning rate (default: blr * batch / 256)')
+    add('blr', 'base learning rate: lr = blr * effective batch size / 256', type=float)
+    add('min_lr', 'absolute lower bound of the cosine schedule (else min_blr * batch / 256)', type=float)
+    add('min_blr', 'lower bound of the cosine schedule per 256 images', type=float)
+    add('warmup_epochs', 'epochs of linear warm-up', type=int)
+    add('warmup_lr', 'absolute lr the warm-up starts from (else warmup_blr * batch / 256)', type=float)
+    add('warmup_blr', 'lr the warm-up starts from, per 256 images', type=float)
+    add('lr_schedule', 'after the warm-up: cosine (from the end of the warm-up), cosine_whole_run (SimMIM: '
+                       'over all epochs, the warm-up replacing its start) or step (x lr_gamma at each of '
+                       'lr_milestones)', choices=SCHEDULES)
+    add('lr_milestones', 'epochs at which the step schedule multiplies the lr by lr_gamma', type=int, nargs='+')
+    add('lr_gamma', 'factor of the step schedule', type=float)
+    add('opt_betas', 'AdamW betas', type=float, nargs=2, metavar=('BETA1', 'BETA2'))
+    add('clip_grad', 'clip the gradient norm to this value (0: off)', type=float)
+
+
+BOUND_FORMS = (('min_lr', 'min_blr'), ('warmup_lr', 'warmup_blr'))  # absolute, per 256 images
+
+
+def merge_recipes(base, override):
+    """`base` updated by `override`, where a bound that `override` gives in one form (absolute or
+    per 256 images) replaces both forms of it in `base`."""
+    merged = dict(base)
+    for forms in BOUND_FORMS:
+        if any(f in override for f in forms):
+            for f in forms:
+                merged.pop(f, None)
+    merged.update(override)
+    return merged
+
+
+# What a recipe that does not say otherwise means: MAE's schedule and no clipping.
+SCHEDULE_DEFAULTS = dict(lr_schedule='cosine', lr_milestones=None, lr_gamma=0.1, warmup_blr=0.0, clip_grad=None)
+
+
+def apply_recipe(args, recipe):
+    """Set every flag the command line left at None to the recipe's value (or to
+    SCHEDULE_DEFAULTS). The absolute and per-256 forms of a bound (min_lr/min_blr,
+    warmup_lr/warmup_blr) go together: a command line that gives either keeps the recipe's out
+    of both."""
+    recipe = merge_recipes(SCHEDULE_DEFAULTS, recipe)
+    given = {k for k, v in vars(args).items() if v is not None}
+    for absolute, per_256 in BOUND_FORMS:
+        if given & {absolute, per_256}:
+            given |= {absolute, per_256}
+    for key, value in recipe.items():
+        if key in vars(args) and key not in given:
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    if args.clip_grad == 0:
+        args.clip_grad = None
+    check_warmup_fits(args, given_warmup='warmup_epochs' in given)
+
+
+def check_warmup_fits(args, given_warmup):
+    """A warm-up longer than the run never reaches the peak lr: refused when --warmup_epochs says
+    so, said in a warning line when the recipe's warm-up meets a shorter --epochs (short trials of
+    a recipe, --max_steps runs)."""
+    warmup, epochs = getattr(args, 'warmup_epochs', None), getattr(args, 'epochs', None)
+    if warmup is None or epochs is None or warmup <= epochs:
+        return
+    if given_warmup:
+        raise UsageError(f'--warmup_epochs {warmup} does not fit a run of --epochs {epochs}: the lr would never '
+                         f'reach its peak; give --warmup_epochs between 0 and {epochs}')
+    print(f'warning: the recipe\'s {warmup} warm-up epochs are more than --epochs {epochs}: the lr rises for the '
+          f'whole run and never reaches --lr (give --warmup_epochs to choose)', flush=True)
+
+
+def add_run_args(parser):
+    """Data, output, device and loop-control flags."""
+    parser.add_argument('--data_path', required=True, type=str,
+                        help='ImageFolder root with train/ (and val/), e.g. ImageNet, "demo" for the built-in set, or '
+                             '"synthetic" (ImageNet-1k\'s size; "synthetic:N": N training images) for images made '
+                             'per sample, to measure a device without a disk')
+    parser.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.jsonl, log.txt')
+    parser.add_argument('--log_dir', default=None, help='TensorBoard directory (default: output_dir)')
+    parser.add_argument('--device', default='auto', choices=('auto',) + AUTO_ORDER,
+                        help='auto picks the first present of ' + ', '.join(AUTO_ORDER))
+    parser.add_argument('--precision', default='auto', choices=PRECISIONS,
+                        help='autocast dtype; auto: bf16 where supported, else fp16 (with loss scaling), '
+                             'fp32 on the CPU')
+    parser.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
+                        help='torch.compile the model (default: on with CUDA, where it trains MAE ViT-B 1.4x faster '
+                             '(docs/PERFORMANCE.md); off on other devices and with --align). Where compiling fails, '
+                             'the run says so in one line and trains without it')
+    parser.add_argument('--grad_ckpt', action='store_true',
+                        help='activation checkpointing: recompute each block\'s activations in the backward pass, '
+                             'about a third more compute for much less memory (ViT-H, HiViT-L on one device)')
+    parser.add_argument('--peak_tflops', default=None, type=float,
+                        help='dense peak TFLOP/s of one device at --precision, for the mfu of the logs (default: '
+                             'util/flops.py\'s table: H100, H200, A100, Ascend 910B; none for the CPU)')
+    parser.add_argument('--seed', default=0, type=int,
+                        help='seeds the initial weights, the data order, every crop, flip and mask: the same seed '
+                             'gives the same run on any number of processes and workers (default: %(default)s)')
+    parser.add_argument('--resume', default='',
+                        help='checkpoint to resume from (default: <output_dir>/checkpoint-last.pth if present)')
+    parser.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
+    parser.add_argument('--max_steps', default=None, type=int,
+                        help='stop after this many optimizer steps (smoke and performance runs)')
+    parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    parser.add_argument('--log_freq', default=None, type=int, help='log every N optimizer steps (default: 20)')
+    parser.add_argument('--num_workers', default=default_num_workers(), type=int,
+                        help='data-loading processes per training process (default: the cores this process may use, '
+                             'shared among the processes of this node (LOCAL_WORLD_SIZE), or 10 (fewer cores: all of '
+                             'them) where that is more; here: %(default)s)')
+    parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
+                        help='pin host memory in the data loader for faster copies to the device')
+    parser.add_argument('--save_every_steps', default=0, type=int,
+                        help='also write checkpoint-last.pth every N optimizer steps within an epoch, bounding the work '
+                             'a SIGKILL loses in long epochs (default: 0, at the end of each epoch only)')
+    parser.add_argument('--sync_checkpoints', action='store_true',
+                        help='write checkpoints in the training thread: training waits for the whole write (for '
+                             'debugging). By default training waits only for a copy of the state into host memory, '
+                             'and a background thread writes the files (atomically, one save at a time)')
+    parser.add_argument('--max_bad_images', default=DEFAULT_MAX_BAD_IMAGES, type=int,
+                        help='training replaces an unreadable image by another sample and reports it; past this many '
+                             'replacements (all processes together) the run stops (default: %(default)s)')
+
+
+def check_run_args(args):
+    """Refuse loop flags that cannot work; fill in --log_freq, whose default (20) an entry point
+    may have changed first (--align logs every step)."""
+    if args.log_freq is None:
+        args.log_freq = 20
+    for name in ('batch_size', 'epochs', 'accum_iter', 'log_freq', 'save_freq'):
+        if getattr(args, name) < 1:
+            raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f'--max_steps must be at least 1, got {args.max_steps}')
+    if args.num_workers < 0:
+        raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
+    check_schedule_values(args)
+    size = getattr(args, 'input_size', None)
+    if size is not None and size < 1:
+        raise UsageError(f'--input_size must be a positive number of pixels, got {size}')
+    ratio = getattr(args, 'mask_ratio', None)
+    if ratio is not None and not 0 < ratio < 1:
+        raise UsageError(f'--mask_ratio must lie between 0 and 1 (both excluded: with nothing masked there is no '
+                         f'loss, with everything masked nothing to see), got {ratio}')
+
+
+# Rates and bounds that must be finite numbers, and the ones that must be above 0 as well.
+NON_NEGATIVE = ('lr', 'blr', 'min_lr', 'min_blr', 'warmup_lr', 'warmup_blr', 'weight_decay', 'clip_grad', 'lr_gamma')
+
+
+POSITIVE = ('lr', 'blr', 'clip_grad', 'lr_gamma')
+
+
+def check_schedule_values(args):
+    """Refuse a learning rate, bound or factor that is negative, NaN or infinite (a run would
+    train nowhere, or diverge at its first step), and a negative warm-up (`check_warmup_fits`
+    judges one longer than the run)."""
+    for name in NON_NEGATIVE:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in POSITIVE):
+            least = 'above 0' if name in POSITIVE else '0 or more'
+            raise UsageError(f'--{name} must be a finite number {least}, got {value}')
+    warmup = getattr(args, 'warmup_epochs', None)
+    if warmup is not None and warmup < 0:
+        raise UsageError(f'--warmup_epochs must be 0 or more, got {warmup}')
+
+
+def set_learning_rate(args):
+    """lr = blr * effective batch / 256 unless --lr is given; the lower bound and the start of the
+    warm-up scale the same way when the recipe gives them per 256 images."""
+    eff_batch_size = dist.effective_batch_size(args)
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    for absolute, per_256 in BOUND_FORMS:
+        if getattr(args, absolute) is None:
+            setattr(args, absolute, (getattr(args, per_256) or 0.0) * eff_batch_size / 256)
+    after = f'x {args.lr_gamma} at epochs {args.lr_milestones}' if args.lr_schedule == 'step' \
+        else f'{args.lr_schedule} down to {args.min_lr:.3e}'
+    print(f'effective batch size {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e}); {args.warmup_epochs} '
+          f'warm-up epochs from {args.warmup_lr:.3e}, then {after}')

@@ -1,0 +1,51 @@
+"""One run at a time in an --output_dir: a lock held for the life of the process."""
+import os
+import socket
+
+from util.errors import UsageError, first_line
+
+
+_OUTPUT_DIR_LOCKS = {}  # real path -> the open lock file, held until the process ends
+
+
+def lock_output_dir(output_dir):
+    """Hold an flock on <output_dir>/.lock for the life of this process, so that a second run
+    started in the same folder refuses instead of interleaving its checkpoints and logs. The
+    operating system drops the lock when the process ends, crashed or killed included, so it
+    never stays stuck. Taking it again in the same process (runs one after the other) is fine.
+    Writing the lock file also proves the folder writable: a path that is a file, lies under a
+    file, or is read-only is one line now rather than a traceback at the first checkpoint."""
+    key = os.path.realpath(output_dir)
+    if key in _OUTPUT_DIR_LOCKS:
+        return
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle = open(os.path.join(output_dir, '.lock'), 'a+')
+    except OSError as e:
+        raise UsageError(f'--output_dir {output_dir}: cannot write there ({e.strerror or first_line(e)}): give a '
+                         f'folder you can write to') from None
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the folder is checked, but not protected
+        handle.close()
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or 'another process'
+        handle.close()
+        raise UsageError(f'another run is using --output_dir {output_dir} ({holder}): wait for it to end, stop it, '
+                         f'or choose another --output_dir') from None
+    handle.truncate(0)
+    handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    handle.flush()
+    _OUTPUT_DIR_LOCKS[key] = handle
+
+
+def release_output_dir_locks():
+    """Drop the output-folder locks this process holds: for programs that run several runs one
+    after the other in one process (the tests, a notebook); a run's own process needs none of it."""
+    for handle in _OUTPUT_DIR_LOCKS.values():
+        handle.close()
+    _OUTPUT_DIR_LOCKS.clear()
