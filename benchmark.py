@@ -3,6 +3,8 @@
     # the device: the real training step on synthetic data already there
     python benchmark.py --model mae_vit_base --device cuda --batch_size 64 --precision bf16
     python benchmark.py --all --device cpu            # one model of each family (tiny ones on the CPU)
+    # beside the official code (git clone facebookresearch/mae, microsoft/SimMIM, zhangxiaosong18/hivit)
+    python benchmark.py --all --device cuda --batch_size 256 --official official/mae official/SimMIM official/hivit
     # the input pipeline alone, as main_pretrain (or main_finetune: --finetune_pipeline) builds it
     python benchmark.py --data_path /data/imagenet --num_workers 8 --compare_official
     # how long saving checkpoint-last.pth holds training up (weights and AdamW state)
@@ -10,7 +12,10 @@
 
 Model mode prints images/s, ms a step, training GFLOPs per image (counted by util.flops over one
 forward and backward, not typed in), achieved TFLOP/s, MFU against util.flops.PEAK_TFLOPS (n/a where
-the device's peak is unknown: the CPU, unless --peak_tflops) and peak memory. Loader mode prints
+the device's peak is unknown: the CPU, unless --peak_tflops) and peak memory, of the step as training
+runs it (compiled with CUDA). With --official, the official model of the same architecture (the same
+weights for MAE and HiViT) is timed too, in its own loop's step and in this project's, in rounds
+taken in turns with this project's step (and its eager form when compiled). Loader mode prints
 images/s of one core (per data-loader worker) and of a DataLoader with --num_workers, and with
 --compare_official the official MAE transform (Pillow) on the same files beside it. Checkpoint
 mode prints the seconds a save holds training up, synchronous and with the background writer.
@@ -27,8 +32,9 @@ from torchvision.datasets.folder import pil_loader
 
 import main_finetune
 import main_pretrain
-from util import checkpoint
+from util import checkpoint, official
 from util.checkpoint_writer import CheckpointWriter
+from util.compiling import compile_with_fallback, compiles_by_default
 from util.datasets import (INPUT_PIPELINES, JpegBatch, MixupCollate, SeededSamples, build_finetune_train_folder,
                            build_loader, build_pretrain_dataset, is_synthetic, pretrain_transform)
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
@@ -70,7 +76,16 @@ def get_args_parser():
                         help='autocast dtype, as in training (auto: bf16 where supported, fp32 on the CPU)')
     parser.add_argument('--input_size', type=int, default=None,
                         help='image size (default: the size the model is built for)')
-    parser.add_argument('--compile', action='store_true', help='torch.compile the model (more warm-up steps advised)')
+    parser.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
+                        help='torch.compile the model, falling back to eager where compiling fails (default: as the '
+                             'entry points: on with CUDA, off elsewhere)')
+    parser.add_argument('--official', nargs='+', default=None, metavar='DIR',
+                        help='clones of the official repositories (facebookresearch/mae, microsoft/SimMIM, '
+                             'zhangxiaosong18/hivit): time the official model of the same architecture in the official '
+                             'loop\'s step and in this project\'s step, in turns with this project\'s (util/official.py)')
+    parser.add_argument('--rounds', type=int, default=None,
+                        help='timed rounds of --steps steps, taken in turns by the steps compared; the best counts '
+                             '(default: 3 with --official, else 1)')
     parser.add_argument('--grad_ckpt', action='store_true',
                         help='activation checkpointing, as the entry points\' flag: compare the peak memory (and the '
                              'images/s; MFU counts the model\'s FLOPs, not the recomputation)')
@@ -98,7 +113,9 @@ def get_args_parser():
 
 
 def check_args(args):
-    for name in ('steps', 'images'):
+    if args.rounds is None:
+        args.rounds = 3 if args.official else 1
+    for name in ('steps', 'images', 'rounds'):
         if getattr(args, name) < 1:
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if args.batch_size is not None and args.batch_size < 1:
@@ -139,9 +156,9 @@ def build_step(name, batch_size, input_size):
     return model, loss_fn, (images, torch.randint(1000, targets.shape)), size
 
 
-def time_training_steps(model, loss_fn, batch, device, precision, warmup, steps):
-    """Seconds per step of the real training step (autocast, backward, loss scaling for fp16,
-    the project's AdamW, zero_grad) over `steps` steps after `warmup` untimed ones."""
+def training_step(model, loss_fn, batch, device, precision):
+    """The real training step (autocast, backward, loss scaling for fp16, the project's AdamW,
+    zero_grad) as a function of no arguments."""
     optimizer = build_adamw(param_groups(model, 0.05), 1e-4, (0.9, 0.95), device)
     scaler = device.grad_scaler(precision)
 
@@ -156,10 +173,19 @@ def time_training_steps(model, loss_fn, batch, device, precision, warmup, steps)
             loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    model.train()
-    for _ in range(warmup):
-        step()
+
+def official_step(model, loss_fn, batch, device, precision, clip_grad):
+    """The official loops' step (util.official.official_training_step) with their optimizer:
+    torch's AdamW in its default (foreach) form."""
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type)
+    return partial(official.official_training_step, model, loss_fn, batch, optimizer, scaler, device, precision, clip_grad)
+
+
+def seconds_per_step(step, device, steps):
+    """Seconds per step of `step()` over `steps` steps."""
     device.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
@@ -168,27 +194,85 @@ def time_training_steps(model, loss_fn, batch, device, precision, warmup, steps)
     return (time.perf_counter() - start) / steps
 
 
-def benchmark_model(name, args, device, precision):
-    """One model's figures. returns: a dict of them (for the table)"""
+def time_steps(steps_by_name, device, warmup, steps, rounds):
+    """Seconds per step of each of `steps_by_name` ({name: step()}), each warmed up by `warmup`
+    untimed steps, then timed for `steps` steps in each of `rounds` rounds that take the steps in
+    turn (so that a change of clock or load on a shared machine falls on all of them alike); the
+    best round of each counts.
+    returns: {name: seconds per step}"""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    best = {}
+    for _ in range(rounds):
+        for name, step in steps_by_name.items():
+            seconds = seconds_per_step(step, device, steps)
+            best[name] = min(seconds, best.get(name, seconds))
+    return best
+
+
+THIS = 'this project'  # the step of the main table: compiled with --compile, as training runs it
+
+
+def benchmark_model(name, args, device, precision, clones=None):
+    """One model's figures; with `clones` (util.official.find_clones), also those of the official
+    model in its own loop's step and in this project's (eager), and of this project's eager step
+    where --compile is on. returns: a dict of them (for the tables)"""
     batch_size = args.batch_size or (16 if device.type == 'cpu' else 64)
-    model, loss_fn, batch, size = build_step(name, batch_size, args.input_size)
+    with official.recording_constructors() as constructed:
+        model, loss_fn, batch, size = build_step(name, batch_size, args.input_size)
+    counterpart = None
+    if clones is not None:  # before --grad_ckpt and the move: the official model takes the initial weights
+        counterpart = official.official_counterpart(model, constructed, clones, forward_kwargs_of(loss_fn))
     flops = training_flops_per_image(model, loss_fn, example_batch_of(batch, 2))  # on fake tensors: free
     if args.grad_ckpt:  # after the count: the recomputation is not the model's work
         model.set_grad_checkpointing(True)
     model.to(device.torch_device)
     batch = to_device(batch, device.torch_device)
     batch[0].normal_()  # images of ImageNet's statistics after normalisation, not zeros
+    steps = {}
+    if isinstance(counterpart, tuple):
+        official_model, official_loss_fn, _ = counterpart
+        official_model.to(device.torch_device)
+        clip_grad = training_args(main_pretrain, name, 'synthetic', size).clip_grad
+        steps['official'] = official_step(official_model, official_loss_fn, batch, device, precision, clip_grad)
+        steps['official model, this step'] = training_step(official_model, official_loss_fn, batch, device, precision)
+        if args.compile:
+            steps['this project, eager'] = training_step(model, loss_fn, batch, device, precision)
+    steps[THIS] = training_step(compile_with_fallback(model) if args.compile else model, loss_fn, batch, device,
+                                precision)
+    seconds = time_steps(steps, device, args.warmup, args.steps, args.rounds)
+    peak = device_peak(device, matmul_precision(device, precision), args.peak_tflops)
+    ips = {variant: batch_size / s for variant, s in seconds.items()}
+    rate = FlopRate(flops, peak).fields(ips[THIS])
+    result = {'model': name, 'size': size, 'batch': batch_size, 'ips': ips[THIS], 'ms': seconds[THIS] * 1000,
+              'gflops': flops / 1e9, 'tflops': rate['tflops'], 'mfu': rate.get('mfu'),
+              'memory': peak_memory_of(steps[THIS], device)}
+    if isinstance(counterpart, tuple):
+        result['official'] = {variant: (value, FlopRate(flops, peak).fields(value).get('mfu'))
+                              for variant, value in ips.items()}
+        result['official_weights'] = counterpart[2]
+    elif counterpart is not None:
+        result['official'] = counterpart  # why there is none
+    return result
+
+
+def peak_memory_of(step, device):
+    """The peak device memory of one more `step()` (the weights of all models benchmarked with it
+    included): 'n/a' where the device does not say."""
     reset_peak = getattr(device.module, 'reset_peak_memory_stats', None)
     if reset_peak is not None:
+        device.synchronize()
         reset_peak(device.torch_device)
-    step_model = torch.compile(model) if args.compile else model
-    seconds = time_training_steps(step_model, loss_fn, batch, device, precision, args.warmup, args.steps)
-    ips = batch_size / seconds
-    rate = FlopRate(flops, device_peak(device, matmul_precision(device, precision), args.peak_tflops)).fields(ips)
+    step()
+    device.synchronize()
     memory = device.max_memory_allocated()
-    return {'model': name, 'size': size, 'batch': batch_size, 'ips': ips, 'ms': seconds * 1000,
-            'gflops': flops / 1e9, 'tflops': rate['tflops'], 'mfu': rate.get('mfu'),
-            'memory': f'{memory / 2 ** 30:.2f} GiB' if memory else 'n/a'}
+    return f'{memory / 2 ** 30:.2f} GiB' if memory else 'n/a'
+
+
+def forward_kwargs_of(loss_fn):
+    """The arguments the same for every batch (MAE's mask ratio) that build_step bound to the loss."""
+    return dict(getattr(loss_fn, 'keywords', {}).get('forward_kwargs', {}))
 
 
 def example_batch_of(batch, count):
@@ -201,25 +285,51 @@ def print_model_figures(r, where):
     print(f"{r['model']}: {r['size']} px, batch {r['batch']}, {where}: {r['ips']:.1f} images/s, {r['ms']:.1f} ms/step, "
           f"{r['gflops']:.3f} GFLOPs/image (training), {r['tflops']:.3f} TFLOP/s, MFU {mfu}, peak memory "
           f"{r['memory']}", flush=True)
+    if isinstance(r.get('official'), str):
+        print(f"  official: {r['official']}", flush=True)
+    elif 'official' in r:
+        official_ips = r['official']['official'][0]
+        for variant, (ips, mfu) in r['official'].items():
+            mfu = f', MFU {100 * mfu:.1f} %' if mfu is not None else ''
+            print(f'  {variant}: {ips:.1f} images/s{mfu}, {ips / official_ips:.2f}x the official step', flush=True)
+
+
+OFFICIAL_COLUMNS = ('official', 'official model, this step', 'this project, eager', THIS)
+
+
+def percent(mfu):
+    return f'{100 * mfu:.1f} %' if mfu is not None else 'n/a'
 
 
 def run_models(args):
     device = resolve_device(args.device)
     precision = device.resolve_precision(args.precision)
     device.use_fast_fp32()  # what a training run (not --align) does
+    if args.compile is None:
+        args.compile = compiles_by_default(device.type, deterministic=False)
+    clones = official.find_clones(args.official) if args.official else None
     sizes = args.sizes if args.sizes != 'auto' else 'small' if device.type == 'cpu' else 'published'
     names = [pair[sizes == 'published'] for pair in FAMILIES.values()] if args.all else [args.model or 'mae_vit_base']
-    where = f'{precision} on {device_name(device)}'
+    where = f'{precision} on {device_name(device)}{", compiled" if args.compile else ", eager"}'
     results = []
     for name in names:
-        results.append(benchmark_model(name, args, device, precision))
+        results.append(benchmark_model(name, args, device, precision, clones))
         print_model_figures(results[-1], where)
     print('\n| model | size | batch | precision | device | images/s | ms/step | GFLOPs/image | TFLOP/s | MFU | memory |\n'
           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for r in results:
-        mfu = f"{100 * r['mfu']:.1f} %" if r['mfu'] is not None else 'n/a'
         print(f"| {r['model']} | {r['size']} | {r['batch']} | {precision} | {device_name(device)} | {r['ips']:.1f} | "
-              f"{r['ms']:.1f} | {r['gflops']:.3f} | {r['tflops']:.3f} | {mfu} | {r['memory']} |")
+              f"{r['ms']:.1f} | {r['gflops']:.3f} | {r['tflops']:.3f} | {percent(r['mfu'])} | {r['memory']} |")
+    compared = [r for r in results if isinstance(r.get('official'), dict)]
+    if compared:
+        columns = [v for v in OFFICIAL_COLUMNS if any(v in r['official'] for r in compared)]
+        print(f'\nAgainst the official code ({where}; images/s (MFU), the best of {args.rounds} rounds taken in turns):\n'
+              f'| model | weights | {" | ".join(columns)} | this project / official |\n'
+              f'| --- | --- |{" --- |" * len(columns)} --- |')
+        for r in compared:
+            cells = [f'{ips:.1f} ({percent(mfu)})' for ips, mfu in (r['official'][v] for v in columns)]
+            ratio = r['official'][THIS][0] / r['official']['official'][0]
+            print(f"| {r['model']} | {r['official_weights']} | {' | '.join(cells)} | {ratio:.2f}x |")
     return results
 
 

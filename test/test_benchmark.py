@@ -185,3 +185,87 @@ def test_grad_ckpt_counts_the_models_flops_not_the_recomputation(capsys):
     [checkpointed] = benchmark.main(benchmark.get_args_parser().parse_args([*flags, '--grad_ckpt']))
     by_hand = mae_vit_tiny_gflops_by_hand()
     assert [plain['gflops'], checkpointed['gflops']] == pytest.approx([by_hand, by_hand], rel=1e-6)
+
+
+# A stand-in for a clone of facebookresearch/mae, in the idioms of 2021 that the real one uses:
+# names that shadow this project's (models_mae.py, a util/ folder without __init__.py), np.float,
+# and timm's ViT block given qk_scale. Its model is this project's class (put in sys.modules by the
+# test as `project_models_mae`), so that this project's weights load into it strictly.
+STAND_IN_MODELS_MAE = '''
+import sys
+import numpy as np
+from timm.models.vision_transformer import Block
+from util.pos_embed import width_of_float
+
+Block(8, 2, 4., qkv_bias=True, qk_scale=None)  # what the official constructor does per block
+IMPORTED_WITH = {'float width': width_of_float(), 'project util': 'util' in sys.modules
+                 and hasattr(sys.modules['util'], 'device')}
+
+
+class MaskedAutoencoderViT(sys.modules['project_models_mae'].MaskedAutoencoderViT):
+    def forward(self, imgs, mask_ratio=0.75):
+        return super().forward(imgs, mask_ratio)
+'''
+STAND_IN_POS_EMBED = '''
+import numpy as np
+
+
+def width_of_float():
+    return np.arange(2, dtype=np.float).itemsize
+'''
+
+
+def test_benchmark_times_the_official_code_beside_this_project(tmp_path, monkeypatch, capsys):
+    """--official: the clone's model is built with the keywords this project's factory used and
+    loads its weights; its files shadow this project's only while it is imported (ours are the
+    modules afterwards, np.float and timm's block as they were); the table gives both steps; a
+    model without official code says why; a folder that is not a clone is one line."""
+    import sys
+
+    import numpy as np
+    import timm.models.vision_transformer as timm_vit
+
+    import benchmark
+    import models_mae
+    import util.pos_embed
+    from util.errors import UsageError
+    clone = tmp_path / 'mae'
+    (clone / 'util').mkdir(parents=True)
+    (clone / 'models_mae.py').write_text(STAND_IN_MODELS_MAE)
+    (clone / 'util' / 'pos_embed.py').write_text(STAND_IN_POS_EMBED)
+    monkeypatch.setitem(sys.modules, 'project_models_mae', models_mae)
+    block = timm_vit.Block
+
+    results = benchmark.main(benchmark.get_args_parser().parse_args(
+        ['--model', 'mae_vit_tiny', '--device', 'cpu', '--steps', '1', '--warmup', '0', '--batch_size', '2',
+         '--rounds', '2', '--official', str(clone)]))
+    out = capsys.readouterr().out
+    assert sys.modules['models_mae'] is models_mae and sys.modules['util.pos_embed'] is util.pos_embed
+    assert not hasattr(np, 'float') and timm_vit.Block is block
+    [result] = results
+    assert set(result['official']) == {'official', 'official model, this step', 'this project'}
+    official_ips = result['official']['official'][0]
+    assert f"| mae_vit_tiny | same weights | {official_ips:.1f} (n/a) |" in out
+    assert f"{result['ips'] / official_ips:.2f}x |" in out
+
+    from util import official
+    with official.recording_constructors() as constructed:
+        ours = models_mae.mae_vit_tiny_patch8()
+    theirs, loss_fn, weights = official.official_counterpart(ours, constructed, {'MAE': str(clone)},
+                                                              {'mask_ratio': 0.75})
+    assert type(theirs).forward.__globals__['IMPORTED_WITH'] == {'float width': 8, 'project util': False}
+    assert weights == 'same weights'
+    assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()))
+    images = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    expected = ours(images, mask_ratio=0.75)[0]
+    torch.manual_seed(1)
+    assert loss_fn(theirs, (images, {})) == expected
+
+    benchmark.main(benchmark.get_args_parser().parse_args(
+        ['--model', 'maskfeat_vit_tiny', '--device', 'cpu', '--steps', '1', '--warmup', '0', '--batch_size', '2',
+         '--official', str(clone)]))
+    assert "official: none for MaskFeat: the official code compared is MAE's, SimMIM's and HiViT's pre-training" \
+        in capsys.readouterr().out
+    with pytest.raises(UsageError, match=f'--official {tmp_path}: not a clone of one of https://github.com/'):
+        benchmark.main(benchmark.get_args_parser().parse_args(['--device', 'cpu', '--official', str(tmp_path)]))

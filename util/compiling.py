@@ -21,7 +21,12 @@ def compile_and_wrap(model, device, args):
                              f'set_grad_checkpointing); run without it')
         model.set_grad_checkpointing(True)
     model_ddp = dist.wrap_ddp(model, device)
-    return EagerFallback(model_ddp, torch.compile(model_ddp)) if args.compile else model_ddp
+    return compile_with_fallback(model_ddp) if args.compile else model_ddp
+
+
+def compile_with_fallback(model):
+    """torch.compile(model), or `model` itself from the first call whose compilation fails."""
+    return EagerFallback(model, torch.compile(model))
 
 
 class EagerFallback(torch.nn.Module):
