@@ -232,6 +232,7 @@ def test_benchmark_times_the_official_code_beside_this_project(tmp_path, monkeyp
     clone = tmp_path / 'mae'
     (clone / 'util').mkdir(parents=True)
     (clone / 'models_mae.py').write_text(STAND_IN_MODELS_MAE)
+    (clone / 'engine_pretrain.py').write_text('')  # what tells a clone of facebookresearch/mae
     (clone / 'util' / 'pos_embed.py').write_text(STAND_IN_POS_EMBED)
     monkeypatch.setitem(sys.modules, 'project_models_mae', models_mae)
     block = timm_vit.Block

@@ -9,11 +9,12 @@ the official ones for MAE and HiViT (their contract) and timm's, of the same nam
 encoders. MAE and HiViT then load this project's weights (their keys are the official ones), so
 both compute from the same numbers; SimMIM's official model keeps its own initialisation.
 
-The official code was written for older libraries. Three stand-ins let it run unchanged on the
-ones of this project, only while it is imported and built: numpy's `np.float` (removed in numpy
-1.24), the `qk_scale` keyword of timm's ViT block (removed in timm 0.9; the official code passes
-None, its default), and a `models` package made without its `__init__`, which in the HiViT
-repository imports a file the repository lacks.
+The official code was written for older libraries. Stand-ins let it run unchanged on the ones
+of this project, only while it is imported and built: numpy's `np.float` (removed in numpy 1.24)
+and the `qk_scale` keyword of timm's ViT block (gone from current timm; the official MAE passes
+None, its default). Its folders are made packages without running any `__init__`: HiViT's
+`models/__init__` imports a file that repository lacks, and MAE's util/ has none, so that Python
+would take this project's util package instead.
 """
 import contextlib
 import importlib
@@ -33,9 +34,10 @@ from util.errors import UsageError
 
 # What identifies each clone: a file only it has, and the repository to clone.
 REPOSITORIES = {
-    'MAE': ('models_mae.py', 'https://github.com/facebookresearch/mae'),
+    'MAE': ('engine_pretrain.py', 'https://github.com/facebookresearch/mae'),
     'SimMIM': (os.path.join('models', 'simmim.py'), 'https://github.com/microsoft/SimMIM'),
-    'HiViT': (os.path.join('self_supervised', 'models', 'models_hivit_mae.py'), 'https://github.com/zhangxiaosong18/hivit'),
+    'HiViT': (os.path.join('self_supervised', 'models', 'models_hivit_mae.py'),
+              'https://github.com/zhangxiaosong18/hivit'),
 }
 
 
