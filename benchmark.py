@@ -142,18 +142,19 @@ def training_args(entry_point, model, data_path, input_size, extra=()):
 
 def build_step(name, batch_size, input_size):
     """The model, the loss of the training step and a batch on the CPU for a model name.
-    returns: (model, loss_fn(model, batch), batch, input size)"""
+    returns: (model, loss_fn(model, batch), batch, input size, main_pretrain's flags with the
+              recipe filled in, or None for a classifier)"""
     if name in pretrain_model_names():
         args = training_args(main_pretrain, name, 'synthetic', input_size)
         model = create_pretrain_model(name, img_size=args.input_size)
         masks = model.mask_generator(args)
         loss_fn = partial(main_pretrain.mim_loss, forward_kwargs=masks.forward_kwargs)
-        return model, loss_fn, example_batch(batch_size, args.input_size, masks), args.input_size
+        return model, loss_fn, example_batch(batch_size, args.input_size, masks), args.input_size, args
     size = input_size or native_input_size(name)
     model = create_classifier(name, img_size=size, num_classes=1000)
     loss_fn = partial(main_finetune.classification_loss, criterion=torch.nn.CrossEntropyLoss())
     images, targets = example_batch(batch_size, size, num_classes=1000)
-    return model, loss_fn, (images, torch.randint(1000, targets.shape)), size
+    return model, loss_fn, (images, torch.randint(1000, targets.shape)), size, None
 
 
 def training_step(model, loss_fn, batch, device, precision):
@@ -220,10 +221,10 @@ def benchmark_model(name, args, device, precision, clones=None):
     where --compile is on. returns: a dict of them (for the tables)"""
     batch_size = args.batch_size or (16 if device.type == 'cpu' else 64)
     with official.recording_constructors() as constructed:
-        model, loss_fn, batch, size = build_step(name, batch_size, args.input_size)
+        model, loss_fn, batch, size, recipe = build_step(name, batch_size, args.input_size)
     counterpart = None
     if clones is not None:  # before --grad_ckpt and the move: the official model takes the initial weights
-        counterpart = official.official_counterpart(model, constructed, clones, forward_kwargs_of(loss_fn))
+        counterpart = official.official_counterpart(model, constructed, clones, recipe)
     flops = training_flops_per_image(model, loss_fn, example_batch_of(batch, 2))  # on fake tensors: free
     if args.grad_ckpt:  # after the count: the recomputation is not the model's work
         model.set_grad_checkpointing(True)
@@ -234,8 +235,8 @@ def benchmark_model(name, args, device, precision, clones=None):
     if isinstance(counterpart, tuple):
         official_model, official_loss_fn, _ = counterpart
         official_model.to(device.torch_device)
-        clip_grad = training_args(main_pretrain, name, 'synthetic', size).clip_grad
-        steps['official'] = official_step(official_model, official_loss_fn, batch, device, precision, clip_grad)
+        steps['official'] = official_step(official_model, official_loss_fn, batch, device, precision,
+                                          recipe.clip_grad)
         steps['official model, this step'] = training_step(official_model, official_loss_fn, batch, device, precision)
         if args.compile:
             steps['this project, eager'] = training_step(model, loss_fn, batch, device, precision)
@@ -268,11 +269,6 @@ def peak_memory_of(step, device):
     device.synchronize()
     memory = device.max_memory_allocated()
     return f'{memory / 2 ** 30:.2f} GiB' if memory else 'n/a'
-
-
-def forward_kwargs_of(loss_fn):
-    """The arguments the same for every batch (MAE's mask ratio) that build_step bound to the loss."""
-    return dict(getattr(loss_fn, 'keywords', {}).get('forward_kwargs', {}))
 
 
 def example_batch_of(batch, count):

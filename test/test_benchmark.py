@@ -1,6 +1,7 @@
 """Training FLOPs, MFU in the logs, benchmark.py and --data_path synthetic, on the CPU with tiny
 models. Speeds are printed, never asserted: what is checked is that the figures are there and
 agree with each other and with a count by hand."""
+import argparse
 import re
 
 import pytest
@@ -252,8 +253,8 @@ def test_benchmark_times_the_official_code_beside_this_project(tmp_path, monkeyp
     from util import official
     with official.recording_constructors() as constructed:
         ours = models_mae.mae_vit_tiny_patch8()
-    theirs, loss_fn, weights = official.official_counterpart(ours, constructed, {'MAE': str(clone)},
-                                                              {'mask_ratio': 0.75})
+    recipe = argparse.Namespace(mask_ratio=0.75)
+    theirs, loss_fn, weights = official.official_counterpart(ours, constructed, {'MAE': str(clone)}, recipe)
     assert type(theirs).forward.__globals__['IMPORTED_WITH'] == {'float width': 8, 'project util': False}
     assert weights == 'same weights'
     assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()))

@@ -19,6 +19,7 @@ would take this project's util package instead.
 import contextlib
 import importlib
 import inspect
+import math
 import os
 import sys
 import types
@@ -186,8 +187,9 @@ BUILDERS = {
 }
 
 
-def official_counterpart(model, recorded, clones, forward_kwargs):
-    """The official model of the architecture of `model` (whose construction `recorded` holds).
+def official_counterpart(model, recorded, clones, recipe):
+    """The official model of the architecture of `model` (whose construction `recorded` holds);
+    `recipe`: main_pretrain's flags for it (the mask ratio), None for a classifier.
     returns: (official model, its loss_fn(model, batch), 'same weights' or 'its own weights'),
              or a str saying why there is none"""
     kinds = [kind for kind in recorded if kind in BUILDERS]
@@ -200,7 +202,7 @@ def official_counterpart(model, recorded, clones, forward_kwargs):
     official = build(clones[repository], recorded, model)
     if same_weights:
         official.load_state_dict(model.state_dict())  # strict: the architectures are the same
-    loss_fn = partial(loss_fn, **forward_kwargs) if loss_fn is mae_loss else loss_fn
+    loss_fn = partial(mae_loss, mask_ratio=recipe.mask_ratio) if loss_fn is mae_loss else loss_fn
     return official, loss_fn, 'same weights' if same_weights else 'its own initial weights'
 
 
@@ -212,15 +214,16 @@ def official_training_step(model, loss_fn, batch, optimizer, scaler, device, pre
     optimizer step, zero_grad, and a device synchronize at the end of every step."""
     with device.autocast(precision):
         loss = loss_fn(model, batch)
-    if not np.isfinite(loss.item()):
-        raise RuntimeError(f'the official model\'s loss is {loss.item()}')
+    value = loss.item()  # a host sync every step, as the official loops read the loss
+    if not math.isfinite(value):
+        raise RuntimeError(f'the official model\'s loss is {value}')
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     parameters = [p for p in model.parameters() if p.grad is not None]
     if clip_grad:
         torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
-    else:
-        torch.norm(torch.stack([p.grad.detach().norm() for p in parameters]))
+    else:  # the official loops measure the norm every step even where nothing clips: its cost is theirs
+        torch.nn.utils.get_total_norm([p.grad for p in parameters])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad()
