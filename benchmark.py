@@ -34,7 +34,7 @@ import main_finetune
 import main_pretrain
 from util import checkpoint, official
 from util.checkpoint_writer import CheckpointWriter
-from util.compiling import compile_with_fallback, compiles_by_default
+from util.compiling import COMPILE_MODES, compile_with_fallback, resolve_compile
 from util.datasets import (INPUT_PIPELINES, JpegBatch, MixupCollate, SeededSamples, build_finetune_train_folder,
                            build_loader, build_pretrain_dataset, is_synthetic, pretrain_transform)
 from util.device import AUTO_ORDER, PRECISIONS, resolve_device
@@ -79,6 +79,8 @@ def get_args_parser():
     parser.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
                         help='torch.compile the model, falling back to eager where compiling fails (default: as the '
                              'entry points: on with CUDA, off elsewhere)')
+    parser.add_argument('--compile_mode', default=None, choices=COMPILE_MODES,
+                        help='torch.compile\'s mode, as the entry points\' flag (implies --compile)')
     parser.add_argument('--official', nargs='+', default=None, metavar='DIR',
                         help='clones of the official repositories (facebookresearch/mae, microsoft/SimMIM, '
                              'zhangxiaosong18/hivit): time the official model of the same architecture in the official '
@@ -240,8 +242,8 @@ def benchmark_model(name, args, device, precision, clones=None):
         steps['official model, this step'] = training_step(official_model, official_loss_fn, batch, device, precision)
         if args.compile:
             steps['this project, eager'] = training_step(model, loss_fn, batch, device, precision)
-    steps[THIS] = training_step(compile_with_fallback(model) if args.compile else model, loss_fn, batch, device,
-                                precision)
+    compiled = compile_with_fallback(model, args.compile_mode) if args.compile else model
+    steps[THIS] = training_step(compiled, loss_fn, batch, device, precision)
     seconds = time_steps(steps, device, args.warmup, args.steps, args.rounds)
     peak = device_peak(device, matmul_precision(device, precision), args.peak_tflops)
     ips = {variant: batch_size / s for variant, s in seconds.items()}
@@ -297,16 +299,21 @@ def percent(mfu):
     return f'{100 * mfu:.1f} %' if mfu is not None else 'n/a'
 
 
+def compiled_how(args):
+    if not args.compile:
+        return 'eager'
+    return 'compiled' if args.compile_mode == 'default' else f'compiled ({args.compile_mode})'
+
+
 def run_models(args):
     device = resolve_device(args.device)
     precision = device.resolve_precision(args.precision)
     device.use_fast_fp32()  # what a training run (not --align) does
-    if args.compile is None:
-        args.compile = compiles_by_default(device.type, deterministic=False)
+    resolve_compile(args, device.type, deterministic=False)
     clones = official.find_clones(args.official) if args.official else None
     sizes = args.sizes if args.sizes != 'auto' else 'small' if device.type == 'cpu' else 'published'
     names = [pair[sizes == 'published'] for pair in FAMILIES.values()] if args.all else [args.model or 'mae_vit_base']
-    where = f'{precision} on {device_name(device)}{", compiled" if args.compile else ", eager"}'
+    where = f'{precision} on {device_name(device)}, {compiled_how(args)}'
     results = []
     for name in names:
         results.append(benchmark_model(name, args, device, precision, clones))

@@ -9,6 +9,8 @@
 #                (made here first, 500x375 like ImageNet's), 16 loader workers; the log has each
 #                interval of 5 steps, so the start of each epoch shows
 #   simmim_swin simmim_vit maskfeat mae_hivit vit_finetune   the other families' steps, as mae
+#   modes        MAE ViT-B's step compiled in torch.compile's other modes (--compile_mode
+#                reduce-overhead: CUDA graphs; max-autotune-no-cudagraphs), each beside the default
 # Before: clone the official repositories into official/ (git ignores it):
 #   git clone https://github.com/facebookresearch/mae official/mae
 #   git clone https://github.com/microsoft/SimMIM official/SimMIM
@@ -69,7 +71,12 @@ stage() {
         mae_hivit) step mae_hivit mae_hivit_base ;;
         vit_finetune) step vit_finetune vit_base_patch16 ;;
         runs) run synthetic synthetic:6400; make_jpegs && run jpegs "$LOGS/jpegs" ;;
-        *) echo "unknown stage $1: mae runs simmim_swin simmim_vit maskfeat mae_hivit vit_finetune" >&2; return 2 ;;
+        modes) for mode in default reduce-overhead max-autotune-no-cudagraphs; do
+                   timeout "$LIMIT" "$PYTHON" benchmark.py --model mae_vit_base --device cuda --batch_size 256 \
+                       --steps 20 --warmup 10 --compile_mode $mode 2>&1 | tee "$LOGS/modes_$mode.log"
+               done ;;
+        *) echo "unknown stage $1: mae runs simmim_swin simmim_vit maskfeat mae_hivit vit_finetune modes" >&2
+           return 2 ;;
     esac
 }
 
@@ -77,7 +84,7 @@ stage() {
   "$PYTHON" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
   echo "official clones: ${OFFICIAL[*]:-none}"; date -u; } 2>&1 | tee "$LOGS/machine.txt"
 status=0
-for name in "${@:-mae runs simmim_swin simmim_vit maskfeat mae_hivit vit_finetune}"; do
+for name in "${@:-mae runs simmim_swin simmim_vit maskfeat mae_hivit vit_finetune modes}"; do
     for s in $name; do
         stage "$s" || status=$?
     done

@@ -39,16 +39,25 @@ def test_a_compiled_run_logs_the_eager_runs_losses_and_a_failed_compilation_fall
                                                                                         monkeypatch, capsys):
     """--compile in the real loop: TorchDynamo's graphs run by AOTAutograd without code generation
     (backend aot_eager: Inductor's compilation takes minutes on a CPU) log the losses of the eager
-    run; a backend that fails to compile costs one line, and the run trains eagerly."""
+    run; --compile_mode reaches torch.compile (and turns compiling on); a backend that fails to
+    compile costs one line, and the run trains eagerly."""
     from util import compiling
     eager = losses_of_run(small_folder, tmp_path / 'eager')
     assert 'torch.compile' not in capsys.readouterr().out  # off by default on the CPU
 
-    compile_with = {'backend': 'aot_eager'}
-    monkeypatch.setattr(compiling.torch, 'compile', lambda model: torch._dynamo.optimize(**compile_with)(model))
+    compile_with, modes = {'backend': 'aot_eager'}, []
+
+    def compile_without_codegen(model, mode):
+        modes.append(mode)
+        return torch._dynamo.optimize(**compile_with)(model)
+    monkeypatch.setattr(compiling.torch, 'compile', compile_without_codegen)
     torch._dynamo.reset()
     assert losses_of_run(small_folder, tmp_path / 'compiled', '--compile') == pytest.approx(eager, rel=1e-6)
     assert 'torch.compile failed' not in capsys.readouterr().out
+    torch._dynamo.reset()
+    assert losses_of_run(small_folder, tmp_path / 'mode', '--compile_mode', 'reduce-overhead') == \
+        pytest.approx(eager, rel=1e-6)
+    assert modes == ['default', 'reduce-overhead']
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError('no C++ compiler found')
@@ -59,6 +68,13 @@ def test_a_compiled_run_logs_the_eager_runs_losses_and_a_failed_compilation_fall
     assert out.count('torch.compile failed') == 1
     assert 'torch.compile failed (RuntimeError: no C++ compiler found): training without it (--no-compile skips it)' \
         in out
+
+
+def test_a_compile_mode_without_compiling_is_refused(tmp_path):
+    from util.errors import UsageError
+    with pytest.raises(UsageError, match='^--compile_mode max-autotune is a mode of torch.compile, which --no-compile '
+                                         'turns off: give one of the two$'):
+        losses_of_run('demo', tmp_path, '--no-compile', '--compile_mode', 'max-autotune')
 
 
 def test_the_fallback_is_the_model_to_the_loop():

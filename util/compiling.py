@@ -5,6 +5,22 @@ from util import dist
 from util.errors import UsageError, first_line
 
 
+# torch.compile's modes: reduce-overhead replays each step as CUDA graphs (the host launches one
+# graph instead of every kernel); max-autotune also searches matmul tilings (minutes more compiling).
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
+def resolve_compile(args, device_type, deterministic):
+    """Fill in --compile: a --compile_mode turns it on, else compiles_by_default; --compile_mode
+    with --no-compile is refused. Fills --compile_mode with 'default' where none was given."""
+    if args.compile_mode is not None and args.compile is False:
+        raise UsageError(f'--compile_mode {args.compile_mode} is a mode of torch.compile, which --no-compile turns '
+                         f'off: give one of the two')
+    if args.compile is None:
+        args.compile = args.compile_mode is not None or compiles_by_default(device_type, deterministic)
+    args.compile_mode = args.compile_mode or 'default'
+
+
 def compiles_by_default(device_type, deterministic):
     """--compile's default: on with CUDA, where it was measured faster; off on the other devices
     (their compilers are their vendors' to prove) and for --align (its kernels are not the eager
@@ -14,19 +30,20 @@ def compiles_by_default(device_type, deterministic):
 
 def compile_and_wrap(model, device, args):
     """Activation checkpointing with --grad_ckpt, DDP around the model when distributed, then
-    torch.compile with --compile."""
+    torch.compile with --compile (in --compile_mode)."""
     if args.grad_ckpt:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UsageError(f'--grad_ckpt: {type(model).__name__} has no activation checkpointing (timm\'s '
                              f'set_grad_checkpointing); run without it')
         model.set_grad_checkpointing(True)
     model_ddp = dist.wrap_ddp(model, device)
-    return compile_with_fallback(model_ddp) if args.compile else model_ddp
+    return compile_with_fallback(model_ddp, args.compile_mode) if args.compile else model_ddp
 
 
-def compile_with_fallback(model):
-    """torch.compile(model), or `model` itself from the first call whose compilation fails."""
-    return EagerFallback(model, torch.compile(model))
+def compile_with_fallback(model, mode='default'):
+    """torch.compile(model, mode=mode), or `model` itself from the first call whose compilation
+    fails."""
+    return EagerFallback(model, torch.compile(model, mode=mode))
 
 
 class EagerFallback(torch.nn.Module):

@@ -5,6 +5,7 @@ import argparse
 import math
 
 from util import dist
+from util.compiling import COMPILE_MODES
 from util.datasets import default_num_workers
 from util.device import AUTO_ORDER, PRECISIONS
 from util.errors import UsageError
@@ -107,6 +108,9 @@ def add_run_args(parser):
                         help='torch.compile the model (default: on with CUDA, where it trains MAE ViT-B 1.4x faster '
                              '(docs/PERFORMANCE.md); off on other devices and with --align). Where compiling fails, '
                              'the run says so in one line and trains without it')
+    parser.add_argument('--compile_mode', default=None, choices=COMPILE_MODES,
+                        help='torch.compile\'s mode (implies --compile): reduce-overhead replays each step as CUDA '
+                             'graphs, max-autotune also tunes the matmuls (longer start-up); default: torch\'s default mode')
     parser.add_argument('--grad_ckpt', action='store_true',
                         help='activation checkpointing: recompute each block\'s activations in the backward pass, '
                              'about a third more compute for much less memory (ViT-H, HiViT-L on one device)')

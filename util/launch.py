@@ -5,7 +5,7 @@ import json
 import os
 
 from util import checkpoint, dist, signals
-from util.compiling import compiles_by_default
+from util.compiling import resolve_compile
 from util.determinism import alignment_summary, watch_nondeterministic_kernels
 from util.device import resolve_device
 from util.engine import Progress
@@ -32,8 +32,7 @@ def start_run(args, deterministic=False):
         lock_output_dir(args.output_dir)
     signals.join_agreement_group()
     precision = device.resolve_precision(args.precision)
-    if args.compile is None:
-        args.compile = compiles_by_default(device.type, deterministic)
+    resolve_compile(args, device.type, deterministic)
     args.log_dir = args.log_dir or args.output_dir
     print(f'device: {device.torch_device} x {world.world_size} processes, precision: {precision}')
     print(json.dumps(vars(args), indent=1))
