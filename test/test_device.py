@@ -632,7 +632,8 @@ def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
     monkeypatch.setattr(launch.dist, 'init_process_group', lambda world, device: None)
     monkeypatch.setattr(launch.signals, 'join_agreement_group', lambda: None)
     def args():
-        return argparse.Namespace(device='cuda', output_dir='', precision='fp32', log_dir=None, compile=None)
+        return argparse.Namespace(device='cuda', output_dir='', precision='fp32', log_dir=None, compile=None,
+                                  compile_mode=None)
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         fast = args()
