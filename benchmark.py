@@ -12,13 +12,15 @@
 
 Model mode prints images/s, ms a step, training GFLOPs per image (counted by util.flops over one
 forward and backward, not typed in), achieved TFLOP/s, MFU against util.flops.PEAK_TFLOPS (n/a where
-the device's peak is unknown: the CPU, unless --peak_tflops) and peak memory, of the step as training
-runs it (compiled with CUDA). With --official, the official model of the same architecture (the same
-weights for MAE and HiViT) is timed too, in its own loop's step and in this project's, in rounds
-taken in turns with this project's step (and its eager form when compiled). Loader mode prints
-images/s of one core (per data-loader worker) and of a DataLoader with --num_workers, and with
---compare_official the official MAE transform (Pillow) on the same files beside it. Checkpoint
-mode prints the seconds a save holds training up, synchronous and with the background writer.
+the device's peak is unknown: the CPU, unless --peak_tflops) and peak memory, of the step as
+training runs it (compiled with CUDA; the device, precision and step flags are the entry points'
+own, and with --grad_ckpt MFU still counts the model's FLOPs, not the recomputation). With
+--official, the official model of the same architecture (the same weights for MAE and HiViT) is
+timed too, in its own loop's step and in this project's, in rounds taken in turns with this
+project's step (and its eager form when compiled). Loader mode prints images/s of one core (per
+data-loader worker) and of a DataLoader with --num_workers, and with --compare_official the official
+MAE transform (Pillow) on the same files beside it. Checkpoint mode prints the seconds a save holds
+training up, synchronous and with the background writer.
 """
 import argparse
 import os
@@ -34,12 +36,13 @@ import main_finetune
 import main_pretrain
 from util import checkpoint, official
 from util.checkpoint_writer import CheckpointWriter
-from util.compiling import COMPILE_MODES, compile_with_fallback, resolve_compile
+from util.compiling import compile_with_fallback, resolve_compile
 from util.datasets import (INPUT_PIPELINES, JpegBatch, MixupCollate, SeededSamples, build_finetune_train_folder,
                            build_loader, build_pretrain_dataset, is_synthetic, pretrain_transform)
-from util.device import AUTO_ORDER, PRECISIONS, resolve_device
+from util.device import resolve_device
 from util.engine import to_device
 from util.errors import UsageError, run_cli
+from util.flags import add_step_args
 from util.flops import (FlopRate, device_name, device_peak, example_batch, matmul_precision,
                         training_flops_per_image)
 from util.images import BadImages
@@ -71,16 +74,9 @@ def get_args_parser():
                         help='images a step (default: 64 in model mode on an accelerator, 16 on the CPU; 64 in loader mode)')
     parser.add_argument('--steps', type=int, default=10, help='timed training steps (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (default: %(default)s)')
-    parser.add_argument('--device', default='auto', choices=('auto',) + AUTO_ORDER)
-    parser.add_argument('--precision', default='auto', choices=PRECISIONS,
-                        help='autocast dtype, as in training (auto: bf16 where supported, fp32 on the CPU)')
     parser.add_argument('--input_size', type=int, default=None,
                         help='image size (default: the size the model is built for)')
-    parser.add_argument('--compile', default=None, action=argparse.BooleanOptionalAction,
-                        help='torch.compile the model, falling back to eager where compiling fails (default: as the '
-                             'entry points: on with CUDA, off elsewhere)')
-    parser.add_argument('--compile_mode', default=None, choices=COMPILE_MODES,
-                        help='torch.compile\'s mode, as the entry points\' flag (implies --compile)')
+    add_step_args(parser)
     parser.add_argument('--official', nargs='+', default=None, metavar='DIR',
                         help='clones of the official repositories (facebookresearch/mae, microsoft/SimMIM, '
                              'zhangxiaosong18/hivit): time the official model of the same architecture in the official '
@@ -88,11 +84,6 @@ def get_args_parser():
     parser.add_argument('--rounds', type=int, default=None,
                         help='timed rounds of --steps steps, taken in turns by the steps compared; the best counts '
                              '(default: 3 with --official, else 1)')
-    parser.add_argument('--grad_ckpt', action='store_true',
-                        help='activation checkpointing, as the entry points\' flag: compare the peak memory (and the '
-                             'images/s; MFU counts the model\'s FLOPs, not the recomputation)')
-    parser.add_argument('--peak_tflops', type=float, default=None,
-                        help='dense peak TFLOP/s of the device at --precision (default: util/flops.py\'s table)')
     # loader mode
     parser.add_argument('--data_path', default=None,
                         help='measure the input pipeline alone on this data set (an ImageFolder root, demo or synthetic)')

@@ -617,8 +617,8 @@ def test_slurm_without_ntasks_is_one_task(world_env):
 def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
     """A run's start on CUDA allows TF32 for fp32 matmuls and convolutions; --align (deterministic)
     keeps full fp32. Nothing changes on the CPU."""
-    import argparse
     import torch
+    import main_pretrain
     from util import launch
     # torch's backend flags are properties of module stand-ins, which pytest's monkeypatch (9.2 and
     # newer) cannot restore: they are saved and put back by hand
@@ -631,9 +631,9 @@ def test_fp32_uses_tf32_on_cuda_except_for_alignment(monkeypatch):
         monkeypatch.setattr(launch, stub, lambda *a: None)
     monkeypatch.setattr(launch.dist, 'init_process_group', lambda world, device: None)
     monkeypatch.setattr(launch.signals, 'join_agreement_group', lambda: None)
-    def args():
-        return argparse.Namespace(device='cuda', output_dir='', precision='fp32', log_dir=None, compile=None,
-                                  compile_mode=None)
+    def args():  # main_pretrain's own flags, so new ones reach the test as they reach a run
+        return main_pretrain.get_args_parser().parse_args(
+            ['--data_path', 'demo', '--device', 'cuda', '--precision', 'fp32', '--output_dir', ''])
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         fast = args()

@@ -91,14 +91,10 @@ def check_warmup_fits(args, given_warmup):
           f'whole run and never reaches --lr (give --warmup_epochs to choose)', flush=True)
 
 
-def add_run_args(parser):
-    """Data, output, device and loop-control flags."""
-    parser.add_argument('--data_path', required=True, type=str,
-                        help='ImageFolder root with train/ (and val/), e.g. ImageNet, "demo" for the built-in set, or '
-                             '"synthetic" (ImageNet-1k\'s size; "synthetic:N": N training images) for images made '
-                             'per sample, to measure a device without a disk')
-    parser.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.jsonl, log.txt')
-    parser.add_argument('--log_dir', default=None, help='TensorBoard directory (default: output_dir)')
+def add_step_args(parser):
+    """How the training step runs: device, precision, compiling, activation checkpointing, and the
+    peak the MFU counts against. The entry points and benchmark.py share them, so a benchmark
+    times the step a run with the same flags trains with."""
     parser.add_argument('--device', default='auto', choices=('auto',) + AUTO_ORDER,
                         help='auto picks the first present of ' + ', '.join(AUTO_ORDER))
     parser.add_argument('--precision', default='auto', choices=PRECISIONS,
@@ -117,6 +113,17 @@ def add_run_args(parser):
     parser.add_argument('--peak_tflops', default=None, type=float,
                         help='dense peak TFLOP/s of one device at --precision, for the mfu of the logs (default: '
                              'util/flops.py\'s table: H100, H200, A100, Ascend 910B; none for the CPU)')
+
+
+def add_run_args(parser):
+    """Data, output, device and loop-control flags."""
+    parser.add_argument('--data_path', required=True, type=str,
+                        help='ImageFolder root with train/ (and val/), e.g. ImageNet, "demo" for the built-in set, or '
+                             '"synthetic" (ImageNet-1k\'s size; "synthetic:N": N training images) for images made '
+                             'per sample, to measure a device without a disk')
+    parser.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.jsonl, log.txt')
+    parser.add_argument('--log_dir', default=None, help='TensorBoard directory (default: output_dir)')
+    add_step_args(parser)
     parser.add_argument('--seed', default=0, type=int,
                         help='seeds the initial weights, the data order, every crop, flip and mask: the same seed '
                              'gives the same run on any number of processes and workers (default: %(default)s)')
