@@ -170,7 +170,7 @@ def fill_recipe(args):
     if args.eval and args.model is None:
         args.model = model_of_checkpoint(checkpoint.resume_path(args.resume, args.output_dir))
     if mode == 'finetune' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
-        source, published = finetune_recipe_of(checkpoint.load(args.finetune))
+        source, published = finetune_recipe_of(checkpoint.load(args.finetune, mmap=True))
         if published:
             args.recipe_source = f'the fine-tuning recipe published for {source} checkpoints'
     elif mode == 'scratch':
@@ -195,7 +195,7 @@ def model_of_checkpoint(path):
     none), so that --eval --resume needs no --model for it."""
     if not path or not os.path.isfile(path):
         return None  # --eval reports a missing file where it loads it
-    model = checkpoint.saved_args(checkpoint.load(path)).get('model')
+    model = checkpoint.saved_args(checkpoint.load(path, mmap=True)).get('model')
     return model if isinstance(model, str) else None
 
 

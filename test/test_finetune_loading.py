@@ -57,6 +57,39 @@ def test_full_pretraining_checkpoint_drops_the_decoder(tmp_path):
     torch.testing.assert_close(model.norm.weight, mae.norm.weight)  # the cls-token form keeps norm
 
 
+def file_behind(tensor):
+    """The file whose mapped pages hold a tensor's data (Linux's /proc/self/maps), or None."""
+    address = tensor.untyped_storage().data_ptr()
+    with open('/proc/self/maps') as maps:
+        for line in maps:
+            span, *_, name = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in span.split('-'))
+            if start <= address < end:
+                return name.strip() if name.startswith('/') else None
+
+
+def test_header_reads_map_a_zip_checkpoint_and_read_an_old_pickle_whole(tmp_path, monkeypatch):
+    """--eval without --model and --finetune's recipe look at a checkpoint's args alone: its tensors
+    are mapped from the file, not read (a ViT-L with AdamW state is gigabytes); a pre-1.6 pickle
+    checkpoint cannot be mapped and loads as before."""
+    import argparse
+    import main_finetune
+    state = {'model': {'w': torch.arange(6.)}, 'args': argparse.Namespace(model='vit_tiny_patch8')}
+    zipped, pickled = tmp_path / 'zip.pth', tmp_path / 'old.pth'
+    torch.save(state, zipped)
+    torch.save(state, pickled, _use_new_zipfile_serialization=False)
+    mapped, whole = checkpoint.load(str(zipped), mmap=True), checkpoint.load(str(pickled), mmap=True)
+    assert file_behind(mapped['model']['w']) == str(zipped)  # the file's pages themselves
+    assert file_behind(whole['model']['w']) is None
+    for loaded in (mapped, whole):
+        assert torch.equal(loaded['model']['w'], torch.arange(6.)) and loaded['args'].model == 'vit_tiny_patch8'
+    # the entry point's header read asks for the mapping
+    asked = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *a, **kw: asked.append(kw.get('mmap')) or real_load(*a, **kw))
+    assert main_finetune.model_of_checkpoint(str(zipped)) == 'vit_tiny_patch8' and asked == [True]
+
+
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     mae = models_mae.mae_vit_tiny_patch8(depth=2)
     torch.save({'model': mae.state_dict()}, tmp_path / 'tiny.pth')

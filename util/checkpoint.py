@@ -44,10 +44,13 @@ class ConfigAsData(dict):
         return collections.OrderedDict()
 
 
-def load(path):
+def load(path, mmap=False):
     """Load a checkpoint as data (weights_only: no code runs) onto the CPU. Besides tensors and
     containers, argparse.Namespace is allowed (the official MAE code stores its args as one), and
-    a yacs configuration (the official SimMIM code's) is read as nested dicts."""
+    a yacs configuration (the official SimMIM code's) is read as nested dicts.
+    mmap: map the tensors of a zip checkpoint instead of reading them, for a look at its args or
+    key names alone (a ViT-L checkpoint with its optimizer state is gigabytes); an older pickle
+    checkpoint, which cannot be mapped, is read whole."""
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path!r} does not exist')
     with open(path, 'rb') as f:
@@ -55,14 +58,15 @@ def load(path):
     if not start.startswith(CHECKPOINT_STARTS):
         raise UsageError(f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive or a '
                          f'pickle): give the .pth file a training run or a release wrote{older_checkpoint_hint(path)}')
+    mmap = mmap and start == CHECKPOINT_STARTS[0]
     try:
-        return load_as_data(path)
+        return load_as_data(path, mmap=mmap)
     except pickle.UnpicklingError as e:
         if 'Unsupported global' not in str(e):
             raise unloadable(path, e) from None
         stand_ins, objects = mmpretrain.training_state_stand_ins(path)
         if not objects:  # mmengine's epoch_N.pth: its logger's objects are not needed, stand-ins take their place
-            return load_as_data(path, stand_ins)
+            return load_as_data(path, stand_ins, mmap)
         # torch's own advice (weights_only=False) would run code from the file: not given here
         raise UsageError(f'{path!r} holds a Python object ({", ".join(objects)}), not only tensors and plain '
                          f'containers, and checkpoints are loaded as data: save the weights alone (torch.save('
@@ -71,11 +75,11 @@ def load(path):
         raise unloadable(path, e) from None
 
 
-def load_as_data(path, stand_ins=()):
+def load_as_data(path, stand_ins=(), mmap=False):
     """torch.load with weights_only, allowing argparse.Namespace, yacs' CfgNode read as a dict, and
     `stand_ins`: [(harmless callable, 'module.name' it replaces)]."""
     with torch.serialization.safe_globals([argparse.Namespace, (ConfigAsData, 'yacs.config.CfgNode'), *stand_ins]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
 
 
 # What a checkpoint file begins with: a zip archive (torch.save since 1.6), or a pickle (older).
