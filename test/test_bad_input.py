@@ -144,7 +144,7 @@ def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_pa
 
 def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys):
     _, finetuned = demo_finetuning
-    stats = run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--input_size', 64, '--device', 'cpu',
+    stats = run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--input_size', 32, '--device', 'cpu',
                          '--num_workers', 0, '--data_path', 'demo', '--output_dir', '')
     assert 'model vit_tiny_patch8:' in capsys.readouterr().out
     assert stats['acc1'] > 0
