@@ -11,8 +11,8 @@ CPU = ['--num_workers', 0, '--device', 'cpu']
 
 @pytest.fixture(scope='module')
 def mae_hivit_pretraining(demo_root, tmp_path_factory):
-    """One epoch of the demo with the tiny MAE-HiViT."""
-    return run_demo_pretraining('mae_hivit_tiny', tmp_path_factory.mktemp('mae_hivit_tiny'), blr=4e-3)
+    """24 steps of 32 demo images with the tiny MAE-HiViT (its loss falls to 75 % of the first)."""
+    return run_demo_pretraining('mae_hivit_tiny', tmp_path_factory.mktemp('mae_hivit_tiny'), blr=6e-3, max_steps=24)
 
 
 def parse(entry_point, *argv):
@@ -89,13 +89,13 @@ def test_the_demo_checkpoint_fine_tunes_with_its_recipe(mae_hivit_pretraining, t
 
 def test_supervised_training_from_scratch_learns(tmp_path, capsys):
     """hivit_tiny_patch8_64 from random weights with its recipe, shortened for the demo (no
-    warm-up, a higher lr, no augmentation or mixing): 40 steps of 32 images (1,280 of the 2,000)
-    lift the top-1 on the 500 validation images well above chance (10 % +- 1.3 %; 20.4 % when
-    measured), and the loss falls."""
-    run_finetune('--model', 'hivit_tiny_patch8_64', '--data_path', 'demo', '--batch_size', 32, '--epochs', 1,
-                 '--max_steps', 40, '--warmup_epochs', 0, '--blr', 8e-3, '--mixup', 0, '--cutmix', 0, '--aa', 'none',
+    warm-up, a higher lr, no augmentation or mixing, 32 px: a quarter of its 64's tokens): 60 steps of
+    32 images (1,920 of the 2,000) lift the top-1 on the 500 validation images well above chance
+    (10 % +- 1.3 %; 25.6 % when measured), and the loss falls."""
+    run_finetune('--model', 'hivit_tiny_patch8_64', '--input_size', 32, '--data_path', 'demo', '--batch_size', 32,
+                 '--epochs', 1, '--max_steps', 60, '--warmup_epochs', 0, '--blr', 8e-3, '--mixup', 0, '--cutmix', 0, '--aa', 'none',
                  '--reprob', 0, '--smoothing', 0, '--log_freq', 5, *CPU, '--output_dir', tmp_path)
     assert 'the supervised recipe published for hivit_tiny_patch8_64' in capsys.readouterr().out
     steps = read_jsonl(tmp_path / 'log.jsonl')
     assert steps[-1]['loss'] < 0.95 * steps[0]['loss']
-    assert read_jsonl(tmp_path / 'log.txt')[-1]['test_acc1'] > 17
+    assert read_jsonl(tmp_path / 'log.txt')[-1]['test_acc1'] > 20
