@@ -1,25 +1,42 @@
 """--align: two pre-training runs that must see the same weights, images, crops and masks, as a
 run on an accelerator and its GPU reference would, and differ at most in arithmetic."""
+import contextlib
+import io
 import os
 import re
 import sys
+import warnings
 
 import numpy as np
 import torch
 
-from helpers import read_jsonl, run_script
+from helpers import read_jsonl, run_pretrain, run_script
 
 ALIGN = ['main_pretrain.py', '--align', '--model', 'mae_vit_tiny', '--input_size', 64, '--data_path', 'demo',
          '--device', 'cpu', '--epochs', 1, '--warmup_epochs', 0, '--blr', 1e-3, '--max_steps', 6]
 
 
 def aligned_run(output_dir, *extra, nproc=1):
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-    result = run_script(*launcher, *ALIGN, '--output_dir', output_dir, *extra)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    fingerprints = re.search(r'align: initial weights (\w+), data order (\w+), sample 0 (\w+)', result.stdout).groups()
-    return read_jsonl(os.path.join(output_dir, 'log.jsonl')), fingerprints, result.stdout
+    """One process runs in this one (a new interpreter would spend seconds importing torch and timm),
+    with what --align switches on for the whole process put back afterwards; more run under torchrun.
+    returns: (log.jsonl's records, the start's fingerprints, the console)"""
+    if nproc == 1:
+        stdout = io.StringIO()
+        showwarning = warnings.showwarning  # --align wraps it to note non-deterministic kernels
+        try:
+            with contextlib.redirect_stdout(stdout):
+                run_pretrain(*ALIGN[1:], '--output_dir', output_dir, *extra)
+        finally:
+            torch.use_deterministic_algorithms(False)
+            warnings.showwarning = showwarning
+        stdout = stdout.getvalue()
+    else:
+        result = run_script(sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+                            *ALIGN, '--output_dir', output_dir, *extra)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        stdout = result.stdout
+    fingerprints = re.search(r'align: initial weights (\w+), data order (\w+), sample 0 (\w+)', stdout).groups()
+    return read_jsonl(os.path.join(output_dir, 'log.jsonl')), fingerprints, stdout
 
 
 def test_two_aligned_runs_give_identical_curves(demo_root, tmp_path):
