@@ -13,12 +13,11 @@ HiViT (ape, rpe, GlobalAveragePooling). mmpretrain is not needed to run these te
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-from helpers import read_jsonl, run_finetune, run_script
+from helpers import read_jsonl, run_finetune
 from util import checkpoint
 
 GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), 'golden', 'mmpretrain_golden.json')))
@@ -137,7 +136,7 @@ def test_pretraining_checkpoints_are_recognised_with_their_recipe():
     assert finetune_recipe_of(release('mae_hivit'))[1]['model'] == 'hivit_tiny_patch8_64_mmpretrain'
 
 
-def test_mmpretrain_checkpoints_fine_tune_evaluate_and_serve_the_tools(small_folder, tmp_path):
+def test_mmpretrain_checkpoints_fine_tune_evaluate_and_serve_the_tools(small_folder, tmp_path, capsys):
     """As a user runs them: a pre-training checkpoint fine-tunes (with the recipe that goes with it,
     the classifier included, and an evaluation at the end of the epoch), the fine-tuned one evaluates
     with --eval, a classifier of mmpretrain's evaluates as it is, and the pre-training checkpoints
@@ -156,13 +155,15 @@ def test_mmpretrain_checkpoints_fine_tune_evaluate_and_serve_the_tools(small_fol
                  '--nb_classes', 10, '--data_path', small_folder, *CPU, '--output_dir', tmp_path / 'eval_mm')
     run_finetune('--knn', '--finetune', tmp_path / 'mae_hivit.pth', '--data_path', small_folder, *CPU,
                  '--output_dir', tmp_path / 'knn')
-    result = run_script(sys.executable, 'visualize.py', '--checkpoint', tmp_path / 'mae.pth', '--data_path', 'demo',
-                        '--output', tmp_path / 'mae.png')
-    assert result.returncode == 0, result.stderr
+    import export
+    import visualize  # the tools' own main(), in this process: a new interpreter costs seconds of imports
+    visualize.main(visualize.get_args_parser().parse_args(
+        ['--checkpoint', str(tmp_path / 'mae.pth'), '--data_path', 'demo', '--output', str(tmp_path / 'mae.png')]))
     assert os.path.getsize(tmp_path / 'mae.png') > 0
-    result = run_script(sys.executable, 'export.py', '--checkpoint', tmp_path / 'maskfeat.pth', '--output', tmp_path / 'enc.safetensors')
-    assert result.returncode == 0, result.stderr
-    assert 'vit_tiny_patch8' in result.stdout
+    capsys.readouterr()
+    export.main(export.get_args_parser().parse_args(
+        ['--checkpoint', str(tmp_path / 'maskfeat.pth'), '--output', str(tmp_path / 'enc.safetensors')]))
+    assert 'vit_tiny_patch8' in capsys.readouterr().out
 
 
 def test_an_mmengine_training_checkpoint_evaluates_and_its_logger_state_runs_no_code(tmp_path, monkeypatch, capsys):
