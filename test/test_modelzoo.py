@@ -16,9 +16,9 @@ from helpers import REPO, read_jsonl, run_script
 sys.path.insert(0, os.path.join(REPO, 'test'))
 import modelzoo  # noqa: E402
 
-TINY = ['--input_size', '64', '--num_workers', '1', '--device=cpu', '--data_path=demo']
-PRETRAIN = ['--model=mae_vit_tiny', '--batch_size=16', *TINY]
-FINETUNE = ['--model=vit_tiny_patch8', '--batch_size=16', *TINY]
+TINY = ['--num_workers', '1', '--device=cpu', '--data_path=demo']
+PRETRAIN = ['--model=mae_vit_tiny', '--batch_size=16', '--input_size', '64', *TINY]
+FINETUNE = ['--model=vit_tiny_patch8', '--batch_size=16', '--input_size', '32', *TINY]  # 32 px: a quarter of the tokens
 SUMMARY_KEYS = ['Network', 'RankSize', 'BatchSize', 'DeviceType', 'CaseName', 'ActualFPS', 'TrainingTime',
                 'TrainAccuracy', 'ActualLoss', 'E2ETrainingTime', 'MFU']
 
