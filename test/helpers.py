@@ -12,12 +12,21 @@ def run_main(module_name, *argv):
     """An entry point (main_pretrain, main_finetune) with these arguments, in this process.
     returns: what its main() returns"""
     import importlib
+    import warnings
+    import torch
     from util.output_dir import release_output_dir_locks
     module = importlib.import_module(module_name)
+    # what a run switches on for its whole process (--align: deterministic kernels, full-precision
+    # fp32 matmuls, a warnings hook), put back for the tests that follow
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    matmul_precision, showwarning = torch.get_float32_matmul_precision(), warnings.showwarning
     try:
         return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
     finally:  # as when its process ends: a later run in the same folder may be another process
         release_output_dir_locks()
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.set_float32_matmul_precision(matmul_precision)
+        warnings.showwarning = showwarning
 
 
 def run_pretrain(*argv):

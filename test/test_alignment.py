@@ -5,7 +5,6 @@ import io
 import os
 import re
 import sys
-import warnings
 
 import numpy as np
 import torch
@@ -17,19 +16,13 @@ ALIGN = ['main_pretrain.py', '--align', '--model', 'mae_vit_tiny', '--input_size
 
 
 def aligned_run(output_dir, *extra, nproc=1):
-    """One process runs in this one (a new interpreter would spend seconds importing torch and timm),
-    with what --align switches on for the whole process put back afterwards; more run under torchrun.
+    """One process runs in this one (a new interpreter would spend seconds importing torch and timm;
+    run_pretrain puts back what --align switches on for the process); more run under torchrun.
     returns: (log.jsonl's records, the start's fingerprints, the console)"""
     if nproc == 1:
-        stdout = io.StringIO()
-        showwarning = warnings.showwarning  # --align wraps it to note non-deterministic kernels
-        try:
-            with contextlib.redirect_stdout(stdout):
-                run_pretrain(*ALIGN[1:], '--output_dir', output_dir, *extra)
-        finally:
-            torch.use_deterministic_algorithms(False)
-            warnings.showwarning = showwarning
-        stdout = stdout.getvalue()
+        with contextlib.redirect_stdout(io.StringIO()) as console:
+            run_pretrain(*ALIGN[1:], '--output_dir', output_dir, *extra)
+        stdout = console.getvalue()
     else:
         result = run_script(sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
                             *ALIGN, '--output_dir', output_dir, *extra)
