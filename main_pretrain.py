@@ -24,7 +24,7 @@ from util.errors import UsageError, run_cli
 from util.feature_eval import KnnMonitor, add_knn_k_argument, feature_loaders
 from util.flops import FlopRate, example_batch
 from util.compiling import compile_and_wrap
-from util.determinism import fingerprint
+from util.determinism import fingerprint, switch_off_drop_path
 from util.flags import add_run_args, add_schedule_args, apply_recipe, set_learning_rate
 from util.launch import print_outputs, resume_training, start_run
 from util.logger import RunLogger
@@ -95,7 +95,8 @@ def get_args_parser():
                         help='loss-curve alignment with a run on another device: deterministic kernels, fp32 unless '
                              '--precision is given, a log line every step unless --log_freq is given, and '
                              'fingerprints of the initial weights, the data order and sample 0 (its crop and '
-                             'mask) printed, the pil input pipeline unless --input_pipeline is given. Weights, data '
+                             'mask) printed, the pil input pipeline unless --input_pipeline is given, drop path off '
+                             '(the device draws it; SimMIM ViT pre-trains with 0.1). Weights, data '
                              'order, crops and masks come from seeded CPU generators '
                              'in every run')
     return parser
@@ -179,6 +180,9 @@ def main(args):
     dataset = build_pretrain_dataset(args, mask_generator, BadImages.of_run(args.output_dir, world.rank))
     if args.align:
         print_fingerprints(model, dataset, args.seed)
+        switched_off = switch_off_drop_path(model)
+        if switched_off:
+            print(switched_off)
     model.to(device.torch_device)
     loader = build_loader(dataset, world, args, pin_memory=args.pin_mem and device.type != 'cpu',
                           collate_fn=JpegBatch.collate if args.input_pipeline == 'nvjpeg' else None)

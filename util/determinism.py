@@ -1,10 +1,11 @@
 """What --align needs beyond the device's deterministic mode: a record of the ops that ran without
-a deterministic kernel, for the run's closing line, and a fingerprint of the starting weights and
-data that two runs compare."""
+a deterministic kernel, for the run's closing line, a fingerprint of the starting weights and
+data that two runs compare, and stochastic depth switched off."""
 import hashlib
 import warnings
 
 import torch
+from timm.layers import DropPath
 
 
 # What --align's warn_only deterministic mode warned about: ops that ran without a deterministic
@@ -41,3 +42,18 @@ def fingerprint(tensors):
     for tensor in tensors:
         digest.update(tensor.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def switch_off_drop_path(model):
+    """Set every stochastic-depth rate of the model to 0, in place (SimMIM ViT's recipe pre-trains
+    with drop path 0.1; no pre-training model here has dropout). The draws come from the device's
+    generator, which no other device reproduces (CUDA's Philox, the NPU's own) and from which each
+    process of a run draws on its own, so two runs could not see the same draws.
+    returns: a line for the console, or None when the model has no drop path"""
+    rates = [module.drop_prob for module in model.modules() if isinstance(module, DropPath) and module.drop_prob > 0]
+    for module in model.modules():
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.
+    if rates:
+        return f'align: drop path (rates up to {max(rates):g}) switched off: the device draws it, and no other ' \
+               f'device draws the same'
