@@ -2,7 +2,7 @@
 
     python test/modelzoo.py pretrain|finetune performance|full NPROC --data_path=... [--key=value ...]
 
-A case launches the entry point through torchrun, writes its console to
+A case runs the entry point (more than one process through torchrun), writes its console to
 <output_dir>/train_<CaseName>.log (afresh for a performance case, appended for a full one, as
 its log.jsonl is), and then reports what accelerator teams hand in:
 
@@ -167,8 +167,11 @@ class Case:
         return [str(a) for a in args] + self.passed_on
 
     def command(self):
-        return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={self.nproc}',
-                os.path.join(REPO, ENTRY_POINTS[self.kind])] + self.entry_point_args()
+        """One process runs the entry point itself (torchrun would add an interpreter and a
+        rendezvous for a world of one, which needs no process group); more run under torchrun."""
+        launcher = [sys.executable] if self.nproc == 1 else \
+            [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={self.nproc}']
+        return launcher + [os.path.join(REPO, ENTRY_POINTS[self.kind])] + self.entry_point_args()
 
     def environment(self):
         """One chosen device for a one-device case when the ModelZoo device id is set."""
@@ -216,6 +219,8 @@ class Case:
                 os.rmdir(self.run_dir)
             cause = f'{errors[0]}; ' if errors else ''
             code = next((c for c in exit_codes if c > 0), returncode)
+            if code < 0:  # killed by a signal: the shell's 128 + its number
+                code = 128 - code
             raise CaseError(f'training failed (exit status {code}): {cause}the whole output is in '
                             f'{self.console_log}', exit_code=code)
         steps = read_new_records(os.path.join(self.run_dir, 'log.jsonl'), offsets['log.jsonl'])
