@@ -5,6 +5,7 @@ arguments, the run's own logs and the clock."""
 import glob
 import os
 import re
+import signal
 import sys
 import time
 from collections import namedtuple
@@ -203,6 +204,22 @@ def test_performance_cases_run_a_fixed_number_of_steps_and_pass_other_flags_on()
 def test_align_passed_through_a_script_logs_every_step():
     args = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo', '--align']).entry_point_args()
     assert '--log_freq' not in args and '--align' in args
+
+
+def test_one_process_runs_the_entry_point_itself_and_a_killed_run_exits_as_a_shell_says(tmp_path, monkeypatch):
+    one = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo', f'--output_dir={tmp_path}'])
+    assert one.command()[:2] == [sys.executable, os.path.join(REPO, 'main_pretrain.py')]
+    two = modelzoo.Case('pretrain', 'performance', 2, ['--data_path=demo']).command()
+    assert two[1:5] == ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    # a run killed by SIGKILL: exit status 128 + 9, as a shell reports it (not Python's -9)
+    monkeypatch.setattr(one, 'command', lambda: [sys.executable, '-c', 'import os; os.kill(os.getpid(), 9)'])
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(modelzoo.CaseError, match=r'training failed \(exit status 137\)') as error:
+            one.run()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert error.value.exit_code == 137
 
 
 def test_a_device_id_picks_the_card_of_a_one_device_case(monkeypatch):
