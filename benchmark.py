@@ -218,7 +218,7 @@ def benchmark_model(name, args, device, precision, clones=None):
     counterpart = None
     if clones is not None:  # before --grad_ckpt and the move: the official model takes the initial weights
         counterpart = official.official_counterpart(model, constructed, clones, recipe)
-    flops = training_flops_per_image(model, loss_fn, example_batch_of(batch, 2))  # on fake tensors: free
+    flops = training_flops_per_image(model, loss_fn, example_batch_of(batch, 2))  # on meta tensors: free
     if args.grad_ckpt:  # after the count: the recomputation is not the model's work
         model.set_grad_checkpointing(True)
     model.to(device.torch_device)

@@ -3,11 +3,15 @@ models. Speeds are printed, never asserted: what is checked is that the figures 
 agree with each other and with a count by hand."""
 import argparse
 import re
+from functools import partial
 
 import pytest
 import torch
+from timm.loss import SoftTargetCrossEntropy
 
+import main_finetune
 from benchmark import build_step
+from util.registry import create_classifier
 from helpers import read_jsonl, run_finetune, run_pretrain
 
 
@@ -63,6 +67,29 @@ def test_counting_changes_neither_the_weights_nor_any_random_state():
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_meta_tensors_count_what_fake_tensors_count_and_maskfeat_falls_back_to_them():
+    """The count runs on meta tensors (the fast way) and, where an op refuses them, on fake CPU
+    tensors: both give the same FLOPs (masked windowed attention, fine-tuning on mixup's soft
+    targets)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from util.flops import _count_flops, example_batch, training_flops
+    classifier = create_classifier('vit_tiny_patch8', img_size=32, num_classes=10)
+    steps = {'simmim_swin_tiny': build_step('simmim_swin_tiny', 2, None)[:3]}
+    steps['vit_tiny_patch8 with mixup'] = (classifier, partial(main_finetune.classification_loss,
+                                                               criterion=SoftTargetCrossEntropy()),
+                                           example_batch(2, 32, num_classes=10, soft_targets=True))
+    for name, (model, loss_fn, batch) in steps.items():
+        with FakeTensorMode():
+            on_fake = _count_flops(model, loss_fn, batch, device='cpu')
+        assert _count_flops(model, loss_fn, batch, device='meta') == on_fake > 0, name
+        assert training_flops(model, loss_fn, batch) == on_fake, name
+    # MaskFeat's autocast around its HOG target refuses the meta device: counted on fake tensors
+    model, loss_fn, batch = build_step('maskfeat_vit_tiny', 2, None)[:3]
+    with pytest.raises(RuntimeError):
+        _count_flops(model, loss_fn, batch, device='meta')
+    assert training_flops(model, loss_fn, batch) > 0
 
 
 def test_peak_table_matches_device_names():

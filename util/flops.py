@@ -1,9 +1,9 @@
 """Training FLOPs and model FLOP utilisation (MFU).
 
 `training_flops_per_image` counts the floating-point operations of one training step (forward
-and backward) with torch's FlopCounterMode, on fake tensors: nothing is computed, no memory is
-taken (ViT-H costs about a second on the CPU), the model's weights, gradients and every random
-generator stay as they were, so counting at start-up leaves an --align run bit-identical.
+and backward) with torch's FlopCounterMode, on meta (or fake) tensors: nothing is computed, no
+memory is taken (half a second on the CPU for a ViT), the model's weights, gradients and every
+random generator stay as they were, so counting at start-up leaves an --align run bit-identical.
 `FlopRate` turns the images/s of the training loop into achieved TFLOP/s and MFU against
 `PEAK_TFLOPS`, the dense peak of the devices we know.
 """
@@ -82,29 +82,36 @@ class _LossOf(torch.nn.Module):
 def training_flops(model, loss_fn, batch):
     """FLOPs of one forward and backward of `loss_fn(model, batch)`, as the training step runs them
     (gradients for the parameters that require them), counted over matrix products, convolutions
-    and attention. The model runs on fake copies of its weights and of the batch; attention is
+    and attention. The model runs on stand-ins of its weights and of the batch that have shapes but
+    no values: meta tensors, or, where an op refuses the meta device (MaskFeat's autocast around its
+    HOG target), fake CPU tensors, which cost 2-3x the time (a second for a ViT). Attention is
     counted as its math form (the same FLOPs as the fused kernels that the device runs).
 
     batch: a (nested) batch of CPU tensors, e.g. from `example_batch`
     returns: FLOPs of the whole batch
     """
+    try:
+        with torch.random.fork_rng(devices=[]):  # a CPU tensor drawn by the model, before a device mismatch
+            return _count_flops(model, loss_fn, batch, device='meta')
+    except (RuntimeError, NotImplementedError):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():  # on the CPU, whatever the model's device: no device plugin involved
+            return _count_flops(model, loss_fn, batch, device='cpu')
+
+
+def _count_flops(model, loss_fn, batch, device):
+    """training_flops on stand-ins made on `device` (inside FakeTensorMode: fake tensors)."""
+    def stand_in(tensor):
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                   device=device).requires_grad_(tensor.requires_grad)
     wrapper = _LossOf(model, loss_fn)
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode():
-        # fake tensors on the CPU, whatever the model's device: the same FLOPs, and no device plugin involved
-        state = {name: _fake_like(t) for name, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]}
-        fake_batch = torch.utils._pytree.tree_map(lambda t: _fake_like(t) if isinstance(t, torch.Tensor) else t, batch)
-        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            loss = functional_call(wrapper, state, (fake_batch,))
-            trained = [t for t in state.values() if t.requires_grad]
-            torch.autograd.grad(loss, trained, allow_unused=True)
+    state = {name: stand_in(t) for name, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]}
+    stand_in_batch = torch.utils._pytree.tree_map(lambda t: stand_in(t) if isinstance(t, torch.Tensor) else t, batch)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        loss = functional_call(wrapper, state, (stand_in_batch,))
+        trained = [t for t in state.values() if t.requires_grad]
+        torch.autograd.grad(loss, trained, allow_unused=True)
     return counter.get_total_flops()
-
-
-def _fake_like(tensor):
-    """Inside FakeTensorMode: a CPU tensor of the shape and dtype of `tensor`, needing a gradient
-    where it does."""
-    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype).requires_grad_(tensor.requires_grad)
 
 
 def example_batch(batch_size, input_size, mask_generator=None, num_classes=None, soft_targets=False):
@@ -151,7 +158,7 @@ class FlopRate:
     @classmethod
     def of_run(cls, model, loss_fn, batch, device, precision, world_size, peak_override=None):
         """Count the FLOPs of the run's model once, look up the device's peak, say both; None when
-        the count fails (a model with an op that fake tensors cannot run): the run goes on without."""
+        the count fails (a model with an op that neither meta nor fake tensors can run): the run goes on without."""
         try:
             flops = training_flops_per_image(model, loss_fn, batch)
         except Exception as e:  # noqa: BLE001 - counting is a report, never a reason to stop training
