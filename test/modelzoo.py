@@ -38,6 +38,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from util.device import VISIBLE_DEVICES  # noqa: E402 - the repository's util/, found through REPO
+from util.errors import skip_the_last_collection  # noqa: E402
 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
 ENTRY_POINTS = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py'}
@@ -285,6 +286,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    skip_the_last_collection()
     try:
         main(sys.argv[1:])
     except CaseError as e:
