@@ -92,7 +92,7 @@ def check_case(launch, output_dir, case_name, batch_size, accum_iter, nproc, fin
     return summary
 
 
-def test_pretrain_performance_1p_then_a_short_launch_starts_afresh(demo_root, tmp_path, capsys):
+def test_pretrain_performance_1p_then_a_diverging_launch_starts_afresh_and_exits_3(demo_root, tmp_path, capsys):
     # 8 steps: a log every 2 steps, so that the first interval (start-up) can be left out
     launch = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=8', '--peak_tflops=0.5',
                       f'--output_dir={tmp_path}')
@@ -112,13 +112,30 @@ def test_pretrain_performance_1p_then_a_short_launch_starts_afresh(demo_root, tm
     mean_relative_error = re.search(r'^MeanRelativeError: (\S+)$', compared, re.MULTILINE).group(1)
     assert float(mean_relative_error) == pytest.approx(0, abs=1e-6)
 
-    # a performance run starts afresh in the same folder; asked for one interval only, its figure
-    # holds the start-up, and the script says so
-    out, _ = run_case('pretrain_performance_1p.sh', *PRETRAIN, '--max_steps=3', '--log_freq=5', f'--output_dir={tmp_path}')
-    assert 'note: this launch logged one interval only' in out
-    assert [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')] == [3]
+    # a performance run starts afresh in the same folder, run by $PYTHON (else the active venv's
+    # python, else python3); the script exits with the run's own status: 3 for a loss that diverged
+    wrapper = tmp_path / 'bin' / 'python'
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$0" > {tmp_path / "used"}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    result = run_script('bash', os.path.join('test', 'pretrain_performance_1p.sh'), *PRETRAIN, '--max_steps=4',
+                        '--log_freq=1', '--num_workers', '0', '--blr', '1e30', f'--output_dir={tmp_path}',
+                        env={'PYTHON': '', 'VIRTUAL_ENV': str(tmp_path)})
+    assert (tmp_path / 'used').read_text().strip() == str(wrapper)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith('error: training failed (exit status 3): the loss is nan')
+    steps = [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 4  # none of the first launch's
     with open(tmp_path / f'train_{case}.log') as f:
-        assert f.read().count('train.loss : ') == 1
+        assert f.read().count('train.loss : ') == len(steps)
+
+
+def test_a_launch_that_logged_one_interval_says_its_figure_holds_the_start_up(tmp_path, capsys):
+    case = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo', f'--output_dir={tmp_path}'])
+    case.report([{'step': 3, 'loss': 1.5}], [{'train_ips': 10.0}], e2e_seconds=4)
+    assert 'note: this launch logged one interval only' in capsys.readouterr().out
+    case.report([{'step': 2, 'loss': 1.5}, {'step': 4, 'loss': 1.4}], [{'train_ips': 10.0}], e2e_seconds=4)
+    assert 'note: this launch' not in capsys.readouterr().out
 
 
 def test_pretrain_full_then_finetune_full_and_resume(demo_root, tmp_path):
@@ -246,18 +263,3 @@ def test_relative_paths_are_the_callers(tmp_path, monkeypatch):
     assert args[args.index('--data_path') + 1] == str(tmp_path / 'imagenet')
     assert args[args.index('--finetune') + 1] == str(tmp_path / 'ckpt.pth')
     assert case.run_dir == str(tmp_path / 'out' / case.name)
-
-
-def test_the_scripts_run_python_and_exit_with_the_runs_status(tmp_path):
-    """$PYTHON runs the case (else the active venv's python, else python3), and the script's exit
-    status is the run's own: 3 for a loss that diverged, as its last line says."""
-    wrapper = tmp_path / 'bin' / 'python'
-    wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\necho "$0" > {tmp_path / "used"}\nexec {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
-    result = run_script('bash', os.path.join('test', 'pretrain_performance_1p.sh'), *PRETRAIN, '--max_steps=4',
-                        '--log_freq=1', '--num_workers', '0', '--blr', '1e30', f'--output_dir={tmp_path / "out"}',
-                        env={'PYTHON': '', 'VIRTUAL_ENV': str(tmp_path)})
-    assert (tmp_path / 'used').read_text().strip() == str(wrapper)
-    assert result.returncode == 3, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1].startswith('error: training failed (exit status 3): the loss is nan')
