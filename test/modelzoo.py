@@ -37,8 +37,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from util.device import VISIBLE_DEVICES  # noqa: E402 - the repository's util/, found through REPO
-from util.errors import skip_the_last_collection  # noqa: E402
+from util.errors import skip_the_last_collection  # noqa: E402 - the repository's util/, found through REPO
 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
 ENTRY_POINTS = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py'}
@@ -176,6 +175,7 @@ class Case:
 
     def environment(self):
         """One chosen device for a one-device case when the ModelZoo device id is set."""
+        from util.device import VISIBLE_DEVICES  # imports torch: not before the arguments are checked
         env = dict(os.environ)
         if self.nproc == 1 and ('ASCEND_DEVICE_ID' in env or 'DEVICE_ID' in env):
             names = [VISIBLE_DEVICES[self.device]] if self.device in VISIBLE_DEVICES else VISIBLE_DEVICES.values()
