@@ -198,7 +198,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(small_folder, t
     good = checkpoint.load(tmp_path / checkpoint.LAST)
 
     def nan_after_two_steps(model, batch, forward_kwargs, calls=[0]):
-        calls[0] += 1  # the first call counts the FLOPs at start-up (util.flops), on fake tensors
+        calls[0] += 1  # the first call counts the FLOPs at start-up (util.flops), on meta tensors
         loss = model(batch[0], **batch[1], **forward_kwargs)[0]
         return loss * float('nan') if calls[0] > 3 else loss
     monkeypatch.setattr(main_pretrain, 'mim_loss', nan_after_two_steps)
