@@ -41,7 +41,7 @@ from util.datasets import (INPUT_PIPELINES, JpegBatch, MixupCollate, SeededSampl
                            build_loader, build_pretrain_dataset, is_synthetic, pretrain_transform)
 from util.device import resolve_device
 from util.engine import to_device
-from util.errors import UsageError, run_cli
+from util.errors import UsageError, run_command
 from util.flags import add_step_args
 from util.flops import (FlopRate, device_name, device_peak, example_batch, matmul_precision,
                         training_flops_per_image)
@@ -514,4 +514,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_cli(main, get_args_parser().parse_args())
+    run_command(main, get_args_parser)

@@ -6,7 +6,7 @@ and the timm.create_model call that loads it.
 """
 import argparse
 
-from util.errors import run_cli
+from util.errors import run_command
 from util.export import export_checkpoint
 
 
@@ -30,4 +30,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_cli(main, get_args_parser().parse_args())
+    run_command(main, get_args_parser)

@@ -37,7 +37,7 @@ from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build
                            build_image_folder, build_loader, eval_transform, number_of_classes)
 from util.engine import evaluate, train
 from util.feature_eval import add_knn_k_argument, feature_loaders, frozen_feature_accuracy, print_results
-from util.errors import UsageError, run_cli
+from util.errors import UsageError, run_command
 from util.flops import FlopRate, example_batch
 from util.images import BadImages
 from util.compiling import compile_and_wrap
@@ -404,4 +404,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_cli(main, get_args_parser().parse_args())
+    run_command(main, get_args_parser)

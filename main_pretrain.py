@@ -20,7 +20,7 @@ from util import dist
 from util.datasets import INPUT_PIPELINES, EpochSampler, JpegBatch, build_loader, build_pretrain_dataset, eval_images
 from util.images import BadImages
 from util.engine import train
-from util.errors import UsageError, run_cli
+from util.errors import UsageError, run_command
 from util.feature_eval import KnnMonitor, add_knn_k_argument, feature_loaders
 from util.flops import FlopRate, example_batch
 from util.compiling import compile_and_wrap
@@ -219,4 +219,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_cli(main, get_args_parser().parse_args())
+    run_command(main, get_args_parser)

@@ -22,7 +22,7 @@ import os
 from util import checkpoint
 from util.datasets import DEMO, load_eval_images
 from util.device import resolve_device
-from util.errors import UsageError, run_cli
+from util.errors import UsageError, run_command
 from util.pictures import reconstruct
 from util.plots import check_plot_path, draw_training_curves
 from util.registry import create_pretrain_model, pretrain_recipe, pretraining_of
@@ -146,4 +146,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_cli(main, get_args_parser().parse_args())
+    run_command(main, get_args_parser)

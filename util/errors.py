@@ -30,12 +30,18 @@ def run_cli(main, *args):
     its one-line message and its exit code."""
     from util import signals  # imports torch: not before the arguments are parsed (--help stays quick)
     signals.catch_signals()
-    skip_the_last_collection()
     try:
         return main(*args)
     except RunEnded as e:
         print(f'error: {usage_message(e)}', file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+
+
+def run_command(main, get_args_parser):
+    """An entry point's command line: run_cli on the parsed arguments, the interpreter's last
+    collection skipped from the start (so --help and argparse's errors end as quickly)."""
+    skip_the_last_collection()
+    run_cli(main, get_args_parser().parse_args())
 
 
 def skip_the_last_collection():
