@@ -20,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${LOGS:-output/gpu_figures}
 LIMIT=${LIMIT:-420}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}  # the interpreter that holds torch on most GPU images (python may not exist)
 mkdir -p "$LOGS"
 OFFICIAL=()
 for clone in official/mae official/SimMIM official/hivit; do
