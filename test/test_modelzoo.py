@@ -186,15 +186,22 @@ def test_every_script_runs_the_case_its_name_says():
 
 @pytest.mark.parametrize('script, args, message', [
     ('pretrain_performance_1p.sh', ['--model=mae_vit_tiny'], '--data_path= is required'),
-    ('finetune_full_8p.sh', ['--data_path=demo', '--batch_size=48'], 'does not divide'),  # DeiT's 1024
-    ('pretrain_full_8p.sh', ['--data_path=demo', '--batch_size=48'], 'does not divide'),
-    ('pretrain_performance_1p.sh', ['--data_path=demo', '--nproc=two'], '--nproc= must be a whole number'),
-])  # the run's own errors: test_the_scripts_run_python_and_exit_with_the_runs_status
+    ('finetune_full_8p.sh', ['--data_path=demo', '--nproc=two'], '--nproc= must be a whole number'),
+])  # the run's own errors: test_pretrain_performance_1p_then_a_diverging_launch_starts_afresh_and_exits_3
 def test_bad_input_is_a_clear_error(script, args, message, tmp_path):
     result = run_script('bash', os.path.join('test', script), *args, f'--output_dir={tmp_path}')
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith('error: ') and message in last_line
+
+
+def test_a_batch_that_does_not_reach_the_recipes_effective_batch_is_refused():
+    # the script prints a CaseError as the one line above, with its exit code
+    for kind in ('finetune', 'pretrain'):  # DeiT's 1024, MAE's 4096
+        with pytest.raises(modelzoo.CaseError, match='effective batch of .* which 48 images x 8 devices does not '
+                                                     'divide') as error:
+            modelzoo.Case(kind, 'full', 8, ['--data_path=demo', '--batch_size=48'])
+        assert error.value.exit_code == 2
 
 
 def test_full_cases_accumulate_to_the_published_effective_batch():
