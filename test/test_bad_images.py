@@ -72,6 +72,18 @@ def test_a_bad_sample_is_replaced_by_the_same_sample_every_time(broken_folder, t
     assert not torch.equal(replacement, first[0])  # another epoch, another draw
 
 
+def test_without_an_output_folder_the_record_is_a_temporary_folder_made_by_the_first_bad_image(tmp_path,
+                                                                                             monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    record = BadImages.of_run('', rank=1)
+    assert record.poll() == 0 and os.listdir(tmp_path) == []  # all readable so far: nothing left behind
+    record.record(UnreadableImage('/data/a.jpg', 'truncated'))
+    [folder] = os.listdir(tmp_path)
+    assert folder.startswith('bad-images-') and os.listdir(tmp_path / folder) == ['bad_images.rank1.txt']
+    assert record.poll() == 1 and record.files == {'/data/a.jpg': 'truncated'}
+
+
 def test_training_replaces_reports_and_counts_bad_images(broken_folder, tmp_path, capsys):
     root, broken = broken_folder
     run_pretrain('--model', 'mae_vit_tiny', '--data_path', root, '--batch_size', 16, '--epochs', 2, '--log_freq', 1,

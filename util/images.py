@@ -16,6 +16,7 @@ else is decoded here by `load_rgb_tensor`.
 import io
 import os
 import tempfile
+import uuid
 from typing import NamedTuple
 
 import numpy as np
@@ -173,7 +174,10 @@ class BadImages:
     one short line do not interleave), read back by the training process with `poll`."""
 
     def __init__(self, directory, rank):
-        self.path = os.path.join(directory or tempfile.mkdtemp(prefix='bad-images-'), f'bad_images.rank{rank}.txt')
+        # without an output folder, a temporary one, made by the first record: a run whose images
+        # are all readable leaves nothing behind
+        directory = directory or os.path.join(tempfile.gettempdir(), f'bad-images-{uuid.uuid4().hex}')
+        self.path = os.path.join(directory, f'bad_images.rank{rank}.txt')
         self.offset = 0
         self.replacements = 0
         self.files = {}  # path -> reason, in the order met
