@@ -204,16 +204,19 @@ class Case:
             process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
             # Ctrl-C reaches the run too, which saves and stops: the case waits for it, then reports
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
             errors = []  # the entry point's one-line errors, repeated below torchrun's report
             exit_codes = []  # the ranks' exit codes, from torchrun's failure report (its own is 1)
-            for line in process.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-                if line.startswith('error: '):
-                    errors.append(line[len('error: '):].strip())
-                exit_codes += [int(code) for code in re.findall(r'exitcode\s*:\s*(-?\d+)', line)]
-            returncode = process.wait()
+            try:
+                for line in process.stdout:
+                    sys.stdout.write(line)
+                    log.write(line)
+                    if line.startswith('error: '):
+                        errors.append(line[len('error: '):].strip())
+                    exit_codes += [int(code) for code in re.findall(r'exitcode\s*:\s*(-?\d+)', line)]
+                returncode = process.wait()
+            finally:
+                signal.signal(signal.SIGINT, ctrl_c)
         e2e_seconds = time.time() - start
         if returncode != 0:
             if not os.listdir(self.run_dir):

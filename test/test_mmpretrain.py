@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from helpers import read_jsonl, run_finetune
+from helpers import read_jsonl, run_finetune, run_main
 from util import checkpoint
 
 GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), 'golden', 'mmpretrain_golden.json')))
@@ -155,14 +155,11 @@ def test_mmpretrain_checkpoints_fine_tune_evaluate_and_serve_the_tools(small_fol
                  '--nb_classes', 10, '--data_path', small_folder, *CPU, '--output_dir', tmp_path / 'eval_mm')
     run_finetune('--knn', '--finetune', tmp_path / 'mae_hivit.pth', '--data_path', small_folder, *CPU,
                  '--output_dir', tmp_path / 'knn')
-    import export
-    import visualize  # the tools' own main(), in this process: a new interpreter costs seconds of imports
-    visualize.main(visualize.get_args_parser().parse_args(
-        ['--checkpoint', str(tmp_path / 'mae.pth'), '--data_path', 'demo', '--output', str(tmp_path / 'mae.png')]))
+    # the tools in this process: a new interpreter costs seconds of imports
+    run_main('visualize', '--checkpoint', tmp_path / 'mae.pth', '--data_path', 'demo', '--output', tmp_path / 'mae.png')
     assert os.path.getsize(tmp_path / 'mae.png') > 0
     capsys.readouterr()
-    export.main(export.get_args_parser().parse_args(
-        ['--checkpoint', str(tmp_path / 'maskfeat.pth'), '--output', str(tmp_path / 'enc.safetensors')]))
+    run_main('export', '--checkpoint', tmp_path / 'maskfeat.pth', '--output', tmp_path / 'enc.safetensors')
     assert 'vit_tiny_patch8' in capsys.readouterr().out
 
 

@@ -237,13 +237,11 @@ def test_one_process_runs_the_entry_point_itself_and_a_killed_run_exits_as_a_she
     assert two[1:5] == ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     # a run killed by SIGKILL: exit status 128 + 9, as a shell reports it (not Python's -9)
     monkeypatch.setattr(one, 'command', lambda: [sys.executable, '-c', 'import os; os.kill(os.getpid(), 9)'])
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(modelzoo.CaseError, match=r'training failed \(exit status 137\)') as error:
-            one.run()
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    with pytest.raises(modelzoo.CaseError, match=r'training failed \(exit status 137\)') as error:
+        one.run()
     assert error.value.exit_code == 137
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # ignored only while the run stops by itself
 
 
 def test_a_device_id_picks_the_card_of_a_one_device_case(monkeypatch):

@@ -50,10 +50,10 @@ def switch_off_drop_path(model):
     generator, which no other device reproduces (CUDA's Philox, the NPU's own) and from which each
     process of a run draws on its own, so two runs could not see the same draws.
     returns: a line for the console, or None when the model has no drop path"""
-    rates = [module.drop_prob for module in model.modules() if isinstance(module, DropPath) and module.drop_prob > 0]
+    highest = 0.
     for module in model.modules():
         if isinstance(module, DropPath):
-            module.drop_prob = 0.
-    if rates:
-        return f'align: drop path (rates up to {max(rates):g}) switched off: the device draws it, and no other ' \
+            highest, module.drop_prob = max(highest, module.drop_prob), 0.
+    if highest > 0:
+        return f'align: drop path (rates up to {highest:g}) switched off: the device draws it, and no other ' \
                f'device draws the same'

@@ -49,7 +49,6 @@ def skip_the_last_collection():
     and their imports made: a second at the end of every command. A command skips it (gc.freeze at
     exit) because nothing left then needs it: its files and checkpoints were closed by the command
     itself, and the data-loader workers are stopped by multiprocessing's own exit handler."""
-    atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
 
 
