@@ -18,7 +18,7 @@ import torch
 
 from util import dist
 from util.datasets import INPUT_PIPELINES, EpochSampler, JpegBatch, build_loader, build_pretrain_dataset, eval_images
-from util.images import BadImages
+from util.images import BadImages, require_jpeg_decoder
 from util.engine import train
 from util.errors import UsageError, run_command
 from util.feature_eval import KnnMonitor, add_knn_k_argument, feature_loaders
@@ -145,6 +145,7 @@ def check_input_pipeline(args, device):
     its pixels are the GPU's, which another device cannot reproduce under --align."""
     if args.input_pipeline != 'nvjpeg':
         return
+    require_jpeg_decoder('--input_pipeline nvjpeg')
     if device.type not in ('cuda', 'cpu'):
         raise UsageError(f'--input_pipeline nvjpeg decodes on CUDA GPUs only, not on {device.type}: use tensor')
     if args.align:

@@ -16,6 +16,8 @@ from util.datasets import (CropFlip, JpegBatch, SeededSamples, build_image_folde
                            default_num_workers, draw_resized_crop, normalize_images, pretrain_transform)
 from util.engine import model_input, to_device
 from util.errors import UsageError
+import util.images
+from main_pretrain import check_input_pipeline
 from util.images import (EncodedJpeg, UnreadableImage, decode_jpegs_on, load_rgb, load_rgb_tensor,
                          read_jpeg_or_decode)
 
@@ -89,7 +91,12 @@ def test_normalising_on_the_device_is_totensor_and_normalize():
     assert torch.equal(out_images, expected) and out_kwargs['noise'] is noise and out_targets is targets
 
 
-def test_fast_reader_gives_pillows_pixels_and_verdicts(tmp_path):
+@pytest.mark.parametrize('torchvision_decodes', [True, False])
+def test_fast_reader_gives_pillows_pixels_and_verdicts(tmp_path, monkeypatch, torchvision_decodes):
+    """The same pixels and messages whether torchvision decodes the JPEGs or, in a torchvision that
+    no longer has its decoder (deprecated since 0.29), Pillow does."""
+    if not torchvision_decodes:
+        monkeypatch.setattr(util.images, 'decode_jpeg', None)
     rng = np.random.default_rng(1)
     rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     images = {'rgb.jpg': rgb, 'gray.jpg': rgb.convert('L'), 'cmyk.jpg': rgb.convert('CMYK'),
@@ -186,6 +193,19 @@ def test_crop_flip_leaves_the_global_generators_alone(demo_root):
     first = dataset[(2, 0)][0]
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
     assert torch.equal(dataset[(2, 0)][0], first)
+
+
+def test_nvjpeg_is_refused_where_it_cannot_decode(monkeypatch):
+    args = argparse.Namespace(input_pipeline='nvjpeg', align=False)
+    check_input_pipeline(args, torch.device('cpu'))
+    with pytest.raises(UsageError, match='nvjpeg decodes on CUDA GPUs only, not on mps: use tensor'):
+        check_input_pipeline(args, torch.device('mps'))
+    with pytest.raises(UsageError, match='another device cannot reproduce: leave it out under --align'):
+        check_input_pipeline(argparse.Namespace(input_pipeline='nvjpeg', align=True), torch.device('cuda'))
+    monkeypatch.setattr(util.images, 'decode_jpeg', None)
+    with pytest.raises(UsageError, match=r"nvjpeg decodes with torchvision's JPEG decoder, which torchvision "
+                                         r"\S+ no longer has: use --input_pipeline tensor"):
+        check_input_pipeline(args, torch.device('cuda'))
 
 
 def test_unknown_pipeline_is_one_line():

@@ -22,7 +22,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+
+try:  # deprecated since torchvision 0.29 (for TorchCodec): a release without it decodes by Pillow, slower
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    decode_jpeg = None
 
 from util.errors import UsageError, first_line
 
@@ -86,9 +90,10 @@ def load_rgb_tensor(path, data=None):
     be decoded. A JPEG of 1 or 3 channels is decoded by torchvision straight into a tensor
     (libjpeg-turbo, as fast as Pillow's and the same pixels, without a copy out of a Pillow image);
     anything else, or a JPEG that torchvision refuses (truncated, CMYK), goes through load_rgb,
-    which converts or rejects it. `data`: the file's bytes, when already read."""
+    which converts or rejects it, as does every image where torchvision has no JPEG decoder.
+    `data`: the file's bytes, when already read."""
     data = file_bytes(path) if data is None else data
-    if data is not None and data[:len(JPEG_START)].tobytes() == JPEG_START:
+    if decode_jpeg is not None and data is not None and data[:len(JPEG_START)].tobytes() == JPEG_START:
         try:
             image = decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.UNCHANGED)
             if image.shape[0] in (1, 3):
@@ -125,6 +130,14 @@ def read_jpeg_or_decode(path):
         except DECODE_ERRORS:
             pass  # load_rgb_tensor names the fault
     return load_rgb_tensor(path, data)
+
+
+def require_jpeg_decoder(what):
+    """UsageError naming `what` unless this torchvision still has its JPEG decoder."""
+    if decode_jpeg is None:
+        import torchvision
+        raise UsageError(f'{what} decodes with torchvision\'s JPEG decoder, which torchvision '
+                         f'{torchvision.__version__} no longer has: use --input_pipeline tensor')
 
 
 _DECODE_STREAMS = {}  # CUDA device -> the side stream that decode_jpegs_on decodes on
