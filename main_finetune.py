@@ -200,8 +200,6 @@ def model_of_checkpoint(path):
 
 
 def check_args(args):
-    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
-        raise UsageError(f'--layer_decay must be in (0, 1], got {args.layer_decay}')
     if mixup_active(args) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
                          f'{args.batch_size} (or turn mixing off with --mixup 0 --cutmix 0)')

@@ -35,6 +35,38 @@ def test_impossible_rates_and_sizes_are_refused_before_the_run(flags, message, t
     assert not (tmp_path / 'log.jsonl').exists()
 
 
+FINETUNE_TINY = ['--model', 'vit_tiny_patch16_224', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']
+
+
+@pytest.mark.parametrize('run, flags, message', [
+    (run_pretrain, ['--crop_min', 1.5], '--crop_min (the smallest crop, as a fraction of the image area) must lie in '
+                                        '(0, 1], got 1.5'),
+    (run_pretrain, ['--crop_min', 0], 'must lie in (0, 1], got 0.0'),
+    (run_pretrain, ['--opt_betas', 0.9, 1], 'must lie in [0, 1), got 0.9 1.0'),
+    (run_finetune, ['--drop_path', 1], '--drop_path (the probability of skipping a residual branch) must lie in '
+                                       '[0, 1), got 1.0'),
+    (run_finetune, ['--smoothing', 'nan'], 'must lie in [0, 1), got nan'),
+    (run_finetune, ['--reprob', 1.01], 'must lie in [0, 1], got 1.01'),
+    (run_finetune, ['--mixup', -1], 'must lie in [0, inf), got -1.0'),
+    (run_finetune, ['--mixup_prob', 3], 'must lie in [0, 1], got 3.0'),
+    (run_finetune, ['--model_ema', '--model_ema_decay', 2], 'must lie in [0, 1], got 2.0'),
+    (run_finetune, ['--layer_decay', 0], 'must lie in (0, 1], got 0.0'),
+    (run_finetune, ['--color_jitter', 'inf'], 'must lie in [0, inf), got inf'),
+    (run_finetune, ['--cutmix_minmax', 0.8, 0.2], '--cutmix_minmax takes the smaller bound first, then a larger one, '
+                                                 'got 0.8 0.2'),
+])
+def test_rates_outside_their_range_are_refused_before_the_run(run, flags, message, tmp_path):
+    """Each of these stopped a run with a traceback from torch, timm or torchvision (drop path 1:
+    bernoulli_ of p -0.09; crop_min 1.5: uniform_'s range; betas: AdamW's ValueError) or trained
+    on silently (an EMA decay of 2, a mixing probability of 3)."""
+    with pytest.raises(UsageError) as error:
+        run(*(TINY if run is run_pretrain else FINETUNE_TINY), '--max_steps', 1, '--epochs', 1, '--warmup_epochs', 0,
+            '--batch_size', 8, *flags, '--output_dir', tmp_path)
+    flag = [f for f in flags if str(f).startswith('--')][-1]
+    assert str(error.value).startswith(f'{flag} ') and str(error.value).endswith(message)
+    assert not (tmp_path / 'log.jsonl').exists()
+
+
 def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
     from util.flags import apply_recipe
     args = argparse.Namespace(epochs=3, warmup_epochs=None, lr=None, clip_grad=None)

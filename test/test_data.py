@@ -136,6 +136,8 @@ def test_atomic_save_and_load_as_data(tmp_path):
         checkpoint.load(str(tmp_path / 'cut.pth'))
     with pytest.raises(UsageError, match='does not exist'):
         checkpoint.load(str(tmp_path / 'missing.pth'))
+    with pytest.raises(UsageError, match='is a folder: give the .pth file in it'):
+        checkpoint.load(str(tmp_path))
 
     # checkpoints written by the official MAE code keep their args as an argparse.Namespace:
     # plain data, allowed

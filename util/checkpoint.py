@@ -51,6 +51,8 @@ def load(path, mmap=False):
     mmap: map the tensors of a zip checkpoint instead of reading them, for a look at its args or
     key names alone (a ViT-L checkpoint with its optimizer state is gigabytes); an older pickle
     checkpoint, which cannot be mapped, is read whole."""
+    if os.path.isdir(path):
+        raise UsageError(f'checkpoint {path!r} is a folder: give the .pth file in it')
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path!r} does not exist')
     with open(path, 'rb') as f:

@@ -165,6 +165,7 @@ def check_run_args(args):
     if args.num_workers < 0:
         raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
     check_schedule_values(args)
+    check_ranges(args)
     size = getattr(args, 'input_size', None)
     if size is not None and size < 1:
         raise UsageError(f'--input_size must be a positive number of pixels, got {size}')
@@ -172,6 +173,50 @@ def check_run_args(args):
     if ratio is not None and not 0 < ratio < 1:
         raise UsageError(f'--mask_ratio must lie between 0 and 1 (both excluded: with nothing masked there is no '
                          f'loss, with everything masked nothing to see), got {ratio}')
+
+
+# Flags that mean something only within an interval (a pair of values: each within it), with what
+# each is: a value outside would stop the run deep inside torch or timm, or train silently wrong
+# (an EMA decay above 1 grows without bound, a mixing probability of 3 is 1).
+RANGES = {
+    'crop_min': ('(0, 1]', 'the smallest crop, as a fraction of the image area'),
+    'opt_betas': ('[0, 1)', "AdamW's decay rates of its moment estimates"),
+    'layer_decay': ('(0, 1]', 'the lr factor from one layer to the one below'),
+    'drop_path': ('[0, 1)', 'the probability of skipping a residual branch'),
+    'smoothing': ('[0, 1)', 'the label mass spread over the other classes'),
+    'reprob': ('[0, 1]', 'the probability of erasing a box'),
+    'color_jitter': ('[0, inf)', 'the strength of colour jitter'),
+    'mixup': ('[0, inf)', "the alpha of mixup's Beta distribution (0: off)"),
+    'cutmix': ('[0, inf)', "the alpha of cutmix's Beta distribution (0: off)"),
+    'cutmix_minmax': ('(0, 1]', "the bounds of cutmix's box side, as fractions of the image side"),
+    'mixup_prob': ('[0, 1]', 'a probability'),
+    'mixup_switch_prob': ('[0, 1]', 'a probability'),
+    'model_ema_decay': ('[0, 1]', 'the weight of the average so far at each step'),
+    'head_init_std': ('[0, inf)', 'a standard deviation'),
+}
+
+
+def in_interval(value, interval):
+    """Whether `value` lies in an interval written as '[0, 1)', '(0, inf)', ... (NaN never does)."""
+    low, high = (float(bound) for bound in interval[1:-1].split(', '))
+    above = low < value if interval[0] == '(' else low <= value
+    below = value < high if interval[-1] == ')' else value <= high
+    return above and below
+
+
+def check_ranges(args):
+    """Refuse a flag of RANGES outside its interval, and a pair of bounds in the wrong order."""
+    for name, (interval, meaning) in RANGES.items():
+        value = getattr(args, name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is not None and not in_interval(v, interval):
+                shown = ' '.join(map(str, values))
+                raise UsageError(f'--{name} ({meaning}) must lie in {interval}, got {shown}')
+    bounds = getattr(args, 'cutmix_minmax', None)
+    if bounds is not None and not bounds[0] < bounds[1]:
+        raise UsageError(f'--cutmix_minmax takes the smaller bound first, then a larger one, got '
+                         f'{bounds[0]} {bounds[1]}')
 
 
 # Rates and bounds that must be finite numbers, and the ones that must be above 0 as well.
