@@ -172,6 +172,12 @@ def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_pa
         run_pretrain(*TINY[:1], 'maskfeat_vit_tiny', *TINY[2:], '--max_steps', 2, '--batch_size', 8, '--epochs', 1,
                      '--warmup_epochs', 0, '--output_dir', tmp_path)
     assert '--model mae_vit_tiny' in str(error.value) and '--finetune' not in str(error.value)
+    with pytest.raises(UsageError) as error:  # the same model at another size: its position table does not fit
+        run_pretrain(*TINY, '--input_size', 40, '--max_steps', 2, '--batch_size', 8, '--epochs', 1,
+                     '--warmup_epochs', 0, '--output_dir', tmp_path)
+    assert 'does not fit this model: size mismatch for pos_embed' in str(error.value)
+    assert str(error.value).endswith('; resume it with the flags it was written with, or start a new run in another '
+                                     '--output_dir (or remove its checkpoint-last.pth)')
 
 
 def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys):

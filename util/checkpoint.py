@@ -194,7 +194,9 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         load_weights(model, in_model_layout(model, model_state_of(ckpt, path), path), path)
         return 0, 0, 0
     check_same_kind_of_run(ckpt, path, args)
-    load_weights(model, ckpt['model'], path)
+    resumable = 'optimizer' in ckpt  # a run's own checkpoint, written with other flags (--input_size, say)
+    load_weights(model, ckpt['model'], path,
+                 advice=f'; resume it with the flags it was written with{other_run_advice(args)}' if resumable else '')
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         # weights only (e.g. a released model): start training from them
         return 0, 0, 0
@@ -211,16 +213,18 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
     return ckpt['epoch'] + 1, resumed_epoch_samples(ckpt, path, args), ckpt.get('step', 0)
 
 
-def load_weights(model, state, path, optional=()):
+def load_weights(model, state, path, optional=(), advice=''):
     """Load a state dict exactly (every key, every shape; keys that start with one of `optional`
-    may be absent) or say which keys do not fit."""
+    may be absent) or say which keys do not fit, and then `advice`."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ
-        raise UsageError(f'{path!r} does not fit this model: {str(e).splitlines()[1].strip()}') from None
+        raise UsageError(f'{path!r} does not fit this model: {str(e).splitlines()[1].strip().rstrip(".")}'
+                         f'{advice}') from None
     missing = [k for k in missing if not k.startswith(optional)]
     if missing or unexpected:
-        raise UsageError(f'{path!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}')
+        raise UsageError(f'{path!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}'
+                         f'{advice}')
 
 
 # Keys that belong to pre-training only (MAE's decoder and mask token), and the ones a
