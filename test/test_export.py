@@ -46,7 +46,13 @@ def export(capsys, checkpoint, output, *flags):
 @torch.no_grad()
 def test_mae_encoder(tmp_path, capsys):
     mae, path = pretraining_checkpoint(tmp_path, 'mae_vit_tiny')
-    model, code = export(capsys, path, tmp_path / 'mae.safetensors')
+    umask = os.umask(0o027)
+    try:
+        model, code = export(capsys, path, tmp_path / 'mae.safetensors')
+    finally:
+        os.umask(umask)
+    # the mode of any file made under that umask (safetensors alone makes 0600: shared weights nobody else reads)
+    assert (tmp_path / 'mae.safetensors').stat().st_mode & 0o777 == 0o640
     assert "'vit_tiny_patch16_224'" in code and 'img_size=64, patch_size=8' in code  # timm's own ViT
     assert 'custom_load=False' in code  # timm's weights of that name are .npz: timm 1.0.12 would read the file so
     imgs = images()

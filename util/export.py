@@ -143,6 +143,12 @@ def finetuned_classifier(ckpt, path, name):
     return (name, kwargs, num_classes), model.state_dict(), f'the {num_classes}-class classifier'
 
 
+def current_umask():
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(state, path, check):
     """Write `state` with safetensors to a temporary file beside `path`, call check(temporary
     path), then rename it over `path`: a failed write or check leaves no file behind."""
@@ -152,6 +158,9 @@ def save_safetensors(state, path, check):
         # contiguous tensors that share no memory, as safetensors requires
         save_file({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()}, tmp)
         check(tmp)
+        # safetensors 0.8 makes its files readable by their owner alone, whatever the umask
+        # (safetensors/safetensors#782): weights meant to be shared get the mode of any new file
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as e:
         raise UsageError(f'cannot write {path} ({first_line(e)}): choose another --output') from None
