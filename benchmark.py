@@ -42,7 +42,7 @@ from util.datasets import (INPUT_PIPELINES, JpegBatch, MixupCollate, SeededSampl
 from util.device import resolve_device
 from util.engine import to_device
 from util.errors import UsageError, run_command
-from util.flags import add_step_args
+from util.flags import add_step_args, check_ranges
 from util.flops import (FlopRate, device_name, device_peak, example_batch, matmul_precision,
                         training_flops_per_image)
 from util.images import BadImages
@@ -108,13 +108,14 @@ def get_args_parser():
 def check_args(args):
     if args.rounds is None:
         args.rounds = 3 if args.official else 1
-    for name in ('steps', 'images', 'rounds'):
+    for name in ('steps', 'images', 'rounds', 'saves'):
         if getattr(args, name) < 1:
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f'--batch_size must be at least 1, got {args.batch_size}')
     if args.warmup < 0 or args.num_workers < 0:
         raise UsageError('--warmup and --num_workers must be 0 or more')
+    check_ranges(args)
     if args.compare_official and args.finetune_pipeline:
         raise UsageError('--compare_official compares the pre-training pipeline with the official MAE one: '
                          'leave out --finetune_pipeline')

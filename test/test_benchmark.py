@@ -193,6 +193,20 @@ def test_synthetic_data_trains_and_fine_tunes_with_tflops_and_mfu_logged(tmp_pat
     assert 'test_acc1' in epochs[-1] and 'train_mfu' in epochs[-1]
 
 
+@pytest.mark.parametrize('flags, message', [
+    (['--checkpoint_stall', '--saves', '0'], '--saves must be at least 1, got 0'),  # was a FileNotFoundError
+    (['--peak_tflops', '-1'], "--peak_tflops (the device's peak TFLOP/s, the denominator of MFU) must lie in "
+                              "(0, inf), got -1.0"),  # was an MFU of -2.5 %
+])
+def test_impossible_counts_and_peaks_are_one_line(flags, message):
+    import benchmark
+    from util.errors import UsageError
+    with pytest.raises(UsageError) as error:
+        benchmark.main(benchmark.get_args_parser().parse_args(
+            ['--model', 'mae_vit_tiny', '--device', 'cpu', '--steps', '1', '--batch_size', '2', *flags]))
+    assert str(error.value) == message
+
+
 def test_checkpoint_mode_times_both_writers(capsys):
     import benchmark
     benchmark.main(benchmark.get_args_parser().parse_args(

@@ -193,6 +193,7 @@ RANGES = {
     'mixup_switch_prob': ('[0, 1]', 'a probability'),
     'model_ema_decay': ('[0, 1]', 'the weight of the average so far at each step'),
     'head_init_std': ('[0, inf)', 'a standard deviation'),
+    'peak_tflops': ('(0, inf)', "the device's peak TFLOP/s, the denominator of MFU"),
 }
 
 
