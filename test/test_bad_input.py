@@ -27,10 +27,16 @@ TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--dat
     (['--mask_ratio', 0], '--mask_ratio must lie between 0 and 1'),
     (['--mask_ratio', 1], '--mask_ratio must lie between 0 and 1'),
     (['--epochs', 3, '--warmup_epochs', 4], '--warmup_epochs 4 does not fit a run of --epochs 3'),
+    (['--seed', -1], '--seed must be a whole number from 0 to 4294967295, got -1'),  # were numpy's tracebacks
+    (['--seed', 2 ** 32], '--seed must be a whole number from 0 to 4294967295, got 4294967296'),
+    (['--save_every_steps', -1], '--save_every_steps must be 0 or more, got -1'),  # was taken as 0
+    (['--max_bad_images', -1], '--max_bad_images must be 0 or more, got -1'),  # "0 replaced, more than -1"
+    (['--lr_schedule', 'step', '--lr_milestones', 5, -1], '--lr_milestones are epochs, 0 or more, got 5 -1'),
+    (['--knn_freq', -1], '--knn_freq must be 0 (off) or more, got -1'),
 ])
 def test_impossible_rates_and_sizes_are_refused_before_the_run(flags, message, tmp_path):
     with pytest.raises(UsageError) as error:
-        run_pretrain(*TINY, *flags, '--output_dir', tmp_path)
+        run_pretrain(*TINY, '--max_steps', 1, '--batch_size', 8, *flags, '--output_dir', tmp_path)
     assert str(error.value).startswith(message)
     assert not (tmp_path / 'log.jsonl').exists()
 

@@ -49,8 +49,10 @@ def feature_loaders(args, world, pin_memory):
     shard, their workers started for each pass (between two measurements of the pre-training
     monitor, epochs apart, they would idle beside the training loader's). returns: (train loader,
     val loader, number of classes: --nb_classes or train/'s)"""
-    if min(args.knn_k) < 1 or getattr(args, 'knn_freq', 0) < 0:
-        raise UsageError(f'--knn_k must be 1 or more (got {" ".join(map(str, args.knn_k))}) and --knn_freq 0 or more')
+    if min(args.knn_k) < 1:
+        raise UsageError(f'--knn_k must be 1 or more, got {" ".join(map(str, args.knn_k))}')
+    if getattr(args, 'knn_freq', 0) < 0:
+        raise UsageError(f'--knn_freq must be 0 (off) or more, got {args.knn_freq}')
     loaders = [build_eval_loader(SeededSamples(build_image_folder(args.data_path, split, eval_transform(args.input_size)),
                                                args.seed), world, args, pin_memory, distributed=True,
                                  persistent=False)

@@ -162,8 +162,13 @@ def check_run_args(args):
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f'--max_steps must be at least 1, got {args.max_steps}')
-    if args.num_workers < 0:
-        raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
+    for name in ('num_workers', 'save_every_steps', 'max_bad_images'):
+        if getattr(args, name, 0) < 0:
+            raise UsageError(f'--{name} must be 0 or more, got {getattr(args, name)}')
+    if not 0 <= args.seed < 2 ** 32:  # numpy's generators take no negative seeds, its legacy one none past 32 bits
+        raise UsageError(f'--seed must be a whole number from 0 to {2 ** 32 - 1}, got {args.seed}')
+    if getattr(args, 'lr_milestones', None) and min(args.lr_milestones) < 0:
+        raise UsageError(f'--lr_milestones are epochs, 0 or more, got {" ".join(map(str, args.lr_milestones))}')
     check_schedule_values(args)
     check_ranges(args)
     size = getattr(args, 'input_size', None)
