@@ -5,6 +5,7 @@ that are not checkpoints, and messages that advise what the entry point offers."
 import argparse
 import os
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -14,7 +15,8 @@ from PIL import Image
 
 from helpers import run_finetune, run_pretrain, run_script, write_broken_files
 from util import checkpoint
-from util.errors import UsageError
+from util.errors import UsageError, run_cli
+from util.signals import STOP_SIGNALS
 
 TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']
 
@@ -208,3 +210,33 @@ def test_help_names_the_script_the_models_and_every_default():
     assert all(name in words for name in pretrain_model_names())
     assert 'MAE: mae_vit_base_patch16,' in words and 'HiViT: mae_hivit_base_dec512d6b' in words
     assert 'HiViT: hivit_base, hivit_base_mmpretrain, hivit_large' in ' '.join(result.stdout.split())
+
+
+def raise_error(error):
+    raise error
+
+
+def test_out_of_memory_is_one_line_that_says_what_to_lower(capsys):
+    """A batch or an image size too large for the device: one line with torch's figure, exit 2. A
+    pebibyte, which no allocator grants, stands for the CPU's refusal; CUDA's and a data-loader
+    worker's (re-raised by the loader with the worker's traceback) are torch's texts of them."""
+    advice = ('lower --batch_size (with --accum_iter the effective batch, and so the lr, stays as it was), lower '
+              'the image size, or add --grad_ckpt\n')
+    cuda = torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of '
+                                  '79.19 GiB of which 1.06 GiB is free.')
+    worker = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                          "last):\n  File \"x.py\", line 1, in f\nRuntimeError: [enforce fail at alloc_cpu.cpp:127] "
+                          "DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes.")
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}  # run_cli catches them
+    try:
+        for run, size in [(lambda: torch.empty(2 ** 50, dtype=torch.uint8), '1048576.00 GiB'),
+                          (lambda: raise_error(cuda), '2.00 GiB'), (lambda: raise_error(worker), '3.00 GiB')]:
+            with pytest.raises(SystemExit) as ended:
+                run_cli(run)
+            assert ended.value.code == 2
+            assert capsys.readouterr().err == f'error: out of memory allocating {size}: {advice}'
+        with pytest.raises(RuntimeError, match='a bug'):  # any other error keeps its traceback
+            run_cli(raise_error, RuntimeError('a bug'))
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

@@ -1,6 +1,7 @@
 """Errors that are the user's to fix: printed as one line, never as a traceback."""
 import atexit
 import gc
+import re
 import sys
 
 
@@ -35,6 +36,29 @@ def run_cli(main, *args):
     except RunEnded as e:
         print(f'error: {usage_message(e)}', file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except (RuntimeError, MemoryError) as e:
+        message = out_of_memory_message(e)
+        if message is None:
+            raise
+        print(f'error: {message}', file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+
+
+def out_of_memory_message(error):
+    """One line for an allocation that failed: CUDA's OutOfMemoryError, another allocator's
+    RuntimeError (the CPU's, an NPU's), Python's MemoryError, or one of these in a data-loader
+    worker; None for any other error. Its traceback says nothing a user can act on: the batch or
+    the image size is too large for the device."""
+    text = usage_message(error)
+    if not isinstance(error, MemoryError) and not re.search(r"out of memory|can't allocate memory", text, re.I):
+        return None
+    size = re.search(r'tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)', text, re.I)
+    if size and size[2] == 'bytes':
+        size = f'{int(size[1]) / 2 ** 30:.2f} GiB'
+    elif size:
+        size = f'{size[1]} {size[2]}'
+    return (f'out of memory{f" allocating {size}" if size else ""}: lower --batch_size (with --accum_iter the '
+            f'effective batch, and so the lr, stays as it was), lower the image size, or add --grad_ckpt')
 
 
 def run_command(main, get_args_parser):
