@@ -113,8 +113,9 @@ def check_args(args):
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f'--batch_size must be at least 1, got {args.batch_size}')
-    if args.warmup < 0 or args.num_workers < 0:
-        raise UsageError('--warmup and --num_workers must be 0 or more')
+    for name in ('warmup', 'num_workers'):
+        if getattr(args, name) < 0:
+            raise UsageError(f'--{name} must be 0 or more, got {getattr(args, name)}')
     check_ranges(args)
     if args.compare_official and args.finetune_pipeline:
         raise UsageError('--compare_official compares the pre-training pipeline with the official MAE one: '

@@ -195,6 +195,7 @@ def test_synthetic_data_trains_and_fine_tunes_with_tflops_and_mfu_logged(tmp_pat
 
 @pytest.mark.parametrize('flags, message', [
     (['--checkpoint_stall', '--saves', '0'], '--saves must be at least 1, got 0'),  # was a FileNotFoundError
+    (['--warmup', '-1'], '--warmup must be 0 or more, got -1'),
     (['--peak_tflops', '-1'], "--peak_tflops (the device's peak TFLOP/s, the denominator of MFU) must lie in "
                               "(0, inf), got -1.0"),  # was an MFU of -2.5 %
 ])

@@ -173,7 +173,7 @@ def test_bad_knn_input_is_one_line(small_folder, tmp_path):
         run_finetune('--knn', '--eval', *TINY_VIT, '--data_path', small_folder, '--output_dir', tmp_path)
     with pytest.raises(UsageError, match='--knn_k must be 1 or more'):
         run_finetune('--knn', '--knn_k', 0, *TINY_VIT, '--data_path', small_folder, '--output_dir', tmp_path)
-    with pytest.raises(UsageError, match='--knn_freq 0 or more'):
+    with pytest.raises(UsageError, match=r'--knn_freq must be 0 \(off\) or more, got -1'):
         run_pretrain('--model', 'mae_vit_tiny', '--data_path', small_folder, '--knn_freq', -1, '--device', 'cpu',
                      '--output_dir', tmp_path)
     assert not os.path.isfile(tmp_path / 'log.txt')
