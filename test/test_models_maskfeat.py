@@ -117,8 +117,12 @@ def test_block_mask_count_scales_and_refuses_too_many():
     assert BlockMask(8, 26, 4)(torch.Generator().manual_seed(0))['mask'].sum().item() == 26
     with pytest.raises(UsageError, match='cannot mask 200 of 196 patches'):
         BlockMask(14, 200, 15)
-    with pytest.raises(UsageError, match='aspect'):
-        BlockMask(14, 78, 15, min_aspect=0)
+    with pytest.raises(UsageError, match=r'\(--mask_min_aspect\) must be positive, got -1.0$'):
+        BlockMask(14, 78, 15, min_aspect=-1.0)
+    with pytest.raises(UsageError, match='at most 1, since the largest aspect is its inverse; got 2'):
+        BlockMask(14, 78, 15, min_aspect=2)
+    with pytest.raises(UsageError, match='must be ordered, got 0.5 and 0.4'):
+        BlockMask(14, 78, 15, min_aspect=0.5, max_aspect=0.4)
     assert math.isclose(BlockMask.default_count(14), 78) and BlockMask.default_count(8) == 26
 
 

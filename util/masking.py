@@ -90,10 +90,16 @@ class BlockMask:
         if not 0 < num_masking_patches <= grid * grid:
             raise UsageError(f'cannot mask {num_masking_patches} of {grid * grid} patches: give a count between 1 '
                              f'and the number of patches')
-        max_aspect = max_aspect or (1 / min_aspect if min_aspect > 0 else 0)
-        if not 0 < min_aspect <= max_aspect:
-            raise UsageError(f'the aspect bounds of the mask blocks must be positive and ordered, got '
-                             f'{min_aspect} and {max_aspect}')
+        if not min_aspect > 0:
+            raise UsageError(f'the smallest aspect ratio of a mask block (--mask_min_aspect) must be positive, '
+                             f'got {min_aspect}')
+        if max_aspect is None and min_aspect > 1:
+            raise UsageError(f'--mask_min_aspect must be at most 1, since the largest aspect is its inverse; '
+                             f'got {min_aspect}')
+        max_aspect = max_aspect or 1 / min_aspect
+        if min_aspect > max_aspect:
+            raise UsageError(f'the aspect bounds of the mask blocks must be ordered, got {min_aspect} and '
+                             f'{max_aspect}')
         self.grid, self.num_masking_patches, self.min_num_patches = grid, num_masking_patches, min_num_patches
         self.max_num_patches = max_num_patches or num_masking_patches
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
