@@ -79,6 +79,9 @@ def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
     args = argparse.Namespace(epochs=3, warmup_epochs=None, lr=None, clip_grad=None)
     apply_recipe(args, {'warmup_epochs': 40})
     assert "warning: the recipe's 40 warm-up epochs are more than --epochs 3" in capsys.readouterr().out
+    args.epochs, args.warmup_epochs = 0, None  # refused on its own (check_run_args), without the warning first
+    apply_recipe(args, {'warmup_epochs': 40})
+    assert capsys.readouterr().out == ''
 
 
 def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):

@@ -82,7 +82,7 @@ def check_warmup_fits(args, given_warmup):
     so, said in a warning line when the recipe's warm-up meets a shorter --epochs (short trials of
     a recipe, --max_steps runs)."""
     warmup, epochs = getattr(args, 'warmup_epochs', None), getattr(args, 'epochs', None)
-    if warmup is None or epochs is None or warmup <= epochs:
+    if warmup is None or epochs is None or warmup <= epochs or epochs < 1:  # check_run_args refuses --epochs 0
         return
     if given_warmup:
         raise UsageError(f'--warmup_epochs {warmup} does not fit a run of --epochs {epochs}: the lr would never '
