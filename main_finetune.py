@@ -254,8 +254,16 @@ def add_probe_head(model):
 
 def build_model(args, num_classes, resuming):
     """The classifier, initialised from --finetune unless a training checkpoint will overwrite it."""
-    model = create_classifier(args.model, img_size=args.input_size, num_classes=num_classes,
-                              drop_path_rate=args.drop_path, global_pool='avg' if args.global_pool else 'token')
+    pool = 'avg' if args.global_pool else 'token'
+    try:
+        model = create_classifier(args.model, img_size=args.input_size, num_classes=num_classes,
+                                  drop_path_rate=args.drop_path, global_pool=pool)
+    except UsageError as e:  # timm's CNNs and Swin have no cls token: 'Invalid pool type: token'
+        if pool == 'token' and 'pool type' in str(e):
+            flag = '--linprobe' if args.linprobe else '--cls_token'
+            raise UsageError(f'{args.model} has no cls token for {flag} to classify: give --global_pool to classify '
+                             f'the average of its features') from None
+        raise
     if args.finetune and not resuming:
         report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std,
                                             head_init_bias=args.head_init_bias)
