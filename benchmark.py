@@ -62,7 +62,7 @@ FAMILIES = {
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Benchmark: the training step on the device, or the input pipeline')
+    parser = argparse.ArgumentParser(description='Benchmark: the training step on the device, or the input pipeline')
     parser.add_argument('--model', default=None,
                         help='a pre-training model of util.registry or any timm classifier (default: mae_vit_base; '
                              'vit_base_patch16 with --finetune_pipeline)')

@@ -11,7 +11,7 @@ from util.export import export_checkpoint
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Export a checkpoint as a timm safetensors file', add_help=True)
+    parser = argparse.ArgumentParser(description='Export a checkpoint as a timm safetensors file')
     parser.add_argument('--checkpoint', required=True,
                         help='a pre-training checkpoint (its encoder is exported) or a fine-tuning one '
                              '(its classifier)')

@@ -35,7 +35,7 @@ MODEL_SETTINGS = ('input_size', 'norm_pix_loss', 'mask_ratio', 'mask_patch_size'
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Pictures of pre-trained models and of training runs', add_help=True)
+    parser = argparse.ArgumentParser(description='Pictures of pre-trained models and of training runs')
     parser.add_argument('--checkpoint', default=None,
                         help='a pre-training checkpoint (this project\'s, or an official release with its decoder)')
     parser.add_argument('--model', default=None,

@@ -212,6 +212,11 @@ def test_help_names_the_script_the_models_and_every_default():
     assert all(name in words for name in pretrain_model_names())
     assert 'MAE: mae_vit_base_patch16,' in words and 'HiViT: mae_hivit_base_dec512d6b' in words
     assert 'HiViT: hivit_base, hivit_base_mmpretrain, hivit_large' in ' '.join(result.stdout.split())
+    # every tool's usage line names its script (argparse's first argument is the program, not a title)
+    import benchmark, compare_loss, export, visualize
+    for tool in (benchmark, compare_loss, export, visualize, main_pretrain):
+        parser = tool.get_args_parser()
+        assert parser.prog in (os.path.basename(sys.argv[0]), f'{tool.__name__}.py'), tool.__name__
 
 
 def raise_error(error):
