@@ -2,6 +2,7 @@
 training image is replaced deterministically, reported once and counted, too many of them stop
 the run with one line, an unreadable validation image is an error, and empty folders are refused."""
 import os
+import re
 import shutil
 import sys
 
@@ -129,5 +130,11 @@ def test_empty_folders_are_clear_errors(small_folder, tmp_path):
         build_image_folder(str(root), 'train', None)
     empty = tmp_path / 'empty'
     (empty / 'train').mkdir(parents=True)
-    with pytest.raises(UsageError, match="cannot read the train images under .*find any class folder"):
-        build_image_folder(str(empty), 'train', None)
+    flat = tmp_path / 'flat'  # unlabelled images straight in train/
+    shutil.copytree(next((root / 'train').iterdir()), flat / 'train')
+    for data in (empty, flat):
+        with pytest.raises(UsageError, match=re.escape(
+                f"cannot read the train images under '{data / 'train'}': it has no class folders: images go in "
+                f"{data / 'train' / '<class>'}/<image> (for pre-training, one folder, say {data / 'train' / 'all'}/, "
+                f"is enough)")):
+            build_image_folder(str(data), 'train', None)

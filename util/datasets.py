@@ -317,6 +317,15 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
     """torchvision's ImageFolder, its class folders walked by `walk_without_cycles`."""
 
     @staticmethod
+    def find_classes(directory):
+        if os.path.isdir(directory) and not any(entry.is_dir() for entry in os.scandir(directory)):
+            # images straight in train/ are the usual first try with unlabelled data
+            raise FileNotFoundError(f'it has no class folders: images go in {os.path.join(directory, "<class>", "")}'
+                                    f'<image> (for pre-training, one folder, say {os.path.join(directory, "all", "")}'
+                                    f', is enough)')
+        return datasets.folder.find_classes(directory)
+
+    @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         samples, empty = [], []
         for class_name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
