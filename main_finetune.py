@@ -97,7 +97,8 @@ def get_args_parser():
     parser.add_argument('--model', default=None, type=str,
                         help='any timm model name, e.g. vit_base_patch16, swin_base_patch4_window7_224, '
                              'beit_base_patch16_224, seresnet50 (default: vit_base_patch16, or the classifier of the '
-                             'checkpoint\'s fine-tuning recipe, e.g. swin_base_patch4_window7_224 for SimMIM Swin-B, or '
+                             'checkpoint\'s pre-training, e.g. vit_large_patch16 for MAE ViT-L, '
+                             'swin_base_patch4_window7_224 for SimMIM Swin-B, or '
                              'with --eval the model its checkpoint records; fine-tuning vit_large_patch16/'
                              'vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, blr 1e-3, layer decay '
                              f'0.75, drop path 0.2/0.3). This project\'s own: {model_names_by_method(pretraining=False)}')
@@ -169,16 +170,18 @@ def fill_recipe(args):
     recipe, published, args.recipe_source = dict(RECIPES[mode]), {}, None
     if args.eval and args.model is None:
         args.model = model_of_checkpoint(checkpoint.resume_path(args.resume, args.output_dir))
-    if mode == 'finetune' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
+    if mode != 'scratch' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
         source, published = finetune_recipe_of(checkpoint.load(args.finetune, mmap=True))
-        if published:
+        if mode == 'linprobe':  # MAE's probe whatever the pre-training, on the classifier of its encoder
+            published = {k: v for k, v in published.items() if k == 'model'}
+        if published.keys() - {'model'}:  # MAE's name only the classifier: their recipe is RECIPES['finetune']
             args.recipe_source = f'the fine-tuning recipe published for {source} checkpoints'
     elif mode == 'scratch':
         published = supervised_recipe_of(args.model or recipe['model'])
         if published:
             args.recipe_source = f'the supervised recipe published for {args.model}'
     recipe = merge_recipes(recipe, published)
-    if mode == 'finetune' and not published:
+    if mode == 'finetune' and not published.keys() - {'model'}:
         recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
     apply_recipe(args, recipe)
     if args.input_size is None:

@@ -294,6 +294,12 @@ MAE_RECIPE = dict(epochs=800, input_size=224, batch_size=64, effective_batch=409
                   mask_ratio=0.75, norm_pix_loss=True, crop_min=0.2, interpolation='bicubic')
 
 
+def mae_recipe(classifier, **changes):
+    """MAE_RECIPE for one encoder size: its checkpoints fine-tune as `classifier` (models_vit) when
+    main_finetune.py is given no --model; the fine-tuning recipe itself is main_finetune's (MAE's)."""
+    return dict(MAE_RECIPE, finetune=dict(model=classifier), **changes)
+
+
 def _mae_vit(overrides, **arch):
     """Build the given architecture; keywords passed to a factory override it (the tests
     shrink depth, the entry points set img_size and norm_pix_loss)."""
@@ -302,32 +308,32 @@ def _mae_vit(overrides, **arch):
     return MaskedAutoencoderViT(**{**defaults, **arch, **overrides})
 
 
-@register_pretrain_model('mae_vit_base', 'mae_vit_base_patch16_dec512d8b', recipes=[MAE_RECIPE])
+@register_pretrain_model('mae_vit_base', 'mae_vit_base_patch16_dec512d8b', recipes=[mae_recipe('vit_base_patch16')])
 def mae_vit_base_patch16(**kwargs):
     """ViT-B/16 encoder (768 x 12, 12 heads), decoder 512 x 8 (16 heads)."""
     return _mae_vit(kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 
 
-@register_pretrain_model('mae_vit_large', 'mae_vit_large_patch16_dec512d8b', recipes=[MAE_RECIPE])
+@register_pretrain_model('mae_vit_large', 'mae_vit_large_patch16_dec512d8b', recipes=[mae_recipe('vit_large_patch16')])
 def mae_vit_large_patch16(**kwargs):
     """ViT-L/16 encoder (1024 x 24, 16 heads), decoder 512 x 8 (16 heads)."""
     return _mae_vit(kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16)
 
 
-@register_pretrain_model('mae_vit_huge', 'mae_vit_huge_patch14_dec512d8b', recipes=[MAE_RECIPE])
+@register_pretrain_model('mae_vit_huge', 'mae_vit_huge_patch14_dec512d8b', recipes=[mae_recipe('vit_huge_patch14')])
 def mae_vit_huge_patch14(**kwargs):
     """ViT-H/14 encoder (1280 x 32, 16 heads), decoder 512 x 8 (16 heads)."""
     return _mae_vit(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
 
 
-@register_pretrain_model('mae_vit_small', recipes=[MAE_RECIPE])
+@register_pretrain_model('mae_vit_small', recipes=[mae_recipe('vit_small_patch16')])
 def mae_vit_small_patch16(**kwargs):
     """ViT-S/16 encoder (384 x 12, 6 heads), decoder 256 x 4 (8 heads): small-scale studies."""
     return _mae_vit(kwargs, patch_size=16, embed_dim=384, depth=12, num_heads=6,
                     decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
 
 
-@register_pretrain_model('mae_vit_tiny', recipes=[dict(MAE_RECIPE, input_size=64)])
+@register_pretrain_model('mae_vit_tiny', recipes=[mae_recipe('vit_tiny_patch8', input_size=64)])
 def mae_vit_tiny_patch8(**kwargs):
     """ViT-Ti encoder (192 x 12, 3 heads) on 8x8 patches, decoder 128 x 2 (4 heads): the demo
     and the tests, at 64x64 pixels (an 8x8 grid of patches)."""

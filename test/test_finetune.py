@@ -66,6 +66,26 @@ def test_large_and_huge_fine_tune_with_their_own_recipe():
     assert (a.epochs, a.blr, a.layer_decay) == (90, 0.1, None)
 
 
+def test_without_model_the_checkpoints_encoder_picks_the_classifier(tmp_path):
+    """A pre-training checkpoint of this project fine-tunes and probes as the classifier of its
+    encoder (ViT-L/16 for MAE ViT-L, with MAE's ViT-L recipe; the demo's ViT-Ti/8 at 64 px);
+    probing keeps MAE's probe recipe after any pre-training."""
+    for pretraining, classifier in (('mae_vit_large', 'vit_large_patch16'), ('mae_vit_tiny', 'vit_tiny_patch8'),
+                                    ('simmim_swin_base', 'swin_base_patch4_window7_224')):
+        path = tmp_path / f'{pretraining}.pth'
+        torch.save({'model': {}, 'args': {'model': pretraining}}, path)
+        _, a = parse('--finetune', path)
+        assert a.model == classifier
+        _, probe = parse('--finetune', path, '--linprobe')
+        assert (probe.model, probe.epochs, probe.blr, probe.layer_decay) == (classifier, 90, 0.1, None)
+        if pretraining.startswith('mae'):  # MAE's own recipe, as for the released checkpoints
+            assert a.recipe_source is None
+    assert (a.epochs, a.layer_decay) == (100, 0.9)  # SimMIM Swin-B's published fine-tuning
+    _, a = parse('--finetune', tmp_path / 'mae_vit_large.pth')
+    assert (a.epochs, a.blr, a.layer_decay, a.drop_path) == (50, 1e-3, 0.75, 0.2)
+    assert parse('--finetune', tmp_path / 'mae_vit_tiny.pth')[1].input_size == 64
+
+
 def test_crop_min_bounds_the_random_crop():
     """--crop_min is the smallest crop area: 0.08 by default (Inception, as MAE and DeiT use),
     and every crop drawn covers at least that share of the image."""
