@@ -47,7 +47,7 @@ from util.logger import RunLogger
 from util.lr_sched import LAYER_LR_BOUNDS
 from util.optim import build_adamw, build_lars, param_groups
 from util.registry import (create_classifier, finetune_recipe_of, model_names_by_method, native_input_size,
-                           supervised_recipe_of)
+                           pretrain_model_names, supervised_recipe_of)
 
 AA_DEFAULT = 'rand-m9-mstd0.5-inc1'
 # The published recipes; None in a flag's default means "the recipe of the mode decides".
@@ -199,6 +199,9 @@ def model_of_checkpoint(path):
     if not path or not os.path.isfile(path):
         return None  # --eval reports a missing file where it loads it
     model = checkpoint.saved_args(checkpoint.load(path, mmap=True)).get('model')
+    if model in pretrain_model_names():
+        raise UsageError(f'{path!r} is a pre-training checkpoint ({model}) and --eval measures a classifier: '
+                         f'fine-tune it first (--finetune {path}), or give a fine-tuned checkpoint')
     return model if isinstance(model, str) else None
 
 

@@ -4,6 +4,7 @@ symlink loops or mismatched classes, unreadable or huge images for the pictures,
 that are not checkpoints, and messages that advise what the entry point offers."""
 import argparse
 import os
+import re
 import shutil
 import signal
 import sys
@@ -196,6 +197,10 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys):
                          '--num_workers', 0, '--data_path', 'demo', '--output_dir', '')
     assert 'model vit_tiny_patch8:' in capsys.readouterr().out
     assert stats['acc1'] > 0
+    pretrained = demo_finetuning[0] / checkpoint.LAST  # a pre-training run's: nothing to evaluate yet
+    with pytest.raises(UsageError, match=re.escape(f"{str(pretrained)!r} is a pre-training checkpoint (mae_vit_tiny) "
+                                                   f"and --eval measures a classifier: fine-tune it first")):
+        run_finetune('--eval', '--resume', pretrained, '--device', 'cpu', '--data_path', 'demo', '--output_dir', '')
 
 
 def test_help_names_the_script_the_models_and_every_default():
