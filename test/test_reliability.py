@@ -176,13 +176,28 @@ def test_a_damaged_last_checkpoint_names_the_newest_epoch_checkpoint(small_folde
 
 def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, tmp_path):
     from helpers import run_finetune
-    ckpt = {'model': {}, 'optimizer': {}, 'epoch': 0, 'args': {'model': 'vit_tiny_patch8', 'linprobe': True}}
-    torch.save(ckpt, tmp_path / checkpoint.LAST)
-    with pytest.raises(UsageError, match='written by a run with --linprobe True, this run has False'):
+    def finetune():
         run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--num_workers', 0, '--device', 'cpu',
                      '--output_dir', tmp_path)
-    with pytest.raises(UsageError, match='written by a run with --model vit_tiny_patch8, this run has mae_vit_tiny'):
+
+    def pretrain():
         run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
+
+    def write(**args):
+        torch.save({'model': {}, 'optimizer': {}, 'epoch': 0, 'args': args}, tmp_path / checkpoint.LAST)
+
+    write(model='vit_tiny_patch8', linprobe=True, finetune='')  # main_finetune's args hold --finetune
+    with pytest.raises(UsageError, match='written by a run with --linprobe True, this run has False'):
+        finetune()
+    with pytest.raises(UsageError, match=r"is a checkpoint of main_finetune.py \(--model vit_tiny_patch8\), which "
+                                         r"pre-training cannot resume: start a new run in another --output_dir"):
+        pretrain()
+    write(model='mae_hivit_tiny', mask_ratio=0.75)
+    with pytest.raises(UsageError, match='written by a run with --model mae_hivit_tiny, this run has mae_vit_tiny'):
+        pretrain()
+    with pytest.raises(UsageError, match=r"is a pre-training checkpoint \(--model mae_hivit_tiny\), which "
+                                         r"fine-tuning cannot resume: start from its weights with --finetune"):
+        finetune()
 
 
 def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_folder, tmp_path):

@@ -170,6 +170,13 @@ def check_same_kind_of_run(ckpt, path, args):
     saved = ckpt.get('args') or {}
     if not isinstance(saved, dict) or 'optimizer' not in ckpt:
         return
+    if 'finetune' in saved and not hasattr(args, 'finetune'):  # main_finetune.py's flag: its checkpoint
+        raise UsageError(f'{path!r} is a checkpoint of main_finetune.py (--model {saved.get("model")}), which '
+                         f'pre-training cannot resume: start a new run in another --output_dir (or remove its '
+                         f'checkpoint-last.pth)')
+    if 'finetune' not in saved and 'model' in saved and hasattr(args, 'finetune'):
+        raise UsageError(f'{path!r} is a pre-training checkpoint (--model {saved["model"]}), which fine-tuning '
+                         f'cannot resume: start from its weights with --finetune, or use another --output_dir')
     for flag in ('model', 'linprobe'):
         if flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
             raise UsageError(f'{path!r} was written by a run with --{flag} {saved[flag]}, this run has '
