@@ -75,7 +75,12 @@ def load_pretraining_model(args):
     ckpt = checkpoint.load(path)
     name = args.model or pretraining_of(ckpt)[0]
     if name is None:
-        written_by = checkpoint.saved_args(ckpt).get('model')
+        saved = checkpoint.saved_args(ckpt)
+        written_by = saved.get('model')
+        if 'finetune' in saved:  # main_finetune.py's flag: a classifier, which has no decoder
+            raise UsageError(f'{path} is a checkpoint of main_finetune.py ({written_by}), a classifier without a '
+                             f'decoder: reconstructions need a pre-training checkpoint (main_pretrain.py\'s, or a '
+                             f'release with its decoder such as mae_visualize_vit_large.pth)')
         raise UsageError(f'{path} does not say which pre-training model wrote it'
                          f'{f" (its run trained {written_by}, which is not a pre-training model)" if written_by else ""}'
                          f': give --model, e.g. --model mae_vit_large for the official mae_visualize_vit_large.pth')

@@ -168,6 +168,10 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
     torch.save({'model': {}, 'args': {'model': 'vit_tiny_patch8'}}, tmp_path / 'finetuned.pth')
     with pytest.raises(UsageError, match='vit_tiny_patch8, which is not a pre-training model'):
         run_main('visualize', '--checkpoint', tmp_path / 'finetuned.pth', '--output', tmp_path / 'a.png')
+    torch.save({'model': {}, 'args': {'model': 'vit_tiny_patch8', 'finetune': 'x.pth'}}, tmp_path / 'finetuned.pth')
+    with pytest.raises(UsageError, match=r'is a checkpoint of main_finetune.py \(vit_tiny_patch8\), a classifier '
+                                         r'without a decoder: reconstructions need a pre-training checkpoint'):
+        run_main('visualize', '--checkpoint', tmp_path / 'finetuned.pth', '--output', tmp_path / 'a.png')
     # as the command line ends it (util.errors.run_cli): one line on stderr, exit code 2
     import visualize
     argv = ['--checkpoint', str(tmp_path / 'full.pth'), '--model', 'mae_vit_tiny', '--output', str(tmp_path / 'a.jpg')]
