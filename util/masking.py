@@ -87,9 +87,15 @@ class BlockMask:
 
     def __init__(self, grid, num_masking_patches, min_num_patches=4, max_num_patches=None, min_aspect=0.3,
                  max_aspect=None):
-        if not 0 < num_masking_patches <= grid * grid:
-            raise UsageError(f'cannot mask {num_masking_patches} of {grid * grid} patches: give a count between 1 '
-                             f'and the number of patches')
+        coverable = (grid - 1) ** 2  # the blocks stay off the last row and column
+        if not 0 < num_masking_patches <= coverable:
+            raise UsageError(f'cannot mask {num_masking_patches} of {grid * grid} patches with blocks, which cover at '
+                             f'most {coverable} ({grid - 1} x {grid - 1}: as in BEiT\'s code, no block touches the '
+                             f'last row or column): give --mask_count from 1 to {coverable}, or a --mask_ratio up to '
+                             f'{math.floor(coverable / grid ** 2 * 1000) / 1000}')
+        if min_num_patches < 1:
+            raise UsageError(f'a mask block holds at least one patch: give --mask_min_patches 1 or more, got '
+                             f'{min_num_patches}')
         if not min_aspect > 0:
             raise UsageError(f'the smallest aspect ratio of a mask block (--mask_min_aspect) must be positive, '
                              f'got {min_aspect}')
