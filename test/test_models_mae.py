@@ -108,6 +108,18 @@ def test_patchify_unpatchify_round_trip_and_direct_slices():
 # ------------------------------------------------------------------------------------------
 # 2. masking
 # ------------------------------------------------------------------------------------------
+def test_a_ratio_that_leaves_no_patch_visible_is_refused():
+    """int(L * (1 - ratio)) patches stay visible: at least one must (MAE-HiViT's encoder failed on
+    none with a reshape error); the bound given is the largest ratio that keeps one."""
+    from util.masking import UniformNoise
+    for L, largest in ((16, 0.9375), (196, 0.9948)):  # 1 - 1/16; 1 - 1/196 = 0.99490 keeps 0.9996: rounded down
+        assert int(L * (1 - largest)) == 1
+        UniformNoise(L, largest)
+        with pytest.raises(UsageError, match=f'--mask_ratio 0.9999 leaves none of the {L} patches visible: give '
+                                             f'--mask_ratio {largest} or less$'):
+            UniformNoise(L, 0.9999)
+
+
 @pytest.mark.parametrize('mask_ratio', [0.0, 0.25, 0.5, 0.6, 0.75, 0.9])
 def test_mask_count_and_which_patches_are_masked(mask_ratio):
     model = build('small')

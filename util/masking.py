@@ -41,6 +41,9 @@ class UniformNoise:
     def __init__(self, num_patches, mask_ratio=0.75):
         if not 0 <= mask_ratio < 1:
             raise UsageError(f'--mask_ratio must be in [0, 1), got {mask_ratio}')
+        if int(num_patches * (1 - mask_ratio)) < 1:  # the encoder would see nothing (HiViT's cannot even run)
+            raise UsageError(f'--mask_ratio {mask_ratio} leaves none of the {num_patches} patches visible: give '
+                             f'--mask_ratio {math.floor((1 - 1 / num_patches) * 1e4) / 1e4} or less')
         self.num_patches = num_patches
         self.forward_kwargs = {'mask_ratio': mask_ratio}
 
