@@ -145,7 +145,8 @@ def get_args_parser():
                         help=f'RandAugment policy, "none" for none; {recipe_note("aa")}')
     parser.add_argument('--smoothing', type=float, default=None, help='label smoothing; ' + recipe_note('smoothing'))
     parser.add_argument('--reprob', type=float, default=None, help='random erasing probability; ' + recipe_note('reprob'))
-    parser.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
+    parser.add_argument('--remode', type=str, default='pixel', choices=('pixel', 'rand', 'const'),
+                        help='random erasing fills with per-pixel noise, per-area noise or zeros')
     parser.add_argument('--recount', type=int, default=1, help='random erasing count')
     parser.add_argument('--resplit', action='store_true', default=False,
                         help='accepted for compatibility with MAE; has no effect (no augmentation splits)')

@@ -268,6 +268,9 @@ def test_bad_input_is_one_line(small_folder, tmp_path):
     shutil.copytree(os.path.join(small_folder, 'train'), only_train / 'train')
     with pytest.raises(UsageError, match='cannot read the val images'):
         run_finetune(*TINY, '--data_path', only_train, '--output_dir', tmp_path)
+    with pytest.raises(UsageError, match='--aa randaug is not an augmentation policy timm knows: give '
+                                         'rand-m9-mstd0.5-inc1'):  # timm's bare AssertionError
+        run_finetune(*TINY, '--data_path', small_folder, '--aa', 'randaug', '--output_dir', tmp_path)
     # timm's CNNs have no cls token: --linprobe's pooling is named, with the flag that fixes it
     with pytest.raises(UsageError, match='resnet10t has no cls token for --linprobe to classify: give --global_pool'):
         run_finetune('--model', 'resnet10t', '--input_size', 64, '--device', 'cpu', '--data_path', small_folder,

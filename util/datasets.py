@@ -233,10 +233,15 @@ def finetune_transform(args):
     RandAugment when both are given, as mmpretrain's MaskFeat recipe; timm's create_transform would
     drop it), random erasing (--reprob/--remode/--recount)."""
     _use_compatible_posterize()
-    return transforms_imagenet_train(args.input_size, scale=(args.crop_min, 1.0), color_jitter=args.color_jitter,
-                                     force_color_jitter=True, auto_augment=args.aa, interpolation='bicubic',
-                                     re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-                                     mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    try:
+        return transforms_imagenet_train(args.input_size, scale=(args.crop_min, 1.0), color_jitter=args.color_jitter,
+                                         force_color_jitter=True, auto_augment=args.aa, interpolation='bicubic',
+                                         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                                         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    except AssertionError:  # timm asserts on a policy name it does not know ('Unknown AA policy')
+        raise UsageError(f'--aa {args.aa} is not an augmentation policy timm knows: give rand-m9-mstd0.5-inc1 '
+                         f'(RandAugment), augmix-m5-w4-d2 (AugMix), original, v0 or 3a (AutoAugment), '
+                         f'or none') from None
 
 
 def eval_transform(input_size, tensors=False):
