@@ -75,6 +75,19 @@ def test_rates_outside_their_range_are_refused_before_the_run(run, flags, messag
     assert not (tmp_path / 'log.jsonl').exists()
 
 
+def test_a_lower_bound_above_the_peak_lr_is_said(capsys):
+    """DeiT's recipe fixes min lr 1e-5 but scales the peak with the batch: at 8 images the peak is
+    2.5e-4 * 8 / 256 = 7.8e-6, and the cosine would climb from it to the bound."""
+    from util.flags import set_learning_rate
+    args = argparse.Namespace(lr=None, blr=2.5e-4, batch_size=8, accum_iter=1, min_lr=1e-5, min_blr=None,
+                              warmup_lr=None, warmup_blr=0.0, lr_schedule='cosine', warmup_epochs=5)
+    set_learning_rate(args)
+    assert "warning: the lr's lower bound 1.000e-05 is above its peak 7.813e-06" in capsys.readouterr().out
+    args.lr, args.batch_size = None, 64  # 6.25e-5: the bound is below it
+    set_learning_rate(args)
+    assert 'warning' not in capsys.readouterr().out
+
+
 def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
     from util.flags import apply_recipe
     args = argparse.Namespace(epochs=3, warmup_epochs=None, lr=None, clip_grad=None)

@@ -261,3 +261,6 @@ def set_learning_rate(args):
         else f'{args.lr_schedule} down to {args.min_lr:.3e}'
     print(f'effective batch size {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e}); {args.warmup_epochs} '
           f'warm-up epochs from {args.warmup_lr:.3e}, then {after}')
+    if args.lr_schedule != 'step' and args.min_lr > args.lr:  # DeiT's fixed 1e-5 at a small batch, say
+        print(f'warning: the lr\'s lower bound {args.min_lr:.3e} is above its peak {args.lr:.3e}, so after the '
+              f'warm-up the lr rises towards it: give a lower --min_lr (or --min_blr, per 256 images)', flush=True)
