@@ -15,10 +15,12 @@
 #   git clone https://github.com/facebookresearch/mae official/mae
 #   git clone https://github.com/microsoft/SimMIM official/SimMIM
 #   git clone https://github.com/zhangxiaosong18/hivit official/hivit
-# Usage: bash docs/measure_gpu.sh [stage ...]      (LOGS=..., LIMIT=..., PYTHON=... to change)
+# Usage: bash docs/measure_gpu.sh [stage ...]      (LOGS=..., LIMIT=..., PYTHON=..., JPEG_DIR=... to change)
+# On the device tool's machine the logs go to $OUT, which comes back; the JPEGs stay on the machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOGS=${LOGS:-output/gpu_figures}
+LOGS=${LOGS:-${OUT:-output}/gpu_figures}
+JPEG_DIR=${JPEG_DIR:-output/gpu_jpegs}  # 6,400 files: not under $LOGS, which may be copied back
 LIMIT=${LIMIT:-420}
 PYTHON=${PYTHON:-python3}  # the interpreter that holds torch on most GPU images (python may not exist)
 mkdir -p "$LOGS"
@@ -34,8 +36,8 @@ step() {  # stage model [flags]: the training step, against the official code wh
 }
 
 make_jpegs() {  # $JPEGS (6,400) ImageNet-like JPEGs: 500x375, smooth colour fields with texture, quality 90
-    [ -d "$LOGS/jpegs/train" ] && return
-    "$PYTHON" - "$LOGS/jpegs" "${JPEGS:-6400}" <<'EOF'
+    [ -d "$JPEG_DIR/train" ] && return
+    "$PYTHON" - "$JPEG_DIR" "${JPEGS:-6400}" <<'EOF'
 import os, sys
 from multiprocessing import get_context
 import numpy as np
@@ -54,12 +56,13 @@ with get_context('fork').Pool() as pool:  # fork: write() is defined in a script
 EOF
 }
 
-run() {  # stage data_path: a whole MAE ViT-B run
-    local stage=$1 data=$2
-    rm -rf "$LOGS/run_$stage"
+run() {  # stage data_path: a whole MAE ViT-B run (its checkpoints stay on the machine, its logs go to $LOGS)
+    local stage=$1 data=$2 out="output/gpu_runs/$1"
+    rm -rf "$out"
     timeout "$LIMIT" "$PYTHON" main_pretrain.py --model mae_vit_base --data_path "$data" --batch_size 256 --epochs 3 \
-        --warmup_epochs 1 --log_freq 5 --num_workers 16 --device cuda --output_dir "$LOGS/run_$stage" 2>&1 \
+        --warmup_epochs 1 --log_freq 5 --num_workers 16 --device cuda --output_dir "$out" 2>&1 \
         | tee "$LOGS/run_$stage.log" | grep -E 'train.ips|steady-state|compile'
+    cp "$out/log.jsonl" "$LOGS/run_$stage.jsonl" 2>/dev/null || true
 }
 
 stage() {
@@ -70,7 +73,7 @@ stage() {
         maskfeat) step maskfeat maskfeat_vit_base ;;
         mae_hivit) step mae_hivit mae_hivit_base ;;
         vit_finetune) step vit_finetune vit_base_patch16 ;;
-        runs) run synthetic synthetic:6400; make_jpegs && run jpegs "$LOGS/jpegs" ;;
+        runs) run synthetic synthetic:6400; make_jpegs && run jpegs "$JPEG_DIR" ;;
         modes) for mode in default reduce-overhead max-autotune-no-cudagraphs; do
                    timeout "$LIMIT" "$PYTHON" benchmark.py --model mae_vit_base --device cuda --batch_size 256 \
                        --steps 20 --warmup 10 --compile_mode $mode 2>&1 | tee "$LOGS/modes_$mode.log"
