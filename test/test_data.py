@@ -163,6 +163,14 @@ def test_model_lookup_by_official_name_and_alias():
     assert type(official) is type(alias) and official.patch_embed.patch_size == (8, 8)
     with pytest.raises(UsageError, match=r"unknown pre-training model 'mae_vit_larg'.*mae_vit_large"):
         create_pretrain_model('mae_vit_larg')
+    # nothing close: the few pre-training models are all listed, timm's thousand are not
+    from util.registry import create_classifier, pretrain_model_names
+    with pytest.raises(UsageError) as error:
+        create_pretrain_model('zzzz')
+    assert str(error.value) == f"unknown pre-training model 'zzzz' (known: {', '.join(pretrain_model_names())})"
+    with pytest.raises(UsageError, match=r"unknown model 'zzzz' \(none of the \d{4} known is close; "
+                                         r"timm.list_models\('\*vit\*'\) lists"):
+        create_classifier('zzzz')
 
 
 def test_randaugment_posterize_at_top_magnitude_keeps_working():

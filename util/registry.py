@@ -128,7 +128,12 @@ def model_names_by_method(pretraining=True):
 
 def _unknown(kind, name, names):
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
-    hint = f'closest: {", ".join(close)}' if close else f'known: {", ".join(names[:20])}, ...'
+    if close:
+        hint = f'closest: {", ".join(close)}'
+    elif len(names) <= 40:
+        hint = f'known: {", ".join(names)}'
+    else:  # timm's thousand names: the first twenty in the alphabet would say nothing useful
+        hint = f'none of the {len(names)} known is close; timm.list_models(\'*vit*\') lists those with vit in the name'
     return UsageError(f'unknown {kind} {name!r} ({hint})')
 
 
