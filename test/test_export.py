@@ -185,6 +185,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         run_main('export', '--checkpoint', path, '--output', out, '--model', 'mae_vit_tny')
     with pytest.raises(UsageError, match='not a SimMIM checkpoint'):
         run_main('export', '--checkpoint', path, '--output', out, '--model', 'simmim_vit_tiny')
+    with pytest.raises(UsageError, match='does not fit.*; it was written by --model mae_vit_tiny: leave --model out$'):
+        run_main('export', '--checkpoint', path, '--output', out, '--model', 'mae_vit_small')
     assert os.listdir(tmp_path) == [path.name]  # nothing written, no temporary file left
     # as the command line ends it (util.errors.run_cli): one line on stderr, exit code 2, no traceback
     import export

@@ -187,7 +187,13 @@ def export_checkpoint(path, output, model=None):
     if not pretraining and not timm.is_model(name):
         raise _unknown('model', name, pretrain_model_names() + timm.list_models())
     export = pretrained_encoder if pretraining else finetuned_classifier
-    (timm_name, kwargs, num_classes), state, description = export(ckpt, path, name)
+    recorded = pretraining_of(ckpt)[0] or saved_args(ckpt).get('model')
+    try:
+        (timm_name, kwargs, num_classes), state, description = export(ckpt, path, name)
+    except UsageError as e:
+        if model and recorded and recorded != model:  # --model of another size than the run's
+            raise UsageError(f'{e}; it was written by --model {recorded}: leave --model out') from None
+        raise
     call = TimmCall(timm_name, kwargs, overlay_for(timm_name, output, num_classes))
 
     def check(file):
