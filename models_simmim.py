@@ -132,6 +132,9 @@ class SimMIM(nn.Module):
         super().__init__()
         self.encoder = encoder
         stride, in_chans = encoder.stride, encoder.patch_embed.proj.in_channels
+        if self.img_size % stride:  # timm's Swin pads a stage of odd size: the rebuilt image would be larger
+            raise ValueError(f'the image size {self.img_size} must be a multiple of {stride}, the pixels one token '
+                             f'of the encoder\'s last stage covers (the decoder rebuilds blocks of that size)')
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, stride ** 2 * in_chans, kernel_size=1),
             nn.PixelShuffle(stride))

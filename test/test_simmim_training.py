@@ -245,6 +245,10 @@ def test_bad_input_is_one_line(vit_pretraining, tmp_path):
     with pytest.raises(UsageError, match='does not fit a 72-pixel image'):
         run_pretrain('--model', 'simmim_vit_tiny', '--data_path', 'demo', '--input_size', 72, *CPU,
                      '--output_dir', tmp_path)
+    # 80 px: 2.5 tokens of 32 px at Swin's last stage, which timm pads to 3 (the loss met a 96-px rebuild)
+    from util.registry import create_pretrain_model
+    with pytest.raises(UsageError, match='the image size 80 must be a multiple of 32, the pixels one token'):
+        create_pretrain_model('simmim_swin_tiny', img_size=80)
     # a ViT checkpoint into a Swin classifier: one line naming the keys that do not fit
     result = run_script(sys.executable, 'main_finetune.py', '--model', 'swin_tiny_patch4_window4_64', '--data_path', 'demo',
                         '--finetune', vit_pretraining / 'checkpoint-last.pth', *CPU, '--output_dir', tmp_path)
