@@ -99,7 +99,8 @@ def get_args_parser():
                              'beit_base_patch16_224, seresnet50 (default: vit_base_patch16, or the classifier of the '
                              'checkpoint\'s pre-training, e.g. vit_large_patch16 for MAE ViT-L, '
                              'swin_base_patch4_window7_224 for SimMIM Swin-B, or '
-                             'with --eval the model its checkpoint records; fine-tuning vit_large_patch16/'
+                             'with --eval the model its checkpoint records, with its --input_size, pooling and '
+                             'probe head; fine-tuning vit_large_patch16/'
                              'vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, blr 1e-3, layer decay '
                              f'0.75, drop path 0.2/0.3). This project\'s own: {model_names_by_method(pretraining=False)}')
     parser.add_argument('--input_size', default=None, type=int,
@@ -167,10 +168,14 @@ def fill_recipe(args):
     """Set every flag left at None to the recipe of the mode: with --finetune, the fine-tuning
     recipe published with the checkpoint's pre-training (SimMIM's, MaskFeat's, MAE-HiViT's), else
     MAE's; from scratch, the model's own supervised recipe (HiViT's), else DeiT's. returns: the mode."""
+    if args.eval:
+        recorded = classifier_of_checkpoint(checkpoint.resume_path(args.resume, args.output_dir))
+        if args.model in (None, recorded.get('model')):  # its classifier, shaped as it was trained
+            for key, value in recorded.items():
+                if getattr(args, key) is None or (key == 'linprobe' and value):
+                    setattr(args, key, value)
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
     recipe, published, args.recipe_source = dict(RECIPES[mode]), {}, None
-    if args.eval and args.model is None:
-        args.model = model_of_checkpoint(checkpoint.resume_path(args.resume, args.output_dir))
     if mode != 'scratch' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
         source, published = finetune_recipe_of(checkpoint.load(args.finetune, mmap=True))
         if mode == 'linprobe':  # MAE's probe whatever the pre-training, on the classifier of its encoder
@@ -194,16 +199,28 @@ def fill_recipe(args):
     return mode
 
 
-def model_of_checkpoint(path):
-    """The --model a fine-tuning checkpoint of this project records (None for another file, or
-    none), so that --eval --resume needs no --model for it."""
+def flags_text(values):
+    """{'input_size': 32, 'global_pool': False, 'linprobe': False} -> '--input_size 32, --cls_token, no --linprobe'"""
+    def flag(key, value):
+        if key == 'global_pool':
+            return '--global_pool' if value else '--cls_token'
+        return f'--{key}' if value is True else f'no --{key}' if value is False else f'--{key} {value}'
+    return ', '.join(flag(k, v) for k, v in values.items())
+
+
+def classifier_of_checkpoint(path):
+    """The flags that shape the classifier a fine-tuning checkpoint records (--model, --input_size,
+    --global_pool, --linprobe; {} for another file, or none), so that --eval --resume needs none of them."""
     if not path or not os.path.isfile(path):
-        return None  # --eval reports a missing file where it loads it
-    model = checkpoint.saved_args(checkpoint.load(path, mmap=True)).get('model')
+        return {}  # --eval reports a missing file where it loads it
+    saved = checkpoint.saved_args(checkpoint.load(path, mmap=True))
+    model = saved.get('model')
     if model in pretrain_model_names():
         raise UsageError(f'{path!r} is a pre-training checkpoint ({model}) and --eval measures a classifier: '
                          f'fine-tune it first (--finetune {path}), or give a fine-tuned checkpoint')
-    return model if isinstance(model, str) else None
+    if not isinstance(model, str):
+        return {}
+    return {k: saved[k] for k in ('model', 'input_size', 'global_pool', 'linprobe') if saved.get(k) is not None}
 
 
 def check_args(args):
@@ -334,8 +351,12 @@ def run_eval(args, model, loader, device, precision):
     path = checkpoint.resume_path(args.resume, args.output_dir)
     if not path:
         raise UsageError('--eval needs weights: --resume <fine-tuned checkpoint> (or a run in --output_dir)')
-    state = checkpoint.model_state_of(checkpoint.load(path), path)
-    checkpoint.load_weights(model, checkpoint.in_model_layout(model, state, path), path)
+    ckpt = checkpoint.load(path)
+    trained = {k: v for k, v in classifier_of_checkpoint(path).items() if v != getattr(args, k)}
+    advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
+        f'gives them)' if trained else ''
+    state = checkpoint.model_state_of(ckpt, path)
+    checkpoint.load_weights(model, checkpoint.in_model_layout(model, state, path), path, advice=advice)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
     print(f"accuracy of {path} on the {stats['images']} validation images: top-1 {stats['acc1']:.2f}%, "
           f"top-5 {stats['acc5']:.2f}%")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import run_finetune, run_pretrain, run_script, write_broken_files
+from helpers import read_jsonl, run_finetune, run_pretrain, run_script, write_broken_files
 from util import checkpoint
 from util.errors import UsageError, run_cli
 from util.signals import STOP_SIGNALS
@@ -204,12 +204,27 @@ def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_pa
                                      '--output_dir (or remove its checkpoint-last.pth)')
 
 
-def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys):
+def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys, tmp_path):
+    """--eval builds the classifier the checkpoint records: its --model, its --input_size (32 here, where
+    vit_tiny_patch8 is built for 64), and a linear probe's head and cls-token pooling."""
     _, finetuned = demo_finetuning
-    stats = run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--input_size', 32, '--device', 'cpu',
+    stats = run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--device', 'cpu',
                          '--num_workers', 0, '--data_path', 'demo', '--output_dir', '')
     assert 'model vit_tiny_patch8:' in capsys.readouterr().out
-    assert stats['acc1'] > 0
+    assert stats['acc1'] == read_jsonl(finetuned / 'log.txt')[-1]['test_acc1']  # as the run's own evaluation
+    with pytest.raises(UsageError, match=re.escape('; it was trained with --input_size 32: evaluate it so (leave '
+                                                   'these flags out and the checkpoint gives them)')):
+        run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--input_size', 64, '--device', 'cpu',
+                     '--data_path', 'demo', '--output_dir', '')
+    import main_finetune
+    from util.registry import create_classifier
+    probe = create_classifier('vit_tiny_patch8', img_size=32, num_classes=10, global_pool='token')
+    main_finetune.add_probe_head(probe)
+    torch.save({'model': probe.state_dict(), 'args': {'model': 'vit_tiny_patch8', 'input_size': 32,
+                                                      'global_pool': False, 'linprobe': True}}, tmp_path / 'probe.pth')
+    stats = run_finetune('--eval', '--resume', tmp_path / 'probe.pth', '--device', 'cpu', '--num_workers', 0,
+                         '--data_path', 'demo', '--output_dir', '')
+    assert 0 <= stats['acc1'] <= 100
     pretrained = demo_finetuning[0] / checkpoint.LAST  # a pre-training run's: nothing to evaluate yet
     with pytest.raises(UsageError, match=re.escape(f"{str(pretrained)!r} is a pre-training checkpoint (mae_vit_tiny) "
                                                    f"and --eval measures a classifier: fine-tune it first")):

@@ -87,7 +87,7 @@ def test_header_reads_map_a_zip_checkpoint_and_read_an_old_pickle_whole(tmp_path
     asked = []
     real_load = torch.load
     monkeypatch.setattr(torch, 'load', lambda *a, **kw: asked.append(kw.get('mmap')) or real_load(*a, **kw))
-    assert main_finetune.model_of_checkpoint(str(zipped)) == 'vit_tiny_patch8' and asked == [True]
+    assert main_finetune.classifier_of_checkpoint(str(zipped)) == {'model': 'vit_tiny_patch8'} and asked == [True]
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
