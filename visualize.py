@@ -138,7 +138,7 @@ def draw_reconstructions(args):
     panels = reconstruct(model, images.to(device.torch_device), model.mask_generator(settings), args.seed)
     masking = f'mask ratio {settings.mask_ratio}' if settings.mask_ratio is not None else 'masked'
     draw_panels(output, panels, f'{name}: {os.path.basename(args.checkpoint)}, {masking}, seed {args.seed}')
-    print(f'reconstructions of {len(images)} images: {output}')
+    print(f'reconstructions of {len(images)} image{"s" if len(images) > 1 else ""}: {output}')
 
 
 def main(args):
