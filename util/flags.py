@@ -162,7 +162,7 @@ def check_run_args(args):
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f'--max_steps must be at least 1, got {args.max_steps}')
-    for name in ('num_workers', 'save_every_steps', 'max_bad_images'):
+    for name in ('num_workers', 'save_every_steps', 'max_bad_images', 'start_epoch'):
         if getattr(args, name, 0) < 0:
             raise UsageError(f'--{name} must be 0 or more, got {getattr(args, name)}')
     if not 0 <= args.seed < 2 ** 32:  # numpy's generators take no negative seeds, its legacy one none past 32 bits
