@@ -70,6 +70,20 @@ def test_knn_accuracy_counts_the_brute_force_winners():
     assert results['knn10_acc1'] > 60  # clusters one standard deviation wide around 8 random centres
 
 
+def test_a_k_past_the_training_set_takes_all_of_it_and_says_so(capsys):
+    from util.feature_eval import print_results
+    rng = np.random.default_rng(1)
+    bank, queries = torch.tensor(rng.normal(size=(30, 8)), dtype=torch.float32), torch.tensor(rng.normal(size=(9, 8)))
+    results = evaluate_features(bank, torch.tensor(rng.integers(0, 3, 30)), queries.float(),
+                                torch.tensor(rng.integers(0, 3, 9)), 3, ks=(30, 1000), probe=False)
+    for suffix in ('', '_majority'):
+        for name in ('acc1', 'acc5'):
+            assert results[f'knn1000{suffix}_{name}'] == results[f'knn30{suffix}_{name}']
+    print_results(dict(results, train_images=30, feature_dim=8, seconds=0.0), (30, 1000))
+    out = capsys.readouterr().out
+    assert 'k-NN, k=30, majority vote' in out and 'k-NN, k=1000 (all 30 training images), majority vote' in out
+
+
 def logistic_objective(features, labels, weight, bias):
     """scikit-learn's LogisticRegression(C=1) objective divided by N, in float64: the mean
     cross-entropy + |W|^2 / (2 N)."""

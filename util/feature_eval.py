@@ -179,10 +179,12 @@ def print_results(results, ks):
     print(f"frozen features ({results['feature_dim']}-d) of {results['train_images']} training images, "
           f"{results['images']} validation images, {results['seconds']:.1f} s:")
     for k in ks:
+        # a k past the training set takes all of it (knn_votes): the majority is then the commonest class
+        k_text = f'k={k}' if k <= results['train_images'] else f"k={k} (all {results['train_images']} training images)"
         print(f"* Acc@1 {results[f'knn{k}_acc1']:.3f} Acc@5 {results[f'knn{k}_acc5']:.3f}  "
-              f"k-NN, k={k}, votes weighted by exp(cos / {TEMPERATURE})")
+              f"k-NN, {k_text}, votes weighted by exp(cos / {TEMPERATURE})")
         print(f"* Acc@1 {results[f'knn{k}_majority_acc1']:.3f} Acc@5 {results[f'knn{k}_majority_acc5']:.3f}  "
-              f"k-NN, k={k}, majority vote")
+              f"k-NN, {k_text}, majority vote")
     if 'probe_acc1' in results:
         print(f"* Acc@1 {results['probe_acc1']:.3f} Acc@5 {results['probe_acc5']:.3f}  linear probe "
               f"(logistic regression to convergence, training loss {results['probe_loss']:.4f})")
