@@ -180,14 +180,14 @@ def fill_recipe(args):
         source, published = finetune_recipe_of(checkpoint.load(args.finetune, mmap=True))
         if mode == 'linprobe':  # MAE's probe whatever the pre-training, on the classifier of its encoder
             published = {k: v for k, v in published.items() if k == 'model'}
-        if published.keys() - {'model'}:  # MAE's name only the classifier: their recipe is RECIPES['finetune']
+        if own_recipe(published):
             args.recipe_source = f'the fine-tuning recipe published for {source} checkpoints'
     elif mode == 'scratch':
         published = supervised_recipe_of(args.model or recipe['model'])
         if published:
             args.recipe_source = f'the supervised recipe published for {args.model}'
     recipe = merge_recipes(recipe, published)
-    if mode == 'finetune' and not published.keys() - {'model'}:
+    if mode == 'finetune' and not own_recipe(published):
         recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
     apply_recipe(args, recipe)
     if args.input_size is None:
@@ -197,6 +197,12 @@ def fill_recipe(args):
     if args.layer_decay == 1.0:
         args.layer_decay = None
     return mode
+
+
+def own_recipe(published):
+    """Whether a pre-training's fine-tuning entry is a recipe of its own (SimMIM's, MaskFeat's, HiViT's)
+    rather than only the classifier to build (MAE's, whose recipe is RECIPES['finetune'])."""
+    return bool(published.keys() - {'model'})
 
 
 def flags_text(values):
@@ -209,11 +215,16 @@ def flags_text(values):
 
 
 def classifier_of_checkpoint(path):
-    """The flags that shape the classifier a fine-tuning checkpoint records (--model, --input_size,
-    --global_pool, --linprobe; {} for another file, or none), so that --eval --resume needs none of them."""
+    """recorded_classifier of the checkpoint at `path` ({} where there is none), its header read alone."""
     if not path or not os.path.isfile(path):
         return {}  # --eval reports a missing file where it loads it
-    saved = checkpoint.saved_args(checkpoint.load(path, mmap=True))
+    return recorded_classifier(checkpoint.load(path, mmap=True), path)
+
+
+def recorded_classifier(ckpt, path):
+    """The flags that shape the classifier a fine-tuning checkpoint records (--model, --input_size,
+    --global_pool, --linprobe; {} for a file without them), so that --eval --resume needs none of them."""
+    saved = checkpoint.saved_args(ckpt)
     model = saved.get('model')
     if model in pretrain_model_names():
         raise UsageError(f'{path!r} is a pre-training checkpoint ({model}) and --eval measures a classifier: '
@@ -352,7 +363,7 @@ def run_eval(args, model, loader, device, precision):
     if not path:
         raise UsageError('--eval needs weights: --resume <fine-tuned checkpoint> (or a run in --output_dir)')
     ckpt = checkpoint.load(path)
-    trained = {k: v for k, v in classifier_of_checkpoint(path).items() if v != getattr(args, k)}
+    trained = {k: v for k, v in recorded_classifier(ckpt, path).items() if v != getattr(args, k)}
     advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
         f'gives them)' if trained else ''
     state = checkpoint.model_state_of(ckpt, path)

@@ -77,7 +77,7 @@ def load_pretraining_model(args):
     if name is None:
         saved = checkpoint.saved_args(ckpt)
         written_by = saved.get('model')
-        if 'finetune' in saved:  # main_finetune.py's flag: a classifier, which has no decoder
+        if checkpoint.of_finetuning(saved):  # a classifier, which has no decoder
             raise UsageError(f'{path} is a checkpoint of main_finetune.py ({written_by}), a classifier without a '
                              f'decoder: reconstructions need a pre-training checkpoint (main_pretrain.py\'s, or a '
                              f'release with its decoder such as mae_visualize_vit_large.pth)')

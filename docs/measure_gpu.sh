@@ -57,7 +57,7 @@ EOF
 }
 
 run() {  # stage data_path: a whole MAE ViT-B run (its checkpoints stay on the machine, its logs go to $LOGS)
-    local stage=$1 data=$2 out="output/gpu_runs/$1"
+    local stage=$1 data=$2 out="output/gpu_runs/$stage"
     rm -rf "$out"
     timeout "$LIMIT" "$PYTHON" main_pretrain.py --model mae_vit_base --data_path "$data" --batch_size 256 --epochs 3 \
         --warmup_epochs 1 --log_freq 5 --num_workers 16 --device cuda --output_dir "$out" 2>&1 \

@@ -83,7 +83,8 @@ def test_a_lower_bound_above_the_peak_lr_is_said(capsys):
     args = argparse.Namespace(lr=None, blr=2.5e-4, batch_size=8, accum_iter=1, min_lr=1e-5, min_blr=None,
                               warmup_lr=None, warmup_blr=0.0, lr_schedule='cosine', warmup_epochs=5)
     set_learning_rate(args)
-    assert "warning: the lr's lower bound 1.000e-05 is above its peak 7.813e-06" in capsys.readouterr().out
+    peak = 2.5e-4 * 8 / 256
+    assert f"warning: the lr's lower bound 1.000e-05 is above its peak {peak:.3e}" in capsys.readouterr().out
     args.lr, args.batch_size = None, 64  # 6.25e-5: the bound is below it
     set_learning_rate(args)
     assert 'warning' not in capsys.readouterr().out

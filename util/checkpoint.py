@@ -122,6 +122,12 @@ def saved_args(ckpt):
     return args if isinstance(args, dict) else {}
 
 
+def of_finetuning(run_args):
+    """Whether a run's arguments (a dict: a checkpoint's, or vars(args)) are main_finetune.py's, the
+    only entry point with --finetune."""
+    return 'finetune' in run_args
+
+
 def plain_args(args):
     """The run's arguments as a dict of plain values, so that a checkpoint loads as data."""
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
@@ -170,11 +176,12 @@ def check_same_kind_of_run(ckpt, path, args):
     saved = ckpt.get('args') or {}
     if not isinstance(saved, dict) or 'optimizer' not in ckpt:
         return
-    if 'finetune' in saved and not hasattr(args, 'finetune'):  # main_finetune.py's flag: its checkpoint
+    finetuning = of_finetuning(vars(args))
+    if of_finetuning(saved) and not finetuning:
         raise UsageError(f'{path!r} is a checkpoint of main_finetune.py (--model {saved.get("model")}), which '
                          f'pre-training cannot resume: start a new run in another --output_dir (or remove its '
                          f'checkpoint-last.pth)')
-    if 'finetune' not in saved and 'model' in saved and hasattr(args, 'finetune'):
+    if not of_finetuning(saved) and 'model' in saved and finetuning:
         raise UsageError(f'{path!r} is a pre-training checkpoint (--model {saved["model"]}), which fine-tuning '
                          f'cannot resume: start from its weights with --finetune, or use another --output_dir')
     for flag in ('model', 'linprobe'):
@@ -186,7 +193,7 @@ def check_same_kind_of_run(ckpt, path, args):
 def other_run_advice(args):
     """What else to do with a checkpoint of another run: fine-tuning can start from its weights
     (--finetune); pre-training has no such flag, so a new run goes to another folder."""
-    if hasattr(args, 'finetune'):
+    if of_finetuning(vars(args)):
         return ', start from its weights with --finetune, or use another --output_dir'
     return ', or start a new run in another --output_dir (or remove its checkpoint-last.pth)'
 

@@ -179,7 +179,8 @@ def export_checkpoint(path, output, model=None):
     if not output.endswith('.safetensors'):
         raise UsageError(f'--output {output!r} must end in .safetensors (timm reads the format by the suffix)')
     ckpt = load(path)
-    name = model or pretraining_of(ckpt)[0] or saved_args(ckpt).get('model')
+    recorded = pretraining_of(ckpt)[0] or saved_args(ckpt).get('model')
+    name = model or recorded
     if not name:
         raise UsageError(f'{path!r} does not say which model wrote it: pass --model, a pre-training model '
                          f'(mae_vit_base, simmim_swin_base, ...) or the timm classifier it fine-tunes')
@@ -187,7 +188,6 @@ def export_checkpoint(path, output, model=None):
     if not pretraining and not timm.is_model(name):
         raise _unknown('model', name, pretrain_model_names() + timm.list_models())
     export = pretrained_encoder if pretraining else finetuned_classifier
-    recorded = pretraining_of(ckpt)[0] or saved_args(ckpt).get('model')
     try:
         (timm_name, kwargs, num_classes), state, description = export(ckpt, path, name)
     except UsageError as e:

@@ -34,6 +34,11 @@ def pixel_mask(mask, patch_size):
     return mask.float().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
 
 
+def round_down(value, decimals):
+    """`value` cut to `decimals` decimals: a bound printed for the user that still holds."""
+    return math.floor(value * 10 ** decimals) / 10 ** decimals
+
+
 class UniformNoise:
     """MAE's random masking: one uniform value per patch; the model keeps the patches with the
     smallest values, so every subset of int(L * (1 - mask_ratio)) patches is equally likely."""
@@ -43,7 +48,7 @@ class UniformNoise:
             raise UsageError(f'--mask_ratio must be in [0, 1), got {mask_ratio}')
         if int(num_patches * (1 - mask_ratio)) < 1:  # the encoder would see nothing (HiViT's cannot even run)
             raise UsageError(f'--mask_ratio {mask_ratio} leaves none of the {num_patches} patches visible: give '
-                             f'--mask_ratio {math.floor((1 - 1 / num_patches) * 1e4) / 1e4} or less')
+                             f'--mask_ratio {round_down(1 - 1 / num_patches, 4)} or less')
         self.num_patches = num_patches
         self.forward_kwargs = {'mask_ratio': mask_ratio}
 
@@ -95,7 +100,7 @@ class BlockMask:
             raise UsageError(f'cannot mask {num_masking_patches} of {grid * grid} patches with blocks, which cover at '
                              f'most {coverable} ({grid - 1} x {grid - 1}: as in BEiT\'s code, no block touches the '
                              f'last row or column): give --mask_count from 1 to {coverable}, or a --mask_ratio up to '
-                             f'{math.floor(coverable / grid ** 2 * 1000) / 1000}')
+                             f'{round_down(coverable / grid ** 2, 3)}')
         if min_num_patches < 1:
             raise UsageError(f'a mask block holds at least one patch: give --mask_min_patches 1 or more, got '
                              f'{min_num_patches}')
