@@ -112,6 +112,15 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
         f'error: --output_dir {a_file}: cannot write there (File exists): give a folder you can write to']
 
 
+def test_a_log_dir_that_cannot_be_written_is_one_line(tmp_path):
+    """--log_dir (TensorBoard's folder, when it is not --output_dir) is made and tried at start-up."""
+    a_file = tmp_path / 'file'
+    a_file.write_text('')
+    for log_dir in (a_file, a_file / 'below', '/proc/self/tb'):
+        with pytest.raises(UsageError, match=f'--log_dir {log_dir}: cannot write there'):
+            run_pretrain(*TINY, '--max_steps', 1, '--output_dir', tmp_path / 'out', '--log_dir', log_dir)
+
+
 def image_folder_with_loops(root):
     """train/<a, b>/ with 3 images each; a/loop links back to train/ (one loop), b/x and b/x/y
     link to each other's parents (crossing loops)."""

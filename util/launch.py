@@ -10,7 +10,7 @@ from util.determinism import alignment_summary, watch_nondeterministic_kernels
 from util.device import resolve_device
 from util.engine import Progress
 from util.flags import check_run_args
-from util.output_dir import lock_output_dir
+from util.output_dir import lock_output_dir, make_log_dir
 
 
 def start_run(args, deterministic=False):
@@ -34,6 +34,8 @@ def start_run(args, deterministic=False):
     precision = device.resolve_precision(args.precision)
     resolve_compile(args, device.type, deterministic)
     args.log_dir = args.log_dir or args.output_dir
+    if args.log_dir and args.log_dir != args.output_dir and dist.is_main_process():
+        make_log_dir(args.log_dir)
     print(f'device: {device.torch_device} x {world.world_size} processes, precision: {precision}')
     print(json.dumps(vars(args), indent=1))
     return world, device, precision

@@ -1,6 +1,8 @@
 """One run at a time in an --output_dir: a lock held for the life of the process."""
+import contextlib
 import os
 import socket
+import tempfile
 
 from util.errors import UsageError, first_line
 
@@ -18,12 +20,9 @@ def lock_output_dir(output_dir):
     key = os.path.realpath(output_dir)
     if key in _OUTPUT_DIR_LOCKS:
         return
-    try:
+    with folder_errors_as_usage('--output_dir', output_dir):
         os.makedirs(output_dir, exist_ok=True)
         handle = open(os.path.join(output_dir, '.lock'), 'a+')
-    except OSError as e:
-        raise UsageError(f'--output_dir {output_dir}: cannot write there ({e.strerror or first_line(e)}): give a '
-                         f'folder you can write to') from None
     try:
         import fcntl
     except ImportError:  # no flock (Windows): the folder is checked, but not protected
@@ -41,6 +40,25 @@ def lock_output_dir(output_dir):
     handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     handle.flush()
     _OUTPUT_DIR_LOCKS[key] = handle
+
+
+@contextlib.contextmanager
+def folder_errors_as_usage(flag, folder):
+    """An OSError while making or writing `folder` becomes the one line that names the flag."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f'{flag} {folder}: cannot write there ({e.strerror or first_line(e)}): give a '
+                         f'folder you can write to') from None
+
+
+def make_log_dir(log_dir):
+    """Create --log_dir at start-up, so that a path under a file or a read-only one is one line
+    before the model and data are built, not a traceback from TensorBoard's writer."""
+    with folder_errors_as_usage('--log_dir', log_dir):
+        os.makedirs(log_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=log_dir):  # writable, not merely present
+            pass
 
 
 def release_output_dir_locks():
