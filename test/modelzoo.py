@@ -47,6 +47,8 @@ DEFAULT_MODELS = {'pretrain': 'mae_vit_base', 'finetune': 'vit_base_patch16'}
 # supervised recipes of a classifier (HiViT's) say their own.
 MAE_FINETUNE_BATCHES = (32, 1024)
 DEIT_SCRATCH_BATCHES = (64, 1024)
+# an entry point's one-line error, its own ('error: ...') or argparse's ('main_pretrain.py: error: ...')
+ERROR_LINE = re.compile(r'(?:\S+\.py: )?error: (.*)')
 PERFORMANCE_STEPS = 200  # enough for a steady state; the first --log_freq steps are not counted
 PERFORMANCE_LOG_FREQ = 10  # at most; shorter runs log 4 times or more, so that 3 intervals are timed
 # Keys the case reads; any other --key=value goes to the entry point as it is.
@@ -211,8 +213,9 @@ class Case:
                 for line in process.stdout:
                     sys.stdout.write(line)
                     log.write(line)
-                    if line.startswith('error: '):
-                        errors.append(line[len('error: '):].strip())
+                    error = ERROR_LINE.match(line)
+                    if error:
+                        errors.append(error.group(1).strip())
                     exit_codes += [int(code) for code in re.findall(r'exitcode\s*:\s*(-?\d+)', line)]
                 returncode = process.wait()
             finally:

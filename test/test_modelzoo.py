@@ -244,6 +244,15 @@ def test_one_process_runs_the_entry_point_itself_and_a_killed_run_exits_as_a_she
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # ignored only while the run stops by itself
 
 
+def test_a_flag_the_entry_point_refuses_is_named_in_the_scripts_last_line(tmp_path, monkeypatch):
+    case = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo', f'--output_dir={tmp_path}'])
+    refuses = 'import argparse; argparse.ArgumentParser(prog="main_pretrain.py").parse_args(["--foo=1"])'
+    monkeypatch.setattr(case, 'command', lambda: [sys.executable, '-c', refuses])
+    with pytest.raises(modelzoo.CaseError) as error:
+        case.run()
+    assert str(error.value).startswith('training failed (exit status 2): unrecognized arguments: --foo=1; ')
+
+
 def test_a_device_id_picks_the_card_of_a_one_device_case(monkeypatch):
     for name in ('ASCEND_DEVICE_ID', 'CUDA_VISIBLE_DEVICES', 'ASCEND_RT_VISIBLE_DEVICES', 'SDAA_VISIBLE_DEVICES'):
         monkeypatch.delenv(name, raising=False)
