@@ -24,7 +24,7 @@ from util.datasets import DEMO, load_eval_images
 from util.device import resolve_device
 from util.errors import UsageError, run_command
 from util.pictures import reconstruct
-from util.plots import check_plot_path, draw_training_curves
+from util.plots import check_plot_path, draw_training_curves, write_figure
 from util.registry import create_pretrain_model, pretrain_recipe, pretraining_of
 
 # the figure: each panel PANEL_INCHES square, a header for the title and the notes, at DPI
@@ -114,7 +114,7 @@ def draw_panels(path, panels, title):
             axes[row, column].imshow(images[row].permute(1, 2, 0).cpu().numpy(), interpolation='nearest')
             axes[row, column].set_axis_off()
     figure.suptitle('\n'.join([title, *panels.notes]), fontsize=10, y=0.995, va='top', wrap=True)
-    figure.savefig(path, dpi=DPI)
+    write_figure(figure, path)
 
 
 def check_output(path, default):

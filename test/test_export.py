@@ -197,6 +197,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert ended.value.code == 2 and len(lines) == 1 and lines[0].startswith('error: '), lines
 
 
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
+    _, path = pretraining_checkpoint(tmp_path, 'mae_vit_tiny')
+    a_file = tmp_path / 'file'
+    a_file.write_text('')
+    for output, reason in ((a_file / 'x.safetensors', 'File exists'),  # its folder would be a file
+                           ('/proc/self/x.safetensors', 'No such file or directory')):  # not even root writes there
+        with pytest.raises(UsageError, match=f'^cannot write {output} \\({reason}\\): choose another --output$'):
+            run_main('export', '--checkpoint', path, '--output', output)
+
+
 def test_weights_that_do_not_load_into_the_printed_call_are_refused(tmp_path, monkeypatch):
     """The file is loaded with the call before it is put in place: a timm form that does not fit
     (here a wrong one registered for MAE) is one line, and nothing is written."""

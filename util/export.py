@@ -152,9 +152,12 @@ def current_umask():
 def save_safetensors(state, path, check):
     """Write `state` with safetensors to a temporary file beside `path`, call check(temporary
     path), then rename it over `path`: a failed write or check leaves no file behind."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     tmp = f'{path[:-len(".safetensors")]}.tmp-{os.getpid()}.safetensors'  # timm reads files by their suffix
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(tmp, 'wb').close()  # an unwritable folder as the OSError's own words, not the Rust writer's
         # contiguous tensors that share no memory, as safetensors requires
         save_file({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()}, tmp)
         check(tmp)
@@ -162,8 +165,9 @@ def save_safetensors(state, path, check):
         # (safetensors/safetensors#782): weights meant to be shared get the mode of any new file
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except OSError as e:
-        raise UsageError(f'cannot write {path} ({first_line(e)}): choose another --output') from None
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f'cannot write {path} ({getattr(e, "strerror", None) or first_line(e)}): choose another '
+                         f'--output') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -202,6 +206,5 @@ def export_checkpoint(path, output, model=None):
         except (RuntimeError, KeyError, ValueError, TypeError, AssertionError) as e:
             raise UsageError(f'the weights of {path!r} do not load into {call.name} {call.kwargs}: '
                              f'{first_line(e)}') from None
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     save_safetensors(state, output, check)
     return call, description, sum(math.prod(v.shape) for v in state.values())

@@ -98,13 +98,18 @@ def legend_above(ax, columns=1):
     ax.legend(loc='lower right', bbox_to_anchor=(1, 1), ncol=columns, frameon=False, borderaxespad=0.2)
 
 
+def write_figure(fig, path):
+    """fig.savefig at the figure's own dpi; a path that cannot be written is one line (UsageError)."""
+    try:
+        fig.savefig(path, dpi=fig.dpi)
+    except (OSError, ValueError) as e:
+        raise UsageError(f'cannot write the plot {path}: {getattr(e, "strerror", None) or e}') from None
+
+
 def save(fig, path, axes):
     """Write the figure (its format from the extension); returns the panels' pixel boxes
     (left, top, right, bottom) in a raster image written at DPI, top to bottom."""
-    try:
-        fig.savefig(path, dpi=DPI)
-    except (OSError, ValueError) as e:
-        raise UsageError(f'cannot write the plot {path}: {getattr(e, "strerror", None) or e}') from None
+    write_figure(fig, path)
     height = fig.bbox.height
     boxes = []
     for ax in axes:
