@@ -187,6 +187,7 @@ def fill_recipe(args):
         if published:
             args.recipe_source = f'the supervised recipe published for {args.model}'
     recipe = merge_recipes(recipe, published)
+    args.model_by_default = args.model is None and 'model' not in published  # for the advice of a mismatch
     if mode == 'finetune' and not own_recipe(published):
         recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
     apply_recipe(args, recipe)
@@ -300,8 +301,14 @@ def build_model(args, num_classes, resuming):
                              f'the average of its features') from None
         raise
     if args.finetune and not resuming:
-        report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std,
-                                            head_init_bias=args.head_init_bias)
+        try:
+            report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std,
+                                                head_init_bias=args.head_init_bias)
+        except UsageError as e:
+            if not args.model_by_default:
+                raise
+            raise UsageError(f'{e}; the checkpoint does not name its model, so it was built as {args.model} (the '
+                             f'default): give the --model its weights are of') from None
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
         for key in ('missing', 'unexpected', 'dropped', 'resized'):
             if report[key]:

@@ -17,6 +17,7 @@ from PIL import Image
 from helpers import read_jsonl, run_finetune, run_pretrain, run_script, write_broken_files
 from util import checkpoint
 from util.errors import UsageError, run_cli
+from util.registry import create_classifier
 from util.signals import STOP_SIGNALS
 
 TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']
@@ -215,6 +216,22 @@ def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_pa
                                      '--output_dir (or remove its checkpoint-last.pth)')
 
 
+def test_weights_that_name_no_model_and_fit_not_the_default_say_so(tmp_path):
+    """timm's hub weights (a bare safetensors state) name no model: fine-tuning them without --model
+    builds the default classifier, and the mismatch says to give --model."""
+    from safetensors.torch import save_file
+    encoder = create_classifier('vit_tiny_patch8', img_size=64, num_classes=0).state_dict()
+    save_file(encoder, tmp_path / 'model.safetensors')
+    flags = ['--finetune', tmp_path / 'model.safetensors', '--input_size', 64, '--device', 'cpu', '--num_workers', 0,
+             '--data_path', 'demo', '--max_steps', 1, '--epochs', 1, '--warmup_epochs', 0]
+    with pytest.raises(UsageError, match=r"does not fit this model: shapes \[.*\(192,\) vs \(768,\).*; the checkpoint "
+                                         r"does not name its model, so it was built as vit_base_patch16 \(the default\): "
+                                         r"give the --model its weights are of$"):
+        run_finetune(*flags, '--output_dir', tmp_path / 'default')
+    with pytest.raises(UsageError, match=r'vs \(384,\).*checkpoint keys [^;]*$'):  # a --model given: no such advice
+        run_finetune(*flags, '--model', 'vit_small_patch16_224', '--output_dir', tmp_path / 'small')
+
+
 def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys, tmp_path):
     """--eval builds the classifier the checkpoint records: its --model, its --input_size (32 here, where
     vit_tiny_patch8 is built for 64), and a linear probe's head and cls-token pooling."""
@@ -228,7 +245,6 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys, tm
         run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--input_size', 64, '--device', 'cpu',
                      '--data_path', 'demo', '--output_dir', '')
     import main_finetune
-    from util.registry import create_classifier
     probe = create_classifier('vit_tiny_patch8', img_size=32, num_classes=10, global_pool='token')
     main_finetune.add_probe_head(probe)
     torch.save({'model': probe.state_dict(), 'args': {'model': 'vit_tiny_patch8', 'input_size': 32,

@@ -101,6 +101,35 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
         checkpoint.load_pretrained(model, str(tmp_path / 'empty.pth'))
 
 
+def test_weights_in_the_wrappers_other_code_saves_them_in_load_as_the_bare_state(tmp_path):
+    """DeepSpeed/BEiT's 'module', PySlowFast's 'model_state', a DDP model saved with its `module.`
+    prefix and a safetensors file (timm's hub weights, export.py's output) all give the same weights."""
+    from safetensors.torch import save_file
+    mae = models_mae.mae_vit_tiny_patch8(depth=2)
+    expected = mae.state_dict()
+    torch.save({'module': expected, 'epoch': 3}, tmp_path / 'module.pth')
+    torch.save({'model_state': expected}, tmp_path / 'model_state.pth')
+    torch.save({'model': {f'module.{k}': v for k, v in expected.items()}}, tmp_path / 'ddp.pth')
+    save_file({k: v.contiguous() for k, v in expected.items()}, tmp_path / 'weights.safetensors')
+    torch.save(expected, tmp_path / 'model.pt.safetensors.pth')  # its name says nothing: the bytes decide
+    for name in ('module.pth', 'model_state.pth', 'ddp.pth', 'weights.safetensors', 'model.pt.safetensors.pth'):
+        path = str(tmp_path / name)
+        state = checkpoint.model_state_of(checkpoint.load(path), path)
+        assert state.keys() == expected.keys(), name
+        assert all(torch.equal(state[k], v) for k, v in expected.items()), name
+    model = timm.create_model('vit_tiny_patch8', depth=2, num_classes=5, global_pool='token')
+    report = checkpoint.load_pretrained(model, str(tmp_path / 'weights.safetensors'))
+    assert report['missing'] == ['head.bias', 'head.weight']
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, expected['blocks.1.mlp.fc2.weight'])
+    # a safetensors file cut short, a 'model' entry without tensors: one line each
+    (tmp_path / 'cut.safetensors').write_bytes((tmp_path / 'weights.safetensors').read_bytes()[:5000])
+    with pytest.raises(UsageError, match="cannot load '.*cut.safetensors' as a safetensors file"):
+        checkpoint.load(str(tmp_path / 'cut.safetensors'))
+    torch.save({'model': {'epoch': 3}}, tmp_path / 'not_weights.pth')
+    with pytest.raises(UsageError, match='holds no model weights'):
+        checkpoint.load_pretrained(model, str(tmp_path / 'not_weights.pth'))
+
+
 def test_classifiers_by_name():
     from util.registry import create_classifier
     model = create_classifier('vit_tiny_patch8', num_classes=7, drop_path_rate=0.1)

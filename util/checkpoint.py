@@ -56,10 +56,14 @@ def load(path, mmap=False):
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path!r} does not exist')
     with open(path, 'rb') as f:
-        start = f.read(4)
+        start = f.read(9)
+    if is_safetensors(start):
+        return load_safetensors(path)
+    start = start[:4]
     if not start.startswith(CHECKPOINT_STARTS):
-        raise UsageError(f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive or a '
-                         f'pickle): give the .pth file a training run or a release wrote{older_checkpoint_hint(path)}')
+        raise UsageError(f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive, a '
+                         f'pickle or safetensors): give the .pth file a training run or a release wrote'
+                         f'{older_checkpoint_hint(path)}')
     mmap = mmap and start == CHECKPOINT_STARTS[0]
     try:
         return load_as_data(path, mmap=mmap)
@@ -86,6 +90,23 @@ def load_as_data(path, stand_ins=(), mmap=False):
 
 # What a checkpoint file begins with: a zip archive (torch.save since 1.6), or a pickle (older).
 CHECKPOINT_STARTS = (b'PK\x03\x04', b'\x80')
+
+
+def is_safetensors(start):
+    """Whether a file that begins with `start` (9 bytes) is safetensors: the length of a JSON header
+    (8 bytes, little-endian; the format allows 100 MB at most), then the header's opening brace."""
+    return len(start) == 9 and start[8:] == b'{' and int.from_bytes(start[:8], 'little') <= 100_000_000
+
+
+def load_safetensors(path):
+    """A safetensors file (timm's weights on the Hugging Face hub, export.py's files) as a state
+    dict on the CPU; the format holds tensors alone, so it is data by construction."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device='cpu')
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f'cannot load {path!r} as a safetensors file ({first_line(e)}); is it complete?') from None
 
 
 def unloadable(path, error):
@@ -247,16 +268,24 @@ PRETRAIN_ONLY_PREFIXES = ('decoder_', 'mask_token')
 HEAD_PREFIXES = ('head.', 'fc_norm.', 'norm.')
 
 
+# Where checkpoints keep their weights: this project and the official MAE, SimMIM and DeiT code
+# ('model'), timm's and mmpretrain's training scripts ('state_dict'), DeepSpeed and BEiT ('module'),
+# PySlowFast, the official MaskFeat code ('model_state').
+WEIGHT_ENTRIES = ('model', 'state_dict', 'module', 'model_state')
+
+
 def model_state_of(ckpt, path):
-    """The weights inside a checkpoint: {'model': ...} (this project, the official MAE releases),
-    {'state_dict': ...}, or a bare state dict; mmpretrain's layout (backbone.*, neck.*, head.*) comes
-    back in the official one (util/mmpretrain.py)."""
-    state = next((ckpt[key] for key in ('model', 'state_dict')
-                  if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict)), None)
-    if state is None and isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        state = ckpt
-    if state is None:
-        raise UsageError(f'{path!r} holds no model weights (expected a "model" entry or a state dict)')
+    """The weights inside a checkpoint: one of WEIGHT_ENTRIES, or a bare state dict. Keys that all
+    start with `module.` (a DistributedDataParallel wrapper saved as it was) lose the prefix;
+    mmpretrain's layout (backbone.*, neck.*, head.*) comes back in the official one (util/mmpretrain.py)."""
+    is_state = lambda d: isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())  # noqa: E731
+    entries = [ckpt[key] for key in WEIGHT_ENTRIES if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict)]
+    state = entries[0] if entries else ckpt if is_state(ckpt) else None
+    if not is_state(state):
+        raise UsageError(f'{path!r} holds no model weights (expected a state dict of tensors, alone or as its '
+                         f'{", ".join(repr(k) for k in WEIGHT_ENTRIES)} entry)')
+    if all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
     return mmpretrain.official_layout(state) if mmpretrain.is_mmpretrain(state) else state
 
 
