@@ -34,7 +34,8 @@ from timm.utils import ModelEmaV3
 
 from util import checkpoint, dist
 from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build_finetune_train_folder,
-                           build_image_folder, build_loader, eval_transform, number_of_classes)
+                           build_image_folder, build_loader, eval_transform, number_of_classes,
+                           training_classes)
 from util.engine import evaluate, train
 from util.feature_eval import add_knn_k_argument, feature_loaders, frozen_feature_accuracy, print_results
 from util.errors import UsageError, run_command
@@ -406,9 +407,10 @@ def main(args):
         dist.destroy_process_group()
         return results
 
-    train_folder = build_finetune_train_folder(args)
+    train_folder = None if args.eval else build_finetune_train_folder(args)  # --eval reads val/ alone
     val_folder = build_image_folder(args.data_path, 'val', eval_transform(args.input_size))
-    num_classes = number_of_classes(train_folder, val_folder, args.nb_classes)
+    train_classes = training_classes(args.data_path, val_folder) if args.eval else train_folder.classes
+    num_classes = number_of_classes(train_classes, val_folder.classes, args.nb_classes)
     val_loader = build_eval_loader(SeededSamples(val_folder, args.seed), world, args, pin_memory, args.dist_eval)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank

@@ -163,6 +163,10 @@ def test_val_classes_that_differ_from_train_are_refused(small_folder, tmp_path):
     with pytest.raises(UsageError, match='--nb_classes 0 is fewer than the 2 class folders'):
         run_finetune('--model', 'vit_tiny_patch8', '--input_size', 64, '--device', 'cpu', '--num_workers', 0,
                      '--data_path', small_folder, '--nb_classes', 0, '--output_dir', tmp_path / 'out2')
+    # --eval compares val/ with train/'s class folders by name, without reading train/'s images
+    with pytest.raises(UsageError, match=rf"only in train/: \['{renamed}'\], only in val/: \['zebra'\]"):
+        run_finetune('--eval', '--resume', tmp_path / 'missing.pth', '--model', 'vit_tiny_patch8', '--input_size', 64,
+                     '--device', 'cpu', '--num_workers', 0, '--data_path', tmp_path / 'data')
 
 
 def test_pictures_skip_unreadable_images_and_read_huge_jpegs(tmp_path, monkeypatch):
@@ -232,7 +236,7 @@ def test_weights_that_name_no_model_and_fit_not_the_default_say_so(tmp_path):
         run_finetune(*flags, '--model', 'vit_small_patch16_224', '--output_dir', tmp_path / 'small')
 
 
-def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys, tmp_path):
+def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root, capsys, tmp_path):
     """--eval builds the classifier the checkpoint records: its --model, its --input_size (32 here, where
     vit_tiny_patch8 is built for 64), and a linear probe's head and cls-token pooling."""
     _, finetuned = demo_finetuning
@@ -240,6 +244,10 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, capsys, tm
                          '--num_workers', 0, '--data_path', 'demo', '--output_dir', '')
     assert 'model vit_tiny_patch8:' in capsys.readouterr().out
     assert stats['acc1'] == read_jsonl(finetuned / 'log.txt')[-1]['test_acc1']  # as the run's own evaluation
+    # a copy of the validation set alone (no train/) evaluates alike: --eval reads val/ only
+    shutil.copytree(os.path.join(demo_root, 'val'), tmp_path / 'val_only' / 'val')
+    assert run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--device', 'cpu', '--num_workers', 0,
+                        '--data_path', tmp_path / 'val_only', '--output_dir', '')['acc1'] == stats['acc1']
     with pytest.raises(UsageError, match=re.escape('; it was trained with --input_size 32: evaluate it so (leave '
                                                    'these flags out and the checkpoint gives them)')):
         run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--input_size', 64, '--device', 'cpu',

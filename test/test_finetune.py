@@ -266,7 +266,8 @@ def test_bad_input_is_one_line(small_folder, tmp_path):
         run_finetune(*TINY, '--data_path', small_folder, '--nb_classes', 1, '--output_dir', tmp_path)
     only_train = tmp_path / 'only_train'
     shutil.copytree(os.path.join(small_folder, 'train'), only_train / 'train')
-    with pytest.raises(UsageError, match='cannot read the val images'):
+    with pytest.raises(UsageError, match=r"only_train' has no val/ folder: give the root of an ImageFolder data set "
+                                         r"\(val/<class>/<image>\)"):
         run_finetune(*TINY, '--data_path', only_train, '--output_dir', tmp_path)
     with pytest.raises(UsageError, match='--aa randaug is not an augmentation policy timm knows: give '
                                          'rand-m9-mstd0.5-inc1'):  # timm's bare AssertionError

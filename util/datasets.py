@@ -42,14 +42,14 @@ SYNTHETIC = 'synthetic'  # --data_path synthetic[:N]: images made per sample, no
 INPUT_PIPELINES = ('tensor', 'pil', 'nvjpeg')
 
 
-def resolve_data_root(data_path):
-    """The directory holding `train/` (and `val/`): `demo` is the built-in set, generated on
-    first use; anything else must be an ImageFolder root such as ImageNet's."""
+def resolve_data_root(data_path, split='train'):
+    """The directory holding `train/` and `val/`: `demo` is the built-in set, generated on first
+    use; anything else must be an ImageFolder root such as ImageNet's, with the `split` asked for."""
     if data_path == DEMO:
         return demo_data.ensure_demo_dataset()
-    if not os.path.isdir(os.path.join(data_path, 'train')):
-        raise UsageError(f'--data_path {data_path!r} has no train/ folder: give the root of an ImageFolder '
-                         f'data set (train/<class>/<image>), or --data_path demo for the built-in set '
+    if not os.path.isdir(os.path.join(data_path, split)):
+        raise UsageError(f'--data_path {data_path!r} has no {split}/ folder: give the root of an ImageFolder '
+                         f'data set ({split}/<class>/<image>), or --data_path demo for the built-in set '
                          f'(synthetic for generated images, to measure a device without a disk)')
     return data_path
 
@@ -353,23 +353,36 @@ def build_image_folder(data_path, split, transform, loader=load_rgb):
     SyntheticImages, in the form `loader` gives."""
     if is_synthetic(data_path):
         return SyntheticImages(split, synthetic_size(data_path, split), transform, tensors=loader is not load_rgb)
-    root = os.path.join(resolve_data_root(data_path), split)
+    root = os.path.join(resolve_data_root(data_path, split), split)
     try:
         return ImageFolderWithoutLoops(root, transform=transform, loader=loader)
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f'cannot read the {split} images under {root!r}: {e}') from None
 
 
-def number_of_classes(train_folder, val_folder, nb_classes):
+def training_classes(data_path, val_folder):
+    """The class folders of train/, by name alone (ImageNet's 1.28 M files are not listed), for
+    an evaluation that reads val/ only; val/'s own when there is no train/ (a copy of the
+    validation set alone)."""
+    root = os.path.join(resolve_data_root(data_path, 'val'), 'train')
+    if is_synthetic(data_path) or not os.path.isdir(root):
+        return val_folder.classes
+    try:
+        return ImageFolderWithoutLoops.find_classes(root)[0]
+    except (FileNotFoundError, OSError) as e:
+        raise UsageError(f'cannot read the class folders of {root!r}: {e}') from None
+
+
+def number_of_classes(train_classes, val_classes, nb_classes):
     """The number of classes (--nb_classes, else train/'s class folders); val/ must hold the same
     classes as train/, or its labels would mean other classes than the model's outputs."""
-    num_classes = len(train_folder.classes) if nb_classes is None else nb_classes
-    if num_classes < len(train_folder.classes):
-        raise UsageError(f'--nb_classes {num_classes} is fewer than the {len(train_folder.classes)} class '
+    num_classes = len(train_classes) if nb_classes is None else nb_classes
+    if num_classes < len(train_classes):
+        raise UsageError(f'--nb_classes {num_classes} is fewer than the {len(train_classes)} class '
                          f'folders of the training data')
-    if val_folder.classes != train_folder.classes:
-        only_train = sorted(set(train_folder.classes) - set(val_folder.classes))
-        only_val = sorted(set(val_folder.classes) - set(train_folder.classes))
+    if val_classes != train_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
         raise UsageError(f'val/ and train/ hold different class folders (only in train/: {only_train[:5]}, only in '
                          f'val/: {only_val[:5]}): the labels would not match; give val/ the class folders of '
                          f'train/ (an empty one is refused too)')

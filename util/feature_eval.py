@@ -58,7 +58,7 @@ def feature_loaders(args, world, pin_memory):
                                  persistent=False)
                for split in ('train', 'val')]
     folders = [loader.dataset.dataset for loader in loaders]
-    return (*loaders, number_of_classes(*folders, getattr(args, 'nb_classes', None)))
+    return (*loaders, number_of_classes(*(f.classes for f in folders), getattr(args, 'nb_classes', None)))
 
 
 @torch.no_grad()
