@@ -142,4 +142,6 @@ def test_errors_are_one_line_usage_errors(tmp_path):
         plots.draw_training_curves(str(tmp_path / 'curves.xyz'), [str(tmp_path / 'missing')])
     with pytest.raises(UsageError, match='does not exist'):
         plots.draw_training_curves(str(tmp_path / 'no' / 'curves.png'), [str(tmp_path / 'missing')])
+    with pytest.raises(UsageError, match='run1/log.jsonl is a file, not a folder$'):
+        plots.draw_training_curves(str(run / 'log.jsonl' / 'curves.png'), [str(tmp_path / 'missing')])
     assert not (tmp_path / 'curves.png').exists()

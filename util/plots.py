@@ -45,7 +45,8 @@ def check_plot_path(path):
                          f'{"." + extension if extension else "(none)"}; use .png, .jpg, .pdf or .svg')
     folder = os.path.dirname(path)
     if folder and not os.path.isdir(folder):
-        raise UsageError(f'cannot write the plot {path}: the folder {folder} does not exist')
+        raise UsageError(f'cannot write the plot {path}: {folder} is a file, not a folder' if os.path.exists(folder)
+                         else f'cannot write the plot {path}: the folder {folder} does not exist')
 
 
 def smooth(values, k):
