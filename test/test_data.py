@@ -63,6 +63,17 @@ def test_demo_generation_is_safe_to_race(tmp_path):
     assert count == len(demo_data.CLASSES) * sum(demo_data.SPLITS.values())
 
 
+def test_a_demo_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    a_file = tmp_path / 'file'
+    a_file.write_text('')
+    for root, reason in ((a_file / 'demo', 'File exists'), ('/proc/self/demo', 'No such file or directory')):
+        monkeypatch.setenv('MIM_DEMO_DIR', str(root))
+        with pytest.raises(UsageError, match=f'^cannot write the demo data set in {root} \\({reason}\\): set '
+                                             f'\\$MIM_DEMO_DIR to a folder you can write to$'):
+            build_image_folder('demo', 'train', None)
+    assert os.listdir(tmp_path) == ['file']
+
+
 def seeded_dataset(demo_root, seed=0):
     folder = build_image_folder('demo', 'train', pretrain_transform(32))
     return SeededSamples(folder, seed, mask_generator=UniformNoise(16))

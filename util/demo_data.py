@@ -17,6 +17,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from util.errors import UsageError
+
 CLASSES = ('disk', 'square', 'triangle', 'ring', 'cross', 'star', 'bar', 'checkerboard', 'stripes',
            'two_disks')
 IMAGE_SIZE = 64
@@ -146,15 +148,23 @@ def ensure_demo_dataset(root=None):
         return root
     print(f'generating the demo data set in {root} (once; a few seconds)', flush=True)
     parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.demo-', dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix='.demo-', dir=parent)
+    except OSError as e:
+        raise cannot_write(root, e) from None
     try:
         for split_seed, (split, per_class) in enumerate(SPLITS.items()):
             _write_split(tmp, split, per_class, split_seed)
         os.rename(tmp, root)
-    except OSError:
+    except OSError as e:
         if not os.path.isdir(os.path.join(root, 'val')):  # not another process that won the race
-            raise
+            raise cannot_write(root, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def cannot_write(root, error):
+    return UsageError(f'cannot write the demo data set in {root} ({error.strerror or error}): set $MIM_DEMO_DIR to a '
+                      f'folder you can write to')
