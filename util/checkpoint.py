@@ -274,14 +274,17 @@ HEAD_PREFIXES = ('head.', 'fc_norm.', 'norm.')
 WEIGHT_ENTRIES = ('model', 'state_dict', 'module', 'model_state')
 
 
+def is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def model_state_of(ckpt, path):
     """The weights inside a checkpoint: one of WEIGHT_ENTRIES, or a bare state dict. Keys that all
     start with `module.` (a DistributedDataParallel wrapper saved as it was) lose the prefix;
     mmpretrain's layout (backbone.*, neck.*, head.*) comes back in the official one (util/mmpretrain.py)."""
-    is_state = lambda d: isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())  # noqa: E731
     entries = [ckpt[key] for key in WEIGHT_ENTRIES if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict)]
-    state = entries[0] if entries else ckpt if is_state(ckpt) else None
-    if not is_state(state):
+    state = entries[0] if entries else ckpt
+    if not is_state_dict(state):
         raise UsageError(f'{path!r} holds no model weights (expected a state dict of tensors, alone or as its '
                          f'{", ".join(repr(k) for k in WEIGHT_ENTRIES)} entry)')
     if all(k.startswith('module.') for k in state):
