@@ -182,6 +182,16 @@ def test_model_lookup_by_official_name_and_alias():
     with pytest.raises(UsageError, match=r"unknown model 'zzzz' \(none of the \d{4} known is close; "
                                          r"timm.list_models\('\*vit\*'\) lists"):
         create_classifier('zzzz')
+    # a model of the other entry point is named as such, with where it goes
+    with pytest.raises(UsageError, match=r'^mae_vit_large is a pre-training model, for main_pretrain.py: its checkpoints '
+                                         r'fine-tune as --model vit_large_patch16 --finetune <checkpoint>$'):
+        create_classifier('mae_vit_large')
+    with pytest.raises(UsageError, match=r'^simmim_swin_base is a pre-training model.* --model '
+                                         r'swin_base_patch4_window7_224 --finetune'):
+        create_classifier('simmim_swin_base')
+    with pytest.raises(UsageError, match=r'^hivit_base is a classifier, for main_finetune.py \(closest pre-training '
+                                         r'models: mae_hivit_base, '):
+        create_pretrain_model('hivit_base')
 
 
 def test_randaugment_posterize_at_top_magnitude_keeps_working():

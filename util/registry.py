@@ -40,9 +40,9 @@ def register_pretrain_model(*aliases, recipes=()):
 def pretrain_recipe(name, epochs=None):
     """The published recipe of a pre-training model: the one of `epochs` epochs when there is
     one, else the default one (a copy; {} for a model without a recipe or an unknown name)."""
-    names = pretrain_model_names()
+    import_model_files()
     if name not in _RECIPES:
-        raise _unknown('pre-training model', name, names)
+        raise _unknown_pretrain_model(name)
     recipes = _RECIPES[name]
     chosen = next((r for r in recipes if r.get('epochs') == epochs), recipes[0] if recipes else {})
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in chosen.items()}
@@ -126,15 +126,26 @@ def model_names_by_method(pretraining=True):
     return '; '.join(f'{MODEL_FILES[m]}: {", ".join(names)}' for m, names in by_file.items() if names)
 
 
+def _unknown_pretrain_model(name):
+    import timm
+    names = pretrain_model_names()
+    if timm.is_model(name):  # a classifier given to main_pretrain.py
+        return UsageError(f'{name} is a classifier, for main_finetune.py ({_hint(name, names, " pre-training models")})')
+    return _unknown('pre-training model', name, names)
+
+
 def _unknown(kind, name, names):
+    return UsageError(f'unknown {kind} {name!r} ({_hint(name, names)})')
+
+
+def _hint(name, names, kind=''):
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
     if close:
-        hint = f'closest: {", ".join(close)}'
-    elif len(names) <= 40:
-        hint = f'known: {", ".join(names)}'
-    else:  # timm's thousand names: the first twenty in the alphabet would say nothing useful
-        hint = f'none of the {len(names)} known is close; timm.list_models(\'*vit*\') lists those with vit in the name'
-    return UsageError(f'unknown {kind} {name!r} ({hint})')
+        return f'closest{kind}: {", ".join(close)}'
+    if len(names) <= 40:
+        return f'known{kind}: {", ".join(names)}'
+    # timm's thousand names: the first twenty in the alphabet would say nothing useful
+    return f'none of the {len(names)} known is close; timm.list_models(\'*vit*\') lists those with vit in the name'
 
 
 def native_input_size(name):
@@ -154,6 +165,10 @@ def create_classifier(name, img_size=None, **kwargs):
     """
     import timm
     import_model_files()
+    if name in _PRETRAIN_MODELS:
+        classifier = pretrain_recipe(name).get('finetune', {}).get('model')
+        raise UsageError(f'{name} is a pre-training model, for main_pretrain.py: its checkpoints fine-tune as '
+                         f'--model {classifier} --finetune <checkpoint>')
     if not timm.is_model(name):
         raise _unknown('model', name, timm.list_models())
     sized = {**kwargs, 'img_size': img_size} if img_size is not None else kwargs
@@ -170,9 +185,9 @@ def create_classifier(name, img_size=None, **kwargs):
 
 def create_pretrain_model(name, **kwargs):
     """Build a pre-training model (forward returns (loss, pred, mask)) by name."""
-    names = pretrain_model_names()
+    import_model_files()
     if name not in _PRETRAIN_MODELS:
-        raise _unknown('pre-training model', name, names)
+        raise _unknown_pretrain_model(name)
     try:
         return _PRETRAIN_MODELS[name](**kwargs)
     except (TypeError, ValueError) as e:  # e.g. an image size the patch size does not divide
