@@ -3,6 +3,7 @@ correctly): impossible rates and sizes, an output folder that cannot be written,
 symlink loops or mismatched classes, unreadable or huge images for the pictures, checkpoints
 that are not checkpoints, and messages that advise what the entry point offers."""
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -291,7 +292,7 @@ def raise_error(error):
     raise error
 
 
-def test_out_of_memory_is_one_line_that_says_what_to_lower(capsys):
+def test_out_of_memory_and_a_full_disk_are_one_line_that_says_what_to_do(capsys):
     """A batch or an image size too large for the device: one line with torch's figure, exit 2. A
     pebibyte, which no allocator grants, stands for the CPU's refusal; CUDA's and a data-loader
     worker's (re-raised by the loader with the worker's traceback) are torch's texts of them."""
@@ -312,6 +313,21 @@ def test_out_of_memory_is_one_line_that_says_what_to_lower(capsys):
             assert capsys.readouterr().err == f'error: out of memory allocating {size}: {advice}'
         with pytest.raises(RuntimeError, match='a bug'):  # any other error keeps its traceback
             run_cli(raise_error, RuntimeError('a bug'))
+        # a full disk (Linux's /dev/full refuses every write so) or a used-up quota: one line, exit 2
+        def write_to_full_disk():
+            with open('/dev/full', 'w') as f:
+                f.write('{"loss": 0.5}\n')
+        quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), 'out/log.jsonl')
+        for run, where in [(write_to_full_disk, ''), (lambda: raise_error(quota), ' writing out/log.jsonl')]:
+            with pytest.raises(SystemExit) as ended:
+                run_cli(run)
+            assert ended.value.code == 2
+            strerror = os.strerror(errno.ENOSPC if run is write_to_full_disk else errno.EDQUOT)
+            assert capsys.readouterr().err == (
+                f'error: {strerror}{where}: free disk space or write elsewhere (another --output_dir); the checkpoints '
+                f'already written are whole, each written to a temporary file and then renamed\n')
+        with pytest.raises(FileNotFoundError):  # another OSError keeps its traceback
+            run_cli(open, '/nonexistent/file')
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

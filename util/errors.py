@@ -1,5 +1,6 @@
 """Errors that are the user's to fix: printed as one line, never as a traceback."""
 import atexit
+import errno
 import gc
 import re
 import sys
@@ -36,12 +37,22 @@ def run_cli(main, *args):
     except RunEnded as e:
         print(f'error: {usage_message(e)}', file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-    except (RuntimeError, MemoryError) as e:
-        message = out_of_memory_message(e)
+    except (RuntimeError, MemoryError, OSError) as e:
+        message = disk_full_message(e) if isinstance(e, OSError) else out_of_memory_message(e)
         if message is None:
             raise
         print(f'error: {message}', file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
+
+
+def disk_full_message(error):
+    """One line for a write that found the disk full or the quota used up (a log line, a picture,
+    an exported file; a checkpoint's write has its own line); None for any other OSError."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f' writing {error.filename}' if error.filename else ''
+    return (f'{error.strerror}{where}: free disk space or write elsewhere (another --output_dir); the checkpoints '
+            f'already written are whole, each written to a temporary file and then renamed')
 
 
 def out_of_memory_message(error):
