@@ -182,6 +182,11 @@ def test_model_lookup_by_official_name_and_alias():
     with pytest.raises(UsageError, match=r"unknown model 'zzzz' \(none of the \d{4} known is close; "
                                          r"timm.list_models\('\*vit\*'\) lists"):
         create_classifier('zzzz')
+    # an image smaller than one patch: timm builds a ViT with no patch, which fails on any image
+    with pytest.raises(UsageError, match=r'^cannot build vit_tiny_patch8 at 4 px: the image is smaller than one patch '
+                                         r'\(8 px\)$'):
+        create_classifier('vit_tiny_patch8', img_size=4, num_classes=10)
+    assert create_classifier('vit_tiny_patch8', img_size=8, num_classes=10)(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
     # a model of the other entry point is named as such, with where it goes
     with pytest.raises(UsageError, match=r'^mae_vit_large is a pre-training model, for main_pretrain.py: its checkpoints '
                                          r'fine-tune as --model vit_large_patch16 --finetune <checkpoint>$'):

@@ -174,13 +174,18 @@ def create_classifier(name, img_size=None, **kwargs):
     sized = {**kwargs, 'img_size': img_size} if img_size is not None else kwargs
     try:
         try:
-            return timm.create_model(name, **sized)
+            model = timm.create_model(name, **sized)
         except TypeError as e:
             if 'img_size' not in str(e) or sized is kwargs:
                 raise
-            return timm.create_model(name, **kwargs)
+            model = timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise UsageError(f'cannot build {name} with {sized}: {first_line(e)}') from None
+    grid = getattr(getattr(model, 'patch_embed', None), 'grid_size', None)
+    if grid is not None and min(grid) < 1:  # timm builds it, and its first convolution fails on any image
+        raise UsageError(f'cannot build {name} at {img_size} px: the image is smaller than one patch '
+                         f'({model.patch_embed.patch_size[0]} px)')
+    return model
 
 
 def create_pretrain_model(name, **kwargs):
