@@ -29,6 +29,7 @@ import time
 from functools import partial
 from types import SimpleNamespace
 
+import timm
 import torch
 from torchvision.datasets.folder import pil_loader
 
@@ -344,6 +345,9 @@ def pipeline_dataset(args):
         return dataset, MixupCollate(mixup) if mixup else None, \
             f'main_finetune ({ft.model}, {ft.input_size} px, RandAugment {ft.aa}, random erasing {ft.reprob})', ft
     extra = ['--input_pipeline', args.input_pipeline] if args.input_pipeline else []
+    if args.model and args.model not in pretrain_model_names() and timm.is_model(args.model):
+        raise UsageError(f'--model {args.model} is a classifier: time main_finetune\'s pipeline with '
+                         f'--finetune_pipeline')
     pre = training_args(main_pretrain, args.model or 'mae_vit_base', args.data_path, args.input_size, extra)
     masks = create_pretrain_model(pre.model, img_size=pre.input_size).mask_generator(pre)
     dataset = build_pretrain_dataset(pre, masks, bad_images)
@@ -378,13 +382,15 @@ def images_per_second_loader(dataset, collate_fn, train_args, args, device=None)
     pipeline decodes them there). returns: (images/s, images timed)"""
     train_args.batch_size = args.batch_size or 64
     train_args.num_workers, train_args.accum_iter = args.num_workers, 1
+    ready_early = 1 + args.num_workers * 2  # the first batch, and each worker's prefetch_factor (2) more
+    full_batches = len(dataset) // train_args.batch_size
+    if full_batches < ready_early + 2:  # checked before build_loader, whose advice (--accum_iter) is training's
+        raise UsageError(f'the data set makes {full_batches} batches of {train_args.batch_size}, too few to time '
+                         f'after the {ready_early} the workers have ready at the start: lower --batch_size or '
+                         f'--num_workers')
     loader = build_loader(dataset, SimpleNamespace(world_size=1, rank=0), train_args,
                           pin_memory=device is not None and device.type != 'cpu', collate_fn=collate_fn)
     loader.sampler.set_epoch(0)
-    ready_early = 1 + args.num_workers * (loader.prefetch_factor or 0)
-    if len(loader) < ready_early + 2:
-        raise UsageError(f'the data set makes {len(loader)} batches of {train_args.batch_size}, too few to time after '
-                         f'the {ready_early} the workers have ready at the start: lower --batch_size or --num_workers')
 
     def put(batch):
         if device is not None:

@@ -155,6 +155,16 @@ def test_benchmark_loader_mode_times_the_entry_points_pipelines(demo_root, capsy
     out = capsys.readouterr().out
     assert 'main_finetune (vit_tiny_patch8, 64 px, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25)' in out
     assert '64 images in synthetic:64' in out
+    # too few batches to time: the benchmark's own advice, not training's (--accum_iter is no flag of it)
+    from util.errors import UsageError
+    with pytest.raises(UsageError, match=r'^the data set makes 2 batches of 32, too few to time after the 3 the '
+                                         r'workers have ready at the start: lower --batch_size or --num_workers$'):
+        benchmark.main(benchmark.get_args_parser().parse_args(
+            ['--data_path', 'synthetic:64', '--model', 'mae_vit_tiny', '--num_workers', '1', '--images', '4',
+             '--batch_size', '32']))
+    with pytest.raises(UsageError, match=r"^--model vit_tiny_patch8 is a classifier: time main_finetune's pipeline "
+                                         r"with --finetune_pipeline$"):
+        benchmark.main(benchmark.get_args_parser().parse_args(['--data_path', 'synthetic:64', '--model', 'vit_tiny_patch8']))
 
 
 def test_synthetic_images_are_made_from_the_index():
