@@ -28,6 +28,7 @@ import time
 from functools import partial
 
 import torch
+import timm
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -178,7 +179,11 @@ def fill_recipe(args):
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
     recipe, published, args.recipe_source = dict(RECIPES[mode]), {}, None
     if mode != 'scratch' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
-        source, published = finetune_recipe_of(checkpoint.load(args.finetune, mmap=True))
+        ckpt = checkpoint.load(args.finetune, mmap=True)
+        source, published = finetune_recipe_of(ckpt)
+        if source is None:  # a fine-tuned classifier, trained on (or its features measured): the one it records
+            model = recorded_classifier(ckpt, args.finetune).get('model')
+            published = {'model': model} if model and timm.is_model(model) else {}
         if mode == 'linprobe':  # MAE's probe whatever the pre-training, on the classifier of its encoder
             published = {k: v for k, v in published.items() if k == 'model'}
         if own_recipe(published):
@@ -308,7 +313,7 @@ def build_model(args, num_classes, resuming):
         except UsageError as e:
             if not args.model_by_default:
                 raise
-            raise UsageError(f'{e}; the checkpoint does not name its model, so it was built as {args.model} (the '
+            raise UsageError(f'{e}; the checkpoint names no model timm knows, so it was built as {args.model} (the '
                              f'default): give the --model its weights are of') from None
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
         for key in ('missing', 'unexpected', 'dropped', 'resized'):

@@ -230,7 +230,7 @@ def test_weights_that_name_no_model_and_fit_not_the_default_say_so(tmp_path):
     flags = ['--finetune', tmp_path / 'model.safetensors', '--input_size', 64, '--device', 'cpu', '--num_workers', 0,
              '--data_path', 'demo', '--max_steps', 1, '--epochs', 1, '--warmup_epochs', 0]
     with pytest.raises(UsageError, match=r"does not fit this model: shapes \[.*\(192,\) vs \(768,\).*; the checkpoint "
-                                         r"does not name its model, so it was built as vit_base_patch16 \(the default\): "
+                                         r"names no model timm knows, so it was built as vit_base_patch16 \(the default\): "
                                          r"give the --model its weights are of$"):
         run_finetune(*flags, '--output_dir', tmp_path / 'default')
     with pytest.raises(UsageError, match=r'vs \(384,\).*checkpoint keys [^;]*$'):  # a --model given: no such advice

@@ -84,6 +84,14 @@ def test_without_model_the_checkpoints_encoder_picks_the_classifier(tmp_path):
     _, a = parse('--finetune', tmp_path / 'mae_vit_large.pth')
     assert (a.epochs, a.blr, a.layer_decay, a.drop_path) == (50, 1e-3, 0.75, 0.2)
     assert parse('--finetune', tmp_path / 'mae_vit_tiny.pth')[1].input_size == 64
+    # a fine-tuning run's checkpoint, trained on (or probed): the classifier it records, with MAE's recipe
+    torch.save({'model': {}, 'args': {'model': 'swin_tiny_patch4_window7_224', 'finetune': 'x.pth'}},
+               tmp_path / 'finetuned.pth')
+    _, a = parse('--finetune', tmp_path / 'finetuned.pth')
+    assert (a.model, a.input_size, a.recipe_source) == ('swin_tiny_patch4_window7_224', 224, None)
+    assert parse('--finetune', tmp_path / 'finetuned.pth', '--model', 'vit_tiny_patch8')[1].model == 'vit_tiny_patch8'
+    torch.save({'model': {}, 'args': {'model': 'another_repos_vit', 'finetune': 'x.pth'}}, tmp_path / 'foreign.pth')
+    assert parse('--finetune', tmp_path / 'foreign.pth')[1].model == 'vit_base_patch16'  # a name timm does not know
 
 
 def test_crop_min_bounds_the_random_crop():
