@@ -440,7 +440,7 @@ def main(args):
     optimizer = build_optimizer(args, model, device)
     scaler = device.grad_scaler(precision)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler, ema=ema)
+    start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler, len(dataset), ema=ema)
 
     loss_fn = partial(classification_loss, criterion=build_criterion(args))
     # counted before compile_and_wrap: --grad_ckpt's recomputation is not model FLOPs

@@ -192,7 +192,7 @@ def main(args):
     set_learning_rate(args)
     optimizer = build_adamw(param_groups(model, args.weight_decay), args.lr, tuple(args.opt_betas), device)
     scaler = device.grad_scaler(precision)
-    start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler)
+    start_epoch, start_iter, progress = resume_training(args, model, optimizer, scaler, len(dataset))
 
     loss_fn = partial(mim_loss, forward_kwargs=mask_generator.forward_kwargs)
     # counted before compile_and_wrap: --grad_ckpt's recomputation is not model FLOPs

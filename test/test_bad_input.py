@@ -221,6 +221,19 @@ def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_pa
                                      '--output_dir (or remove its checkpoint-last.pth)')
 
 
+
+def test_resuming_over_another_number_of_images_says_so(tmp_path, small_folder, capsys):
+    """A copy of the data cut short (or another split) resumes, with a warning: the checkpoint records the
+    size of the data set it trained on (the demo's 10 classes x 200 images)."""
+    flags = ['--batch_size', 8, '--epochs', 2, '--warmup_epochs', 0, '--output_dir', tmp_path, *TINY[:-1]]
+    run_pretrain(*flags, 'demo', '--max_steps', 1)
+    assert checkpoint.load(str(tmp_path / checkpoint.LAST))['args']['train_images'] == 2000
+    capsys.readouterr()
+    run_pretrain(*flags, small_folder, '--max_steps', 2)
+    assert (f'warning: {tmp_path / checkpoint.LAST} was written by a run over 2,000 training images, and --data_path '
+            f'now holds 64: the epochs change length (is it the same data set, copied whole?)') in capsys.readouterr().out
+
+
 def test_weights_that_name_no_model_and_fit_not_the_default_say_so(tmp_path):
     """timm's hub weights (a bare safetensors state) name no model: fine-tuning them without --model
     builds the default classifier, and the mismatch says to give --model."""

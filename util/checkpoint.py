@@ -209,6 +209,10 @@ def check_same_kind_of_run(ckpt, path, args):
         if flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
             raise UsageError(f'{path!r} was written by a run with --{flag} {saved[flag]}, this run has '
                              f'{getattr(args, flag)}: resume it with the same flags{other_run_advice(args)}')
+    before, now = saved.get('train_images'), getattr(args, 'train_images', None)
+    if before and now and before != now:  # a copy of the data cut short, another split: allowed, but said
+        print(f'warning: {path} was written by a run over {before:,} training images, and --data_path now holds '
+              f'{now:,}: the epochs change length (is it the same data set, copied whole?)')
 
 
 def other_run_advice(args):

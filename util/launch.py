@@ -41,11 +41,14 @@ def start_run(args, deterministic=False):
     return world, device, precision
 
 
-def resume_training(args, model, optimizer, scaler, ema=None):
+def resume_training(args, model, optimizer, scaler, train_images, ema=None):
     """Continue from --resume, or from <output_dir>/checkpoint-last.pth when a run left one.
+    `train_images` (the data set's size) goes into args, so that every checkpoint records it and a
+    resumption over another number of images says so.
 
     returns: (start_epoch, start_iter, progress)
     """
+    args.train_images = train_images
     start_epoch, start_iter, progress = args.start_epoch, 0, Progress()
     resume = checkpoint.resume_path(args.resume, args.output_dir)
     if resume:
