@@ -182,6 +182,25 @@ def test_two_processes_evaluate_like_one(small_folder, tmp_path):
         assert second[key] == pytest.approx(first[key], abs=1e-6), key
 
 
+def test_a_rank_without_images_gives_no_rows_of_the_features_width(small_folder):
+    """More processes than images (18 over the 17 validation images): the last rank's shard is empty,
+    and its features are 0 rows of ViT-Ti's 192 for the gathering (was torch.cat's error on no batches)."""
+    from types import SimpleNamespace
+    from util.datasets import SeededSamples, build_eval_loader, build_image_folder, eval_transform
+    from util.device import resolve_device
+    from util.dist import World
+    from util.registry import create_classifier
+    samples = SeededSamples(build_image_folder(small_folder, 'val', eval_transform(32)), 0)
+    model = create_classifier('vit_tiny_patch8', img_size=32, num_classes=0).eval()
+    args, device = SimpleNamespace(batch_size=8, num_workers=0), resolve_device('cpu')
+    shards = [build_eval_loader(samples, World(rank=rank, world_size=18), args, False, distributed=True)
+              for rank in (0, 17)]
+    (features, labels), (no_features, no_labels) = (feature_eval.extract_features(model, shard, device, 'fp32')
+                                                    for shard in shards)
+    assert features.shape == (1, 192) and no_features.shape == (0, 192)
+    assert labels.shape == (1,) and no_labels.shape == (0,) and no_labels.dtype == labels.dtype
+
+
 def test_bad_knn_input_is_one_line(small_folder, tmp_path):
     with pytest.raises(UsageError, match='--knn evaluates the frozen features .* leave out --eval'):
         run_finetune('--knn', '--eval', *TINY_VIT, '--data_path', small_folder, '--output_dir', tmp_path)

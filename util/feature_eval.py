@@ -73,6 +73,11 @@ def extract_features(model, loader, device, precision):
         with device.autocast(precision):
             features.append(model(model_input(to_device(images, dev))).float())
         labels.append(to_device(targets, dev))
+    if not features:  # more processes than images: this rank's shard is empty; the width from one image
+        image, _ = loader.dataset[(0, 0)]
+        with device.autocast(precision):
+            width = model(model_input(to_device(image[None], dev))).shape[1]
+        return torch.zeros(0, width, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
     return torch.cat(features), torch.cat(labels)
 
 
