@@ -198,6 +198,12 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
     with pytest.raises(UsageError, match=r"is a pre-training checkpoint \(--model mae_hivit_tiny\), which "
                                          r"fine-tuning cannot resume: start from its weights with --finetune"):
         finetune()
+    # fine-tuning that run's weights in its own folder: the folder is what to change
+    with pytest.raises(UsageError, match=rf"^--output_dir {tmp_path} holds a pre-training run \(.*checkpoint-last.pth, "
+                                         rf"--model mae_hivit_tiny\), which fine-tuning would resume: give the "
+                                         rf"fine-tuning another --output_dir$"):
+        run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--num_workers', 0, '--device', 'cpu',
+                     '--finetune', tmp_path / checkpoint.LAST, '--output_dir', tmp_path)
 
 
 def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_folder, tmp_path):

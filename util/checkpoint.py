@@ -203,6 +203,10 @@ def check_same_kind_of_run(ckpt, path, args):
                          f'pre-training cannot resume: start a new run in another --output_dir (or remove its '
                          f'checkpoint-last.pth)')
     if not of_finetuning(saved) and 'model' in saved and finetuning:
+        if args.finetune and not args.resume:  # --output_dir is the pre-training's own folder
+            raise UsageError(f'--output_dir {args.output_dir} holds a pre-training run ({path}, --model '
+                             f'{saved["model"]}), which fine-tuning would resume: give the fine-tuning another '
+                             f'--output_dir')
         raise UsageError(f'{path!r} is a pre-training checkpoint (--model {saved["model"]}), which fine-tuning '
                          f'cannot resume: start from its weights with --finetune, or use another --output_dir')
     for flag in ('model', 'linprobe'):
