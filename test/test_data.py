@@ -54,11 +54,17 @@ def test_demo_generation_is_safe_to_race(tmp_path):
     """Two processes generating into the same place at once both end with a complete set."""
     code = (f'import sys; sys.path.insert(0, {REPO!r}); from util.demo_data import ensure_demo_dataset; '
             f'print(ensure_demo_dataset({str(tmp_path / "demo")!r}))')
-    procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    umask = os.umask(0o022)  # the processes inherit it: the usual one, under which others may read
+    try:
+        procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    finally:
+        os.umask(umask)
     outputs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs == [str(tmp_path / 'demo')] * 2
     assert sorted(os.listdir(tmp_path)) == ['demo']  # no temporary directory left behind
+    # the mode mkdir gives under that umask (mkdtemp's 0700 would hide a shared $MIM_DEMO_DIR from other users)
+    assert (tmp_path / 'demo').stat().st_mode & 0o777 == 0o755
     count = sum(len(files) for _, _, files in os.walk(tmp_path / 'demo'))
     assert count == len(demo_data.CLASSES) * sum(demo_data.SPLITS.values())
 

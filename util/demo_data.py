@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from util.errors import UsageError
+from util.output_dir import current_umask
 
 CLASSES = ('disk', 'square', 'triangle', 'ring', 'cross', 'star', 'bar', 'checkerboard', 'stripes',
            'two_disks')
@@ -156,6 +157,7 @@ def ensure_demo_dataset(root=None):
     try:
         for split_seed, (split, per_class) in enumerate(SPLITS.items()):
             _write_split(tmp, split, per_class, split_seed)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared $MIM_DEMO_DIR from others
         os.rename(tmp, root)
     except OSError as e:
         if not os.path.isdir(os.path.join(root, 'val')):  # not another process that won the race

@@ -17,6 +17,7 @@ import torch
 from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, in_model_layout, load, load_weights, model_state_of,
                              saved_args)
 from util.errors import UsageError, first_line
+from util.output_dir import current_umask
 from util.registry import (MODEL_FILES, _unknown, create_classifier, create_pretrain_model, import_model_files,
                            native_input_size, pretrain_model_names, pretraining_of)
 
@@ -141,12 +142,6 @@ def finetuned_classifier(ckpt, path, name):
     model = create_classifier(name, num_classes=num_classes, **kwargs)
     load_weights(model, in_model_layout(model, state, path), path)
     return (name, kwargs, num_classes), model.state_dict(), f'the {num_classes}-class classifier'
-
-
-def current_umask():
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 def save_safetensors(state, path, check):

@@ -61,6 +61,12 @@ def make_log_dir(log_dir):
             pass
 
 
+def current_umask():
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def release_output_dir_locks():
     """Drop the output-folder locks this process holds: for programs that run several runs one
     after the other in one process (the tests, a notebook); a run's own process needs none of it."""
