@@ -540,6 +540,7 @@ def test_slurm_multi_task_without_master_addr(world_env):
         read_world_from_env()
     message = str(excinfo.value)
     assert one_line(message) and 'MASTER_ADDR' in message and 'MASTER_PORT' in message
+    assert message.startswith('SLURM says 2 tasks:') and message.endswith('torchrun --standalone --nproc_per_node 1')
 
 
 def test_torchrun_variables_win_over_slurm(world_env):

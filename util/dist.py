@@ -38,8 +38,10 @@ def read_world_from_env():
         os.environ['WORLD_SIZE'] = os.environ.get('SLURM_NTASKS', os.environ.get('SLURM_NPROCS', '1'))
         os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
         if int(os.environ['WORLD_SIZE']) > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):
-            raise UsageError('under SLURM set MASTER_ADDR and MASTER_PORT (e.g. MASTER_ADDR=$(scontrol '
-                             'show hostnames $SLURM_JOB_NODELIST | head -n 1) MASTER_PORT=29500)')
+            raise UsageError(f'SLURM says {os.environ["WORLD_SIZE"]} tasks: set MASTER_ADDR and MASTER_PORT for '
+                             f'them to meet (e.g. MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n '
+                             f'1) MASTER_PORT=29500); for one process in an allocation of several tasks, start it with '
+                             f'torchrun --standalone --nproc_per_node 1')
     return World(rank=int(os.environ.get('RANK', 0)),
                  world_size=int(os.environ.get('WORLD_SIZE', 1)),
                  local_rank=int(os.environ.get('LOCAL_RANK', 0)))
