@@ -37,6 +37,7 @@ TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--dat
     (['--save_every_steps', -1], '--save_every_steps must be 0 or more, got -1'),  # was taken as 0
     (['--max_bad_images', -1], '--max_bad_images must be 0 or more, got -1'),  # "0 replaced, more than -1"
     (['--start_epoch', -1], '--start_epoch must be 0 or more, got -1'),  # the sampler's traceback in a worker
+    (['--vis_freq', -1], '--vis_freq must be 0 or more, got -1'),  # was taken as every epoch
     (['--lr_schedule', 'step', '--lr_milestones', 5, -1], '--lr_milestones are epochs, 0 or more, got 5 -1'),
 ])
 def test_impossible_rates_and_sizes_are_refused_before_the_run(flags, message, tmp_path):

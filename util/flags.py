@@ -162,8 +162,8 @@ def check_run_args(args):
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f'--max_steps must be at least 1, got {args.max_steps}')
-    for name in ('num_workers', 'save_every_steps', 'max_bad_images', 'start_epoch'):
-        if getattr(args, name, 0) < 0:
+    for name in ('num_workers', 'save_every_steps', 'max_bad_images', 'start_epoch', 'vis_freq'):
+        if (getattr(args, name, 0) or 0) < 0:  # vis_freq: None is --save_freq's
             raise UsageError(f'--{name} must be 0 or more, got {getattr(args, name)}')
     if not 0 <= args.seed < 2 ** 32:  # numpy's generators take no negative seeds, its legacy one none past 32 bits
         raise UsageError(f'--seed must be a whole number from 0 to {2 ** 32 - 1}, got {args.seed}')
