@@ -250,6 +250,9 @@ def check_args(args):
     if args.knn and (args.eval or args.linprobe):
         raise UsageError('--knn evaluates the frozen features of --finetune\'s encoder by itself: leave out '
                          f'{"--eval" if args.eval else "--linprobe"}')
+    if args.recount < 1:  # timm reads 0 as 1, and fails on fewer in a data-loader worker
+        raise UsageError(f'--recount (the boxes random erasing draws in an image) must be at least 1, got '
+                         f'{args.recount}: --reprob 0 turns random erasing off')
 
 
 def mixup_active(args):

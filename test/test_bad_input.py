@@ -66,6 +66,8 @@ FINETUNE_TINY = ['--model', 'vit_tiny_patch16_224', '--device', 'cpu', '--num_wo
     (run_finetune, ['--color_jitter', 'inf'], 'must lie in [0, inf), got inf'),
     (run_finetune, ['--cutmix_minmax', 0.8, 0.2], '--cutmix_minmax takes the smaller bound first, then a larger one, '
                                                  'got 0.8 0.2'),
+    (run_finetune, ['--recount', -1], '--recount (the boxes random erasing draws in an image) must be at least 1, '
+                                      'got -1: --reprob 0 turns random erasing off'),  # timm's ValueError in a worker
 ])
 def test_rates_outside_their_range_are_refused_before_the_run(run, flags, message, tmp_path):
     """Each of these stopped a run with a traceback from torch, timm or torchvision (drop path 1:
