@@ -172,8 +172,10 @@ def test_synthetic_images_are_made_from_the_index():
     from util.errors import UsageError
     assert (synthetic_size('synthetic', 'train'), synthetic_size('synthetic', 'val')) == (1281167, 50000)
     assert (synthetic_size('synthetic:1000', 'train'), synthetic_size('synthetic:1000', 'val')) == (1000, 39)
-    with pytest.raises(UsageError, match='synthetic:N'):
-        synthetic_size('synthetic:ten', 'train')
+    for count in ('ten', ''):  # '': synthetic:$N with N unset is no shorthand for ImageNet's 1.28 M
+        with pytest.raises(UsageError, match=f"synthetic:N needs a whole number of training images N above 0, got "
+                                             f"'{count}'"):
+            synthetic_size(f'synthetic:{count}', 'train')
     folder = build_image_folder('synthetic', 'train', None)
     assert len(folder) == 1281167 and len(folder.classes) == 1000
     image, target = folder[1001]

@@ -422,8 +422,8 @@ SYNTHETIC_IMAGE_SIZE = 256  # pixels a side: ImageNet's images resized to 256, a
 def synthetic_size(data_path, split):
     """Images of `split` in `synthetic` (ImageNet-1k's counts) or `synthetic:N` (N training
     images, validation images in ImageNet's proportion, at least 1)."""
-    _, _, count = data_path.partition(':')
-    if not count:
+    _, colon, count = data_path.partition(':')
+    if not colon:
         return SYNTHETIC_SIZES[split]
     if not count.isdigit() or int(count) < 1:
         raise UsageError(f'--data_path synthetic:N needs a whole number of training images N above 0, got {count!r}')
