@@ -95,6 +95,22 @@ def test_a_lower_bound_above_the_peak_lr_is_said(capsys):
     assert 'warning' not in capsys.readouterr().out
 
 
+def test_step_milestones_the_run_never_reaches_are_said(capsys):
+    """SimMIM's 800-epoch recipe steps the lr down at epoch 700: a trial of 10 epochs never does."""
+    from util.flags import set_learning_rate
+    args = argparse.Namespace(lr=None, blr=1e-4, batch_size=8, accum_iter=1, min_lr=0.0, min_blr=None, warmup_lr=0.0,
+                              warmup_blr=None, lr_schedule='step', lr_gamma=0.1, warmup_epochs=1, epochs=10)
+    expected = {(700,): 'warning: a run of --epochs 10 never reaches --lr_milestones 700, so the lr stays at its peak',
+                (5, 700): 'warning: a run of --epochs 10 never reaches --lr_milestones 700\n',
+                None: 'warning: --lr_schedule step without --lr_milestones keeps the lr at its peak after the warm-up',
+                (5, 9): None}
+    for milestones, warning in expected.items():
+        args.lr_milestones = list(milestones) if milestones else None
+        set_learning_rate(args)
+        out = capsys.readouterr().out
+        assert (warning in out) if warning else 'warning' not in out, (milestones, out)
+
+
 def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
     from util.flags import apply_recipe
     args = argparse.Namespace(epochs=3, warmup_epochs=None, lr=None, clip_grad=None)

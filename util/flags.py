@@ -261,6 +261,22 @@ def set_learning_rate(args):
         else f'{args.lr_schedule} down to {args.min_lr:.3e}'
     print(f'effective batch size {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e}); {args.warmup_epochs} '
           f'warm-up epochs from {args.warmup_lr:.3e}, then {after}')
+    if args.lr_schedule == 'step':
+        check_milestones(args)
     if args.lr_schedule != 'step' and args.min_lr > args.lr:  # DeiT's fixed 1e-5 at a small batch, say
         print(f'warning: the lr\'s lower bound {args.min_lr:.3e} is above its peak {args.lr:.3e}, so after the '
               f'warm-up the lr rises towards it: give a lower --min_lr (or --min_blr, per 256 images)', flush=True)
+
+
+def check_milestones(args):
+    """A warning line for step-schedule milestones the run never reaches (a short trial of a long
+    recipe, say), or for none at all: the lr would stay at its peak without a word."""
+    milestones = args.lr_milestones or []
+    unreached = [m for m in milestones if m >= args.epochs]
+    if not milestones:
+        print('warning: --lr_schedule step without --lr_milestones keeps the lr at its peak after the warm-up',
+              flush=True)
+    elif unreached:
+        stays = ', so the lr stays at its peak' if len(unreached) == len(milestones) else ''
+        print(f'warning: a run of --epochs {args.epochs} never reaches --lr_milestones '
+              f'{" ".join(map(str, unreached))}{stays}', flush=True)
