@@ -241,6 +241,14 @@ def recorded_classifier(ckpt, path):
     return {k: saved[k] for k in ('model', 'input_size', 'global_pool', 'linprobe') if saved.get(k) is not None}
 
 
+def default_model_advice(args):
+    """What to add to a mismatch of weights that name no model: the classifier they met, and what to give."""
+    if not args.model_by_default:
+        return ''
+    return (f'; the checkpoint names no model timm knows, so it was built as {args.model} (the default): give the '
+            f'--model its weights are of')
+
+
 def check_args(args):
     if mixup_active(args) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
@@ -314,10 +322,7 @@ def build_model(args, num_classes, resuming):
             report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std,
                                                 head_init_bias=args.head_init_bias)
         except UsageError as e:
-            if not args.model_by_default:
-                raise
-            raise UsageError(f'{e}; the checkpoint names no model timm knows, so it was built as {args.model} (the '
-                             f'default): give the --model its weights are of') from None
+            raise UsageError(f'{e}{default_model_advice(args)}') from None
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
         for key in ('missing', 'unexpected', 'dropped', 'resized'):
             if report[key]:
@@ -381,7 +386,7 @@ def run_eval(args, model, loader, device, precision):
     ckpt = checkpoint.load(path)
     trained = {k: v for k, v in recorded_classifier(ckpt, path).items() if v != getattr(args, k)}
     advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
-        f'gives them)' if trained else ''
+        f'gives them)' if trained else default_model_advice(args)
     state = checkpoint.model_state_of(ckpt, path)
     checkpoint.load_weights(model, checkpoint.in_model_layout(model, state, path), path, advice=advice)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
