@@ -251,6 +251,11 @@ def test_resuming_over_another_number_of_images_says_so(tmp_path, small_folder, 
     run_pretrain(*flags, small_folder, '--max_steps', 2)
     assert (f'warning: {tmp_path / checkpoint.LAST} was written by a run over 2,000 training images, and --data_path '
             f'now holds 64: the epochs change length (is it the same data set, copied whole?)') in capsys.readouterr().out
+    # a fresh run where an earlier one left its logs but no checkpoint: its lines go after theirs, said
+    os.remove(tmp_path / checkpoint.LAST)
+    run_pretrain(*flags, small_folder, '--max_steps', 1)
+    assert (f'warning: {tmp_path} holds the log.jsonl and log.txt of an earlier run, and no checkpoint to resume: this '
+            f'run appends its own lines after them (another --output_dir keeps runs apart)') in capsys.readouterr().out
 
 
 def test_weights_that_name_no_model_and_fit_not_the_default_say_so(tmp_path):

@@ -56,6 +56,9 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
             resume, model, optimizer, scaler, args, ema=ema)
         start_iter = epoch_samples // dist.micro_batch_images(args)
         print(f'resumed from {resume}: epoch {start_epoch}, {epoch_samples} of its samples done, step {progress.step}')
+    elif args.output_dir and os.path.isfile(os.path.join(args.output_dir, 'log.jsonl')):
+        print(f'warning: {args.output_dir} holds the log.jsonl and log.txt of an earlier run, and no checkpoint to '
+              f'resume: this run appends its own lines after them (another --output_dir keeps runs apart)')
     if start_epoch >= args.epochs:
         print(f'nothing to train: the run in {args.output_dir} has finished its {args.epochs} epochs '
               f'(raise --epochs to train longer)')
