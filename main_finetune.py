@@ -422,7 +422,7 @@ def main(args):
 
     train_folder = None if args.eval else build_finetune_train_folder(args)  # --eval reads val/ alone
     val_folder = build_image_folder(args.data_path, 'val', eval_transform(args.input_size))
-    train_classes = training_classes(args.data_path, val_folder) if args.eval else train_folder.classes
+    train_classes = training_classes(val_folder) if args.eval else train_folder.classes
     num_classes = number_of_classes(train_classes, val_folder.classes, args.nb_classes)
     val_loader = build_eval_loader(SeededSamples(val_folder, args.seed), world, args, pin_memory, args.dist_eval)
 

@@ -291,6 +291,11 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root,
     shutil.copytree(os.path.join(demo_root, 'val'), tmp_path / 'val_only' / 'val')
     assert run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--device', 'cpu', '--num_workers', 0,
                         '--data_path', tmp_path / 'val_only', '--output_dir', '')['acc1'] == stats['acc1']
+    # synthetic images have no folders: their val split's classes are the training ones (was "has no val/ folder")
+    torch.save({'model': create_classifier('vit_tiny_patch8', img_size=32, num_classes=1000).state_dict(),
+                'args': {'model': 'vit_tiny_patch8', 'input_size': 32, 'finetune': ''}}, tmp_path / 'imagenet.pth')
+    assert run_finetune('--eval', '--resume', tmp_path / 'imagenet.pth', '--device', 'cpu', '--num_workers', 0,
+                        '--data_path', 'synthetic:64', '--output_dir', '')['images'] == 2  # 64 x 50,000 / 1,281,167
     with pytest.raises(UsageError, match=re.escape('; it was trained with --input_size 32: evaluate it so (leave '
                                                    'these flags out and the checkpoint gives them)')):
         run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--input_size', 64, '--device', 'cpu',

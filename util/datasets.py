@@ -360,12 +360,14 @@ def build_image_folder(data_path, split, transform, loader=load_rgb):
         raise UsageError(f'cannot read the {split} images under {root!r}: {e}') from None
 
 
-def training_classes(data_path, val_folder):
-    """The class folders of train/, by name alone (ImageNet's 1.28 M files are not listed), for
-    an evaluation that reads val/ only; val/'s own when there is no train/ (a copy of the
-    validation set alone)."""
-    root = os.path.join(resolve_data_root(data_path, 'val'), 'train')
-    if is_synthetic(data_path) or not os.path.isdir(root):
+def training_classes(val_folder):
+    """The class folders of the train/ beside `val_folder`, by name alone (ImageNet's 1.28 M files
+    are not listed), for an evaluation that reads val/ only; val/'s own when there is no train/
+    (a copy of the validation set alone), or for synthetic images (the same classes in both splits)."""
+    if isinstance(val_folder, SyntheticImages):
+        return val_folder.classes
+    root = os.path.join(os.path.dirname(val_folder.root), 'train')
+    if not os.path.isdir(root):
         return val_folder.classes
     try:
         return ImageFolderWithoutLoops.find_classes(root)[0]
