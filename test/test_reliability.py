@@ -100,6 +100,49 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_fol
     assert losses_by_step(tmp_path) == uninterrupted  # bit for bit, step for step
 
 
+def test_sigterm_to_the_whole_group_stops_cleanly(small_folder, tmp_path):
+    """GNU timeout, `kill -TERM -<pgid>` and schedulers signal every process of a job, the
+    data-loader worker included: the worker leaves it to the run (a worker killed by it broke
+    the step with torch's 'DataLoader worker ... is killed by signal'), which finishes its step,
+    writes checkpoint-last.pth and exits with 4."""
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path, '--num_workers', 1]
+    process = subprocess.Popen([sys.executable, 'main_pretrain.py', *map(str, flags)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_step(tmp_path, 3, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert 'Traceback' not in stderr, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith('error: stopped by SIGTERM after step ')
+    assert checkpoint.load(tmp_path / checkpoint.LAST)['step'] == int(last_line.split('after step ')[1].split()[0])
+
+
+def test_a_signal_during_start_up_is_not_swallowed_by_a_fallback(monkeypatch):
+    """The FLOP count falls back to fake tensors on any Exception: a stop signal that arrives while
+    it counts must still end the run (it went on training and exited 0)."""
+    from util import flops, signals
+    from util.errors import Preempted
+    calls = []
+
+    def count_and_get_signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes: well before this ends
+        return 1e9
+
+    monkeypatch.setattr(flops, '_count_flops', count_and_get_signalled)
+    try:
+        signals.catch_signals()
+        with pytest.raises(Preempted, match='stopped by SIGTERM'):
+            flops.FlopRate.of_run(None, None, (torch.zeros(2, 3, 8, 8),), torch.device('cpu'), 'fp32', 1)
+    finally:
+        for signum in signals.STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def child_pids(pid):
     with open(f'/proc/{pid}/task/{pid}/children') as f:
         return [int(p) for p in f.read().split()]

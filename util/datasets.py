@@ -634,7 +634,7 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
                          f'step would be taken; lower --batch_size or --accum_iter (or use more images)')
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_fn,
-                      persistent_workers=args.num_workers > 0, worker_init_fn=signals.ignore_interrupts_in_worker)
+                      persistent_workers=args.num_workers > 0, worker_init_fn=signals.ignore_stop_signals_in_worker)
 
 
 def build_eval_loader(dataset, world, args, pin_memory, distributed, persistent=True):
@@ -645,7 +645,7 @@ def build_eval_loader(dataset, world, args, pin_memory, distributed, persistent=
     return DataLoader(dataset, sampler=ShardSampler(dataset, num_replicas, rank), batch_size=args.batch_size,
                       num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
                       persistent_workers=persistent and args.num_workers > 0,
-                      worker_init_fn=signals.ignore_interrupts_in_worker)
+                      worker_init_fn=signals.ignore_stop_signals_in_worker)
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -22,19 +22,22 @@ class UsageError(RunEnded):
     exit_code = EXIT_USAGE
 
 
-class Preempted(RunEnded):
-    """A pre-emption signal stopped the run after it saved checkpoint-last.pth."""
+class Preempted(BaseException):
+    """A stop signal (pre-emption, Ctrl-C) ended the run: after it saved checkpoint-last.pth in
+    training, at once elsewhere. A BaseException, like KeyboardInterrupt, because the signal's
+    handler raises it wherever the program is, and a library's `except Exception` around a
+    fallback (the FLOP count's, a device plugin's import) must not swallow it."""
     exit_code = EXIT_PREEMPTED
 
 
 def run_cli(main, *args):
-    """Run an entry point; a RunEnded (bad input, divergence, pre-emption) ends the program with
+    """Run an entry point; a RunEnded (bad input, divergence) or a Preempted ends the program with
     its one-line message and its exit code."""
     from util import signals  # imports torch: not before the arguments are parsed (--help stays quick)
     signals.catch_signals()
     try:
         return main(*args)
-    except RunEnded as e:
+    except (RunEnded, Preempted) as e:
         print(f'error: {usage_message(e)}', file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except (RuntimeError, MemoryError, OSError) as e:

@@ -11,9 +11,11 @@ with EXIT_PREEMPTED. Started again with the same --output_dir, it resumes exactl
 stopped. A second Ctrl-C stops at once: checkpoints are written atomically, so the last one
 written stays whole.
 
-Data-loader workers ignore SIGINT (`ignore_interrupts_in_worker`): a Ctrl-C in a terminal reaches
-every process of the foreground group, and a worker that died of it would break the step the
-run finishes before saving.
+Data-loader workers ignore all three (`ignore_stop_signals_in_worker`): a Ctrl-C in a terminal
+reaches every process of the foreground group, and so does a SIGTERM sent to the group (GNU
+`timeout`, `kill -TERM -<pgid>`, a scheduler that signals every process of the job); a worker that
+died of it would break the step the run finishes before saving. A worker still ends with the run:
+torch's workers watch their parent and exit when it is gone.
 """
 import contextlib
 import signal
@@ -70,9 +72,10 @@ def training():
         _deferred = False
 
 
-def ignore_interrupts_in_worker(worker_id):
-    """DataLoader worker_init_fn: leave Ctrl-C to the training process, which stops cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals_in_worker(worker_id):
+    """DataLoader worker_init_fn: leave the stop signals to the training process, which stops cleanly."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def received():
