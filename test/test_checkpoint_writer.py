@@ -49,6 +49,9 @@ def test_background_and_synchronous_writes_hold_the_same_checkpoints(small_folde
         background = without_run_specific_args(checkpoint.load(tmp_path / 'background' / name))
         sync = without_run_specific_args(checkpoint.load(tmp_path / 'sync' / name))
         assert_same_values(background, sync, name)
+    # logged every 2 steps, at each epoch's end (4 steps of 16 of the 64 images) and at each step that
+    # saves within an epoch (3, 6), so that a run resumed from one of those logs the same intervals
+    assert [r['step'] for r in read_jsonl(tmp_path / 'background' / 'log.jsonl')] == [2, 3, 4, 6, 8]
     files = [sorted(f for f in os.listdir(tmp_path / run) if '.pth' in f) for run in ('background', 'sync')]
     assert files[0] == files[1]  # and no temporary file left
     epochs = read_jsonl(tmp_path / 'background' / 'log.txt')

@@ -192,6 +192,10 @@ def test_two_processes_stopped_mid_epoch_resume_as_one_exactly(small_folder, tmp
         assert sorted(resumed) == sorted(uninterrupted)
         for step, loss in uninterrupted.items():
             assert resumed[step] == pytest.approx(loss, rel=1e-4), step
+    # the epoch cut in two reports the mean over all its steps (5..8, equal batches), not over the
+    # resumed run's steps 7 and 8 alone
+    epochs = {r['epoch']: r['train_loss'] for r in read_jsonl(tmp_path / 'a' / 'log.txt')}
+    assert epochs[1] == pytest.approx(sum(uninterrupted[step] for step in range(5, 9)) / 4, rel=1e-4)
 
 
 def test_exit_codes_say_why_a_run_ended():

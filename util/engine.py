@@ -32,6 +32,9 @@ class TrainingDiverged(RunEnded):
 class Progress:
     step: int = 0       # optimizer steps since training began (carried in checkpoints)
     run_steps: int = 0  # optimizer steps of this invocation (--max_steps counts these)
+    # the unfinished epoch's logged losses: (sum of loss x images, images), carried in checkpoints
+    # so that an epoch stopped and resumed reports the mean over all its steps
+    epoch_loss: tuple = (0.0, 0)
 
 
 class Throughput:
@@ -114,7 +117,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
     `save_progress(epoch, iters)` writes checkpoint-last.pth every --save_every_steps steps.
     A pre-emption signal (util.signals) ends the epoch after the step it arrived in.
 
-    returns: {'loss': mean over the epoch's logged steps, 'lr': last lr, 'ips': steady-state
+    returns: {'loss': mean over the epoch's logged steps (those before a resumption included), 'lr': last lr,
+              'ips': steady-state
               images/s so far, 'iters': micro-batches done in this epoch, 'complete': bool,
               'preempted': bool}
     """
@@ -127,7 +131,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
 
     loss_sum = torch.zeros((), device=dev)  # micro-batch losses since the last log, on the device
     micro_batches = 0
-    epoch_loss, epoch_micro_batches = 0.0, 0
+    if not start_iter:
+        progress.epoch_loss = (0.0, 0)
     images, tic = 0, time.perf_counter()
     lr, preempted = 0.0, False
     it = start_iter
@@ -153,7 +158,11 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
 
         step_in_epoch = (it + 1) // accum
         last_step = out_of_steps(progress, args, ahead=1)
-        logging_step = not (progress.step + 1) % args.log_freq or step_in_epoch == steps_per_epoch or last_step
+        saving_step = bool(args.save_every_steps) and not (progress.step + 1) % args.save_every_steps \
+            and step_in_epoch < steps_per_epoch and save_progress is not None
+        # a step that saves is logged too: a run resumed from it logs the same intervals
+        logging_step = not (progress.step + 1) % args.log_freq or step_in_epoch == steps_per_epoch or last_step \
+            or saving_step
         grad_norm = None
         if args.clip_grad or logging_step:  # the norm is logged: measured at log steps, or wherever it clips
             if scaler is not None:
@@ -198,18 +207,18 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
                 record['mem_mb'] = round(device.max_memory_allocated() / 2 ** 20)
             seconds_per_step = (toc - tic) / (images / images_per_step)
             logger.log_step(record, steps_per_epoch, step_in_epoch, (steps_per_epoch - step_in_epoch) * seconds_per_step)
-            epoch_loss += mean_loss * micro_batches
-            epoch_micro_batches += micro_batches
+            loss_images, images_so_far = progress.epoch_loss
+            progress.epoch_loss = (loss_images + mean_loss * images, images_so_far + images)
             loss_sum.zero_()
             micro_batches, images, tic = 0, 0, time.perf_counter()
-        if args.save_every_steps and not progress.step % args.save_every_steps and save_progress is not None \
-                and step_in_epoch < steps_per_epoch and not stopping:
+        if saving_step and not stopping:
             save_progress(epoch, it + 1)  # after the log line: a step is never missing from log.jsonl
         if stopping:
             break
 
     done = it + 1 if epoch_iters > start_iter else start_iter
-    return {'loss': epoch_loss / max(epoch_micro_batches, 1), 'lr': lr, 'ips': throughput.steady_state,
+    loss_images, images_so_far = progress.epoch_loss
+    return {'loss': loss_images / max(images_so_far, 1), 'lr': lr, 'ips': throughput.steady_state,
             'iters': done, 'complete': done >= epoch_iters, 'preempted': preempted}
 
 
@@ -298,7 +307,8 @@ def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, 
     completed = epoch if stats['complete'] else epoch - 1
     epoch_samples = 0 if stats['complete'] else stats['iters'] * dist.micro_batch_images(args)
     state = checkpoint.training_state(model, optimizer, scaler, completed, progress.step, args,
-                                      epoch_samples=epoch_samples, ema=ema)
+                                      epoch_samples=epoch_samples, ema=ema,
+                                      epoch_loss=None if stats['complete'] else progress.epoch_loss)
     files = {os.path.join(args.output_dir, checkpoint.LAST): state}
     if epoch_files and stats['complete'] and due_at_epoch(epoch, args.save_freq, args.epochs):
         files[os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')] = state
