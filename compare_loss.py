@@ -9,10 +9,12 @@ under test), the second the REFERENCE (e.g. the CUDA run).
 
 Each file's format is found from its content, not its name:
 - this project's log.jsonl (`step` and `loss` of one JSON object per line); a directory means
-  <dir>/log.jsonl;
+  <dir>/log.jsonl; where a fresh run in the same folder appended its lines after an earlier run's
+  (its steps start again from the first), the last run's are read, with a note;
 - this project's console log (`Epoch: [E]  [I/N] ... train.loss : X`; position E * N + I, the
   global step of log.jsonl);
-- Tecorigin TCAPPDLL lines (`train.loss : X` or `train.loss_avg : X`, rank 0 only);
+- Tecorigin TCAPPDLL lines (`train.loss : X` or `train.loss_avg : X`, rank 0 only; in console
+  lines too, a line of another `rank : N` is left out);
 - Ascend loss files (train_<Case>_loss.txt: one number per line);
 - as a fallback, lines with `loss: X`, `loss = X`, `loss is X` or `Loss X` (the progress lines
   `Epoch: [0][ 10/5005] ... Loss 6.9077e+00 (6.9120e+00)` of many Ascend ModelZoo models).
@@ -70,6 +72,28 @@ FORMATS_HINT = ("expected log.jsonl, console lines with 'train.loss : X', TCAPPD
                 "or one number per line")
 
 
+class Losses(dict):
+    """{step: value} of the last run in a log; `earlier_runs` counts the runs before it in the same
+    file."""
+    earlier_runs = 0
+
+
+def last_run(pairs):
+    """The last run of a log's (step, value) pairs, in the order they were written. A run resumed
+    after a kill logs the steps after its checkpoint again (the later value wins); a fresh run in
+    the same --output_dir starts again at or below the first step of the run before it, whose
+    values are then left out. None when there are no pairs."""
+    run, first, earlier = Losses(), None, 0
+    for step, value in pairs:
+        if run and step <= first:
+            run, earlier = Losses(), earlier + 1
+        if not run:
+            first = step
+        run[step] = value
+    run.earlier_runs = earlier
+    return run or None
+
+
 def parse_tcappdll(text):
     """Tecorigin tcap_dllogger lines: rank 0's losses (a line without a rank is rank 0), at
     positions 1, 2, 3, ... None when the text has no TCAPPDLL loss lines."""
@@ -98,26 +122,33 @@ def parse_tcappdll(text):
 def parse_console(text):
     """This project's console lines `Epoch: [E]  [I/N] ... train.loss : X` at global step
     E * N + I (the step of log.jsonl); a loss line without that pattern counts its position.
-    Other lines (prints, argument dumps, evaluation results) are ignored. None when no line
-    has `train.loss :`."""
-    losses, count = {}, 0
+    Other lines (prints, argument dumps, evaluation results) and the lines of a `rank : N` other
+    than 0 (each rank logs the same steps) are ignored. None when no line has `train.loss :`."""
+    pairs, other_ranks = [], set()
     for line in text.splitlines():
         match = TRAIN_LOSS.search(line)
         if not match:
             continue
-        count += 1
+        rank = RANK.search(line)
+        if rank and int(rank.group(1)) != 0:
+            other_ranks.add(int(rank.group(1)))
+            continue
         position = CONSOLE_POSITION.search(line)
-        step = int(position.group(1)) * int(position.group(3)) + int(position.group(2)) if position else count
-        losses[step] = float(match.group(1))  # a resumed run logs its steps again: the later value wins
-    return losses or None
+        step = int(position.group(1)) * int(position.group(3)) + int(position.group(2)) if position \
+            else len(pairs) + 1
+        pairs.append((step, float(match.group(1))))
+    if not pairs and other_ranks:
+        raise UnusableInput(f'loss lines of rank(s) {", ".join(map(str, sorted(other_ranks)))} but none of rank 0: '
+                            f'pass the log of rank 0')
+    return last_run(pairs)
 
 
 def parse_jsonl(text, value='loss', position='step'):
     """This project's log.jsonl: one JSON object per line with `loss` and `step` (positions
-    1, 2, 3, ... where `step` is missing). Lines that are not such objects (a line cut short by a
-    killed run) are skipped. None when no line is one. `value` and `position` read other keys of
-    such logs: `lr` by step, or log.txt's `test_acc1` by `epoch`."""
-    values, count = {}, 0
+    1, 2, 3, ... where `step` is missing), of its last run (`last_run`). Lines that are not such
+    objects (a line cut short by a killed run) are skipped. None when no line is one. `value` and
+    `position` read other keys of such logs: `lr` by step, or log.txt's `test_acc1` by `epoch`."""
+    pairs = []
     for line in text.splitlines():
         line = line.strip()
         if not line.startswith('{'):
@@ -133,11 +164,10 @@ def parse_jsonl(text, value='loss', position='step'):
             number = math.nan
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             continue
-        count += 1
         step = record.get(position)
-        step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else count
-        values[step] = float(number)  # a resumed run appends its steps again: the later value wins
-    return values or None
+        step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else len(pairs) + 1
+        pairs.append((step, float(number)))
+    return last_run(pairs)
 
 
 def parse_numbers(text):
@@ -182,9 +212,16 @@ def read_log(path):
     for name, parser in PARSERS:
         losses = parser(text)
         if losses:
+            if getattr(losses, 'earlier_runs', 0):
+                print(f'note: {path} holds {losses.earlier_runs + 1} runs one after another (a fresh run in the same '
+                      f'--output_dir appends to its logs): the last one is read, from step {min(losses)}')
             return name, losses
     hint = " (this looks like MAE's per-epoch log.txt: pass log.jsonl, which has every logged step)" \
         if '"train_loss"' in text else ''
+    if 'ActualFPS' in text:
+        hint = ' (this looks like a ModelZoo summary, <CaseName>.log: pass train_<CaseName>_loss.txt beside it, or ' \
+               'the run folder)'
+
     raise UnusableInput(f'no loss values found in {path}: {FORMATS_HINT}{hint}')
 
 

@@ -240,9 +240,40 @@ def test_console_positions_are_global_steps(tmp_path):
     """Logging every 10 steps over 31-step epochs: positions E * 31 + I, as log.jsonl's steps."""
     text = ('Epoch: [0]  [10/31]  lr: 1.0e-04  train.loss : 1.5  train.ips : 1\n'
             'Epoch: [0]  [31/31]  lr: 1.0e-04  train.loss : 1.4  train.ips : 1\n'
-            'Epoch: [2]  [ 9/31]  lr: 1.0e-04  train.loss : 1.2e-01  train.ips : 1\n'
-            'train.loss : 0.9\n')
-    assert compare_loss.parse_console(text) == {10: 1.5, 31: 1.4, 71: 0.12, 4: 0.9}
+            'Epoch: [2]  [ 9/31]  lr: 1.0e-04  train.loss : 1.2e-01  train.ips : 1\n')
+    assert compare_loss.parse_console(text) == {10: 1.5, 31: 1.4, 71: 0.12}
+    assert compare_loss.parse_console('train.loss : 0.9\ntrain.loss : 0.8\n') == {1: 0.9, 2: 0.8}  # counted
+
+
+def test_a_fresh_run_appended_to_an_old_log_is_read_alone(tmp_path, reference):
+    """A fresh run in an old --output_dir appends its lines after the earlier run's: its steps start
+    again from step 1. The earlier run (10 % low) must not fill in the steps the new one has not
+    reached (they made a 6-step run pass against steps 7..10 of another run)."""
+    path = tmp_path / 'log.jsonl'
+    write_jsonl(tmp_path / 'old.jsonl', curve()[:10] * 0.9, steps=STEPS[:10])
+    write_jsonl(tmp_path / 'new.jsonl', curve()[:6], steps=STEPS[:6])
+    path.write_text((tmp_path / 'old.jsonl').read_text() + (tmp_path / 'new.jsonl').read_text())
+    assert compare_loss.read_log(str(path))[1] == dict(zip(range(1, 7), curve()[:6]))
+    result = run_cli(path, reference)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'holds 2 runs one after another' in result.stdout
+    assert compared_count(result.stdout) == 6 and printed(result.stdout, 'MeanRelativeError') == 0
+
+
+def test_console_lines_of_other_ranks_are_left_out():
+    """Each rank logs every step; rank 1's lines read as more steps shifted the whole curve."""
+    text = ''.join(f'rank : {rank}  Epoch: [0]  [{i}/3]  train.loss : {loss + rank}\n'
+                   for i, loss in enumerate([2.0, 1.5, 1.25], start=1) for rank in (0, 1))
+    assert compare_loss.parse_console(text) == {1: 2.0, 2: 1.5, 3: 1.25}
+    with pytest.raises(compare_loss.UnusableInput, match='rank.s. 1 but none of rank 0'):
+        compare_loss.parse_console(text.replace('rank : 0', 'rank : 1'))
+
+
+def test_a_modelzoo_summary_points_to_its_loss_file(tmp_path):
+    path = tmp_path / 'mae_vit_base_pretrain_bs64_1p_perf.log'
+    path.write_text('Network = mae_vit_base_pretrain\nActualFPS = 3166.00\nActualLoss = 0.712345\n')
+    with pytest.raises(compare_loss.UnusableInput, match='ModelZoo summary.*train_<CaseName>_loss.txt'):
+        compare_loss.read_log(str(path))
 
 
 def test_tcappdll_lines_without_rank_are_rank_zero():
