@@ -16,9 +16,14 @@ its log.jsonl is), and then reports what accelerator teams hand in:
 and writes <CaseName>.log (Network, RankSize, BatchSize, DeviceType, CaseName, ActualFPS,
 TrainingTime, TrainAccuracy, ActualLoss, E2ETrainingTime, MFU; TrainingTime is the time of one
 optimizer step in ms, MFU the model FLOP utilisation of the steady state, 'n/a' where the device's
-peak is unknown: see util/flops.py and --peak_tflops) and train_<CaseName>_loss.txt (the logged losses, one a line), where
+peak is unknown: see util/flops.py and --peak_tflops) and train_<CaseName>_loss.txt (the logged losses
+of the whole run, every launch of a resumed full run included, one a line in step order), where
 <output_dir> is test/output/<device id> unless --output_dir= says otherwise. The run itself
-(checkpoints, log.jsonl, log.txt, TensorBoard) goes to <output_dir>/<CaseName>/.
+(checkpoints, log.jsonl, log.txt, TensorBoard) goes to <output_dir>/<CaseName>/. Both files of an
+earlier launch are removed first: a launch that fails leaves none to be read as its figures.
+
+SIGTERM and SIGUSR1 sent to the case alone (`timeout`, `kill <pid>`, a container's first process)
+are passed on to the run, which saves and stops (exit 4) as it does when it receives them itself.
 
 Performance cases run a short, fixed number of steps and start afresh each time (their run
 folder is emptied first). Full cases run the published recipe: the entry point's defaults, with
@@ -37,7 +42,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from util.errors import skip_the_last_collection  # noqa: E402 - the repository's util/, found through REPO
+from compare_loss import parse_jsonl  # noqa: E402 - the one log.jsonl reader; imports no torch
+from util.errors import EXIT_PREEMPTED, skip_the_last_collection  # noqa: E402 - the repository's util/
 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
 ENTRY_POINTS = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py'}
@@ -129,6 +135,9 @@ class Case:
             raise CaseError(f'usage: modelzoo.py pretrain|finetune performance|full NPROC --data_path=... '
                             f'(got {kind} {length})')
         args, self.passed_on = parse_case_args(argv)
+        if kind == 'finetune' and any(a == '--finetune' or a.startswith('--finetune=') for a in self.passed_on):
+            raise CaseError('the fine-tuning scripts take the pre-trained checkpoint as --finetune_pth=PATH (the case '
+                            'reads its recipe and names the run from it), not --finetune')
         self.kind, self.length = kind, length
         recipe = recipe_of(kind, args.get('model', DEFAULT_MODELS[kind]), args.get('finetune_pth'))
         self.model = args.get('model', recipe.get('model', DEFAULT_MODELS[kind]))
@@ -143,6 +152,8 @@ class Case:
         self.output_dir = os.path.normpath(args.get('output_dir', os.path.join(REPO, 'test', 'output', device_id())))
         self.run_dir = os.path.join(self.output_dir, self.name)
         self.console_log = os.path.join(self.output_dir, f'train_{self.name}.log')
+        self.summary_file = os.path.join(self.output_dir, f'{self.name}.log')
+        self.loss_file = os.path.join(self.output_dir, f'train_{self.name}_loss.txt')
         if kind == 'pretrain' and 'finetune_pth' in args:
             raise CaseError('--finetune_pth= is for the fine-tuning scripts; pre-training starts from random weights')
         if 'accum_iter' in args:
@@ -186,10 +197,14 @@ class Case:
         return env
 
     def prepare_run_dir(self):
-        """A performance run starts afresh; a full run continues what its folder holds."""
+        """A performance run starts afresh; a full run continues what its folder holds. The summary
+        and the loss file of an earlier launch go: this launch writes its own, or none if it fails."""
         if self.length == 'performance' and os.path.isdir(self.run_dir):
             print(f'removing the previous performance run {self.run_dir}')
             shutil.rmtree(self.run_dir)
+        for path in (self.summary_file, self.loss_file):
+            if os.path.isfile(path):
+                os.remove(path)
         os.makedirs(self.run_dir, exist_ok=True)
         if self.kind == 'finetune' and 'finetune_pth' not in self.args:
             print('no --finetune_pth=: supervised training from scratch, with the model\'s own recipe where one is '
@@ -207,6 +222,13 @@ class Case:
                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
             # Ctrl-C reaches the run too, which saves and stops: the case waits for it, then reports
             ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            forwarded = []
+
+            def pass_on(signum, frame):
+                forwarded.append(signum)
+                # torchrun stops its ranks with SIGTERM when it gets one; SIGUSR1 would kill it outright
+                process.send_signal(signum if self.nproc == 1 else signal.SIGTERM)
+            stop_handlers = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGUSR1)}
             errors = []  # the entry point's one-line errors, repeated below torchrun's report
             exit_codes = []  # the ranks' exit codes, from torchrun's failure report (its own is 1)
             try:
@@ -220,12 +242,16 @@ class Case:
                 returncode = process.wait()
             finally:
                 signal.signal(signal.SIGINT, ctrl_c)
+                for signum, handler in stop_handlers.items():
+                    signal.signal(signum, handler)
         e2e_seconds = time.time() - start
         if returncode != 0:
-            if not os.listdir(self.run_dir):
-                os.rmdir(self.run_dir)
+            if set(os.listdir(self.run_dir)) <= {'.lock'}:  # nothing of the run's own
+                shutil.rmtree(self.run_dir)
             cause = f'{errors[0]}; ' if errors else ''
             code = next((c for c in exit_codes if c > 0), returncode)
+            if forwarded and any(e.startswith('stopped by') for e in errors):
+                code = EXIT_PREEMPTED  # torchrun, stopped by the signal passed on, exits with 1 of its own
             if code < 0:  # killed by a signal: the shell's 128 + its number
                 code = 128 - code
             raise CaseError(f'training failed (exit status {code}): {cause}the whole output is in '
@@ -235,9 +261,13 @@ class Case:
         if not steps or not epochs:
             raise CaseError(f'the run logged no training steps in {self.run_dir} (nothing left to train? a '
                             f'finished full run resumes with nothing to do); see {self.console_log}')
-        return self.report(steps, epochs, e2e_seconds)
+        with open(os.path.join(self.run_dir, 'log.jsonl')) as f:
+            run_losses = parse_jsonl(f.read())  # the whole run's, every launch of a resumed full run
+        return self.report(steps, epochs, run_losses, e2e_seconds)
 
-    def report(self, steps, epochs, e2e_seconds):
+    def report(self, steps, epochs, run_losses, e2e_seconds):
+        """steps, epochs: this launch's records of log.jsonl and log.txt; run_losses: {step: loss}
+        of the whole run."""
         fps = epochs[-1]['train_ips']
         images_per_step = self.batch_size * self.accum_iter * self.nproc
         accuracy = epochs[-1].get('test_acc1')
@@ -254,9 +284,9 @@ class Case:
             'E2ETrainingTime': f'{e2e_seconds:.0f}',
             'MFU': 'n/a' if epochs[-1].get('train_mfu') is None else f"{epochs[-1]['train_mfu']:.4f}",
         }
-        with open(os.path.join(self.output_dir, f'train_{self.name}_loss.txt'), 'w') as f:
-            f.writelines(f"{record['loss']:.6f}\n" for record in steps)
-        with open(os.path.join(self.output_dir, f'{self.name}.log'), 'w') as f:
+        with open(self.loss_file, 'w') as f:
+            f.writelines(f'{run_losses[step]:.6f}\n' for step in sorted(run_losses))
+        with open(self.summary_file, 'w') as f:
             f.writelines(f'{key} = {value}\n' for key, value in summary.items())
         print('------------------ Final result ------------------')
         if len(steps) < 2:
@@ -267,7 +297,7 @@ class Case:
         if self.kind == 'finetune':
             print(f"Final Train Accuracy : {summary['TrainAccuracy']}")
         print(f"E2E Training Duration sec : {summary['E2ETrainingTime']}")
-        print(f"summary: {os.path.join(self.output_dir, self.name + '.log')}; run: {self.run_dir}")
+        print(f"summary: {self.summary_file}; run: {self.run_dir}")
         return summary
 
 

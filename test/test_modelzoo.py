@@ -123,6 +123,8 @@ def test_pretrain_performance_1p_then_a_diverging_launch_starts_afresh_and_exits
                         env={'PYTHON': '', 'VIRTUAL_ENV': str(tmp_path)})
     assert (tmp_path / 'used').read_text().strip() == str(wrapper)
     assert result.returncode == 3, result.stderr[-2000:]
+    # the first launch's figures are gone with it: a harvester finds no summary of the failed one
+    assert not (tmp_path / f'{case}.log').exists() and not (tmp_path / f'train_{case}_loss.txt').exists()
     assert result.stderr.strip().splitlines()[-1].startswith('error: training failed (exit status 3): the loss is nan')
     steps = [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 4  # none of the first launch's
@@ -132,9 +134,10 @@ def test_pretrain_performance_1p_then_a_diverging_launch_starts_afresh_and_exits
 
 def test_a_launch_that_logged_one_interval_says_its_figure_holds_the_start_up(tmp_path, capsys):
     case = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo', f'--output_dir={tmp_path}'])
-    case.report([{'step': 3, 'loss': 1.5}], [{'train_ips': 10.0}], e2e_seconds=4)
+    case.report([{'step': 3, 'loss': 1.5}], [{'train_ips': 10.0}], {3: 1.5}, e2e_seconds=4)
     assert 'note: this launch logged one interval only' in capsys.readouterr().out
-    case.report([{'step': 2, 'loss': 1.5}, {'step': 4, 'loss': 1.4}], [{'train_ips': 10.0}], e2e_seconds=4)
+    case.report([{'step': 2, 'loss': 1.5}, {'step': 4, 'loss': 1.4}], [{'train_ips': 10.0}], {2: 1.5, 4: 1.4},
+                e2e_seconds=4)
     assert 'note: this launch' not in capsys.readouterr().out
 
 
@@ -147,13 +150,14 @@ def test_pretrain_full_then_finetune_full_and_resume(demo_root, tmp_path):
     check_case(launch, tmp_path, case, 16, 2, 2, finetune=False)
     assert 'effective batch size 64' in launch.stdout and 'device: cpu x 2 processes' in launch.stdout
 
-    # a full run resumes its folder, and reports only what this launch trained
+    # a full run resumes its folder; its loss file holds the whole run's losses, in step order
     out, _ = run_case('pretrain_full_8p.sh', *PRETRAIN, '--nproc=2', '--accum_iter=2', '--epochs=1',
                       '--max_steps=2', '--log_freq=1', f'--output_dir={tmp_path}')
     assert 'resumed from' in out
+    records = read_jsonl(tmp_path / case / 'log.jsonl')
+    assert [r['step'] for r in records] == [2, 4, 5, 6]
     with open(tmp_path / f'train_{case}_loss.txt') as f:
-        assert len(f.read().split()) == 2
-    assert [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')] == [2, 4, 5, 6]
+        assert [float(v) for v in f.read().split()] == pytest.approx([r['loss'] for r in records], abs=1e-6)
 
     checkpoint = tmp_path / case / 'checkpoint-last.pth'
     # one process (two fine-tune in test_finetune's test_two_process_evaluation_is_exact)
@@ -186,6 +190,7 @@ def test_every_script_runs_the_case_its_name_says():
 
 @pytest.mark.parametrize('script, args, message', [
     ('pretrain_performance_1p.sh', ['--model=mae_vit_tiny'], '--data_path= is required'),
+    ('finetune_performance_1p.sh', ['--data_path=demo', '--finetune=x.pth'], 'as --finetune_pth=PATH'),
     ('finetune_full_8p.sh', ['--data_path=demo', '--nproc=two'], '--nproc= must be a whole number'),
 ])  # the run's own errors: test_pretrain_performance_1p_then_a_diverging_launch_starts_afresh_and_exits_3
 def test_bad_input_is_a_clear_error(script, args, message, tmp_path):
@@ -242,6 +247,26 @@ def test_one_process_runs_the_entry_point_itself_and_a_killed_run_exits_as_a_she
         one.run()
     assert error.value.exit_code == 137
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # ignored only while the run stops by itself
+
+
+def test_sigterm_to_the_script_alone_stops_the_run_cleanly(demo_root, tmp_path):
+    """`timeout`, `kill <pid>` or a container's first process signal the script alone: the case
+    passes the signal on, and the run saves and stops with 4 (the case was killed, and the run
+    died writing to the pipe of a case that was gone, with no checkpoint)."""
+    import subprocess
+    process = subprocess.Popen(['bash', os.path.join('test', 'pretrain_performance_1p.sh'), *PRETRAIN,
+                                '--max_steps=200', '--log_freq=1', f'--output_dir={tmp_path}'], cwd=REPO,
+                               env={**os.environ, 'PYTHON': sys.executable}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = tmp_path / 'mae_vit_tiny_pretrain_bs16_1p_perf' / 'log.jsonl'
+    deadline = time.time() + 120
+    while process.poll() is None and time.time() < deadline and not (log.exists() and len(read_jsonl(log)) >= 2):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)  # the script's process (it execs the case), not its group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 4, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith('error: training failed (exit status 4): stopped by SIGTERM')
+    assert (log.parent / 'checkpoint-last.pth').exists()
 
 
 def test_a_flag_the_entry_point_refuses_is_named_in_the_scripts_last_line(tmp_path, monkeypatch):
