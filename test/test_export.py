@@ -157,6 +157,18 @@ def test_finetuned_classifier(tmp_path, capsys):
 
 
 @torch.no_grad()
+def test_a_convolutional_classifier_trained_at_another_size_exports(tmp_path, capsys):
+    """A ResNet fine-tuned at 64 px records input_size 64, which its timm call must not carry (a
+    ResNet takes no img_size: the export was refused as weights that 'do not load')."""
+    torch.manual_seed(0)
+    classifier = timm.create_model('resnet18', num_classes=10).eval()
+    path = save_checkpoint(tmp_path, 'resnet18', classifier)  # input_size 64, below resnet18's 224
+    model, code = export(capsys, path, tmp_path / 'resnet.safetensors')
+    assert "'resnet18'" in code and 'img_size' not in code and 'num_classes=10' in code
+    torch.testing.assert_close(model(images()), classifier(images()), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_linear_probe_head_is_folded(tmp_path, capsys):
     """A linear probe's BatchNorm + linear head becomes one linear layer with the same logits."""
     from main_finetune import add_probe_head

@@ -18,8 +18,8 @@ from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, in_model_layout, load, load
                              saved_args)
 from util.errors import UsageError, first_line
 from util.output_dir import current_umask
-from util.registry import (MODEL_FILES, _unknown, create_classifier, create_pretrain_model, import_model_files,
-                           native_input_size, pretrain_model_names, pretraining_of)
+from util.registry import (MODEL_FILES, _unknown, create_classifier_and_keywords, create_pretrain_model,
+                           import_model_files, native_input_size, pretrain_model_names, pretraining_of)
 
 _TIMM_ENCODERS = {}
 
@@ -139,7 +139,8 @@ def finetuned_classifier(ckpt, path, name):
     if args.get('global_pool') is False:  # main_finetune's --cls_token / --linprobe
         kwargs['global_pool'] = 'token'
     num_classes = state[f'{head}.weight'].shape[0]
-    model = create_classifier(name, num_classes=num_classes, **kwargs)
+    model, kwargs = create_classifier_and_keywords(name, num_classes=num_classes, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k != 'num_classes'}  # the call's own argument
     load_weights(model, in_model_layout(model, state, path), path)
     return (name, kwargs, num_classes), model.state_dict(), f'the {num_classes}-class classifier'
 

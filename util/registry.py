@@ -163,6 +163,12 @@ def create_classifier(name, img_size=None, **kwargs):
     img_size goes to the models whose shape depends on it (vision transformers: the position
     table); a model that takes no img_size (a convolutional network) is built without it.
     """
+    return create_classifier_and_keywords(name, img_size, **kwargs)[0]
+
+
+def create_classifier_and_keywords(name, img_size=None, **kwargs):
+    """create_classifier, and the keywords timm built it with (img_size only where the model took
+    it): the call that rebuilds it. returns: (model, keywords)"""
     import timm
     import_model_files()
     if name in _PRETRAIN_MODELS:
@@ -174,18 +180,18 @@ def create_classifier(name, img_size=None, **kwargs):
     sized = {**kwargs, 'img_size': img_size} if img_size is not None else kwargs
     try:
         try:
-            model = timm.create_model(name, **sized)
+            model, used = timm.create_model(name, **sized), sized
         except TypeError as e:
             if 'img_size' not in str(e) or sized is kwargs:
                 raise
-            model = timm.create_model(name, **kwargs)
+            model, used = timm.create_model(name, **kwargs), kwargs
     except (TypeError, ValueError, AssertionError) as e:
         raise UsageError(f'cannot build {name} with {sized}: {first_line(e)}') from None
     grid = getattr(getattr(model, 'patch_embed', None), 'grid_size', None)
     if grid is not None and min(grid) < 1:  # timm builds it, and its first convolution fails on any image
         raise UsageError(f'cannot build {name} at {img_size} px: the image is smaller than one patch '
                          f'({model.patch_embed.patch_size[0]} px)')
-    return model
+    return model, used
 
 
 def create_pretrain_model(name, **kwargs):
