@@ -101,8 +101,8 @@ def get_args_parser():
                              'beit_base_patch16_224, seresnet50 (default: vit_base_patch16, or the classifier of the '
                              'checkpoint\'s pre-training, e.g. vit_large_patch16 for MAE ViT-L, '
                              'swin_base_patch4_window7_224 for SimMIM Swin-B, or '
-                             'with --eval the model its checkpoint records, with its --input_size, pooling and '
-                             'probe head; fine-tuning vit_large_patch16/'
+                             'with --eval the model its checkpoint records, with its --input_size, pooling, '
+                             'probe head and --nb_classes; fine-tuning vit_large_patch16/'
                              'vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, blr 1e-3, layer decay '
                              f'0.75, drop path 0.2/0.3). This project\'s own: {model_names_by_method(pretraining=False)}')
     parser.add_argument('--input_size', default=None, type=int,
@@ -230,7 +230,8 @@ def classifier_of_checkpoint(path):
 
 def recorded_classifier(ckpt, path):
     """The flags that shape the classifier a fine-tuning checkpoint records (--model, --input_size,
-    --global_pool, --linprobe; {} for a file without them), so that --eval --resume needs none of them."""
+    --global_pool, --linprobe, --nb_classes where one was given; {} for a file without them), so that
+    --eval --resume needs none of them."""
     saved = checkpoint.saved_args(ckpt)
     model = saved.get('model')
     if model in pretrain_model_names():
@@ -238,7 +239,8 @@ def recorded_classifier(ckpt, path):
                          f'fine-tune it first (--finetune {path}), or give a fine-tuned checkpoint')
     if not isinstance(model, str):
         return {}
-    return {k: saved[k] for k in ('model', 'input_size', 'global_pool', 'linprobe') if saved.get(k) is not None}
+    return {k: saved[k] for k in ('model', 'input_size', 'global_pool', 'linprobe', 'nb_classes')
+            if saved.get(k) is not None}
 
 
 def default_model_advice(args):

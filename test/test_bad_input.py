@@ -308,6 +308,12 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root,
     stats = run_finetune('--eval', '--resume', tmp_path / 'probe.pth', '--device', 'cpu', '--num_workers', 0,
                          '--data_path', 'demo', '--output_dir', '')
     assert 0 <= stats['acc1'] <= 100
+    # a head of more outputs than the data's classes (--nb_classes 20 on the demo's 10) is built as recorded
+    torch.save({'model': create_classifier('vit_tiny_patch8', img_size=32, num_classes=20).state_dict(),
+                'args': {'model': 'vit_tiny_patch8', 'input_size': 32, 'nb_classes': 20}}, tmp_path / 'twenty.pth')
+    run_finetune('--eval', '--resume', tmp_path / 'twenty.pth', '--device', 'cpu', '--num_workers', 0,
+                 '--data_path', 'demo', '--output_dir', '')
+    assert ', 20 classes' in capsys.readouterr().out
     pretrained = demo_finetuning[0] / checkpoint.LAST  # a pre-training run's: nothing to evaluate yet
     with pytest.raises(UsageError, match=re.escape(f"{str(pretrained)!r} is a pre-training checkpoint (mae_vit_tiny) "
                                                    f"and --eval measures a classifier: fine-tune it first")):
