@@ -128,11 +128,27 @@ def print_fingerprints(model, dataset, seed):
           f'data order {fingerprint([torch.tensor(order)])}, sample 0 {fingerprint([image, *mask_kwargs.values()])}')
 
 
+# A method's own flags: the recipe entry that the models of that method have, and whose flag it is
+METHOD_FLAGS = {'norm_pix_loss': ('norm_pix_loss', 'MAE\'s and MAE-HiViT\'s'),
+                'mask_patch_size': ('mask_patch_size', 'SimMIM\'s'),
+                'mask_count': ('mask_min_patches', 'MaskFeat\'s'),
+                'mask_min_patches': ('mask_min_patches', 'MaskFeat\'s'),
+                'mask_min_aspect': ('mask_min_aspect', 'MaskFeat\'s')}
+
+
+def check_method_flags(args, recipe):
+    """Another method's flag would be ignored (or fail in the model's constructor): refused."""
+    for flag, (entry, whose) in METHOD_FLAGS.items():
+        if getattr(args, flag) is not None and entry not in recipe:
+            raise UsageError(f'--{flag} is {whose} option, which {args.model} does not have: leave it out')
+
+
 def fill_recipe(args):
     """The flags left unset take the published recipe of --model (of --epochs epochs when the model
     has one of that length, e.g. SimMIM Swin-B's 800-epoch recipe), then --align's defaults, then
     the tensor input pipeline. returns: what was chosen, in words"""
     recipe = pretrain_recipe(args.model, args.epochs)
+    check_method_flags(args, recipe)
     apply_recipe(args, recipe)
     if args.align:
         use_alignment_defaults(args)
@@ -173,7 +189,7 @@ def main(args):
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank, drawn on the CPU
     model_kwargs = {'img_size': args.input_size}
-    if args.norm_pix_loss is not None:  # MAE's option; another model that is given it says it has no such option
+    if args.norm_pix_loss is not None:  # MAE's option (check_method_flags)
         model_kwargs['norm_pix_loss'] = args.norm_pix_loss
     model = create_pretrain_model(args.model, **model_kwargs)
     print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')

@@ -167,7 +167,9 @@ class MaskFeat(nn.Module):
         """What the data pipeline draws per sample: BEiT's block-wise masks of --mask_count patches
         (default: --mask_ratio of them), blocks of --mask_min_patches or more, aspect from
         --mask_min_aspect to its inverse."""
-        count = getattr(args, 'mask_count', None) or BlockMask.default_count(self.grid, args.mask_ratio)
+        count = getattr(args, 'mask_count', None)
+        if count is None:  # not `or`: --mask_count 0 is refused, not read as unset
+            count = BlockMask.default_count(self.grid, args.mask_ratio)
         return BlockMask(self.grid, count, args.mask_min_patches, min_aspect=args.mask_min_aspect)
 
     def forward_loss(self, target, pred, mask):

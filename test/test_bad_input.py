@@ -39,6 +39,13 @@ TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--dat
     (['--start_epoch', -1], '--start_epoch must be 0 or more, got -1'),  # the sampler's traceback in a worker
     (['--vis_freq', -1], '--vis_freq must be 0 or more, got -1'),  # was taken as every epoch
     (['--lr_schedule', 'step', '--lr_milestones', 5, -1], '--lr_milestones are epochs, 0 or more, got 5 -1'),
+    (['--start_epoch', 5, '--epochs', 1], '--start_epoch 5 is not below --epochs 1: nothing would train'),  # was exit 0
+    (['--input_size', 8], '--mask_ratio 0.75 leaves none of the 1 patches visible: give a larger --input_size'),
+    (['--data_path', '/nonexistent/imagenet'], "--data_path '/nonexistent/imagenet' does not exist"),
+    # another method's flag was ignored, or failed in the model's constructor (Beit.__init__()'s TypeError)
+    (['--mask_count', 5], "--mask_count is MaskFeat's option, which mae_vit_tiny does not have: leave it out"),
+    (['--model', 'simmim_vit_tiny', '--no-norm_pix_loss'], "--norm_pix_loss is MAE's and MAE-HiViT's option, which "
+                                                           "simmim_vit_tiny does not have"),
 ])
 def test_impossible_rates_and_sizes_are_refused_before_the_run(flags, message, tmp_path):
     with pytest.raises(UsageError) as error:
@@ -124,20 +131,20 @@ def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
 def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
     a_file = tmp_path / 'file'
     a_file.write_text('')
-    for output_dir in (a_file, a_file / 'below', '/proc/self'):  # /proc/self: not writable, even by root
+    for output_dir in (a_file / 'below', '/proc/self'):  # /proc/self: not writable, even by root
         with pytest.raises(UsageError, match=f'--output_dir {output_dir}: cannot write there'):
             run_pretrain(*TINY, '--max_steps', 1, '--output_dir', output_dir)
-    # and as a user sees it: one line, exit 2
+    # and as a user sees it: one line, exit 2 (it said 'cannot write there (File exists)')
     result = run_script(sys.executable, 'main_pretrain.py', *TINY, '--output_dir', a_file)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        f'error: --output_dir {a_file}: cannot write there (File exists): give a folder you can write to']
+        f'error: --output_dir {a_file} is a file: give a folder (a new one is made)']
 
 
 def test_a_log_dir_that_cannot_be_written_is_one_line(tmp_path):
     """--log_dir (TensorBoard's folder, when it is not --output_dir) is made and tried at start-up."""
     a_file = tmp_path / 'file'
     a_file.write_text('')
-    for log_dir in (a_file, a_file / 'below', '/proc/self/tb'):
+    for log_dir in (a_file / 'below', '/proc/self/tb'):
         with pytest.raises(UsageError, match=f'--log_dir {log_dir}: cannot write there'):
             run_pretrain(*TINY, '--max_steps', 1, '--output_dir', tmp_path / 'out', '--log_dir', log_dir)
 
@@ -238,6 +245,11 @@ def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_pa
     assert 'does not fit this model: size mismatch for pos_embed' in str(error.value)
     assert str(error.value).endswith('; resume it with the flags it was written with, or start a new run in another '
                                      '--output_dir (or remove its checkpoint-last.pth)')
+    with pytest.raises(UsageError) as error:  # given by hand: the advice is about --resume, not the folder
+        run_pretrain(*TINY, '--input_size', 40, '--max_steps', 2, '--batch_size', 8, '--epochs', 1,
+                     '--warmup_epochs', 0, '--resume', tmp_path / checkpoint.LAST, '--output_dir', tmp_path / 'other')
+    assert str(error.value).endswith('; resume it with the flags it was written with, or resume another checkpoint '
+                                     '(or none) with these flags')
 
 
 

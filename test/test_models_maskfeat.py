@@ -120,7 +120,8 @@ def test_block_mask_count_scales_and_refuses_too_many():
     # no block touches the last row or column: 13 x 13 = 169 of 196 at most (more drew blocks for ever)
     assert BlockMask(14, 169, 15)(torch.Generator().manual_seed(0))['mask'][:13, :13].sum().item() == 169
     with pytest.raises(UsageError, match=r'cannot mask 170 of 196 patches with blocks, which cover at most 169 '
-                                         r'\(13 x 13.*: give --mask_count from 1 to 169, or a --mask_ratio up to 0.862$'):
+                                         r'\(13 x 13.*: give --mask_count from 1 to 169, or a --mask_ratio from 0.006 to '
+                                         r'0.862$'):  # 1 / 196 = 0.0051 up, 169 / 196 = 0.8622 down
         BlockMask(14, 170, 15)
     with pytest.raises(UsageError, match='give --mask_min_patches 1 or more, got -5$'):  # was sqrt's ValueError
         BlockMask(14, 78, -5)

@@ -227,6 +227,8 @@ def other_run_advice(args):
     (--finetune); pre-training has no such flag, so a new run goes to another folder."""
     if of_finetuning(vars(args)):
         return ', start from its weights with --finetune, or use another --output_dir'
+    if args.resume:  # given by hand: another --resume is the choice, not the folder
+        return ', or resume another checkpoint (or none) with these flags'
     return ', or start a new run in another --output_dir (or remove its checkpoint-last.pth)'
 
 

@@ -48,7 +48,9 @@ def resolve_data_root(data_path, split='train'):
     if data_path == DEMO:
         return demo_data.ensure_demo_dataset()
     if not os.path.isdir(os.path.join(data_path, split)):
-        raise UsageError(f'--data_path {data_path!r} has no {split}/ folder: give the root of an ImageFolder '
+        missing = 'does not exist' if not os.path.exists(data_path) else \
+            'is a file, not a folder' if not os.path.isdir(data_path) else f'has no {split}/ folder'
+        raise UsageError(f'--data_path {data_path!r} {missing}: give the root of an ImageFolder '
                          f'data set ({split}/<class>/<image>), or --data_path demo for the built-in set '
                          f'(synthetic for generated images, to measure a device without a disk)')
     return data_path

@@ -9,6 +9,7 @@ from util.compiling import resolve_compile
 from util.determinism import alignment_summary, watch_nondeterministic_kernels
 from util.device import resolve_device
 from util.engine import Progress
+from util.errors import UsageError
 from util.flags import check_run_args
 from util.output_dir import lock_output_dir, make_log_dir
 
@@ -60,7 +61,9 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
         print(f'warning: {args.output_dir} holds the log.jsonl and log.txt of an earlier run, and no checkpoint to '
               f'resume: this run appends its own lines after them (another --output_dir keeps runs apart)')
     if start_epoch >= args.epochs:
-        print(f'nothing to train: the run in {args.output_dir} has finished its {args.epochs} epochs '
+        if not resume:
+            raise UsageError(f'--start_epoch {start_epoch} is not below --epochs {args.epochs}: nothing would train')
+        print(f'nothing to train: {resume} has finished {start_epoch} epochs, and --epochs is {args.epochs} '
               f'(raise --epochs to train longer)')
     else:
         print(f'training epochs {start_epoch} to {args.epochs - 1}')

@@ -47,8 +47,10 @@ class UniformNoise:
         if not 0 <= mask_ratio < 1:
             raise UsageError(f'--mask_ratio must be in [0, 1), got {mask_ratio}')
         if int(num_patches * (1 - mask_ratio)) < 1:  # the encoder would see nothing (HiViT's cannot even run)
+            advice = f'--mask_ratio {round_down(1 - 1 / num_patches, 4)} or less' if num_patches > 1 else \
+                'a larger --input_size (the image is one patch)'
             raise UsageError(f'--mask_ratio {mask_ratio} leaves none of the {num_patches} patches visible: give '
-                             f'--mask_ratio {round_down(1 - 1 / num_patches, 4)} or less')
+                             f'{advice}')
         self.num_patches = num_patches
         self.forward_kwargs = {'mask_ratio': mask_ratio}
 
@@ -99,8 +101,8 @@ class BlockMask:
         if not 0 < num_masking_patches <= coverable:
             raise UsageError(f'cannot mask {num_masking_patches} of {grid * grid} patches with blocks, which cover at '
                              f'most {coverable} ({grid - 1} x {grid - 1}: as in BEiT\'s code, no block touches the '
-                             f'last row or column): give --mask_count from 1 to {coverable}, or a --mask_ratio up to '
-                             f'{round_down(coverable / grid ** 2, 3)}')
+                             f'last row or column): give --mask_count from 1 to {coverable}, or a --mask_ratio from '
+                             f'{math.ceil(1000 / grid ** 2) / 1000} to {round_down(coverable / grid ** 2, 3)}')
         if min_num_patches < 1:
             raise UsageError(f'a mask block holds at least one patch: give --mask_min_patches 1 or more, got '
                              f'{min_num_patches}')

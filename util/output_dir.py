@@ -48,6 +48,8 @@ def folder_errors_as_usage(flag, folder):
     try:
         yield
     except OSError as e:
+        if os.path.isfile(folder):
+            raise UsageError(f'{flag} {folder} is a file: give a folder (a new one is made)') from None
         raise UsageError(f'{flag} {folder}: cannot write there ({e.strerror or first_line(e)}): give a '
                          f'folder you can write to') from None
 
