@@ -251,6 +251,21 @@ def default_model_advice(args):
             f'--model its weights are of')
 
 
+def finetune_model_advice(args):
+    """What to add to a mismatch of --finetune's weights: default_model_advice, or, where --model
+    differs from the classifier the checkpoint fine-tunes as (its pre-training's, or the one a
+    fine-tuned checkpoint records), to leave --model out."""
+    advice = default_model_advice(args)
+    if advice or not os.path.isfile(args.finetune):
+        return advice
+    ckpt = checkpoint.load(args.finetune, mmap=True)
+    source, published = finetune_recipe_of(ckpt)
+    classifier = published.get('model') if source else recorded_classifier(ckpt, args.finetune).get('model')
+    if classifier and classifier != args.model:
+        return f'; it fine-tunes as --model {classifier}: leave --model out'
+    return ''
+
+
 def check_args(args):
     if mixup_active(args) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
@@ -324,7 +339,7 @@ def build_model(args, num_classes, resuming):
             report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std,
                                                 head_init_bias=args.head_init_bias)
         except UsageError as e:
-            raise UsageError(f'{e}{default_model_advice(args)}') from None
+            raise UsageError(f'{e}{finetune_model_advice(args)}') from None
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
         for key in ('missing', 'unexpected', 'dropped', 'resized'):
             if report[key]:

@@ -282,7 +282,7 @@ def test_weights_that_name_no_model_and_fit_not_the_default_say_so(tmp_path):
                                          r"names no model timm knows, so it was built as vit_base_patch16 \(the default\): "
                                          r"give the --model its weights are of$"):
         run_finetune(*flags, '--output_dir', tmp_path / 'default')
-    with pytest.raises(UsageError, match=r'vs \(384,\).*checkpoint keys [^;]*$'):  # a --model given: no such advice
+    with pytest.raises(UsageError, match=r'vs \(384,\)[^;]*$'):  # a --model given: no such advice
         run_finetune(*flags, '--model', 'vit_small_patch16_224', '--output_dir', tmp_path / 'small')
     # --eval of a classifier's bare weights, alike
     torch.save(create_classifier('vit_tiny_patch8', img_size=64, num_classes=10).state_dict(), tmp_path / 'bare.pth')

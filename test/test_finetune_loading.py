@@ -101,6 +101,32 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
         checkpoint.load_pretrained(model, str(tmp_path / 'empty.pth'))
 
 
+def test_a_checkpoint_of_another_layout_names_the_keys_that_differ(tmp_path, capsys):
+    """MAE's ViT into BEiT went through BEiT's filter, which failed with "'NoneType' object has no
+    attribute 'shape'"; SimMIM's BEiT into a ViT listed the checkpoint's first keys (cls_token, which
+    the ViT has too) as if they did not fit. Both now name the keys each side lacks; and
+    main_finetune says which classifier the checkpoint fine-tunes as."""
+    from helpers import run_finetune
+    from util.registry import create_classifier, create_pretrain_model
+    for name in ('mae_vit_tiny', 'simmim_vit_tiny'):
+        torch.save({'model': create_pretrain_model(name, img_size=64).state_dict(),
+                    'args': {'model': name, 'input_size': 64}}, tmp_path / f'{name}.pth')
+    beit = create_classifier('beit_tiny_patch8_64', img_size=64, num_classes=10)
+    with pytest.raises(UsageError) as error:
+        checkpoint.load_pretrained(beit, str(tmp_path / 'mae_vit_tiny.pth'))
+    assert 'NoneType' not in str(error.value)
+    assert "model keys not in the checkpoint ['blocks.0.gamma_1', 'blocks.0.gamma_2', " in str(error.value)
+    assert "checkpoint keys not in the model ['pos_embed', 'blocks.0.attn.qkv.bias', " in str(error.value)
+    vit = create_classifier('vit_tiny_patch8', img_size=64, num_classes=10)
+    with pytest.raises(UsageError) as error:
+        checkpoint.load_pretrained(vit, str(tmp_path / 'simmim_vit_tiny.pth'))
+    assert "checkpoint keys not in the model ['rel_pos_bias.relative_position_bias_table', " in str(error.value)
+    assert 'cls_token' not in str(error.value) and 'shapes' not in str(error.value)  # no empty lists
+    with pytest.raises(UsageError, match=r'; it fine-tunes as --model vit_tiny_patch8: leave --model out$'):
+        run_finetune('--finetune', tmp_path / 'mae_vit_tiny.pth', '--model', 'beit_tiny_patch8_64', '--device', 'cpu',
+                     '--data_path', 'demo', '--max_steps', 1, '--epochs', 1, '--output_dir', tmp_path / 'run')
+
+
 def test_weights_in_the_wrappers_other_code_saves_them_in_load_as_the_bare_state(tmp_path):
     """DeepSpeed/BEiT's 'module', PySlowFast's 'model_state', a DDP model saved with its `module.`
     prefix and a safetensors file (timm's hub weights, export.py's output) all give the same weights."""

@@ -349,10 +349,20 @@ def in_model_layout(model, state, path):
     try:
         return filter_fn(state, model)
     except (AttributeError, KeyError, RuntimeError, ValueError) as e:  # weights of another architecture
-        own = model.state_dict()
-        raise UsageError(f'{path!r} does not fit this model ({first_line(e)}): checkpoint keys not in the model '
-                         f'{[k for k in state if k not in own][:3]}, model keys not in the checkpoint '
-                         f'{[k for k in own if k not in state][:3]}') from None
+        # the keys say what differs; the filter's own words only where they do not ('NoneType' object ...)
+        differences = key_differences(state, model.state_dict()) or first_line(e)
+        raise UsageError(f'{path!r} does not fit this model: {differences}') from None
+
+
+def key_differences(state, own, wrong_shapes=(), optional=()):
+    """The first three of each kind of difference between a checkpoint's weights and a model's:
+    shapes, keys missing from the checkpoint (less those starting with `optional`), keys the model
+    lacks; '' when there is none."""
+    parts = [('shapes', list(wrong_shapes)),
+             ('model keys not in the checkpoint', [k for k in own if k not in state and not k.startswith(optional)]),
+             ('checkpoint keys not in the model', [k for k in state if k not in own])]
+    return ', '.join(f'{name} {keys[:3]}' + (f' (and {len(keys) - 3} more)' if len(keys) > 3 else '')
+                     for name, keys in parts if keys)
 
 
 def encoder_of(state):
@@ -398,8 +408,7 @@ def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias
     state.update(rebuilt_buffers(model, state))
     missing_body = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
     if wrong or missing_body or not any(k in own for k in state):
-        raise UsageError(f'{path!r} does not fit this model: shapes {wrong[:3]}, missing {missing_body[:3]}, '
-                         f'checkpoint keys {list(state)[:3]}')
+        raise UsageError(f'{path!r} does not fit this model: {key_differences(state, own, wrong, HEAD_PREFIXES)}')
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = model.get_classifier() if hasattr(model, 'get_classifier') else getattr(model, 'head', None)
     if isinstance(head, torch.nn.Linear):
