@@ -136,8 +136,8 @@ class HiViT(nn.Module):
                  global_pool='avg', fc_norm=True):
         super().__init__()
         if global_pool not in ('avg', ''):
-            raise ValueError(f'HiViT has no cls token and classifies the mean of its tokens, not {global_pool!r} '
-                             f'(pass --global_pool)')
+            raise ValueError(f'Invalid pool type {global_pool!r}: HiViT has no cls token and classifies the mean '
+                             f'of its tokens (pass --global_pool)')
         self.num_classes = num_classes
         self.num_features = embed_dim
         self.depths, self.num_main_blocks = tuple(depths), depths[-1]

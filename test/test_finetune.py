@@ -281,6 +281,11 @@ def test_bad_input_is_one_line(small_folder, tmp_path):
                                          'rand-m9-mstd0.5-inc1'):  # timm's bare AssertionError
         run_finetune(*TINY, '--data_path', small_folder, '--aa', 'randaug', '--output_dir', tmp_path)
     # timm's CNNs have no cls token: --linprobe's pooling is named, with the flag that fixes it
-    with pytest.raises(UsageError, match='resnet10t has no cls token for --linprobe to classify: give --global_pool'):
-        run_finetune('--model', 'resnet10t', '--input_size', 64, '--device', 'cpu', '--data_path', small_folder,
-                     '--linprobe', '--output_dir', tmp_path)
+    for model in ('resnet10t', 'hivit_tiny_patch8_64'):  # HiViT's own words printed its keywords as a dict
+        with pytest.raises(UsageError, match=f'{model} has no cls token for --linprobe to classify: give --global_pool'):
+            run_finetune('--model', model, '--input_size', 64, '--device', 'cpu', '--data_path', small_folder,
+                         '--linprobe', '--output_dir', tmp_path)
+    # 60 px on 8-px patches: the last 4 rows and columns were left out without a word
+    with pytest.raises(UsageError, match=r'cannot build vit_tiny_patch8 at 60 px: the image size must be a multiple of '
+                                         r'the patch size 8 \(e.g. 56 or 64\)'):
+        run_finetune(*TINY, '--data_path', small_folder, '--input_size', 60, '--max_steps', 1, '--output_dir', tmp_path)

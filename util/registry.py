@@ -191,6 +191,11 @@ def create_classifier_and_keywords(name, img_size=None, **kwargs):
     if grid is not None and min(grid) < 1:  # timm builds it, and its first convolution fails on any image
         raise UsageError(f'cannot build {name} at {img_size} px: the image is smaller than one patch '
                          f'({model.patch_embed.patch_size[0]} px)')
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if 'img_size' in used and isinstance(patch, int) and img_size % patch:  # the last pixels would be cut silently
+        raise UsageError(f'cannot build {name} at {img_size} px: the image size must be a multiple of the patch size '
+                         f'{patch} (e.g. {img_size // patch * patch} or {(img_size // patch + 1) * patch})')
     return model, used
 
 
