@@ -634,6 +634,7 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
         raise UsageError(f'each process has {batches} batches of {args.batch_size} an epoch, fewer than --accum_iter '
                          f'{args.accum_iter} ({len(dataset)} images over {world.world_size} processes): no optimizer '
                          f'step would be taken; lower --batch_size or --accum_iter (or use more images)')
+    signals.kill_workers_at_exit()
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_fn,
                       persistent_workers=args.num_workers > 0, worker_init_fn=signals.ignore_stop_signals_in_worker)
@@ -644,6 +645,7 @@ def build_eval_loader(dataset, world, args, pin_memory, distributed, persistent=
     `persistent` its workers live from one evaluation to the next (no start-up of a pool each
     epoch); without, they exist only while it is read (an evaluation every few epochs)."""
     num_replicas, rank = (world.world_size, world.rank) if distributed else (1, 0)
+    signals.kill_workers_at_exit()
     return DataLoader(dataset, sampler=ShardSampler(dataset, num_replicas, rank), batch_size=args.batch_size,
                       num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
                       persistent_workers=persistent and args.num_workers > 0,

@@ -15,9 +15,13 @@ Data-loader workers ignore all three (`ignore_stop_signals_in_worker`): a Ctrl-C
 reaches every process of the foreground group, and so does a SIGTERM sent to the group (GNU
 `timeout`, `kill -TERM -<pgid>`, a scheduler that signals every process of the job); a worker that
 died of it would break the step the run finishes before saving. A worker still ends with the run:
-torch's workers watch their parent and exit when it is gone.
+the data loader stops its workers when it is done, torch's workers watch their parent and exit
+when it is gone, and `kill_workers_at_exit` ends those a run leaves running when it stops on an
+error.
 """
+import atexit
 import contextlib
+import multiprocessing
 import signal
 
 import torch
@@ -76,6 +80,28 @@ def ignore_stop_signals_in_worker(worker_id):
     """DataLoader worker_init_fn: leave the stop signals to the training process, which stops cleanly."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+_killing_workers_at_exit = []
+
+
+def kill_workers_at_exit():
+    """Call in the training process before it starts data-loader workers. A run that ends on an error
+    while a loader's workers run (an unreadable validation image raised in one, say) leaves them to
+    multiprocessing's exit handler, which ends its daemonic children with SIGTERM, which the workers
+    ignore, and then waits for them for ever. This handler, registered after it and so run before it,
+    kills them first (they hold nothing to save: they only read images)."""
+    if not _killing_workers_at_exit:
+        atexit.register(_kill_daemonic_children)
+        _killing_workers_at_exit.append(True)
+
+
+def _kill_daemonic_children():
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker's failure
+        for worker in workers:
+            worker.kill()
 
 
 def received():
