@@ -126,6 +126,7 @@ def test_pretrain_performance_1p_then_a_diverging_launch_starts_afresh_and_exits
     # the first launch's figures are gone with it: a harvester finds no summary of the failed one
     assert not (tmp_path / f'{case}.log').exists() and not (tmp_path / f'train_{case}_loss.txt').exists()
     assert result.stderr.strip().splitlines()[-1].startswith('error: training failed (exit status 3): the loss is nan')
+    assert 'no checkpoint had been written' in result.stderr  # the run started afresh and stopped before one
     steps = [r['step'] for r in read_jsonl(tmp_path / case / 'log.jsonl')]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 4  # none of the first launch's
     with open(tmp_path / f'train_{case}.log') as f:

@@ -109,6 +109,17 @@ def log_step_values(mean_loss, loader, args):
     return mean_loss, replaced
 
 
+def diverged_message(loss, epoch, step, precision, args):
+    """The line for a loss that became NaN or infinite: what is kept, and the changes this run can
+    still make (no --precision fp32 advice to an fp32 run)."""
+    written = bool(args.output_dir) and os.path.isfile(os.path.join(args.output_dir, checkpoint.LAST))
+    kept = 'the last checkpoint written is the last good one' if written else 'no checkpoint had been written'
+    changes = ['lower the lr (--blr or --lr)', 'lower --clip_grad' if args.clip_grad else 'set --clip_grad']
+    changes += {'fp16': ['use --precision bf16 (or fp32)'], 'bf16': ['use --precision fp32']}.get(precision, [])
+    advice = f'{", ".join(changes[:-1])} or {changes[-1]}'
+    return f'the loss is {loss} at epoch {epoch}, step {step}: training stopped; {kept}. {advice[0].upper()}{advice[1:]}'
+
+
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
                     progress, throughput, logger, start_iter=0, ema=None, save_progress=None, flop_rate=None):
     """Train for one epoch (or what remains of it after `start_iter` micro-batches).
@@ -191,10 +202,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             toc = time.perf_counter()
             ips = throughput.add(images, toc - tic)
             if not math.isfinite(mean_loss):
-                raise TrainingDiverged(
-                    f'the loss is {mean_loss} at epoch {epoch}, step {progress.step}: training stopped; the last '
-                    f'good checkpoint is the last one written. Lower --blr, set --clip_grad, or use --precision '
-                    f'bf16/fp32')
+                raise TrainingDiverged(diverged_message(mean_loss, epoch, progress.step, precision, args))
             record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips,
                       'time': round(time.time(), 3)}
             if flop_rate is not None:
