@@ -48,7 +48,7 @@ from util.flops import (FlopRate, device_name, device_peak, example_batch, matmu
                         training_flops_per_image)
 from util.images import BadImages
 from util.optim import build_adamw, param_groups
-from util.registry import create_classifier, create_pretrain_model, native_input_size, pretrain_model_names
+from util.registry import _unknown, create_classifier, create_pretrain_model, native_input_size, pretrain_model_names
 
 # One model of each family, (small, published size): --all runs the small ones on the CPU.
 FAMILIES = {
@@ -106,7 +106,31 @@ def get_args_parser():
     return parser
 
 
+def check_mode_flags(args):
+    """A flag of another mode would be ignored: refused, naming the mode it belongs to."""
+    model_mode = not (args.checkpoint_stall or args.data_path)
+    given = {'--all': args.all, '--sizes': args.sizes != 'auto', '--official': args.official is not None,
+             '--rounds': args.rounds is not None, '--compare_official': args.compare_official,
+             '--finetune_pipeline': args.finetune_pipeline, '--input_pipeline': args.input_pipeline is not None}
+    for flag in ('--all', '--sizes', '--official', '--rounds'):
+        if given[flag] and not model_mode:
+            raise UsageError(f'{flag} is for timing the training step: leave out '
+                             f'{"--checkpoint_stall" if args.checkpoint_stall else "--data_path"}')
+    for flag in ('--compare_official', '--finetune_pipeline', '--input_pipeline'):
+        if given[flag] and not args.data_path:
+            raise UsageError(f'{flag} is for timing the input pipeline: give --data_path')
+    if args.checkpoint_stall and args.data_path:
+        raise UsageError('--checkpoint_stall times saves of --model\'s weights and AdamW state: leave out --data_path')
+    if args.sizes != 'auto' and not args.all:
+        raise UsageError('--sizes chooses the models of --all: add --all')
+    if args.all and args.model:
+        raise UsageError('--all times one model of each family: leave out --model (or --all)')
+    if args.compare_official and is_synthetic(args.data_path):
+        raise UsageError('--compare_official reads image files: give an ImageFolder root or demo, not synthetic')
+
+
 def check_args(args):
+    check_mode_flags(args)
     if args.rounds is None:
         args.rounds = 3 if args.official else 1
     for name in ('steps', 'images', 'rounds', 'saves'):
@@ -140,6 +164,8 @@ def build_step(name, batch_size, input_size):
     """The model, the loss of the training step and a batch on the CPU for a model name.
     returns: (model, loss_fn(model, batch), batch, input size, main_pretrain's flags with the
               recipe filled in, or None for a classifier)"""
+    if name not in pretrain_model_names() and not timm.is_model(name):  # the closest among both kinds
+        raise _unknown('model', name, pretrain_model_names() + timm.list_models())
     if name in pretrain_model_names():
         args = training_args(main_pretrain, name, 'synthetic', input_size)
         model = create_pretrain_model(name, img_size=args.input_size)
@@ -308,6 +334,8 @@ def run_models(args):
     sizes = args.sizes if args.sizes != 'auto' else 'small' if device.type == 'cpu' else 'published'
     names = [pair[sizes == 'published'] for pair in FAMILIES.values()] if args.all else [args.model or 'mae_vit_base']
     where = f'{precision} on {device_name(device)}, {compiled_how(args)}'
+    if args.compile and not args.warmup:
+        print('warning: --warmup 0 with compiling: the first timed step compiles the model, and the figures hold that')
     results = []
     for name in names:
         results.append(benchmark_model(name, args, device, precision, clones))
@@ -433,8 +461,6 @@ def run_loader(args):
           f'total, {total / workers:.1f} per worker ({timed} images after those ready at the start)', flush=True)
     figures = {'per_core': per_core, 'total': total}
     if args.compare_official:
-        if is_synthetic(args.data_path):
-            raise UsageError('--compare_official reads image files: give an ImageFolder root or demo, not synthetic')
         paths = {i: dataset.dataset.samples[i][0] for i in indices}
         transform = pretrain_transform(train_args.input_size)  # the official MAE transform: crop (0.2, 1) bicubic
         official = images_per_second_one_core(lambda i: official_mae_load(paths[i], transform), indices)

@@ -220,6 +220,31 @@ def test_impossible_counts_and_peaks_are_one_line(flags, message):
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize('flags, message', [  # each was ignored without a word
+    (['--all', '--model', 'mae_vit_tiny'], '--all times one model of each family: leave out --model (or --all)'),
+    (['--sizes', 'small'], '--sizes chooses the models of --all: add --all'),
+    (['--compare_official'], '--compare_official is for timing the input pipeline: give --data_path'),
+    (['--data_path', 'demo', '--official', 'official/mae'], '--official is for timing the training step: leave out '
+                                                             '--data_path'),
+    (['--checkpoint_stall', '--data_path', 'demo'], "--checkpoint_stall times saves of --model's weights and AdamW "
+                                                    "state: leave out --data_path"),
+])
+def test_a_flag_of_another_mode_is_refused(flags, message):
+    import benchmark
+    from util.errors import UsageError
+    with pytest.raises(UsageError) as error:
+        benchmark.main(benchmark.get_args_parser().parse_args(flags))
+    assert str(error.value) == message
+
+
+def test_an_unknown_model_names_the_closest_of_both_kinds():
+    """A typo of a pre-training model was matched against timm's names alone (davit_tiny, ...)."""
+    import benchmark
+    from util.errors import UsageError
+    with pytest.raises(UsageError, match=r"unknown model 'mae_vit_tinyy' \(closest: mae_vit_tiny"):
+        benchmark.main(benchmark.get_args_parser().parse_args(['--model', 'mae_vit_tinyy', '--device', 'cpu']))
+
+
 def test_checkpoint_mode_times_both_writers(capsys):
     import benchmark
     benchmark.main(benchmark.get_args_parser().parse_args(
@@ -325,3 +350,5 @@ def test_benchmark_times_the_official_code_beside_this_project(tmp_path, monkeyp
         in capsys.readouterr().out
     with pytest.raises(UsageError, match=f'--official {tmp_path}: not a clone of one of https://github.com/'):
         benchmark.main(benchmark.get_args_parser().parse_args(['--device', 'cpu', '--official', str(tmp_path)]))
+    with pytest.raises(UsageError, match=f'--official {tmp_path / "none"} does not exist'):  # was 'not a clone'
+        benchmark.main(benchmark.get_args_parser().parse_args(['--device', 'cpu', '--official', str(tmp_path / 'none')]))

@@ -47,6 +47,8 @@ def find_clones(folders):
     returns: {'MAE' | 'SimMIM' | 'HiViT': folder}"""
     clones = {}
     for folder in folders:
+        if not os.path.isdir(folder):
+            raise UsageError(f'--official {folder} does not exist: give the folder git clone made')
         found = [name for name, (marker, _) in REPOSITORIES.items() if os.path.isfile(os.path.join(folder, marker))]
         if not found:
             raise UsageError(f'--official {folder}: not a clone of one of ' + ', '.join(
