@@ -348,7 +348,8 @@ def run_models(args):
     compared = [r for r in results if isinstance(r.get('official'), dict)]
     if compared:
         columns = [v for v in OFFICIAL_COLUMNS if any(v in r['official'] for r in compared)]
-        print(f'\nAgainst the official code ({where}; images/s (MFU), the best of {args.rounds} rounds taken in turns):\n'
+        rounds = f'the best of {args.rounds} rounds taken in turns' if args.rounds > 1 else 'one round'
+        print(f'\nAgainst the official code ({where}; images/s (MFU), {rounds}):\n'
               f'| model | weights | {" | ".join(columns)} | this project / official |\n'
               f'| --- | --- |{" --- |" * len(columns)} --- |')
         for r in compared:
@@ -457,7 +458,7 @@ def run_loader(args):
     total, timed = images_per_second_loader(dataset, collate_fn, train_args, args, device)
     workers = max(args.num_workers, 1)
     decoded = f', decoded, cropped and resized on {device_name(device)}' if device else ''
-    print(f'  DataLoader, {args.num_workers} workers, batch {train_args.batch_size}{decoded}: {total:.1f} images/s in '
+    print(f'  DataLoader, {args.num_workers} worker{"s" if args.num_workers != 1 else ""}, batch {train_args.batch_size}{decoded}: {total:.1f} images/s in '
           f'total, {total / workers:.1f} per worker ({timed} images after those ready at the start)', flush=True)
     figures = {'per_core': per_core, 'total': total}
     if args.compare_official:

@@ -390,8 +390,10 @@ def check_args(args):
 def report(args, cand, ref, cand_format, ref_format, steps, result):
     """The comparison's lines on stdout, the verdict last."""
     common = len(set(cand) & set(ref))
-    print(f'candidate: {args.candidate} ({cand_format}, {len(cand)} losses, steps {describe_steps(sorted(cand))})')
-    print(f'reference: {args.reference} ({ref_format}, {len(ref)} losses, steps {describe_steps(sorted(ref))})')
+    for role, path, fmt, losses in (('candidate', args.candidate, cand_format, cand),
+                                    ('reference', args.reference, ref_format, ref)):
+        count = f'{len(losses)} loss{"es" if len(losses) != 1 else ""}'
+        print(f'{role}: {path} ({fmt}, {count}, steps {describe_steps(sorted(losses))})')
     print(f'steps: {len(steps)} compared ({describe_steps(steps.tolist())}), of {common} in common')
     only_cand, only_ref = len(cand) - common, len(ref) - common
     if only_cand or only_ref:

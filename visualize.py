@@ -145,7 +145,7 @@ def main(args):
     if args.logs:
         output = args.output or 'curves.png'
         draw_training_curves(output, args.logs)  # any image type matplotlib writes
-        print(f'curves of {len(args.logs)} runs: {output}')
+        print(f'curves of {len(args.logs)} run{"s" if len(args.logs) != 1 else ""}: {output}')
     else:
         draw_reconstructions(args)
 

@@ -396,3 +396,12 @@ def test_out_of_memory_and_a_full_disk_are_one_line_that_says_what_to_do(capsys)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def test_the_closing_lines_quote_the_tensorboard_command(capsys):
+    """A folder with a space: the printed command, pasted into a shell, opened two folders."""
+    import shlex
+    from util.launch import print_outputs
+    print_outputs(argparse.Namespace(output_dir='runs/my run', log_dir='runs/my run'), None, 1.0)
+    command = capsys.readouterr().out.split('TensorBoard: ', 1)[1].strip()
+    assert shlex.split(command) == ['tensorboard', '--logdir', 'runs/my run']

@@ -3,6 +3,7 @@
 flags are util/flags.py's, torch.compile is util/compiling.py's."""
 import json
 import os
+import shlex
 
 from util import checkpoint, dist, signals
 from util.compiling import resolve_compile
@@ -84,4 +85,4 @@ def print_outputs(args, stats, seconds, bad_images=None):
         print(f'checkpoint: {os.path.join(args.output_dir, checkpoint.LAST)}\n'
               f'logs: {os.path.join(args.output_dir, "log.jsonl")} (steps), '
               f'{os.path.join(args.output_dir, "log.txt")} (epochs)\n'
-              f'TensorBoard: tensorboard --logdir {args.log_dir}')
+              f'TensorBoard: tensorboard --logdir {shlex.quote(args.log_dir)}')  # a command to paste: quoted
