@@ -322,6 +322,17 @@ def add_probe_head(model):
         p.requires_grad = True
 
 
+def grouped_keys(keys, most=6):
+    """State-dict keys for a line of the loading report: as they are when there are at most `most`,
+    else grouped by their first name ('decoder_blocks.* (96)'): ViT-L's decoder is hundreds of keys."""
+    if len(keys) <= most:
+        return list(keys)
+    groups = {}
+    for key in keys:
+        groups.setdefault(key.split('.')[0], []).append(key)
+    return [members[0] if len(members) == 1 else f'{name}.* ({len(members)})' for name, members in groups.items()]
+
+
 def build_model(args, num_classes, resuming):
     """The classifier, initialised from --finetune unless a training checkpoint will overwrite it."""
     pool = 'avg' if args.global_pool else 'token'
@@ -343,7 +354,7 @@ def build_model(args, num_classes, resuming):
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
         for key in ('missing', 'unexpected', 'dropped', 'resized'):
             if report[key]:
-                print(f'  {key}: {", ".join(report[key])}')
+                print(f'  {key}: {", ".join(report[key] if key == "resized" else grouped_keys(report[key]))}')
     elif not args.finetune and not args.eval:
         print(f'no --finetune: {args.model} from random initialisation' + (' (its features)' if args.knn else ''))
     if args.linprobe:
@@ -448,7 +459,7 @@ def main(args):
     model = build_model(args, num_classes, resuming).to(device.torch_device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, '
-          f'{trainable / 1e6:.2f} M trained, {num_classes} classes')
+          f'{f"{trainable / 1e6:.2f} M" if trainable >= 10 ** 4 else f"{trainable:,}"} trained, {num_classes} classes')
     if args.eval:
         stats = run_eval(args, model, val_loader, device, precision)
         dist.destroy_process_group()

@@ -159,7 +159,7 @@ def test_finetuning_a_demo_pretraining_beats_chance(demo_finetuning):
     assert os.path.isfile(finetuning / checkpoint.BEST)
 
 
-def test_linear_probe_trains_only_the_head(small_folder, tmp_path):
+def test_linear_probe_trains_only_the_head(small_folder, tmp_path, capsys):
     import main_finetune
     from models_mae import mae_vit_tiny_patch8
     torch.manual_seed(1)
@@ -180,6 +180,11 @@ def test_linear_probe_trains_only_the_head(small_folder, tmp_path):
     # through the entry point: after training, every encoder tensor is the pre-trained one
     run_finetune(*TINY, '--linprobe', '--finetune', tmp_path / 'pretrained.pth', '--data_path', small_folder,
                  '--batch_size', 16, '--epochs', 2, '--warmup_epochs', 1, '--output_dir', tmp_path / 'probe')
+    out = capsys.readouterr().out
+    assert f'{192 * 2 + 2:,} trained, 2 classes' in out  # the head: 192 x 2 + 2 (it read '0.00 M trained')
+    # the decoder's keys grouped by their first name, each group with its count (a line of 30 keys at ViT-Ti)
+    decoder_blocks = sum(k.startswith('decoder_blocks.') for k in pretrained)
+    assert f'decoder_blocks.* ({decoder_blocks})' in out.split('  dropped: ')[1].splitlines()[0]
     state = checkpoint.load(tmp_path / 'probe' / checkpoint.LAST)['model']
     for key, value in state.items():
         if not key.startswith('head.'):
