@@ -634,6 +634,12 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
         raise UsageError(f'each process has {batches} batches of {args.batch_size} an epoch, fewer than --accum_iter '
                          f'{args.accum_iter} ({len(dataset)} images over {world.world_size} processes): no optimizer '
                          f'step would be taken; lower --batch_size or --accum_iter (or use more images)')
+    unused = batches % args.accum_iter if drop_last else 0
+    if unused * 10 >= batches:  # a tenth or more of the data never trains (a recipe's accumulation on a small set)
+        print(f'warning: an epoch takes {batches - unused} of the {batches} batches of {args.batch_size} of each process '
+              f'(whole optimizer steps of --accum_iter {args.accum_iter}): the other {unused} '
+              f'({unused * args.batch_size} images a process) are left out each epoch; a lower --accum_iter with a '
+              f'larger --batch_size uses them')
     signals.kill_workers_at_exit()
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_fn,
