@@ -107,7 +107,8 @@ def test_step_milestones_the_run_never_reaches_are_said(capsys):
     from util.flags import set_learning_rate
     args = argparse.Namespace(lr=None, blr=1e-4, batch_size=8, accum_iter=1, min_lr=0.0, min_blr=None, warmup_lr=0.0,
                               warmup_blr=None, lr_schedule='step', lr_gamma=0.1, warmup_epochs=1, epochs=10)
-    expected = {(700,): 'warning: a run of --epochs 10 never reaches --lr_milestones 700, so the lr stays at its peak',
+    expected = {(700,): 'warning: a run of --epochs 10 never reaches --lr_milestones 700, so the lr stays at its peak '
+                        'after the warm-up',  # a warm-up longer than the run never reaches the peak at all
                 (5, 700): 'warning: a run of --epochs 10 never reaches --lr_milestones 700\n',
                 None: 'warning: --lr_schedule step without --lr_milestones keeps the lr at its peak after the warm-up',
                 (5, 9): None}

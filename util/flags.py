@@ -277,6 +277,6 @@ def check_milestones(args):
         print('warning: --lr_schedule step without --lr_milestones keeps the lr at its peak after the warm-up',
               flush=True)
     elif unreached:
-        stays = ', so the lr stays at its peak' if len(unreached) == len(milestones) else ''
+        stays = ', so the lr stays at its peak after the warm-up' if len(unreached) == len(milestones) else ''
         print(f'warning: a run of --epochs {args.epochs} never reaches --lr_milestones '
               f'{" ".join(map(str, unreached))}{stays}', flush=True)
