@@ -189,6 +189,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     out = tmp_path / 'x.safetensors'
     with pytest.raises(UsageError, match=r'must end in \.safetensors'):
         run_main('export', '--checkpoint', path, '--output', tmp_path / 'x.pth')
+    with pytest.raises(UsageError, match=r'has no name before \.safetensors'):  # it wrote a hidden file
+        run_main('export', '--checkpoint', path, '--output', tmp_path / '.safetensors')
     with pytest.raises(UsageError, match='does not exist'):
         run_main('export', '--checkpoint', tmp_path / 'missing.pth', '--output', out)
     with pytest.raises(UsageError, match='does not fit'):  # 1 block, where mae_vit_tiny has 12

@@ -178,6 +178,9 @@ def export_checkpoint(path, output, model=None):
     import_model_files()
     if not output.endswith('.safetensors'):
         raise UsageError(f'--output {output!r} must end in .safetensors (timm reads the format by the suffix)')
+    if os.path.basename(output) == '.safetensors':  # a hidden file of no name, likely a folder meant
+        raise UsageError(f'--output {output!r} has no name before .safetensors: give a file name, e.g. '
+                         f'{os.path.join(os.path.dirname(output), "encoder.safetensors")}')
     ckpt = load(path)
     recorded = pretraining_of(ckpt)[0] or saved_args(ckpt).get('model')
     name = model or recorded
