@@ -352,7 +352,7 @@ def build_model(args, num_classes, resuming):
         except UsageError as e:
             raise UsageError(f'{e}{finetune_model_advice(args)}') from None
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
-        for key in ('missing', 'unexpected', 'dropped', 'resized'):
+        for key in ('missing', 'unexpected', 'dropped', 'resized', 'started at zero'):
             if report[key]:
                 print(f'  {key}: {", ".join(report[key] if key == "resized" else grouped_keys(report[key]))}')
     elif not args.finetune and not args.eval:

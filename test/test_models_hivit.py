@@ -232,6 +232,11 @@ def test_an_mae_hivit_checkpoint_fine_tunes_with_zero_tables(tmp_path):
             assert torch.equal(own[key], value), key
     for blk in classifier.blocks[-2:]:
         assert torch.count_nonzero(blk.attn.relative_position_bias_table) == 0
+    # the report says so: tables counted as loaded and the norm left out without a word before
+    tables = sorted(n for n, _ in classifier.named_parameters() if n.endswith('relative_position_bias_table'))
+    assert report['started at zero'] == tables and len(tables) == 2
+    assert {'norm.weight', 'norm.bias'} <= set(report['dropped'])
+    assert report['loaded'] == sum(k.startswith(('patch_embed', 'blocks', 'absolute_pos_embed')) for k in mae.state_dict())
 
 
 def test_checkpoints_of_another_resolution_are_resized(tmp_path):

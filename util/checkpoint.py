@@ -383,7 +383,7 @@ def load_pretrained(model, path, head_init_std=2e-5, head_init_bias=0.0):
     classifier's windows), the head is re-initialised: weights from a normal of std `head_init_std`
     (MAE: 2e-5), the bias `head_init_bias` (MAE: 0; MaskFeat's mmpretrain recipe: 2e-5).
     A checkpoint whose weights do not fit the model is a UsageError naming the first mismatching keys.
-    returns: a report {'loaded', 'missing', 'unexpected', 'dropped', 'resized'}
+    returns: a report {'loaded', 'missing', 'unexpected', 'dropped', 'resized', 'started at zero'}
     """
     return load_pretrained_state(model, model_state_of(load(path), path), path, head_init_std, head_init_bias)
 
@@ -405,7 +405,15 @@ def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias
                if k in shapes and shapes[k] != tuple(v.shape)]
     wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
              if k in own and v.shape != own[k].shape]
-    state.update(rebuilt_buffers(model, state))
+    # what the layout's filter started at zero (HiViT's relative position tables, which MAE-HiViT
+    # pre-trains without) or left out, where it kept the other names
+    params = {k for k, _ in model.named_parameters()}
+    zeroed = sorted(k for k, v in state.items() if k in params and k not in shapes and not v.any())
+    renamed = not {k for k in state if k in params} - set(zeroed) <= set(shapes)  # another layout's (SimMIM's)
+    left_out = [] if renamed else [k for k in shapes if k not in state]
+    rebuilt = rebuilt_buffers(model, state)  # computed by the model, not loaded
+    state.update(rebuilt)
+    dropped += sorted(k for k in left_out if k not in rebuilt)
     missing_body = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
     if wrong or missing_body or not any(k in own for k in state):
         raise UsageError(f'{path!r} does not fit this model: {key_differences(state, own, wrong, HEAD_PREFIXES)}')
@@ -414,5 +422,6 @@ def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias
     if isinstance(head, torch.nn.Linear):
         torch.nn.init.normal_(head.weight, std=head_init_std)
         torch.nn.init.constant_(head.bias, head_init_bias)
-    return {'loaded': len(state) - len(unexpected), 'missing': sorted(missing), 'unexpected': sorted(unexpected),
-            'dropped': dropped, 'resized': resized}
+    loaded = sum(k in own and k not in zeroed and (k in params or k in shapes) for k in state)  # no computed buffer
+    return {'loaded': loaded, 'missing': sorted(missing),
+            'unexpected': sorted(unexpected), 'dropped': dropped, 'resized': resized, 'started at zero': zeroed}
