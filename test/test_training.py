@@ -172,6 +172,11 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path):
     assert [r['epoch'] for r in read_jsonl(tmp_path / 'straight' / 'log.txt')] == [0, 1, 2, 3]
     assert checkpoint.load(tmp_path / 'straight' / checkpoint.LAST)['epoch'] == 3
     assert os.path.isfile(tmp_path / 'straight' / 'checkpoint-3.pth')  # the last epoch is kept
+    # run again, it has nothing left to train, and leaves no empty TensorBoard file behind
+    events = sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents'))
+    run_pretrain(*flags[:-4], '--epochs', 4, '--warmup_epochs', 1, '--blr', 1e-3,
+                 '--output_dir', tmp_path / 'straight')
+    assert sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents')) == events
 
 
 def test_gradient_accumulation_matches_a_larger_batch(small_folder, tmp_path):

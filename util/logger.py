@@ -21,15 +21,22 @@ class RunLogger:
         self.enabled = enabled
         self.output_dir = output_dir
         self.log_dir = log_dir
-        self.writer = None
+        self._writer = None
         if not enabled:
             return
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
+
+    @property
+    def writer(self):
+        """TensorBoard's writer, made at the first value written (a run with nothing left to train
+        leaves no empty event file); None without a log_dir."""
+        if self._writer is None and self.enabled and self.log_dir:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only where it writes
-            self.writer = SummaryWriter(log_dir=log_dir)
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return self._writer
 
     def _append(self, name, record):
         if self.output_dir:
@@ -84,8 +91,8 @@ class RunLogger:
 
     @property
     def draws_images(self):
-        return self.writer is not None
+        return self.enabled and bool(self.log_dir)
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
