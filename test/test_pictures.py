@@ -172,7 +172,7 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
     with pytest.raises(UsageError, match=r'is a checkpoint of main_finetune.py \(vit_tiny_patch8\), a classifier '
                                          r'without a decoder: reconstructions need a pre-training checkpoint'):
         run_main('visualize', '--checkpoint', tmp_path / 'finetuned.pth', '--output', tmp_path / 'a.png')
-    with pytest.raises(UsageError, match='^cannot write the plot /proc/self/a.png: No such file or directory$'):
+    with pytest.raises(UsageError, match='^cannot write the figure /proc/self/a.png: No such file or directory$'):
         run_main('visualize', '--checkpoint', tmp_path / 'full.pth', '--model', 'mae_vit_tiny', '--output',
                  '/proc/self/a.png')  # a folder that exists and that not even root writes in
     # as the command line ends it (util.errors.run_cli): one line on stderr, exit code 2

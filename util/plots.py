@@ -41,12 +41,12 @@ def check_plot_path(path):
     path = str(path)
     extension = os.path.splitext(path)[1].lower().lstrip('.')
     if extension not in supported_extensions():
-        raise UsageError(f'cannot write the plot {path}: unknown image type '
+        raise UsageError(f'cannot write the figure {path}: unknown image type '
                          f'{"." + extension if extension else "(none)"}; use .png, .jpg, .pdf or .svg')
     folder = os.path.dirname(path)
     if folder and not os.path.isdir(folder):
-        raise UsageError(f'cannot write the plot {path}: {folder} is a file, not a folder' if os.path.exists(folder)
-                         else f'cannot write the plot {path}: the folder {folder} does not exist')
+        raise UsageError(f'cannot write the figure {path}: {folder} is a file, not a folder' if os.path.exists(folder)
+                         else f'cannot write the figure {path}: the folder {folder} does not exist')
 
 
 def smooth(values, k):
@@ -104,7 +104,7 @@ def write_figure(fig, path):
     try:
         fig.savefig(path, dpi=fig.dpi)
     except (OSError, ValueError) as e:
-        raise UsageError(f'cannot write the plot {path}: {getattr(e, "strerror", None) or e}') from None
+        raise UsageError(f'cannot write the figure {path}: {getattr(e, "strerror", None) or e}') from None
 
 
 def save(fig, path, axes):
