@@ -77,22 +77,29 @@ def test_stop_signals_end_start_up_at_once_and_training_after_its_step():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def stop_the_group_of_a_run(flags, output_dir, step, signum):
+    """Start main_pretrain in a process group of its own, send `signum` to the whole group (its
+    data-loader worker included) once it has logged `step`, and check that it stopped cleanly:
+    exit 4, no traceback, its last line naming the signal. returns: the step it stopped after"""
+    process = subprocess.Popen([sys.executable, 'main_pretrain.py', *map(str, flags)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_step(output_dir, step, process)
+    os.killpg(process.pid, signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f'error: stopped by {signal.Signals(signum).name} after step ')
+    return int(last_line.split('after step ')[1].split()[0])
+
+
 def test_ctrl_c_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_folder, tmp_path, uninterrupted):
     """Ctrl-C in a terminal: SIGINT to the whole process group, the data-loader worker included.
     The run finishes its step, writes checkpoint-last.pth and exits with 4 without a traceback;
     started again it logs what the uninterrupted run logs (whose worker count differs: the
     samples do not depend on it)."""
     flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path, '--num_workers', 1]
-    process = subprocess.Popen([sys.executable, 'main_pretrain.py', *map(str, flags)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_step(tmp_path, 5, process)
-    os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
-    assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-2000:]
-    last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith('error: stopped by SIGINT after step ')
-    stopped_at = int(last_line.split('after step ')[1].split()[0])
+    stopped_at = stop_the_group_of_a_run(flags, tmp_path, 5, signal.SIGINT)
     ckpt = checkpoint.load(tmp_path / checkpoint.LAST)
     assert ckpt['step'] == stopped_at and stopped_at < 12
     assert ckpt['epoch_samples'] == (stopped_at % 4) * 16  # the samples of the unfinished epoch
@@ -106,41 +113,8 @@ def test_sigterm_to_the_whole_group_stops_cleanly(small_folder, tmp_path):
     the step with torch's 'DataLoader worker ... is killed by signal'), which finishes its step,
     writes checkpoint-last.pth and exits with 4."""
     flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path, '--num_workers', 1]
-    process = subprocess.Popen([sys.executable, 'main_pretrain.py', *map(str, flags)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_step(tmp_path, 3, process)
-    os.killpg(process.pid, signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
-    assert 'Traceback' not in stderr, stderr[-2000:]
-    last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith('error: stopped by SIGTERM after step ')
-    assert checkpoint.load(tmp_path / checkpoint.LAST)['step'] == int(last_line.split('after step ')[1].split()[0])
-
-
-def test_a_signal_during_start_up_is_not_swallowed_by_a_fallback(monkeypatch):
-    """The FLOP count falls back to fake tensors on any Exception: a stop signal that arrives while
-    it counts must still end the run (it went on training and exited 0)."""
-    from util import flops, signals
-    from util.errors import Preempted
-    calls = []
-
-    def count_and_get_signalled(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)  # the handler runs between bytecodes: well before this ends
-        return 1e9
-
-    monkeypatch.setattr(flops, '_count_flops', count_and_get_signalled)
-    try:
-        signals.catch_signals()
-        with pytest.raises(Preempted, match='stopped by SIGTERM'):
-            flops.FlopRate.of_run(None, None, (torch.zeros(2, 3, 8, 8),), torch.device('cpu'), 'fp32', 1)
-    finally:
-        for signum in signals.STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    stopped_at = stop_the_group_of_a_run(flags, tmp_path, 3, signal.SIGTERM)
+    assert checkpoint.load(tmp_path / checkpoint.LAST)['step'] == stopped_at
 
 
 def child_pids(pid):
