@@ -388,6 +388,16 @@ def load_pretrained(model, path, head_init_std=2e-5, head_init_bias=0.0):
     return load_pretrained_state(model, model_state_of(load(path), path), path, head_init_std, head_init_bias)
 
 
+def filter_changes(state, before, params):
+    """What a layout's filter did besides converting: the parameters it started at zero (HiViT's
+    relative position tables, which MAE-HiViT pre-trains without), and the keys of `before` (the
+    names going in) it left out, where it kept the other names (none are named after a filter that
+    renames, SimMIM's official layout's). returns: (sorted zeroed keys, left-out keys)"""
+    zeroed = sorted(k for k, v in state.items() if k in params and k not in before and not v.any())
+    renamed = not {k for k in state if k in params} - set(zeroed) <= set(before)
+    return zeroed, [] if renamed else [k for k in before if k not in state]
+
+
 def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias=0.0):
     """load_pretrained from a state dict in memory (`path` names its source in messages): a
     pre-training model's current weights become a classifier as its checkpoint file would."""
@@ -405,12 +415,8 @@ def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias
                if k in shapes and shapes[k] != tuple(v.shape)]
     wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
              if k in own and v.shape != own[k].shape]
-    # what the layout's filter started at zero (HiViT's relative position tables, which MAE-HiViT
-    # pre-trains without) or left out, where it kept the other names
     params = {k for k, _ in model.named_parameters()}
-    zeroed = sorted(k for k, v in state.items() if k in params and k not in shapes and not v.any())
-    renamed = not {k for k in state if k in params} - set(zeroed) <= set(shapes)  # another layout's (SimMIM's)
-    left_out = [] if renamed else [k for k in shapes if k not in state]
+    zeroed, left_out = filter_changes(state, shapes, params)
     rebuilt = rebuilt_buffers(model, state)  # computed by the model, not loaded
     state.update(rebuilt)
     dropped += sorted(k for k in left_out if k not in rebuilt)
