@@ -30,6 +30,7 @@ folder is emptied first). Full cases run the published recipe: the entry point's
 gradient accumulation reaching the recipe's effective batch on the devices given; they resume an
 interrupted run from its folder.
 """
+import contextlib
 import json
 import os
 import platform
@@ -220,18 +221,9 @@ class Case:
             log.write(' '.join(command) + '\n')
             process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
-            # Ctrl-C reaches the run too, which saves and stops: the case waits for it, then reports
-            ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            forwarded = []
-
-            def pass_on(signum, frame):
-                forwarded.append(signum)
-                # torchrun stops its ranks with SIGTERM when it gets one; SIGUSR1 would kill it outright
-                process.send_signal(signum if self.nproc == 1 else signal.SIGTERM)
-            stop_handlers = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGUSR1)}
             errors = []  # the entry point's one-line errors, repeated below torchrun's report
             exit_codes = []  # the ranks' exit codes, from torchrun's failure report (its own is 1)
-            try:
+            with stop_signals_passed_to(process, torchrun=self.nproc > 1) as forwarded:
                 for line in process.stdout:
                     sys.stdout.write(line)
                     log.write(line)
@@ -240,10 +232,6 @@ class Case:
                         errors.append(error.group(1).strip())
                     exit_codes += [int(code) for code in re.findall(r'exitcode\s*:\s*(-?\d+)', line)]
                 returncode = process.wait()
-            finally:
-                signal.signal(signal.SIGINT, ctrl_c)
-                for signum, handler in stop_handlers.items():
-                    signal.signal(signum, handler)
         e2e_seconds = time.time() - start
         if returncode != 0:
             if set(os.listdir(self.run_dir)) <= {'.lock'}:  # nothing of the run's own
@@ -299,6 +287,26 @@ class Case:
         print(f"E2E Training Duration sec : {summary['E2ETrainingTime']}")
         print(f"summary: {self.summary_file}; run: {self.run_dir}")
         return summary
+
+
+@contextlib.contextmanager
+def stop_signals_passed_to(process, torchrun):
+    """While the run goes on: Ctrl-C, which the terminal sends to the run too (it saves and stops),
+    is ignored by the case, which waits for the run and then reports; SIGTERM and SIGUSR1 sent to
+    the case alone are passed on to it. Yields the list of the signals passed on."""
+    forwarded = []
+
+    def pass_on(signum, frame):
+        forwarded.append(signum)
+        # torchrun stops its ranks with SIGTERM when it gets one; SIGUSR1 would kill it outright
+        process.send_signal(signal.SIGTERM if torchrun else signum)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    previous.update({signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGUSR1)})
+    try:
+        yield forwarded
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def file_size(path):
