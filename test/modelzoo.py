@@ -200,12 +200,18 @@ class Case:
     def prepare_run_dir(self):
         """A performance run starts afresh; a full run continues what its folder holds. The summary
         and the loss file of an earlier launch go: this launch writes its own, or none if it fails."""
+        from util.output_dir import in_use_by
+        holder = in_use_by(self.run_dir)
+        if holder:  # before anything of that run is removed
+            raise CaseError(f'another launch is running this case in {self.run_dir} ({holder}): wait for it to end, '
+                            f'or stop it')
         if self.length == 'performance' and os.path.isdir(self.run_dir):
             print(f'removing the previous performance run {self.run_dir}')
             shutil.rmtree(self.run_dir)
         for path in (self.summary_file, self.loss_file):
             if os.path.isfile(path):
                 os.remove(path)
+        self.made_run_dir = not os.path.isdir(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         if self.kind == 'finetune' and 'finetune_pth' not in self.args:
             print('no --finetune_pth=: supervised training from scratch, with the model\'s own recipe where one is '
@@ -234,7 +240,7 @@ class Case:
                 returncode = process.wait()
         e2e_seconds = time.time() - start
         if returncode != 0:
-            if set(os.listdir(self.run_dir)) <= {'.lock'}:  # nothing of the run's own
+            if self.made_run_dir and set(os.listdir(self.run_dir)) <= {'.lock'}:  # made here, nothing of the run's
                 shutil.rmtree(self.run_dir)
             cause = f'{errors[0]}; ' if errors else ''
             code = next((c for c in exit_codes if c > 0), returncode)

@@ -270,6 +270,27 @@ def test_sigterm_to_the_script_alone_stops_the_run_cleanly(demo_root, tmp_path):
     assert (log.parent / 'checkpoint-last.pth').exists()
 
 
+def test_a_case_leaves_alone_the_folder_of_a_launch_still_running(tmp_path, monkeypatch):
+    """A second launch of a case whose run is still going (its folder locked) refuses before it
+    touches anything: a performance case emptied the live run's folder, and a full one that failed
+    removed a folder holding only the lock of the run still starting."""
+    import subprocess
+    case = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo', f'--output_dir={tmp_path}'])
+    monkeypatch.setattr(case, 'command', lambda: [sys.executable, '-c', 'pass'])  # no run, whatever happens
+    os.makedirs(case.run_dir)
+    holds = ('import fcntl, sys, time; f = open(sys.argv[1] + "/.lock", "a+"); fcntl.flock(f, fcntl.LOCK_EX); '
+             'f.write("pid 123 on host\\n"); f.flush(); print("held", flush=True); time.sleep(120)')
+    holder = subprocess.Popen([sys.executable, '-c', holds, case.run_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(modelzoo.CaseError, match=r'another launch is running this case in .* \(pid 123 on host\)'):
+            case.run()
+        assert os.listdir(case.run_dir) == ['.lock']  # left as it was
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_flag_the_entry_point_refuses_is_named_in_the_scripts_last_line(tmp_path, monkeypatch):
     case = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo', f'--output_dir={tmp_path}'])
     refuses = 'import argparse; argparse.ArgumentParser(prog="main_pretrain.py").parse_args(["--foo=1"])'

@@ -10,6 +10,23 @@ from util.errors import UsageError, first_line
 _OUTPUT_DIR_LOCKS = {}  # real path -> the open lock file, held until the process ends
 
 
+def in_use_by(output_dir):
+    """Who holds <output_dir>/.lock ('pid N on host'), or None when no running process does: for a
+    tool that must not touch a folder a run is using (the ModelZoo cases), without taking the lock."""
+    path = os.path.join(output_dir, '.lock')
+    try:
+        import fcntl
+        handle = open(path)
+    except (ImportError, OSError):  # no flock, or no lock file: nobody holds it
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read().strip() or 'another process'
+    return None
+
+
 def lock_output_dir(output_dir):
     """Hold an flock on <output_dir>/.lock for the life of this process, so that a second run
     started in the same folder refuses instead of interleaving its checkpoints and logs. The
