@@ -291,6 +291,6 @@ def test_bad_input_is_one_line(small_folder, tmp_path):
             run_finetune('--model', model, '--input_size', 64, '--device', 'cpu', '--data_path', small_folder,
                          '--linprobe', '--output_dir', tmp_path)
     # 60 px on 8-px patches: the last 4 rows and columns were left out without a word
-    with pytest.raises(UsageError, match=r'cannot build vit_tiny_patch8 at 60 px: the image size must be a multiple of '
-                                         r'the patch size 8 \(e.g. 56 or 64\)'):
+    with pytest.raises(UsageError, match=r'cannot build vit_tiny_patch8 at 60 px: its patches of 8 px every 8 px '
+                                         r'leave the last pixels out; give an --input_size that fits, e.g. 56 or 64'):
         run_finetune(*TINY, '--data_path', small_folder, '--input_size', 60, '--max_steps', 1, '--output_dir', tmp_path)

@@ -235,3 +235,14 @@ def test_layer_decay_scales_for_swin():
     for stage, layer in last_block_of_stage.items():
         assert scales[f'layers.{stage}.downsample.reduction.weight'] == pytest.approx(decay ** (n + 1 - layer))
     assert scales['head.fc.weight'] == 1.0 and scales['norm.weight'] == 1.0
+
+
+def test_a_published_size_that_patches_do_not_divide_is_built():
+    """SigLIP's so400m is published at 384 px with 14-px patches (timm leaves the last 6 pixels
+    out by design): its own size is built; another size they do not fit is refused."""
+    from util.registry import create_classifier
+    with torch.device('meta'):  # shapes only: no weights are made
+        create_classifier('vit_so400m_patch14_siglip_384', img_size=384, num_classes=10)
+        with pytest.raises(UsageError, match='at 380 px: its patches of 14 px every 14 px leave the last pixels out; '
+                                             'give an --input_size that fits, e.g. 378 or 392'):
+            create_classifier('vit_so400m_patch14_siglip_384', img_size=380, num_classes=10)

@@ -170,6 +170,7 @@ def create_classifier_and_keywords(name, img_size=None, **kwargs):
     """create_classifier, and the keywords timm built it with (img_size only where the model took
     it): the call that rebuilds it. returns: (model, keywords)"""
     import timm
+    import torch
     import_model_files()
     if name in _PRETRAIN_MODELS:
         classifier = pretrain_recipe(name).get('finetune', {}).get('model')
@@ -191,11 +192,14 @@ def create_classifier_and_keywords(name, img_size=None, **kwargs):
     if grid is not None and min(grid) < 1:  # timm builds it, and its first convolution fails on any image
         raise UsageError(f'cannot build {name} at {img_size} px: the image is smaller than one patch '
                          f'({model.patch_embed.patch_size[0]} px)')
-    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
-    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-    if 'img_size' in used and isinstance(patch, int) and img_size % patch:  # the last pixels would be cut silently
-        raise UsageError(f'cannot build {name} at {img_size} px: the image size must be a multiple of the patch size '
-                         f'{patch} (e.g. {img_size // patch * patch} or {(img_size // patch + 1) * patch})')
+    proj = getattr(getattr(model, 'patch_embed', None), 'proj', None)
+    if 'img_size' in used and isinstance(proj, torch.nn.Conv2d) and img_size != native_input_size(name):
+        (kernel, _), (stride, _) = proj.kernel_size, proj.stride
+        if (img_size - kernel) % stride:  # the last pixels would be cut silently (published sizes may: SigLIP's 384)
+            below = img_size - (img_size - kernel) % stride
+            raise UsageError(f'cannot build {name} at {img_size} px: its patches of {kernel} px every {stride} px '
+                             f'leave the last pixels out; give an --input_size that fits, e.g. {below} or '
+                             f'{below + stride}')
     return model, used
 
 
