@@ -406,3 +406,31 @@ def test_the_closing_lines_quote_the_tensorboard_command(capsys):
     print_outputs(argparse.Namespace(output_dir='runs/my run', log_dir='runs/my run'), None, 1.0)
     command = capsys.readouterr().out.split('TensorBoard: ', 1)[1].strip()
     assert shlex.split(command) == ['tensorboard', '--logdir', 'runs/my run']
+
+
+def test_a_ddp_training_checkpoint_resumes(small_folder, tmp_path):
+    """A training checkpoint whose weights carry DDP's `module.` prefix (saved from the wrapper)
+    resumed as --finetune, --eval and the tools read it; training's --resume refused it."""
+    flags = [*TINY[:-2], '--data_path', small_folder, '--batch_size', 16, '--epochs', 2, '--warmup_epochs', 0,
+             '--max_steps', 1]
+    run_pretrain(*flags, '--output_dir', tmp_path / 'a')
+    ckpt = checkpoint.load(tmp_path / 'a' / checkpoint.LAST)
+    ckpt['model'] = {f'module.{k}': v for k, v in ckpt['model'].items()}
+    torch.save(ckpt, tmp_path / 'ddp.pth')
+    run_pretrain(*flags, '--resume', tmp_path / 'ddp.pth', '--output_dir', tmp_path / 'b')
+    assert read_jsonl(tmp_path / 'b' / 'log.jsonl')[0]['step'] == 2  # went on from the checkpoint's step 1
+
+
+@pytest.mark.parametrize('env, message', [
+    ({'LOCAL_RANK': 'abc'}, "LOCAL_RANK must be a whole number 0 or more, got 'abc'"),  # was int()'s ValueError
+    ({'WORLD_SIZE': '2', 'RANK': '0'}, 'WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT are not both set'),
+])
+def test_process_variables_set_by_hand_are_checked(env, message, monkeypatch):
+    """Without MASTER_ADDR, torch's rendezvous failed with a traceback."""
+    from util import dist
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=message):
+        dist.read_world_from_env()

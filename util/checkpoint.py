@@ -244,7 +244,7 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         return 0, 0, 0, (0.0, 0)
     check_same_kind_of_run(ckpt, path, args)
     resumable = 'optimizer' in ckpt  # a run's own checkpoint, written with other flags (--input_size, say)
-    load_weights(model, ckpt['model'], path,
+    load_weights(model, model_state_of(ckpt, path), path,  # model_state_of: a DDP model's `module.` prefix goes
                  advice=f'; resume it with the flags it was written with{other_run_advice(args)}' if resumable else '')
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         # weights only (e.g. a released model): start training from them

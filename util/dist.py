@@ -42,9 +42,17 @@ def read_world_from_env():
                              f'them to meet (e.g. MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n '
                              f'1) MASTER_PORT=29500); for one process in an allocation of several tasks, start it with '
                              f'torchrun --standalone --nproc_per_node 1')
-    return World(rank=int(os.environ.get('RANK', 0)),
-                 world_size=int(os.environ.get('WORLD_SIZE', 1)),
-                 local_rank=int(os.environ.get('LOCAL_RANK', 0)))
+    numbers = {}
+    for name, default in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)):
+        value = os.environ.get(name, str(default))
+        if not value.isdigit():
+            raise UsageError(f'the environment variable {name} must be a whole number 0 or more, got {value!r} '
+                             f'(torchrun sets it; unset it to run one process)')
+        numbers[name] = int(value)
+    if numbers['WORLD_SIZE'] > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):
+        raise UsageError(f'WORLD_SIZE is {numbers["WORLD_SIZE"]} but MASTER_ADDR and MASTER_PORT are not both set: '
+                         f'start the processes with torchrun (which sets them), or set them for the processes to meet')
+    return World(rank=numbers['RANK'], world_size=numbers['WORLD_SIZE'], local_rank=numbers['LOCAL_RANK'])
 
 
 def init_process_group(world, device, timeout_minutes=30):
