@@ -107,6 +107,26 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_fol
     assert losses_by_step(tmp_path) == uninterrupted  # bit for bit, step for step
 
 
+def test_a_stop_at_the_last_step_of_an_epoch_leaves_the_epoch_to_the_resumed_run(small_folder, tmp_path,
+                                                                                  uninterrupted, monkeypatch):
+    """A signal in the last step of epoch 0: the checkpoint recorded the epoch as finished, so
+    that epoch was never logged in log.txt (nor evaluated, in fine-tuning). Now the resumed run
+    finishes it without a step: it logs it with the loss of its 4 steps, then goes on."""
+    from util import signals
+    from util.errors import Preempted
+    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path]
+    steps = []
+    monkeypatch.setattr(signals, 'stop_agreed', lambda: steps.append(1) or len(steps) == 4)
+    with pytest.raises(Preempted, match='after step 4 '):
+        run_pretrain(*flags)
+    monkeypatch.undo()
+    run_pretrain(*flags)
+    epochs = read_jsonl(tmp_path / 'log.txt')
+    assert [e['epoch'] for e in epochs] == [0, 1, 2]
+    assert epochs[0]['train_loss'] == pytest.approx(sum(uninterrupted[s] for s in range(1, 5)) / 4, rel=1e-6)
+    assert losses_by_step(tmp_path) == uninterrupted
+
+
 def test_sigterm_to_the_whole_group_stops_cleanly(small_folder, tmp_path):
     """GNU timeout, `kill -TERM -<pgid>` and schedulers signal every process of a job, the
     data-loader worker included: the worker leaves it to the run (a worker killed by it broke

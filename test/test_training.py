@@ -217,6 +217,27 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(small_folder, t
     torch.testing.assert_close(kept['model'], good['model'])
 
 
+def test_divergence_during_a_background_write_counts_that_checkpoint(small_folder, tmp_path, monkeypatch):
+    """The checkpoint of step 2 is still being written (slowly, here) when the loss diverges at
+    step 3: the line said no checkpoint had been written, and the exit then completed it."""
+    import time
+    import main_pretrain
+    from util.engine import TrainingDiverged
+    save = checkpoint.atomic_save
+    monkeypatch.setattr(checkpoint, 'atomic_save', lambda *a, **kw: time.sleep(3) or save(*a, **kw))
+
+    def nan_from_the_third_step(model, batch, forward_kwargs, calls=[0]):
+        calls[0] += 1  # the first call counts the FLOPs at start-up, on meta tensors
+        loss = model(batch[0], **batch[1], **forward_kwargs)[0]
+        return loss * float('nan') if calls[0] > 3 else loss
+    monkeypatch.setattr(main_pretrain, 'mim_loss', nan_from_the_third_step)
+    with pytest.raises(TrainingDiverged, match='at epoch 0, step 3: training stopped; the last checkpoint written is '
+                                               'the last good one'):
+        run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--epochs', 1, '--warmup_epochs', 0,
+                     '--save_every_steps', 2, '--output_dir', tmp_path)
+    assert checkpoint.load(tmp_path / checkpoint.LAST)['step'] == 2
+
+
 def test_bad_input_is_one_line_without_traceback(tmp_path):
     result = run_script(sys.executable, 'main_pretrain.py', '--data_path', tmp_path / 'missing', '--device', 'cpu')
     assert result.returncode == 2

@@ -35,6 +35,7 @@ class Progress:
     # the unfinished epoch's logged losses: (sum of loss x images, images), carried in checkpoints
     # so that an epoch stopped and resumed reports the mean over all its steps
     epoch_loss: tuple = (0.0, 0)
+    saved: bool = False  # a checkpoint of this launch is written, or being written in the background
 
 
 class Throughput:
@@ -109,10 +110,11 @@ def log_step_values(mean_loss, loader, args):
     return mean_loss, replaced
 
 
-def diverged_message(loss, epoch, step, precision, args):
-    """The line for a loss that became NaN or infinite: what is kept, and the changes this run can
+def diverged_message(loss, epoch, step, precision, args, saved):
+    """The line for a loss that became NaN or infinite: what is kept (`saved`: a checkpoint of this
+    launch, perhaps still being written, which the exit waits for), and the changes this run can
     still make (no --precision fp32 advice to an fp32 run)."""
-    written = bool(args.output_dir) and os.path.isfile(os.path.join(args.output_dir, checkpoint.LAST))
+    written = saved or bool(args.output_dir) and os.path.isfile(os.path.join(args.output_dir, checkpoint.LAST))
     kept = 'the last checkpoint written is the last good one' if written else 'no checkpoint had been written'
     changes = ['lower the lr (--blr or --lr)', 'lower --clip_grad' if args.clip_grad else 'set --clip_grad']
     changes += {'fp16': ['use --precision bf16 (or fp32)'], 'bf16': ['use --precision fp32']}.get(precision, [])
@@ -145,7 +147,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
     if not start_iter:
         progress.epoch_loss = (0.0, 0)
     images, tic = 0, time.perf_counter()
-    lr, preempted = 0.0, False
+    lr, preempted = max(group['lr'] for group in optimizer.param_groups), False  # the lr set last, until a step
     it = start_iter
     data = iter(loader)
     for it in range(start_iter, epoch_iters):
@@ -202,7 +204,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             toc = time.perf_counter()
             ips = throughput.add(images, toc - tic)
             if not math.isfinite(mean_loss):
-                raise TrainingDiverged(diverged_message(mean_loss, epoch, progress.step, precision, args))
+                raise TrainingDiverged(diverged_message(mean_loss, epoch, progress.step, precision, args,
+                                                        progress.saved))
             record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips,
                       'time': round(time.time(), 3)}
             if flop_rate is not None:
@@ -254,6 +257,7 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
         nonlocal stall
         stall += save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args, writer,
                                            ema, epoch_files=epoch_files)
+        progress.saved = progress.saved or bool(args.output_dir)
 
     def save_progress(epoch, iters):
         save(epoch, {'complete': False, 'iters': iters}, epoch_files=False)
@@ -268,7 +272,9 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                                         save_progress=save_progress, flop_rate=flop_rate)
                 start_iter = 0
                 if stats['preempted']:  # no evaluation: the grace time before a kill is short
-                    save(epoch, stats, epoch_files=False)
+                    # an epoch stopped at its last step is saved as unfinished (every sample consumed),
+                    # so that the resumed run evaluates, logs and keeps it, as an uninterrupted one does
+                    save(epoch, {**stats, 'complete': False}, epoch_files=False)
                     writer.wait()  # the file complete (or its failure raised) before the exit code says it is
                     dist.barrier()
                     raise Preempted(f'stopped by {signals.received() or "a signal to another process"} after step '
