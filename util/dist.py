@@ -49,14 +49,14 @@ def read_world_from_env():
             raise UsageError(f'the environment variable {name} must be a whole number 0 or more, got {value!r} '
                              f'(torchrun sets it; unset it to run one process)')
         numbers[name] = int(value)
-    if numbers['WORLD_SIZE'] > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):
-        raise UsageError(f'WORLD_SIZE is {numbers["WORLD_SIZE"]} but MASTER_ADDR and MASTER_PORT are not both set: '
-                         f'start the processes with torchrun (which sets them), or set them for the processes to meet')
     return World(rank=numbers['RANK'], world_size=numbers['WORLD_SIZE'], local_rank=numbers['LOCAL_RANK'])
 
 
 def init_process_group(world, device, timeout_minutes=30):
     """Join the process group with the device's backend (nccl, hccl, tccl or gloo)."""
+    if world.distributed and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):  # torch's rendezvous traceback
+        raise UsageError(f'WORLD_SIZE is {world.world_size} but MASTER_ADDR and MASTER_PORT are not both set: start '
+                         f'the processes with torchrun (which sets them), or set them for the processes to meet')
     if world.distributed:
         dist.init_process_group(backend=device.dist_backend, init_method='env://',
                                 world_size=world.world_size, rank=world.rank,

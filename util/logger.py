@@ -22,20 +22,23 @@ class RunLogger:
         self.output_dir = output_dir
         self.log_dir = log_dir
         self._writer = None
+        self._writer_class = None
         if not enabled:
             return
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
+            # a second's import, here: not inside the first timed interval of the loop
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer_class = SummaryWriter
 
     @property
     def writer(self):
         """TensorBoard's writer, made at the first value written (a run with nothing left to train
         leaves no empty event file); None without a log_dir."""
-        if self._writer is None and self.enabled and self.log_dir:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only where it writes
-            self._writer = SummaryWriter(log_dir=self.log_dir)
+        if self._writer is None and self._writer_class is not None:
+            self._writer = self._writer_class(log_dir=self.log_dir)
         return self._writer
 
     def _append(self, name, record):
