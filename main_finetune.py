@@ -179,11 +179,7 @@ def fill_recipe(args):
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
     recipe, published, args.recipe_source = dict(RECIPES[mode]), {}, None
     if mode != 'scratch' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
-        ckpt = checkpoint.load(args.finetune, mmap=True)
-        source, published = finetune_recipe_of(ckpt)
-        if source is None:  # a fine-tuned classifier, trained on (or its features measured): the one it records
-            model = recorded_classifier(ckpt, args.finetune).get('model')
-            published = {'model': model} if model and timm.is_model(model) else {}
+        source, published = checkpoint_recipe(checkpoint.load(args.finetune, mmap=True), args.finetune)
         if mode == 'linprobe':  # MAE's probe whatever the pre-training, on the classifier of its encoder
             published = {k: v for k, v in published.items() if k == 'model'}
         if own_recipe(published):
@@ -204,6 +200,17 @@ def fill_recipe(args):
     if args.layer_decay == 1.0:
         args.layer_decay = None
     return mode
+
+
+def checkpoint_recipe(ckpt, path):
+    """The fine-tuning recipe published with a checkpoint's pre-training; for a fine-tuned classifier
+    (trained on, or its features measured), only the classifier it records.
+    returns: (pre-training model name or None, recipe dict)"""
+    source, published = finetune_recipe_of(ckpt)
+    if source is None:
+        model = recorded_classifier(ckpt, path).get('model')
+        published = {'model': model} if model and timm.is_model(model) else {}
+    return source, published
 
 
 def own_recipe(published):
@@ -258,9 +265,7 @@ def finetune_model_advice(args):
     advice = default_model_advice(args)
     if advice or not os.path.isfile(args.finetune):
         return advice
-    ckpt = checkpoint.load(args.finetune, mmap=True)
-    source, published = finetune_recipe_of(ckpt)
-    classifier = published.get('model') if source else recorded_classifier(ckpt, args.finetune).get('model')
+    classifier = checkpoint_recipe(checkpoint.load(args.finetune, mmap=True), args.finetune)[1].get('model')
     if classifier and classifier != args.model:
         return f'; it fine-tunes as --model {classifier}: leave --model out'
     return ''

@@ -640,7 +640,6 @@ def build_loader(dataset, world, args, pin_memory, shuffle=True, drop_last=True,
               f'(whole optimizer steps of --accum_iter {args.accum_iter}): the other {unused} '
               f'({unused * args.batch_size} images a process) are left out each epoch; a lower --accum_iter with a '
               f'larger --batch_size uses them')
-    signals.kill_workers_at_exit()
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, collate_fn=collate_fn,
                       persistent_workers=args.num_workers > 0, worker_init_fn=signals.ignore_stop_signals_in_worker)
@@ -651,7 +650,6 @@ def build_eval_loader(dataset, world, args, pin_memory, distributed, persistent=
     `persistent` its workers live from one evaluation to the next (no start-up of a pool each
     epoch); without, they exist only while it is read (an evaluation every few epochs)."""
     num_replicas, rank = (world.world_size, world.rank) if distributed else (1, 0)
-    signals.kill_workers_at_exit()
     return DataLoader(dataset, sampler=ShardSampler(dataset, num_replicas, rank), batch_size=args.batch_size,
                       num_workers=args.num_workers, pin_memory=pin_memory, drop_last=False,
                       persistent_workers=persistent and args.num_workers > 0,

@@ -23,8 +23,14 @@ def in_use_by(output_dir):
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return handle.read().strip() or 'another process'
+            return lock_holder(handle)
     return None
+
+
+def lock_holder(handle):
+    """What the process holding a .lock wrote in it ('pid N on host')."""
+    handle.seek(0)
+    return handle.read().strip() or 'another process'
 
 
 def lock_output_dir(output_dir):
@@ -48,8 +54,7 @@ def lock_output_dir(output_dir):
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or 'another process'
+        holder = lock_holder(handle)
         handle.close()
         raise UsageError(f'another run is using --output_dir {output_dir} ({holder}): wait for it to end, stop it, '
                          f'or choose another --output_dir') from None

@@ -16,12 +16,13 @@ reaches every process of the foreground group, and so does a SIGTERM sent to the
 `timeout`, `kill -TERM -<pgid>`, a scheduler that signals every process of the job); a worker that
 died of it would break the step the run finishes before saving. A worker still ends with the run:
 the data loader stops its workers when it is done, torch's workers watch their parent and exit
-when it is gone, and `kill_workers_at_exit` ends those a run leaves running when it stops on an
-error.
+when it is gone, and `_kill_daemonic_children` (at exit) ends those a run leaves running when it
+stops on an error.
 """
 import atexit
 import contextlib
 import multiprocessing
+import multiprocessing.util  # its exit handler registered first: ours, registered below, runs before it
 import signal
 
 import torch
@@ -82,21 +83,13 @@ def ignore_stop_signals_in_worker(worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
-_killing_workers_at_exit = []
-
-
-def kill_workers_at_exit():
-    """Call in the training process before it starts data-loader workers. A run that ends on an error
-    while a loader's workers run (an unreadable validation image raised in one, say) leaves them to
-    multiprocessing's exit handler, which ends its daemonic children with SIGTERM, which the workers
-    ignore, and then waits for them for ever. This handler, registered after it and so run before it,
-    kills them first (they hold nothing to save: they only read images)."""
-    if not _killing_workers_at_exit:
-        atexit.register(_kill_daemonic_children)
-        _killing_workers_at_exit.append(True)
-
-
+@atexit.register
 def _kill_daemonic_children():
+    """A run that ends on an error while a loader's workers run (an unreadable validation image
+    raised in one, say) leaves them to multiprocessing's exit handler, which ends its daemonic
+    children with SIGTERM, which the workers ignore, and then waits for them for ever. Run before it,
+    this kills them first (they hold nothing to save: they only read images). Nothing to do after a
+    clean end, where the loaders have stopped their workers."""
     workers = [child for child in multiprocessing.active_children() if child.daemon]
     if workers:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker's failure
