@@ -94,52 +94,48 @@ def last_run(pairs):
     return run or None
 
 
-def parse_tcappdll(text):
-    """Tecorigin tcap_dllogger lines: rank 0's losses (a line without a rank is rank 0), at
-    positions 1, 2, 3, ... None when the text has no TCAPPDLL loss lines."""
-    losses, other_ranks, seen = {}, set(), False
-    for line in text.splitlines():
-        if 'TCAPPDLL' not in line:
-            continue
-        match = TRAIN_LOSS.search(line) or TRAIN_LOSS_AVG.search(line)
+def rank_zero_losses(lines, find_loss, kind):
+    """The losses that `find_loss` (a line -> match of the value, or None) finds in `lines`, with
+    their lines, leaving out the lines of a `rank : N` other than 0 (each rank logs the same steps;
+    a line without a rank is rank 0's). returns: [(line, loss)]; an error when every loss line is
+    another rank's, since falling through to another format would read them as rank 0's."""
+    found, other_ranks = [], set()
+    for line in lines:
+        match = find_loss(line)
         if not match:
             continue
-        seen = True
         rank = RANK.search(line)
         if rank and int(rank.group(1)) != 0:
             other_ranks.add(int(rank.group(1)))
             continue
-        losses[len(losses) + 1] = float(match.group(1))
-    if not seen:
-        return None
-    if not losses:
-        # Falling through to another format would read the other ranks' lines as rank 0's.
-        raise UnusableInput(f'TCAPPDLL loss lines of rank(s) {", ".join(map(str, sorted(other_ranks)))} '
-                            f'but none of rank 0: pass the log of rank 0')
-    return losses
+        found.append((line, float(match.group(1))))
+    if not found and other_ranks:
+        raise UnusableInput(f'{kind} lines of rank(s) {", ".join(map(str, sorted(other_ranks)))} but none of '
+                            f'rank 0: pass the log of rank 0')
+    return found
+
+
+def parse_tcappdll(text):
+    """Tecorigin tcap_dllogger lines: rank 0's losses, at positions 1, 2, 3, ... None when the text
+    has no TCAPPDLL loss lines."""
+    lines = [line for line in text.splitlines() if 'TCAPPDLL' in line]
+    found = rank_zero_losses(lines, lambda line: TRAIN_LOSS.search(line) or TRAIN_LOSS_AVG.search(line),
+                             'TCAPPDLL loss')
+    return {position: loss for position, (_, loss) in enumerate(found, start=1)} or None
 
 
 def parse_console(text):
     """This project's console lines `Epoch: [E]  [I/N] ... train.loss : X` at global step
     E * N + I (the step of log.jsonl); a loss line without that pattern counts its position.
     Other lines (prints, argument dumps, evaluation results) and the lines of a `rank : N` other
-    than 0 (each rank logs the same steps) are ignored. None when no line has `train.loss :`."""
-    pairs, other_ranks = [], set()
-    for line in text.splitlines():
-        match = TRAIN_LOSS.search(line)
-        if not match:
-            continue
-        rank = RANK.search(line)
-        if rank and int(rank.group(1)) != 0:
-            other_ranks.add(int(rank.group(1)))
-            continue
-        position = CONSOLE_POSITION.search(line)
-        step = int(position.group(1)) * int(position.group(3)) + int(position.group(2)) if position \
-            else len(pairs) + 1
-        pairs.append((step, float(match.group(1))))
-    if not pairs and other_ranks:
-        raise UnusableInput(f'loss lines of rank(s) {", ".join(map(str, sorted(other_ranks)))} but none of rank 0: '
-                            f'pass the log of rank 0')
+    than 0 are ignored. None when no line has `train.loss :`."""
+    pairs = []
+    for position, (line, loss) in enumerate(rank_zero_losses(text.splitlines(), TRAIN_LOSS.search, 'loss'),
+                                            start=1):
+        epoch_step = CONSOLE_POSITION.search(line)
+        step = int(epoch_step.group(1)) * int(epoch_step.group(3)) + int(epoch_step.group(2)) if epoch_step \
+            else position
+        pairs.append((step, loss))
     return last_run(pairs)
 
 
