@@ -4,6 +4,7 @@ symlink loops or mismatched classes, unreadable or huge images for the pictures,
 that are not checkpoints, and messages that advise what the entry point offers."""
 import argparse
 import errno
+import gzip
 import os
 import re
 import shutil
@@ -231,6 +232,24 @@ def test_files_that_are_not_checkpoints_get_advice_that_holds(tmp_path):
         checkpoint.load(str(objects))
     for e in (error, error2):
         assert 'weights_only' not in str(e.value)
+    # a whole model pickled by torch.save(model): its classes, three named, and the advice
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.LayerNorm(2), torch.nn.GELU())
+    torch.save(model, tmp_path / 'model.pth')
+    with pytest.raises(UsageError, match=r'holds a whole model saved as an object \(torch\.nn\.modules\.\S+, '
+                                         r'\S+, \S+ and 2 more\).*save the weights alone'):  # 5 classes
+        checkpoint.load(str(tmp_path / 'model.pth'))
+    torch.save(model.state_dict(), tmp_path / 'weights.pth')
+    # a gzip-compressed checkpoint: gunzip'ed as said, it loads
+    with open(tmp_path / 'weights.pth', 'rb') as f, gzip.open(tmp_path / 'weights.pth.gz', 'wb') as packed:
+        shutil.copyfileobj(f, packed)
+    with pytest.raises(UsageError, match=r"weights\.pth\.gz' is gzip-compressed, not a PyTorch checkpoint: gunzip"):
+        checkpoint.load(str(tmp_path / 'weights.pth.gz'))
+    (tmp_path / 'unpacked.pth').write_bytes(gzip.decompress((tmp_path / 'weights.pth.gz').read_bytes()))
+    assert checkpoint.load(str(tmp_path / 'unpacked.pth')).keys() == model.state_dict().keys()
+    # a hosting site's page saved in place of the file it links to
+    (tmp_path / 'page.pth').write_text('\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n')
+    with pytest.raises(UsageError, match='is a web page, not a PyTorch checkpoint: download the file that the page'):
+        checkpoint.load(str(tmp_path / 'page.pth'))
 
 
 def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_path):

@@ -61,9 +61,7 @@ def load(path, mmap=False):
         return load_safetensors(path)
     start = start[:4]
     if not start.startswith(CHECKPOINT_STARTS):
-        raise UsageError(f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive, a '
-                         f'pickle or safetensors): give the .pth file a training run or a release wrote'
-                         f'{older_checkpoint_hint(path)}')
+        raise UsageError(not_a_checkpoint(path, start))
     mmap = mmap and start == CHECKPOINT_STARTS[0]
     try:
         return load_as_data(path, mmap=mmap)
@@ -74,7 +72,9 @@ def load(path, mmap=False):
         if not objects:  # mmengine's epoch_N.pth: its logger's objects are not needed, stand-ins take their place
             return load_as_data(path, stand_ins, mmap)
         # torch's own advice (weights_only=False) would run code from the file: not given here
-        raise UsageError(f'{path!r} holds a Python object ({", ".join(objects)}), not only tensors and plain '
+        kind = 'a whole model saved as an object' if any(name.startswith('torch.nn.modules.') for name in objects) \
+            else 'a Python object'
+        raise UsageError(f'{path!r} holds {kind} ({named_briefly(objects)}), not only tensors and plain '
                          f'containers, and checkpoints are loaded as data: save the weights alone (torch.save('
                          f'model.state_dict(), ...)) and give that file') from None
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as e:
@@ -90,6 +90,26 @@ def load_as_data(path, stand_ins=(), mmap=False):
 
 # What a checkpoint file begins with: a zip archive (torch.save since 1.6), or a pickle (older).
 CHECKPOINT_STARTS = (b'PK\x03\x04', b'\x80')
+# What a file given as a checkpoint often is instead: a compressed download, or a web page saved
+# in place of the file (a link to a hosting site's page, a download that needed a login).
+OTHER_STARTS = ((b'\x1f\x8b', 'is gzip-compressed, not a PyTorch checkpoint: gunzip it and give the file it holds'),
+                (b'<', 'is a web page, not a PyTorch checkpoint: download the file that the page links to'))
+
+
+def not_a_checkpoint(path, start):
+    """The error for a file that begins with `start` (4 bytes) and is no checkpoint: what it is,
+    where that shows, and what to give instead."""
+    for magic, what in OTHER_STARTS:
+        if start.lstrip().startswith(magic):
+            return f'{path!r} {what}'
+    return (f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive, a pickle or '
+            f'safetensors): give the .pth file a training run or a release wrote{older_checkpoint_hint(path)}')
+
+
+def named_briefly(names, shown=3):
+    """'a, b, c and 5 more': a pickled model holds dozens of classes."""
+    more = f' and {len(names) - shown} more' if len(names) > shown else ''
+    return ', '.join(names[:shown]) + more
 
 
 def is_safetensors(start):
