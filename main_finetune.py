@@ -192,7 +192,7 @@ def fill_recipe(args):
     args.model_by_default = args.model is None and 'model' not in published  # for the advice of a mismatch
     if mode == 'finetune' and not own_recipe(published):
         recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
-    apply_recipe(args, recipe)
+    apply_recipe(args, recipe, trains=not (args.eval or args.knn))
     if args.input_size is None:
         args.input_size = native_input_size(args.model)
     if isinstance(args.aa, str) and args.aa.lower() == 'none':

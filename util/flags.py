@@ -59,11 +59,12 @@ def merge_recipes(base, override):
 SCHEDULE_DEFAULTS = dict(lr_schedule='cosine', lr_milestones=None, lr_gamma=0.1, warmup_blr=0.0, clip_grad=None)
 
 
-def apply_recipe(args, recipe):
+def apply_recipe(args, recipe, trains=True):
     """Set every flag the command line left at None to the recipe's value (or to
     SCHEDULE_DEFAULTS). The absolute and per-256 forms of a bound (min_lr/min_blr,
     warmup_lr/warmup_blr) go together: a command line that gives either keeps the recipe's out
-    of both."""
+    of both. trains: False for a run that trains nothing (--eval, --knn), whose schedule is not
+    checked."""
     recipe = merge_recipes(SCHEDULE_DEFAULTS, recipe)
     given = {k for k, v in vars(args).items() if v is not None}
     for absolute, per_256 in BOUND_FORMS:
@@ -74,7 +75,8 @@ def apply_recipe(args, recipe):
             setattr(args, key, list(value) if isinstance(value, tuple) else value)
     if args.clip_grad == 0:
         args.clip_grad = None
-    check_warmup_fits(args, given_warmup='warmup_epochs' in given)
+    if trains:
+        check_warmup_fits(args, given_warmup='warmup_epochs' in given)
 
 
 def check_warmup_fits(args, given_warmup):
