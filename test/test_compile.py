@@ -28,6 +28,20 @@ def test_compile_is_the_default_with_cuda_only():
     assert not any(compiles_by_default(device, False) for device in ('cpu', 'mps', 'npu', 'sdaa'))
 
 
+def test_compiling_an_alignment_run_is_said(capsys):
+    """--align compares a run with another device's eager one: --compile given with it is honoured, and
+    a line says what it does to the comparison; an --align run compiles nothing unless told."""
+    import argparse
+    from util.compiling import resolve_compile
+    for given, mode, deterministic in ((True, None, True), (None, 'reduce-overhead', True), (True, None, False),
+                                       (None, None, True)):
+        args = argparse.Namespace(compile=given, compile_mode=mode)
+        resolve_compile(args, 'cuda', deterministic)
+        asked = given or mode is not None
+        assert args.compile == (asked or not deterministic)
+        assert ('warning: --align with --compile' in capsys.readouterr().out) == (asked and deterministic)
+
+
 def losses_of_run(data_path, output_dir, *flags):
     from helpers import read_jsonl, run_pretrain
     run_pretrain('--model', 'mae_vit_tiny', '--data_path', data_path, '--batch_size', 8, '--epochs', 1, '--max_steps', 2,

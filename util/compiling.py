@@ -19,6 +19,9 @@ def resolve_compile(args, device_type, deterministic):
     if args.compile is None:
         args.compile = args.compile_mode is not None or compiles_by_default(device_type, deterministic)
     args.compile_mode = args.compile_mode or 'default'
+    if args.compile and deterministic:
+        print('warning: --align with --compile: compiled kernels fuse and round unlike eager ones, so align with a run '
+              'compiled alike, or leave --compile out', flush=True)
 
 
 def compiles_by_default(device_type, deterministic):
