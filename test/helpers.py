@@ -29,6 +29,17 @@ def run_main(module_name, *argv):
         warnings.showwarning = showwarning
 
 
+# The run that the resumption tests stop and resume (with --data_path and --batch_size): every step
+# logged, a warm-up epoch then a cosine, so that a resumption that lost the lr's place shows.
+RESUMABLE = ['--model', 'mae_vit_tiny', '--num_workers', 0, '--device', 'cpu', '--log_freq', 1, '--epochs', 3,
+             '--warmup_epochs', 1, '--blr', 1e-3]
+
+
+def losses_by_step(output_dir):
+    """{step: loss} of a run's log.jsonl (a resumed run's repeated steps: the later one)."""
+    return {r['step']: r['loss'] for r in read_jsonl(os.path.join(output_dir, 'log.jsonl'))}
+
+
 def run_pretrain(*argv):
     return run_main('main_pretrain', *argv)
 

@@ -12,26 +12,14 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, read_jsonl, run_pretrain, run_script
+from helpers import REPO, RESUMABLE, losses_by_step, read_jsonl, run_pretrain, run_script
 from util import checkpoint
 from util.errors import EXIT_PREEMPTED, UsageError
 
-COMMON = ['--model', 'mae_vit_tiny', '--num_workers', 0, '--device', 'cpu', '--log_freq', 1, '--epochs', 3,
-          '--warmup_epochs', 1, '--blr', 1e-3]
-
-
-def losses_by_step(output_dir):
-    return {r['step']: r['loss'] for r in read_jsonl(os.path.join(output_dir, 'log.jsonl'))}
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(small_folder, tmp_path_factory):
-    """3 epochs of 4 steps (64 images, 16 a step) in one go: the losses of steps 1..12."""
-    out = tmp_path_factory.mktemp('uninterrupted')
-    run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', out)
-    losses = losses_by_step(out)
-    assert sorted(losses) == list(range(1, 13))
-    return losses
+@pytest.fixture
+def uninterrupted(uninterrupted):
+    """conftest's uninterrupted run: its losses of steps 1..12."""
+    return uninterrupted[1]
 
 
 def wait_for_step(output_dir, step, process, timeout=120):
@@ -98,7 +86,7 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_run_logs_the_same_losses(small_fol
     The run finishes its step, writes checkpoint-last.pth and exits with 4 without a traceback;
     started again it logs what the uninterrupted run logs (whose worker count differs: the
     samples do not depend on it)."""
-    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path, '--num_workers', 1]
+    flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path, '--num_workers', 1]
     stopped_at = stop_the_group_of_a_run(flags, tmp_path, 5, signal.SIGINT)
     ckpt = checkpoint.load(tmp_path / checkpoint.LAST)
     assert ckpt['step'] == stopped_at and stopped_at < 12
@@ -114,7 +102,7 @@ def test_a_stop_at_the_last_step_of_an_epoch_leaves_the_epoch_to_the_resumed_run
     finishes it without a step: it logs it with the loss of its 4 steps, then goes on."""
     from util import signals
     from util.errors import Preempted
-    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path]
+    flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path]
     steps = []
     monkeypatch.setattr(signals, 'stop_agreed', lambda: steps.append(1) or len(steps) == 4)
     with pytest.raises(Preempted, match='after step 4 '):
@@ -132,7 +120,7 @@ def test_sigterm_to_the_whole_group_stops_cleanly(small_folder, tmp_path):
     data-loader worker included: the worker leaves it to the run (a worker killed by it broke
     the step with torch's 'DataLoader worker ... is killed by signal'), which finishes its step,
     writes checkpoint-last.pth and exits with 4."""
-    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path, '--num_workers', 1]
+    flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path, '--num_workers', 1]
     stopped_at = stop_the_group_of_a_run(flags, tmp_path, 3, signal.SIGTERM)
     assert checkpoint.load(tmp_path / checkpoint.LAST)['step'] == stopped_at
 
@@ -146,7 +134,7 @@ def child_pids(pid):
                     reason='finding torchrun\'s worker needs Linux /proc')
 def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_last_steps(small_folder, tmp_path,
                                                                                    uninterrupted):
-    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--save_every_steps', 1,
+    flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--save_every_steps', 1,
              '--output_dir', tmp_path]
     process = start('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', 1, '--max-restarts', 1,
                     'main_pretrain.py', *flags)
@@ -171,7 +159,7 @@ def test_two_processes_stopped_mid_epoch_resume_as_one_exactly(small_folder, tmp
     1 process x 8 x 2 micro-batches, finish the run on the samples that were left, and log what the
     uninterrupted 1 x 16 run logs (to the rounding of a 2-process gradient average)."""
     import shutil
-    flags = [*COMMON, '--data_path', small_folder]
+    flags = [*RESUMABLE, '--data_path', small_folder]
     result = run_script(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', 2,
                         'main_pretrain.py', *flags, '--batch_size', 8, '--max_steps', 6, '--output_dir', tmp_path / 'a')
     assert result.returncode == 0, result.stderr[-3000:]
@@ -212,7 +200,7 @@ def test_a_damaged_last_checkpoint_names_the_newest_epoch_checkpoint(small_folde
     (tmp_path / checkpoint.LAST).write_bytes(data[:len(data) // 2])  # a write cut short by a crash
     with pytest.raises(UsageError, match=r"cannot load .*checkpoint-last.pth.* Resume from the newest epoch "
                                          r"checkpoint instead: --resume .*checkpoint-7.pth"):
-        run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
+        run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
 
 
 def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, tmp_path):
@@ -222,7 +210,7 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
                      '--output_dir', tmp_path)
 
     def pretrain():
-        run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
+        run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
 
     def write(**args):
         torch.save({'model': {}, 'optimizer': {}, 'epoch': 0, 'args': args}, tmp_path / checkpoint.LAST)
@@ -253,7 +241,7 @@ def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_
                          f'lock_output_dir({str(tmp_path)!r}); print("locked", flush=True); time.sleep(600)')
     assert holder.stdout.readline().strip() == 'locked'
     with pytest.raises(UsageError, match=f'another run is using --output_dir {tmp_path} \\(pid {holder.pid} on '):
-        run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
+        run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
     holder.kill()  # a crash: the lock goes with the process
     holder.wait()
     lock_output_dir(str(tmp_path))

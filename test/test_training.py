@@ -2,21 +2,18 @@
 gradient accumulation, two processes, and what happens on bad input or a diverging loss."""
 import math
 import os
+import shutil
 import sys
 
 import pytest
 import torch
 
-from helpers import read_jsonl, run_pretrain, run_script
+from helpers import RESUMABLE, losses_by_step, read_jsonl, run_pretrain, run_script
 from util import checkpoint
 from util.errors import UsageError
 from util.lr_sched import adjust_learning_rate, lr_at
 
 COMMON = ['--model', 'mae_vit_tiny', '--input_size', 64, '--num_workers', 0, '--device', 'cpu', '--log_freq', 1]
-
-
-def losses_by_step(output_dir):
-    return {r['step']: r['loss'] for r in read_jsonl(os.path.join(output_dir, 'log.jsonl'))}
 
 
 def test_lr_schedule_known_points():
@@ -126,12 +123,11 @@ def test_weight_decay_as_the_official_mae_pre_training():
     assert no_decay | decay == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_demo_pretraining_runs_and_loss_falls(demo_root, tmp_path):
-    out = tmp_path / 'demo'
-    run_pretrain(*COMMON, '--data_path', 'demo', '--batch_size', 32, '--epochs', 1, '--warmup_epochs', 0,
-                 '--blr', 2e-3, '--max_steps', 30, '--log_freq', 5, '--output_dir', out)
+def test_demo_pretraining_runs_and_loss_falls(demo_pretraining):
+    """conftest's demo_pretraining: 12 steps of 32 images, a log line every 3."""
+    out = demo_pretraining
     records = read_jsonl(out / 'log.jsonl')
-    assert [r['step'] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert [r['step'] for r in records] == [3, 6, 9, 12]
     assert all({'epoch', 'step', 'loss', 'lr', 'ips'} <= set(r) for r in records)
     # normalised-pixel MSE starts near the target's variance (about 1) and must fall clearly
     assert records[-1]['loss'] < 0.8 * records[0]['loss']
@@ -150,11 +146,11 @@ def test_demo_pretraining_runs_and_loss_falls(demo_root, tmp_path):
     assert (grid.step, grid.width, grid.height) == (0, 4 * 66 + 2, 8 * 66 + 2)
 
 
-def test_resumed_run_continues_exactly(small_folder, tmp_path):
-    """3 epochs in one go == a run stopped part-way through epoch 1 and resumed by itself."""
-    flags = [*COMMON, '--data_path', small_folder, '--batch_size', 16, '--epochs', 3, '--warmup_epochs', 1,
-             '--blr', 1e-3]
-    run_pretrain(*flags, '--output_dir', tmp_path / 'straight')
+def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted):
+    """3 epochs in one go (conftest's uninterrupted) == a run stopped part-way through epoch 1 and
+    resumed by itself."""
+    flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16]
+    shutil.copytree(uninterrupted[0], tmp_path / 'straight')  # extended below
     run_pretrain(*flags, '--output_dir', tmp_path / 'resumed', '--max_steps', 6)
     ckpt = checkpoint.load(tmp_path / 'resumed' / checkpoint.LAST)
     assert (ckpt['epoch'], ckpt['epoch_samples'], ckpt['step']) == (0, 32, 6)  # 4 steps of 16 an epoch
@@ -167,15 +163,13 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path):
     assert epochs == [0, 1, 1, 2]  # epoch 1 logged when cut short, then when finished
 
     # a finished run asked for more epochs starts at the next one
-    run_pretrain(*flags[:-4], '--epochs', 4, '--warmup_epochs', 1, '--blr', 1e-3,
-                 '--output_dir', tmp_path / 'straight')
+    run_pretrain(*flags, '--epochs', 4, '--output_dir', tmp_path / 'straight')
     assert [r['epoch'] for r in read_jsonl(tmp_path / 'straight' / 'log.txt')] == [0, 1, 2, 3]
     assert checkpoint.load(tmp_path / 'straight' / checkpoint.LAST)['epoch'] == 3
     assert os.path.isfile(tmp_path / 'straight' / 'checkpoint-3.pth')  # the last epoch is kept
     # run again, it has nothing left to train, and leaves no empty TensorBoard file behind
     events = sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents'))
-    run_pretrain(*flags[:-4], '--epochs', 4, '--warmup_epochs', 1, '--blr', 1e-3,
-                 '--output_dir', tmp_path / 'straight')
+    run_pretrain(*flags, '--epochs', 4, '--output_dir', tmp_path / 'straight')
     assert sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents')) == events
 
 
