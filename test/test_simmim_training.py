@@ -208,13 +208,14 @@ def test_finetuning_from_the_demo_pretraining_expands_the_shared_table(vit_pretr
         assert torch.equal(block.attn.relative_position_bias_table.detach(), shared)
 
 
-def test_swin_pretraining_fine_tunes_at_another_window_size(tmp_path, capsys):
+def test_swin_pretraining_fine_tunes_at_another_window_size(small_folder, tmp_path, capsys):
     """Pre-trained with window 4 at 64 px, fine-tuned as timm's Swin-T with window 7: the tables of
-    the stages where the window grows are resized (7 x 7 -> 13 x 13 entries) and training runs."""
-    run_pretrain('--model', 'simmim_swin_tiny', '--data_path', 'demo', '--epochs', 1, '--max_steps', 2,
+    the stages where the window grows are resized (7 x 7 -> 13 x 13 entries) and training runs (on
+    small_folder: the evaluation of 17 images, not the demo's 500, with a full-width Swin-T)."""
+    run_pretrain('--model', 'simmim_swin_tiny', '--data_path', small_folder, '--epochs', 1, '--max_steps', 2,
                  '--batch_size', 16, *CPU, '--output_dir', tmp_path / 'pre')
     capsys.readouterr()
-    run_finetune('--model', 'swin_tiny_patch4_window7_224', '--input_size', 64, '--data_path', 'demo',
+    run_finetune('--model', 'swin_tiny_patch4_window7_224', '--input_size', 64, '--data_path', small_folder,
                  '--finetune', tmp_path / 'pre' / 'checkpoint-last.pth', '--batch_size', 16, '--epochs', 1,
                  '--max_steps', 2, '--log_freq', 1, *CPU, '--output_dir', tmp_path / 'ft')
     out = capsys.readouterr().out
