@@ -93,11 +93,12 @@ def run_demo_pretraining(model, output_dir, blr=1e-3, max_steps=None):
     return output_dir
 
 
-def finetune_demo_checkpoint(pretraining_dir, output_dir):
+def finetune_demo_checkpoint(pretraining_dir, output_dir, data_path):
     """Three fine-tuning steps from a demo pre-training's last checkpoint, with the recipe that
-    comes with it (its classifier included); returns the steps of log.jsonl."""
-    run_finetune('--finetune', os.path.join(pretraining_dir, 'checkpoint-last.pth'), '--data_path', 'demo',
-                 '--batch_size', 32, '--epochs', 1, '--max_steps', 3, '--log_freq', 1, '--num_workers', 0,
+    comes with it (its classifier included), on `data_path` (conftest's small_folder: the
+    evaluation at the end reads 17 images, not the demo's 500); returns the steps of log.jsonl."""
+    run_finetune('--finetune', os.path.join(pretraining_dir, 'checkpoint-last.pth'), '--data_path', data_path,
+                 '--batch_size', 16, '--epochs', 1, '--max_steps', 3, '--log_freq', 1, '--num_workers', 0,
                  '--device', 'cpu', '--output_dir', output_dir)
     steps = read_jsonl(os.path.join(output_dir, 'log.jsonl'))
     assert len(steps) == 3 and steps[-1]['lr'] > 0

@@ -79,8 +79,8 @@ def test_demo_pretraining_loss_falls(mae_hivit_pretraining):
     assert_loss_fell(mae_hivit_pretraining)
 
 
-def test_the_demo_checkpoint_fine_tunes_with_its_recipe(mae_hivit_pretraining, tmp_path, capsys):
-    finetune_demo_checkpoint(mae_hivit_pretraining, tmp_path)
+def test_the_demo_checkpoint_fine_tunes_with_its_recipe(small_folder, mae_hivit_pretraining, tmp_path, capsys):
+    finetune_demo_checkpoint(mae_hivit_pretraining, tmp_path, small_folder)
     out = capsys.readouterr().out
     assert 'fine-tuning recipe published for mae_hivit_tiny checkpoints' in out
     assert 'model hivit_tiny_patch8_64' in out

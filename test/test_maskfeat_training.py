@@ -19,8 +19,8 @@ def test_demo_pretraining_loss_falls(maskfeat_pretraining):
     assert_loss_fell(maskfeat_pretraining)
 
 
-def test_a_maskfeat_checkpoint_fine_tunes_with_its_recipe(maskfeat_pretraining, tmp_path, capsys):
-    finetune_demo_checkpoint(maskfeat_pretraining, tmp_path)
+def test_a_maskfeat_checkpoint_fine_tunes_with_its_recipe(small_folder, maskfeat_pretraining, tmp_path, capsys):
+    finetune_demo_checkpoint(maskfeat_pretraining, tmp_path, small_folder)
     out = capsys.readouterr().out
     assert 'fine-tuning recipe published for maskfeat_vit_tiny checkpoints' in out
     assert 'model vit_tiny_patch8' in out  # the recipe's classifier, at its own 64 px

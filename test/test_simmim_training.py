@@ -191,10 +191,10 @@ def test_demo_pretraining_loss_falls(vit_pretraining):
     assert_loss_fell(vit_pretraining)
 
 
-def test_finetuning_from_the_demo_pretraining_expands_the_shared_table(vit_pretraining, tmp_path):
+def test_finetuning_from_the_demo_pretraining_expands_the_shared_table(small_folder, vit_pretraining, tmp_path):
     """The recipe's classifier (beit_tiny_patch8_64, a table per block) starts from the shared one."""
     from util import checkpoint
-    finetune_demo_checkpoint(vit_pretraining, tmp_path)
+    finetune_demo_checkpoint(vit_pretraining, tmp_path, small_folder)
     epoch = read_jsonl(tmp_path / 'log.txt')[-1]
     assert epoch['test_acc1'] >= 0 and torch.isfinite(torch.tensor(epoch['train_loss']))
     shared = checkpoint.load(vit_pretraining / 'checkpoint-last.pth')['model'][
