@@ -194,10 +194,20 @@ def test_linear_probe_trains_only_the_head(small_folder, tmp_path, capsys):
     assert all(math.isfinite(r['test_acc1']) for r in read_jsonl(tmp_path / 'probe' / 'log.txt'))
 
 
-def test_eval_reproduces_the_accuracy_at_the_end_of_training(small_folder, tmp_path):
-    out = tmp_path / 'ft'
-    run_finetune(*TINY, '--data_path', small_folder, '--batch_size', 16, '--epochs', 2, '--warmup_epochs', 1,
-                 '--output_dir', out)
+@pytest.fixture(scope='module')
+def two_epochs(small_folder, tmp_path_factory):
+    """Fine-tuning with the recipe's augmentation (RandAugment, random erasing, mixup/cutmix, drop
+    path): 2 epochs of 4 steps, every step logged. Tests read its folder and leave it as it is.
+    returns: (its flags without --output_dir, its folder)"""
+    flags = [*TINY, '--data_path', small_folder, '--batch_size', 16, '--epochs', 2, '--warmup_epochs', 1,
+             '--log_freq', 1]
+    out = tmp_path_factory.mktemp('two_epochs')
+    run_finetune(*flags, '--output_dir', out)
+    return flags, out
+
+
+def test_eval_reproduces_the_accuracy_at_the_end_of_training(small_folder, two_epochs):
+    _, out = two_epochs
     last = read_jsonl(out / 'log.txt')[-1]
     stats = run_finetune(*TINY, '--data_path', small_folder, '--eval', '--resume', out / checkpoint.LAST,
                          '--output_dir', '')
@@ -228,15 +238,13 @@ def test_two_process_evaluation_is_exact(small_folder, tmp_path, capsys):
     assert 'on the 17 validation images' in two.stdout
 
 
-def test_resumed_finetuning_with_randaugment_and_mixup_continues_exactly(small_folder, tmp_path):
+def test_resumed_finetuning_with_randaugment_and_mixup_continues_exactly(two_epochs, tmp_path):
     """RandAugment, random erasing, mixup/cutmix and drop path are all drawn from seeded
     generators: a run stopped part-way and resumed gives the same losses, bit for bit."""
-    flags = [*TINY, '--data_path', small_folder, '--batch_size', 16, '--epochs', 2, '--warmup_epochs', 1,
-             '--log_freq', 1]
-    run_finetune(*flags, '--output_dir', tmp_path / 'straight')
+    flags, straight_dir = two_epochs
     run_finetune(*flags, '--output_dir', tmp_path / 'resumed', '--max_steps', 3)
     run_finetune(*flags, '--output_dir', tmp_path / 'resumed')
-    straight = {r['step']: r['loss'] for r in read_jsonl(tmp_path / 'straight' / 'log.jsonl')}
+    straight = {r['step']: r['loss'] for r in read_jsonl(straight_dir / 'log.jsonl')}
     resumed = {r['step']: r['loss'] for r in read_jsonl(tmp_path / 'resumed' / 'log.jsonl')}
     assert sorted(straight) == list(range(1, 9)) and resumed == straight
 
