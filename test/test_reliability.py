@@ -192,6 +192,26 @@ def test_exit_codes_say_why_a_run_ended():
         assert ended.value.code == code
 
 
+def test_a_stop_signal_while_the_process_exits_keeps_its_exit_code_without_a_traceback(tmp_path):
+    """A second Ctrl-C after the run's last line, while the interpreter runs its exit handlers (a
+    slow one here), broke into the handler with 'Exception ignored in atexit callback' and a
+    traceback; the process now ends at once with the exit status it was ending with."""
+    script = tmp_path / 'command.py'
+    script.write_text('import argparse, atexit, time\n'
+                      'from util.errors import UsageError, run_command\n'
+                      'def main(args):\n'
+                      '    atexit.register(time.sleep, 60)\n'
+                      '    raise UsageError("bad flag")\n'
+                      'run_command(main, argparse.ArgumentParser)\n')
+    process = subprocess.Popen([sys.executable, script], cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stderr.readline() == 'error: bad flag\n'
+    time.sleep(0.5)  # into the exit handler
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 2 and stderr == ''
+
+
 def test_a_damaged_last_checkpoint_names_the_newest_epoch_checkpoint(small_folder, tmp_path):
     for epoch in (3, 7):
         torch.save({'epoch': epoch}, tmp_path / f'checkpoint-{epoch}.pth')

@@ -79,7 +79,17 @@ def run_command(main, get_args_parser):
     """An entry point's command line: run_cli on the parsed arguments, the interpreter's last
     collection skipped from the start (so --help and argparse's errors end as quickly)."""
     skip_the_last_collection()
-    run_cli(main, get_args_parser().parse_args())
+    args = get_args_parser().parse_args()
+    code = 1  # an error run_cli leaves to its traceback
+    try:
+        run_cli(main, args)
+        code = 0
+    except SystemExit as ended:
+        code = ended.code if isinstance(ended.code, int) else int(ended.code is not None)  # as the interpreter reads it
+        raise
+    finally:
+        from util import signals  # imported by run_cli already
+        signals.exit_at_once_on_stop_signals(code)
 
 
 def skip_the_last_collection():

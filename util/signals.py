@@ -23,7 +23,9 @@ import atexit
 import contextlib
 import multiprocessing
 import multiprocessing.util  # its exit handler registered first: ours, registered below, runs before it
+import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -75,6 +77,19 @@ def training():
         yield
     finally:
         _deferred = False
+
+
+def exit_at_once_on_stop_signals(code):
+    """The command has ended with exit status `code`: a stop signal from here on (a second Ctrl-C
+    while the interpreter closes) ends the process at once with that status. Raised as before, it
+    broke into an exit handler with a traceback ('Exception ignored in atexit callback')."""
+    def end(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, end)
 
 
 def ignore_stop_signals_in_worker(worker_id):
