@@ -342,3 +342,7 @@ if __name__ == '__main__':
     except CaseError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.exit_code)
+    except ModuleNotFoundError as e:  # a python3 without the project's requirements ran the script
+        print(f'error: {sys.executable} has no module {e.name!r}: run the script with the Python that has the '
+              f'requirements (activate its virtual environment, or PYTHON=/path/to/python bash ...)', file=sys.stderr)
+        sys.exit(2)

@@ -201,6 +201,22 @@ def test_bad_input_is_a_clear_error(script, args, message, tmp_path):
     assert last_line.startswith('error: ') and message in last_line
 
 
+def test_a_python_without_the_requirements_is_one_line(tmp_path):
+    """$PYTHON unset and no virtual environment active: the scripts fall back to python3, which may be
+    the system's, without torch (here: this Python with torch hidden)."""
+    wrapper = tmp_path / 'python3'
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -c "import runpy, sys; sys.modules[\'torch\'] = None; '
+                       f'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name=\'__main__\')" "$@"\n')
+    wrapper.chmod(0o755)
+    result = run_script('bash', os.path.join('test', 'pretrain_performance_1p.sh'), '--data_path=demo',
+                        f'--output_dir={tmp_path}', env={'PYTHON': '', 'VIRTUAL_ENV': '',
+                                                          'PATH': f'{tmp_path}:{os.environ["PATH"]}'})
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {sys.executable} has no module 'torch': run the script with the Python that has the requirements "
+        f"(activate its virtual environment, or PYTHON=/path/to/python bash ...)")
+
+
 def test_a_batch_that_does_not_reach_the_recipes_effective_batch_is_refused():
     # the script prints a CaseError as the one line above, with its exit code
     for kind in ('finetune', 'pretrain'):  # DeiT's 1024, MAE's 4096
