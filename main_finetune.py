@@ -394,9 +394,10 @@ class EpochEvaluation:
         self.best = best_accuracy_so_far(args.output_dir) if resuming else float('-inf')
 
     def __call__(self, epoch, stats):
+        # the EMA's line first, labelled: log readers take the last `* Acc@1` line as the model's
+        ema = {} if self.ema is None else self.evaluate(self.ema.module, label='EMA weights')
         results = {f'test_{k}': v for k, v in self.evaluate(self.model).items() if k != 'images'}
-        if self.ema is not None:
-            results.update({f'test_ema_{k}': v for k, v in self.evaluate(self.ema.module).items() if k != 'images'})
+        results.update({f'test_ema_{k}': v for k, v in ema.items() if k != 'images'})
         if results['test_acc1'] > self.best:
             self.best = results['test_acc1']
             if self.args.output_dir:  # written with the epoch's checkpoint, from the same copy of the weights
@@ -406,8 +407,9 @@ class EpochEvaluation:
         print(f"top-1 accuracy of epoch {epoch}: {results['test_acc1']:.2f}%; best so far: {self.best:.2f}%")
         return results
 
-    def evaluate(self, model):
-        return evaluate(model, self.loader, self.device, self.precision, sum_over_ranks=self.args.dist_eval)
+    def evaluate(self, model, label=None):
+        return evaluate(model, self.loader, self.device, self.precision, sum_over_ranks=self.args.dist_eval,
+                        label=label)
 
 
 def run_eval(args, model, loader, device, precision):

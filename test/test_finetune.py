@@ -249,9 +249,10 @@ def test_resumed_finetuning_with_randaugment_and_mixup_continues_exactly(two_epo
     assert sorted(straight) == list(range(1, 9)) and resumed == straight
 
 
-def test_model_ema_follows_the_weights(small_folder, tmp_path):
+def test_model_ema_follows_the_weights(small_folder, tmp_path, capsys):
     """After one step from w0 to w1, the EMA holds decay * w0 + (1 - decay) * w1 (timm ModelEmaV3,
-    no warm-up); it is checkpointed and evaluated."""
+    no warm-up); it is checkpointed and evaluated. Its accuracy line is labelled and comes before
+    the model's, which log readers take as the last `* Acc@1` line."""
     from models_vit import vit_tiny_patch8
     torch.manual_seed(0)
     start = vit_tiny_patch8(num_classes=2).state_dict()
@@ -264,7 +265,11 @@ def test_model_ema_follows_the_weights(small_folder, tmp_path):
     key = 'blocks.0.attn.qkv.weight'
     assert not torch.equal(ckpt['model'][key], start[key])
     torch.testing.assert_close(ckpt['model_ema'][key], decay * start[key] + (1 - decay) * ckpt['model'][key])
-    assert 'test_ema_acc1' in read_jsonl(tmp_path / 'ema' / 'log.txt')[-1]
+    epoch = read_jsonl(tmp_path / 'ema' / 'log.txt')[-1]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('* Acc@1')]
+    assert lines == [f"* Acc@1 {epoch['test_ema_acc1']:.3f} Acc@5 {epoch['test_ema_acc5']:.3f} "
+                     f"loss {epoch['test_ema_loss']:.3f}  (EMA weights)",
+                     f"* Acc@1 {epoch['test_acc1']:.3f} Acc@5 {epoch['test_acc5']:.3f} loss {epoch['test_loss']:.3f}"]
 
 
 def test_any_timm_model_trains_from_scratch(small_folder, tmp_path):

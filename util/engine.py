@@ -339,11 +339,11 @@ def topk_correct(scores, labels):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, precision, sum_over_ranks=True):
+def evaluate(model, loader, device, precision, sum_over_ranks=True, label=None):
     """Top-1, top-5 accuracy (%) and mean cross-entropy over the loader's images, summed over all
     ranks when `sum_over_ranks` (exact when each image is on one rank: util.datasets.ShardSampler;
     else every rank has evaluated every image). Prints the line `* Acc@1 X Acc@5 Y loss Z` that
-    the ModelZoo scripts read."""
+    log readers grep (`label`, as for the EMA weights, is put after it in parentheses)."""
     model.eval()
     dev = device.torch_device
     # counts in int64 and the loss in float32: no float64 on MPS, and exact counts at any size
@@ -365,5 +365,6 @@ def evaluate(model, loader, device, precision, sum_over_ranks=True):
     count = max(count, 1)
     stats = {'acc1': 100 * correct1 / count, 'acc5': 100 * correct5 / count, 'loss': loss_sum.item() / count,
              'images': int(count)}
-    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}" +
+          (f'  ({label})' if label else ''))
     return stats
