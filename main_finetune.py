@@ -354,8 +354,8 @@ def build_model(args, num_classes, resuming):
         try:
             report = checkpoint.load_pretrained(model, args.finetune, head_init_std=args.head_init_std,
                                                 head_init_bias=args.head_init_bias)
-        except UsageError as e:
-            raise UsageError(f'{e}{finetune_model_advice(args)}') from None
+        except checkpoint.WeightsDoNotFit as e:
+            raise checkpoint.WeightsDoNotFit(f'{e}{finetune_model_advice(args)}') from None
         print(f"loaded {report['loaded']} tensors from {args.finetune}")
         for key in ('missing', 'unexpected', 'dropped', 'resized', 'started at zero'):
             if report[key]:

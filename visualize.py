@@ -89,13 +89,19 @@ def load_pretraining_model(args):
     if settings.norm_pix_loss is not None:
         kwargs['norm_pix_loss'] = settings.norm_pix_loss
     model = create_pretrain_model(name, **kwargs)
-    state = checkpoint.in_model_layout(model, checkpoint.model_state_of(ckpt, path), path)
-    missing = [k for k in model.state_dict() if k not in state]
-    if missing and all(k.startswith(('decoder', 'mask_token')) for k in missing):
-        raise UsageError(f'{path} holds an encoder without its decoder (like the released mae_pretrain_vit_base.pth): '
-                         f'reconstructions need the whole pre-training model, e.g. mae_visualize_vit_large.pth, '
-                         f'mae_pretrain_vit_large_full.pth or a checkpoint of main_pretrain.py')
-    checkpoint.load_weights(model, state, path)
+    try:
+        state = checkpoint.in_model_layout(model, checkpoint.model_state_of(ckpt, path), path)
+        missing = [k for k in model.state_dict() if k not in state]
+        decoder = ('decoder', 'mask_token')
+        if missing and all(k.startswith(decoder) for k in missing) and not any(k.startswith(decoder) for k in state):
+            raise UsageError(f'{path} holds an encoder without its decoder (like the released '
+                             f'mae_pretrain_vit_base.pth): reconstructions need the whole pre-training model, e.g. '
+                             f'mae_visualize_vit_large.pth, mae_pretrain_vit_large_full.pth or a checkpoint of '
+                             f'main_pretrain.py')
+        checkpoint.load_weights(model, state, path)
+    except checkpoint.WeightsDoNotFit as e:  # --model of another size than the run's, say
+        raise checkpoint.WeightsDoNotFit(f'{e}{checkpoint.written_by_advice(args.model, pretraining_of(ckpt)[0])}') \
+            from None
     return name, model, settings
 
 

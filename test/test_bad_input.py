@@ -315,6 +315,9 @@ def test_weights_that_name_no_model_and_fit_not_the_default_say_so(tmp_path):
         run_finetune(*flags, '--output_dir', tmp_path / 'default')
     with pytest.raises(UsageError, match=r'vs \(384,\)[^;]*$'):  # a --model given: no such advice
         run_finetune(*flags, '--model', 'vit_small_patch16_224', '--output_dir', tmp_path / 'small')
+    # nor where nothing was read (a folder given as --finetune)
+    with pytest.raises(UsageError, match=r"is a folder: give the \.pth file in it$"):
+        run_finetune('--finetune', tmp_path, *flags[2:], '--output_dir', tmp_path / 'folder')
     # --eval of a classifier's bare weights, alike
     torch.save(create_classifier('vit_tiny_patch8', img_size=64, num_classes=10).state_dict(), tmp_path / 'bare.pth')
     with pytest.raises(UsageError, match=r"does not fit this model: .*; the checkpoint names no model timm knows, so it "

@@ -165,6 +165,12 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
     with pytest.raises(UsageError, match='without its decoder'):
         run_main('visualize', '--model', 'mae_vit_tiny', '--checkpoint', tmp_path / 'encoder.pth',
                  '--output', tmp_path / 'a.png')
+    # --model of another size than the run that wrote the checkpoint: the mismatch names the recorded one
+    save_checkpoint(tmp_path / 'recorded.pth', 'mae_vit_tiny')
+    with pytest.raises(UsageError, match=r'does not fit this model: .*; it was written by --model mae_vit_tiny: '
+                                         r'leave --model out$'):
+        run_main('visualize', '--model', 'mae_vit_small', '--checkpoint', tmp_path / 'recorded.pth', '--output',
+                 tmp_path / 'a.png')
     torch.save({'model': {}, 'args': {'model': 'vit_tiny_patch8'}}, tmp_path / 'finetuned.pth')
     with pytest.raises(UsageError, match='vit_tiny_patch8, which is not a pre-training model'):
         run_main('visualize', '--checkpoint', tmp_path / 'finetuned.pth', '--output', tmp_path / 'a.png')

@@ -44,6 +44,18 @@ class ConfigAsData(dict):
         return collections.OrderedDict()
 
 
+class WeightsDoNotFit(UsageError):
+    """A checkpoint read whole whose weights do not fit the model built for them: the callers that
+    know which model the checkpoint names add what to give instead."""
+
+
+def written_by_advice(given_model, recorded_model):
+    """What to add to WeightsDoNotFit where --model differs from the model the checkpoint records."""
+    if given_model and recorded_model and given_model != recorded_model:
+        return f'; it was written by --model {recorded_model}: leave --model out'
+    return ''
+
+
 def load(path, mmap=False):
     """Load a checkpoint as data (weights_only: no code runs) onto the CPU. Besides tensors and
     containers, argparse.Namespace is allowed (the official MAE code stores its args as one), and
@@ -290,12 +302,12 @@ def load_weights(model, state, path, optional=(), advice=''):
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ
-        raise UsageError(f'{path!r} does not fit this model: {str(e).splitlines()[1].strip().rstrip(".")}'
-                         f'{advice}') from None
+        raise WeightsDoNotFit(f'{path!r} does not fit this model: {str(e).splitlines()[1].strip().rstrip(".")}'
+                              f'{advice}') from None
     missing = [k for k in missing if not k.startswith(optional)]
     if missing or unexpected:
-        raise UsageError(f'{path!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}'
-                         f'{advice}')
+        raise WeightsDoNotFit(f'{path!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}'
+                              f'{advice}')
 
 
 # Keys that belong to pre-training only (MAE's decoder and mask token), and the ones a
@@ -371,7 +383,7 @@ def in_model_layout(model, state, path):
     except (AttributeError, KeyError, RuntimeError, ValueError) as e:  # weights of another architecture
         # the keys say what differs; the filter's own words only where they do not ('NoneType' object ...)
         differences = key_differences(state, model.state_dict()) or first_line(e)
-        raise UsageError(f'{path!r} does not fit this model: {differences}') from None
+        raise WeightsDoNotFit(f'{path!r} does not fit this model: {differences}') from None
 
 
 def key_differences(state, own, wrong_shapes=(), optional=()):
@@ -442,7 +454,7 @@ def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias
     dropped += sorted(k for k in left_out if k not in rebuilt)
     missing_body = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
     if wrong or missing_body or not any(k in own for k in state):
-        raise UsageError(f'{path!r} does not fit this model: {key_differences(state, own, wrong, HEAD_PREFIXES)}')
+        raise WeightsDoNotFit(f'{path!r} does not fit this model: {key_differences(state, own, wrong, HEAD_PREFIXES)}')
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = model.get_classifier() if hasattr(model, 'get_classifier') else getattr(model, 'head', None)
     if isinstance(head, torch.nn.Linear):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, in_model_layout, load, load_weights, model_state_of,
-                             saved_args)
+from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, WeightsDoNotFit, in_model_layout, load, load_weights,
+                             model_state_of, saved_args, written_by_advice)
 from util.errors import UsageError, first_line
 from util.output_dir import current_umask
 from util.registry import (MODEL_FILES, _unknown, create_classifier_and_keywords, create_pretrain_model,
@@ -193,10 +193,8 @@ def export_checkpoint(path, output, model=None):
     export = pretrained_encoder if pretraining else finetuned_classifier
     try:
         (timm_name, kwargs, num_classes), state, description = export(ckpt, path, name)
-    except UsageError as e:
-        if model and recorded and recorded != model:  # --model of another size than the run's
-            raise UsageError(f'{e}; it was written by --model {recorded}: leave --model out') from None
-        raise
+    except WeightsDoNotFit as e:  # --model of another size than the run's, say
+        raise WeightsDoNotFit(f'{e}{written_by_advice(model, recorded)}') from None
     call = TimmCall(timm_name, kwargs, overlay_for(timm_name, output, num_classes))
 
     def check(file):
