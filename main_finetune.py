@@ -134,13 +134,15 @@ def get_args_parser():
                              'ImageNet recipe is too long to converge, this says what the features are worth')
     add_knn_k_argument(parser)
     parser.add_argument('--dist_eval', default=True, action=argparse.BooleanOptionalAction,
-                        help='each process evaluates its own share of the validation images (exact: no padding)')
+                        help='each process evaluates its own share of the validation images (exact: no padding; '
+                             'default: on)')
     parser.add_argument('--model_ema', action='store_true', help='keep an exponential moving average of the weights')
-    parser.add_argument('--model_ema_decay', type=float, default=0.99996, help='decay of --model_ema per step')
+    parser.add_argument('--model_ema_decay', type=float, default=0.99996,
+                        help='decay of --model_ema per step (default: 0.99996)')
 
     # augmentation (timm), MAE's names
     parser.add_argument('--crop_min', type=float, default=0.08,
-                        help='smallest area of the random crop, as a fraction of the image (fine-tuning and probing)')
+                        help='smallest area of the random crop, as a fraction of the image (fine-tuning and probing; default: 0.08)')
     parser.add_argument('--color_jitter', type=float, default=None,
                         help='colour jitter of brightness, contrast and saturation, after RandAugment when --aa is on '
                              '(default: off; the recipe\'s: MaskFeat\'s 0.4)')
@@ -150,16 +152,16 @@ def get_args_parser():
     parser.add_argument('--reprob', type=float, default=None, help='random erasing probability; ' + recipe_note('reprob'))
     parser.add_argument('--remode', type=str, default='pixel', choices=('pixel', 'rand', 'const'),
                         help='random erasing fills with per-pixel noise, per-area noise or zeros')
-    parser.add_argument('--recount', type=int, default=1, help='random erasing count')
+    parser.add_argument('--recount', type=int, default=1, help='boxes random erasing draws in an image (default: 1)')
     parser.add_argument('--resplit', action='store_true', default=False,
                         help='accepted for compatibility with MAE; has no effect (no augmentation splits)')
     parser.add_argument('--mixup', type=float, default=None, help='mixup alpha; ' + recipe_note('mixup'))
     parser.add_argument('--cutmix', type=float, default=None, help='cutmix alpha; ' + recipe_note('cutmix'))
     parser.add_argument('--cutmix_minmax', type=float, nargs=2, default=None,
                         help='cutmix box ratio range (overrides --cutmix alpha)')
-    parser.add_argument('--mixup_prob', type=float, default=1.0, help='probability of mixing a batch')
+    parser.add_argument('--mixup_prob', type=float, default=1.0, help='probability of mixing a batch (default: 1.0)')
     parser.add_argument('--mixup_switch_prob', type=float, default=0.5,
-                        help='probability of cutmix instead of mixup when both are on')
+                        help='probability of cutmix instead of mixup when both are on (default: 0.5)')
     parser.add_argument('--mixup_mode', type=str, default='batch', choices=('batch', 'pair', 'elem'),
                         help='one mix per batch, per pair or per image')
     add_run_args(parser)

@@ -380,11 +380,19 @@ def test_help_names_the_script_the_models_and_every_default():
     assert all(name in words for name in pretrain_model_names())
     assert 'MAE: mae_vit_base_patch16,' in words and 'HiViT: mae_hivit_base_dec512d6b' in words
     assert 'HiViT: hivit_base, hivit_base_mmpretrain, hivit_large' in ' '.join(result.stdout.split())
-    # every tool's usage line names its script (argparse's first argument is the program, not a title)
+    # every tool's usage line names its script (argparse's first argument is the program, not a title),
+    # and every flag with a default says it (argparse adds it to --flag/--no-flag pairs by itself)
     import benchmark, compare_loss, export, visualize
-    for tool in (benchmark, compare_loss, export, visualize, main_pretrain):
+    import main_finetune
+    for tool in (benchmark, compare_loss, export, visualize, main_pretrain, main_finetune):
         parser = tool.get_args_parser()
         assert parser.prog in (os.path.basename(sys.argv[0]), f'{tool.__name__}.py'), tool.__name__
+        for action in parser._actions:
+            if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+                continue
+            default = ' '.join(map(str, action.default)) if isinstance(action.default, (list, tuple)) \
+                else str(action.default)
+            assert 'default' in action.help.lower() or default in action.help, (tool.__name__, action.option_strings)
 
 
 def raise_error(error):

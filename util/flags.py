@@ -22,7 +22,7 @@ def add_schedule_args(parser, recipe_note):
     add('batch_size', 'images per device per step; effective batch = batch_size * accum_iter * devices', type=int)
     add('epochs', 'epochs to train', type=int)
     parser.add_argument('--accum_iter', default=1, type=int,
-                        help='accumulate gradients over this many micro-batches per optimizer step')
+                        help='accumulate gradients over this many micro-batches per optimizer step (default: 1)')
     add('weight_decay', 'weight decay', type=float)
     parser.add_argument('--lr', type=float, default=None, help='absolute learning rate (default: blr * batch / 256)')
     add('blr', 'base learning rate: lr = blr * effective batch size / 256', type=float)
@@ -123,7 +123,7 @@ def add_run_args(parser):
                         help='ImageFolder root with train/ (and val/), e.g. ImageNet, "demo" for the built-in set, or '
                              '"synthetic" (ImageNet-1k\'s size; "synthetic:N": N training images) for images made '
                              'per sample, to measure a device without a disk')
-    parser.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.jsonl, log.txt')
+    parser.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.jsonl, log.txt (default: ./output_dir)')
     parser.add_argument('--log_dir', default=None, help='TensorBoard directory (default: output_dir)')
     add_step_args(parser)
     parser.add_argument('--seed', default=0, type=int,
@@ -134,14 +134,14 @@ def add_run_args(parser):
     parser.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     parser.add_argument('--max_steps', default=None, type=int,
                         help='stop after this many optimizer steps (smoke and performance runs)')
-    parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs (default: 20)')
     parser.add_argument('--log_freq', default=None, type=int, help='log every N optimizer steps (default: 20)')
     parser.add_argument('--num_workers', default=default_num_workers(), type=int,
                         help='data-loading processes per training process (default: the cores this process may use, '
                              'shared among the processes of this node (LOCAL_WORLD_SIZE), or 10 (fewer cores: all of '
                              'them) where that is more; here: %(default)s)')
     parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
-                        help='pin host memory in the data loader for faster copies to the device')
+                        help='pin host memory in the data loader for faster copies to the device (default: on)')
     parser.add_argument('--save_every_steps', default=0, type=int,
                         help='also write checkpoint-last.pth every N optimizer steps within an epoch, bounding the work '
                              'a SIGKILL loses in long epochs (default: 0, at the end of each epoch only)')
