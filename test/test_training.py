@@ -233,15 +233,24 @@ def test_divergence_during_a_background_write_counts_that_checkpoint(small_folde
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):
-    result = run_script(sys.executable, 'main_pretrain.py', '--data_path', tmp_path / 'missing', '--device', 'cpu')
+    """One line, exit code 2, and the --output_dir the run made and locked before it found the bad
+    flag is gone with it (it held the lock file alone)."""
+    result = run_script(sys.executable, 'main_pretrain.py', '--data_path', tmp_path / 'missing', '--device', 'cpu',
+                        '--output_dir', tmp_path / 'a')
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: --data_path') and 'train/' in lines[0]
+    assert not (tmp_path / 'a').exists()
 
-    # the others as UsageErrors, which run_cli prints as the line above (in-process: faster)
+    # the others as UsageErrors, which run_cli prints as the line above (in-process: faster); a folder
+    # that was there is left as it was, without the lock file
+    (tmp_path / 'kept').mkdir()
+    with pytest.raises(UsageError, match='--data_path .* does not exist'):
+        run_pretrain('--data_path', tmp_path / 'missing', '--device', 'cpu', '--output_dir', tmp_path / 'kept')
+    assert os.listdir(tmp_path / 'kept') == []
     with pytest.raises(UsageError, match=r"unknown pre-training model 'mae_vit_bse'.*mae_vit_base"):
-        run_pretrain('--data_path', 'demo', '--model', 'mae_vit_bse', '--output_dir', tmp_path / 'a')
+        run_pretrain('--data_path', 'demo', '--model', 'mae_vit_bse', '--output_dir', tmp_path / 'b')
     # 2,000 demo images are 31 batches of 64: accumulating 32 of them would never take a step
     with pytest.raises(UsageError, match='has 31 batches of 64 an epoch, fewer than --accum_iter 32'):
         run_pretrain('--data_path', 'demo', '--device', 'cpu', '--model', 'mae_vit_tiny', '--batch_size', 64,

@@ -1,4 +1,5 @@
 """One run at a time in an --output_dir: a lock held for the life of the process."""
+import atexit
 import contextlib
 import os
 import socket
@@ -8,6 +9,7 @@ from util.errors import UsageError, first_line
 
 
 _OUTPUT_DIR_LOCKS = {}  # real path -> the open lock file, held until the process ends
+_MADE_HERE = set()  # the real paths of the output folders this process made
 
 
 def in_use_by(output_dir):
@@ -43,6 +45,7 @@ def lock_output_dir(output_dir):
     key = os.path.realpath(output_dir)
     if key in _OUTPUT_DIR_LOCKS:
         return
+    made = not os.path.isdir(output_dir)
     with folder_errors_as_usage('--output_dir', output_dir):
         os.makedirs(output_dir, exist_ok=True)
         handle = open(os.path.join(output_dir, '.lock'), 'a+')
@@ -62,6 +65,8 @@ def lock_output_dir(output_dir):
     handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     handle.flush()
     _OUTPUT_DIR_LOCKS[key] = handle
+    if made:
+        _MADE_HERE.add(key)
 
 
 @contextlib.contextmanager
@@ -91,9 +96,18 @@ def current_umask():
     return mask
 
 
+@atexit.register
 def release_output_dir_locks():
-    """Drop the output-folder locks this process holds: for programs that run several runs one
-    after the other in one process (the tests, a notebook); a run's own process needs none of it."""
-    for handle in _OUTPUT_DIR_LOCKS.values():
+    """Drop the output-folder locks this process holds, at exit and for programs that run several
+    runs one after the other in one process (the tests, a notebook). A run that ended before it wrote
+    anything (a bad flag found after the folder was locked) leaves the folder as it found it: its
+    lock file removed, and the folder too where the run made it."""
+    for key, handle in _OUTPUT_DIR_LOCKS.items():
+        with contextlib.suppress(OSError):  # a folder removed or made unreadable meanwhile: nothing to tidy
+            if os.listdir(key) == ['.lock']:
+                os.remove(os.path.join(key, '.lock'))
+                if key in _MADE_HERE:
+                    os.rmdir(key)
         handle.close()
     _OUTPUT_DIR_LOCKS.clear()
+    _MADE_HERE.clear()
