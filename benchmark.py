@@ -47,6 +47,7 @@ from util.flags import add_step_args, check_ranges
 from util.flops import (FlopRate, device_name, device_peak, example_batch, matmul_precision,
                         training_flops_per_image)
 from util.images import BadImages
+from util.logger import counted
 from util.optim import build_adamw, param_groups
 from util.registry import _unknown, create_classifier, create_pretrain_model, native_input_size, pretrain_model_names
 
@@ -458,7 +459,7 @@ def run_loader(args):
     total, timed = images_per_second_loader(dataset, collate_fn, train_args, args, device)
     workers = max(args.num_workers, 1)
     decoded = f', decoded, cropped and resized on {device_name(device)}' if device else ''
-    print(f'  DataLoader, {args.num_workers} worker{"s" if args.num_workers != 1 else ""}, batch {train_args.batch_size}{decoded}: {total:.1f} images/s in '
+    print(f'  DataLoader, {counted(args.num_workers, "worker")}, batch {train_args.batch_size}{decoded}: {total:.1f} images/s in '
           f'total, {total / workers:.1f} per worker ({timed} images after those ready at the start)', flush=True)
     figures = {'per_core': per_core, 'total': total}
     if args.compare_official:
@@ -524,7 +525,7 @@ def run_checkpoint_stall(args):
     size = sum(t.numel() * t.element_size() for t in tensors)
     print(f'{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, '
           f'{size / 2 ** 30:.2f} GiB with the AdamW moments, on {device.torch_device}, '
-          f'{torch.get_num_threads()} threads')
+          f'{counted(torch.get_num_threads(), "thread")}')
     alone = min(work() for _ in range(3))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, checkpoint.LAST)

@@ -23,6 +23,7 @@ from util import checkpoint
 from util.datasets import DEMO, load_eval_images
 from util.device import resolve_device
 from util.errors import UsageError, run_command
+from util.logger import counted
 from util.pictures import reconstruct
 from util.plots import check_plot_path, draw_training_curves, write_figure
 from util.registry import create_pretrain_model, pretrain_recipe, pretraining_of
@@ -144,14 +145,14 @@ def draw_reconstructions(args):
     panels = reconstruct(model, images.to(device.torch_device), model.mask_generator(settings), args.seed)
     masking = f'mask ratio {settings.mask_ratio}' if settings.mask_ratio is not None else 'masked'
     draw_panels(output, panels, f'{name}: {os.path.basename(args.checkpoint)}, {masking}, seed {args.seed}')
-    print(f'reconstructions of {len(images)} image{"s" if len(images) > 1 else ""}: {output}')
+    print(f'reconstructions of {counted(len(images), "image")}: {output}')
 
 
 def main(args):
     if args.logs:
         output = args.output or 'curves.png'
         draw_training_curves(output, args.logs)  # any image type matplotlib writes
-        print(f'curves of {len(args.logs)} run{"s" if len(args.logs) != 1 else ""}: {output}')
+        print(f'curves of {counted(len(args.logs), "run")}: {output}')
     else:
         draw_reconstructions(args)
 

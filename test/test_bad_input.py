@@ -103,6 +103,17 @@ def test_a_lower_bound_above_the_peak_lr_is_said(capsys):
     assert 'warning' not in capsys.readouterr().out
 
 
+def test_console_counts_take_the_singular_for_one(capsys):
+    from util.flags import set_learning_rate
+    from util.logger import counted
+    assert [counted(n, 'process', 'processes') for n in (0, 1, 2)] == ['0 processes', '1 process', '2 processes']
+    assert [counted(n, 'warm-up epoch') for n in (1, 40)] == ['1 warm-up epoch', '40 warm-up epochs']
+    args = argparse.Namespace(lr=None, blr=1e-3, batch_size=8, accum_iter=1, min_lr=0.0, min_blr=None, warmup_lr=0.0,
+                              warmup_blr=None, lr_schedule='cosine', warmup_epochs=1, epochs=10)
+    set_learning_rate(args)
+    assert '; 1 warm-up epoch from 0.000e+00, then cosine' in capsys.readouterr().out
+
+
 def test_step_milestones_the_run_never_reaches_are_said(capsys):
     """SimMIM's 800-epoch recipe steps the lr down at epoch 700: a trial of 10 epochs never does."""
     from util.flags import set_learning_rate

@@ -10,6 +10,7 @@ from util.datasets import default_num_workers
 from util.device import AUTO_ORDER, PRECISIONS
 from util.errors import UsageError
 from util.images import DEFAULT_MAX_BAD_IMAGES
+from util.logger import counted
 from util.lr_sched import SCHEDULES
 
 
@@ -261,8 +262,8 @@ def set_learning_rate(args):
             setattr(args, absolute, (getattr(args, per_256) or 0.0) * eff_batch_size / 256)
     after = f'x {args.lr_gamma} at epochs {args.lr_milestones}' if args.lr_schedule == 'step' \
         else f'{args.lr_schedule} down to {args.min_lr:.3e}'
-    print(f'effective batch size {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e}); {args.warmup_epochs} '
-          f'warm-up epochs from {args.warmup_lr:.3e}, then {after}')
+    print(f'effective batch size {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e}); '
+          f'{counted(args.warmup_epochs, "warm-up epoch")} from {args.warmup_lr:.3e}, then {after}')
     if args.lr_schedule == 'step':
         check_milestones(args)
     if args.lr_schedule != 'step' and args.min_lr > args.lr:  # DeiT's fixed 1e-5 at a small batch, say

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from util.errors import first_line
+from util.logger import counted
 
 # Dense (no 2:4 sparsity) peak throughput of one device in TFLOP/s by precision, matched in this
 # order against the device's name (torch.cuda.get_device_name, torch.npu.get_device_name). fp32
@@ -47,7 +48,7 @@ def device_name(device):
     get_name = getattr(device.module, 'get_device_name', None) if device.module is not None else None
     if get_name is None:
         threads = torch.get_num_threads()
-        return f'{threads} CPU core{"s" if threads > 1 else ""}' if device.type == 'cpu' else device.type
+        return counted(threads, 'CPU core') if device.type == 'cpu' else device.type
     return get_name(device.torch_device) if device.index is not None else get_name()
 
 

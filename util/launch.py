@@ -12,6 +12,7 @@ from util.device import resolve_device
 from util.engine import Progress
 from util.errors import UsageError
 from util.flags import check_run_args
+from util.logger import counted
 from util.output_dir import lock_output_dir, make_log_dir
 
 
@@ -38,7 +39,8 @@ def start_run(args, deterministic=False):
     args.log_dir = args.log_dir or args.output_dir
     if args.log_dir and args.log_dir != args.output_dir and dist.is_main_process():
         make_log_dir(args.log_dir)
-    print(f'device: {device.torch_device} x {world.world_size} processes, precision: {precision}')
+    processes = counted(world.world_size, 'process', 'processes')
+    print(f'device: {device.torch_device} x {processes}, precision: {precision}')
     if device.type == 'cpu' and precision == 'fp16':  # mae_vit_tiny at 64 px, 1 core: 6.5 images/s, fp32 61.9
         print('warning: fp16 on the CPU has few fast kernels and trains several times slower than fp32; it is '
               'there to check a GPU recipe\'s loss scaling, not for speed')

@@ -10,6 +10,12 @@ import json
 import os
 
 
+def counted(number, noun, plural=None):
+    """'1 warm-up epoch', '2 warm-up epochs', '1 process' (plural 'processes'): a count and its noun,
+    for console lines."""
+    return f'{number} {noun if number == 1 else plural or noun + "s"}'
+
+
 def _format(value):
     if isinstance(value, float):
         return f'{value:.6g}'
