@@ -16,6 +16,7 @@ import torch
 
 from util import dist, mmpretrain
 from util.errors import UsageError, first_line
+from util.logger import named_briefly
 
 LAST = 'checkpoint-last.pth'
 BEST = 'checkpoint-best.pth'  # fine-tuning: the weights of the epoch with the best top-1
@@ -116,12 +117,6 @@ def not_a_checkpoint(path, start):
             return f'{path!r} {what}'
     return (f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive, a pickle or '
             f'safetensors): give the .pth file a training run or a release wrote{older_checkpoint_hint(path)}')
-
-
-def named_briefly(names, shown=3):
-    """'a, b, c and 5 more': a pickled model holds dozens of classes."""
-    more = f' and {len(names) - shown} more' if len(names) > shown else ''
-    return ', '.join(names[:shown]) + more
 
 
 def is_safetensors(start):

@@ -36,6 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 from util import demo_data, signals
 from util.errors import UsageError
 from util.images import EncodedJpeg, UnreadableImage, decode_jpegs_on, load_rgb, load_rgb_tensor, read_jpeg_or_decode
+from util.logger import named_briefly
 
 DEMO = 'demo'
 SYNTHETIC = 'synthetic'  # --data_path synthetic[:N]: images made per sample, no disk (SyntheticImages)
@@ -387,9 +388,10 @@ def number_of_classes(train_classes, val_classes, nb_classes):
     if val_classes != train_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise UsageError(f'val/ and train/ hold different class folders (only in train/: {only_train[:5]}, only in '
-                         f'val/: {only_val[:5]}): the labels would not match; give val/ the class folders of '
-                         f'train/ (an empty one is refused too)')
+        differences = '; '.join(f'only in {split}/: {named_briefly(names, 5)}'
+                                for split, names in (('train', only_train), ('val', only_val)) if names)
+        raise UsageError(f'val/ and train/ hold different class folders ({differences}): the labels would not match; '
+                         f'give val/ the class folders of train/ (an empty one is refused too)')
     return num_classes
 
 

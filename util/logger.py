@@ -16,6 +16,12 @@ def counted(number, noun, plural=None):
     return f'{number} {noun if number == 1 else plural or noun + "s"}'
 
 
+def named_briefly(names, shown=3):
+    """'a, b, c and 5 more': the first of many names in a line."""
+    more = f' and {len(names) - shown} more' if len(names) > shown else ''
+    return ', '.join(names[:shown]) + more
+
+
 def _format(value):
     if isinstance(value, float):
         return f'{value:.6g}'
