@@ -53,9 +53,14 @@ def test_every_image_mode_becomes_8_bit_rgb(tmp_path):
 
 def test_broken_files_raise_unreadable_image(tmp_path):
     for path in write_broken_files(tmp_path):
-        with pytest.raises(UnreadableImage) as error:
-            load_rgb(path)
-        assert error.value.path == path
+        with open(path, 'rb') as f:
+            read_by_a_worker = f.read()
+        for data in (None, read_by_a_worker):
+            with pytest.raises(UnreadableImage) as error:
+                load_rgb(path, data)
+            assert error.value.path == path
+            # the path once: not again inside Pillow's name of the file object it read
+            assert str(error.value).count(os.path.basename(path)) == 1 and '<_io.' not in str(error.value)
 
 
 def test_a_bad_sample_is_replaced_by_the_same_sample_every_time(broken_folder, tmp_path):

@@ -15,6 +15,7 @@ else is decoded here by `load_rgb_tensor`.
 """
 import io
 import os
+import re
 import tempfile
 import uuid
 from typing import NamedTuple
@@ -66,7 +67,12 @@ def load_rgb(path, data=None):
             img.load()
         return to_rgb(img)
     except DECODE_ERRORS as e:
-        raise UnreadableImage(path, first_line(e)) from None
+        # Pillow names the file object it read ("cannot identify image file <_io.BytesIO object at
+        # 0x7f...>"): the path is said beside the reason already
+        raise UnreadableImage(path, FILE_OBJECT.sub('', first_line(e)).strip()) from None
+
+
+FILE_OBJECT = re.compile(r"\s*<_io\.\w+ (?:name=.*?|object at 0x[0-9a-f]+)>")
 
 
 def rgb_tensor(img):
