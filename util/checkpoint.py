@@ -137,8 +137,11 @@ def load_safetensors(path):
 
 
 def unloadable(path, error):
-    return UsageError(f'cannot load {path!r} as a checkpoint ({first_line(error)}); is it a complete PyTorch '
-                      f'checkpoint file?{older_checkpoint_hint(path)}')
+    # the first sentence of torch's reason: what follows (miniz's "This is an internal miniz error. If
+    # you are seeing this error, ...") is what the question below asks in a line
+    reason = first_line(error).split('. ')[0].rstrip('.')
+    return UsageError(f'cannot load {path!r} as a checkpoint ({reason}): is it a complete PyTorch checkpoint '
+                      f'file (not a copy or download cut short)?{older_checkpoint_hint(path)}')
 
 
 def older_checkpoint_hint(path):
