@@ -442,6 +442,8 @@ def run_knn(args, world, device, precision, pin_memory):
     print_results(results, args.knn_k)
     RunLogger(args.output_dir, None, enabled=dist.is_main_process()).log_evaluation(
         {**results, 'model': args.model, 'weights': args.finetune or 'random initialisation'})
+    if args.output_dir:
+        print(f'appended to {os.path.join(args.output_dir, "log.txt")}')
     return results
 
 

@@ -148,7 +148,7 @@ def test_every_methods_encoder_gives_features():
         assert features.dim() == 2 and len(features) == 2 and torch.isfinite(features).all(), name
 
 
-def test_monitor_logs_the_knn_curve_that_knn_gives_for_the_same_weights(small_folder, tmp_path):
+def test_monitor_logs_the_knn_curve_that_knn_gives_for_the_same_weights(small_folder, tmp_path, capsys):
     run_pretrain('--model', 'mae_vit_tiny', '--data_path', small_folder, '--batch_size', 16, '--epochs', 3,
                  '--warmup_epochs', 0, '--blr', 1e-3, '--knn_freq', 2, '--num_workers', 0, '--device', 'cpu',
                  '--output_dir', tmp_path / 'pre')
@@ -165,6 +165,7 @@ def test_monitor_logs_the_knn_curve_that_knn_gives_for_the_same_weights(small_fo
                            small_folder, '--num_workers', 0, '--device', 'cpu', '--output_dir', tmp_path / 'knn')
     assert (results['knn_acc1'], results['knn_acc5']) == (monitored[-1]['knn_acc1'], monitored[-1]['knn_acc5'])
     assert read_jsonl(tmp_path / 'knn' / 'log.txt')[0]['probe_acc1'] == results['probe_acc1']
+    assert capsys.readouterr().out.rstrip().endswith(f"appended to {tmp_path / 'knn' / 'log.txt'}")
 
 
 def test_two_processes_evaluate_like_one(small_folder, tmp_path):
