@@ -55,8 +55,9 @@ def get_args_parser():
     parser.add_argument('--logs', nargs='+', default=None, metavar='RUN',
                         help='draw the loss and lr curves of these runs (output folders or log.jsonl files) instead')
     parser.add_argument('--output', default=None,
-                        help='the PNG to write (default: reconstructions.png, or curves.png with --logs, which '
-                             'also writes .jpg, .pdf and .svg)')
+                        help='the figure to write, its type from the extension: reconstructions are .png only '
+                             '(lossless: the pixels as the model gave them), curves (--logs) .png, .jpg, .pdf or .svg '
+                             '(default: reconstructions.png, or curves.png with --logs)')
     return parser
 
 
@@ -127,7 +128,7 @@ def draw_panels(path, panels, title):
 def check_output(path, default):
     path = path or default
     if not path.lower().endswith('.png'):
-        raise UsageError(f'--output {path}: write a .png file')
+        raise UsageError(f'--output {path}: write a .png file (lossless: a .jpg would blur the reconstructed pixels)')
     check_plot_path(path)  # the folder exists
     return path
 

@@ -187,7 +187,8 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
     with pytest.raises(SystemExit) as ended:
         run_cli(visualize.main, visualize.get_args_parser().parse_args(argv))
     assert ended.value.code == 2
-    assert capsys.readouterr().err.strip() == f'error: --output {tmp_path / "a.jpg"}: write a .png file'
+    assert capsys.readouterr().err.strip() == (f'error: --output {tmp_path / "a.jpg"}: write a .png file (lossless: '
+                                               f'a .jpg would blur the reconstructed pixels)')
 
 
 def test_visualize_draws_the_curves_of_runs(tmp_path):
