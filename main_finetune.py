@@ -142,7 +142,8 @@ def get_args_parser():
 
     # augmentation (timm), MAE's names
     parser.add_argument('--crop_min', type=float, default=0.08,
-                        help='smallest area of the random crop, as a fraction of the image (fine-tuning and probing; default: 0.08)')
+                        help='smallest area of the random crop, as a fraction of the image (fine-tuning and probing; '
+                             'default: 0.08)')
     parser.add_argument('--color_jitter', type=float, default=None,
                         help='colour jitter of brightness, contrast and saturation, after RandAugment when --aa is on '
                              '(default: off; the recipe\'s: MaskFeat\'s 0.4)')
