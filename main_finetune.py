@@ -275,7 +275,8 @@ def finetune_model_advice(args):
 
 
 def check_args(args):
-    if mixup_active(args) and args.batch_size % 2:
+    trains = not (args.eval or args.knn)
+    if trains and mixup_active(args) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
                          f'{args.batch_size} (or turn mixing off with --mixup 0 --cutmix 0)')
     if args.finetune and args.eval:
