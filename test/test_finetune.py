@@ -239,11 +239,16 @@ def test_two_process_evaluation_is_exact(small_folder, tmp_path, capsys):
     assert 'on the 17 validation images' in two.stdout
 
 
-def test_resumed_finetuning_with_randaugment_and_mixup_continues_exactly(two_epochs, tmp_path):
+def test_resumed_finetuning_with_randaugment_and_mixup_continues_exactly(two_epochs, tmp_path, capsys):
     """RandAugment, random erasing, mixup/cutmix and drop path are all drawn from seeded
     generators: a run stopped part-way and resumed gives the same losses, bit for bit."""
     flags, straight_dir = two_epochs
     run_finetune(*flags, '--output_dir', tmp_path / 'resumed', '--max_steps', 3)
+    # another split of the same effective batch draws other mixes and drops: a note says so (a copy, one step)
+    shutil.copytree(tmp_path / 'resumed', tmp_path / 'split')
+    capsys.readouterr()
+    run_finetune(*flags, '--batch_size', 8, '--accum_iter', 2, '--max_steps', 1, '--output_dir', tmp_path / 'split')
+    assert 'note: resumed with another split of the same effective batch' in capsys.readouterr().out
     run_finetune(*flags, '--output_dir', tmp_path / 'resumed')
     straight = {r['step']: r['loss'] for r in read_jsonl(straight_dir / 'log.jsonl')}
     resumed = {r['step']: r['loss'] for r in read_jsonl(tmp_path / 'resumed' / 'log.jsonl')}

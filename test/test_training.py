@@ -146,7 +146,7 @@ def test_demo_pretraining_runs_and_loss_falls(demo_pretraining):
     assert (grid.step, grid.width, grid.height) == (0, 4 * 66 + 2, 8 * 66 + 2)
 
 
-def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted):
+def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted, capsys):
     """3 epochs in one go (conftest's uninterrupted) == a run stopped part-way through epoch 1 and
     resumed by itself."""
     flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16]
@@ -154,6 +154,12 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted):
     run_pretrain(*flags, '--output_dir', tmp_path / 'resumed', '--max_steps', 6)
     ckpt = checkpoint.load(tmp_path / 'resumed' / checkpoint.LAST)
     assert (ckpt['epoch'], ckpt['epoch_samples'], ckpt['step']) == (0, 32, 6)  # 4 steps of 16 an epoch
+    # another --seed in the middle of an epoch draws its rest in another order: said (a copy, one step)
+    shutil.copytree(tmp_path / 'resumed', tmp_path / 'reseeded')
+    capsys.readouterr()
+    run_pretrain(*flags, '--output_dir', tmp_path / 'reseeded', '--seed', 1, '--max_steps', 1)
+    assert ('warning: --seed 1 is not the seed 0 of the run this resumes in the middle of an epoch'
+            in capsys.readouterr().out)
     run_pretrain(*flags, '--output_dir', tmp_path / 'resumed')
 
     straight, resumed = losses_by_step(tmp_path / 'straight'), losses_by_step(tmp_path / 'resumed')

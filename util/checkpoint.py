@@ -221,7 +221,17 @@ def resumed_epoch_samples(ckpt, path, args):
                          f'--batch_size x --accum_iter), this run has {effective}: the lr and the schedule would '
                          f'change. Resume with processes x --batch_size x --accum_iter = {saved}, or start a new run '
                          f'in another --output_dir')
-    return ckpt['epoch_samples']
+    samples, saved_args = ckpt['epoch_samples'], ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    if samples and saved_args.get('seed') not in (None, args.seed):
+        print(f'warning: --seed {args.seed} is not the seed {saved_args["seed"]} of the run this resumes in the middle '
+              f'of an epoch: the rest of the epoch is drawn in another order, so some of its images are seen twice and '
+              f'others not at all (resume with --seed {saved_args["seed"]})')
+    split = ('batch_size', 'accum_iter')
+    if of_finetuning(saved_args) and any(saved_args.get(key) not in (None, getattr(args, key)) for key in split):
+        print('note: resumed with another split of the same effective batch: mixup/cutmix pair the images of a '
+              'micro-batch and drop path draws per micro-batch, so with them the losses from here differ slightly '
+              'from an uninterrupted run\'s (the same split resumes exactly)')
+    return samples
 
 
 def check_same_kind_of_run(ckpt, path, args):
