@@ -72,3 +72,19 @@ def test_the_flag_trains_as_without(small_folder, tmp_path):
     run_pretrain(*flags, '--grad_ckpt', '--output_dir', tmp_path / 'ckpt')
     plain, ckpt = (read_jsonl(tmp_path / name / 'log.jsonl') for name in ('plain', 'ckpt'))
     assert [r['loss'] for r in ckpt] == pytest.approx([r['loss'] for r in plain], rel=1e-5)
+
+
+def test_batchnorm_models_are_warned_that_their_statistics_update_twice(capsys):
+    """What the warning says holds: the recomputed forward of a checkpointed BatchNorm block counts its
+    batch again (timm's ResNet: 2 updates a step, not 1). Transformers have none: no warning."""
+    import argparse
+    import timm
+    from util.compiling import compile_and_wrap
+    args = argparse.Namespace(grad_ckpt=True, compile=False, compile_mode='default')
+    resnet = compile_and_wrap(timm.create_model('resnet10t', num_classes=2), torch.device('cpu'), args)
+    assert 'warning: --grad_ckpt recomputes each checkpointed forward' in capsys.readouterr().out
+    resnet.train()
+    resnet(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert resnet.layer1[0].bn1.num_batches_tracked.item() == 2
+    compile_and_wrap(create_classifier('vit_tiny_patch8', img_size=32, num_classes=2), torch.device('cpu'), args)
+    assert 'warning' not in capsys.readouterr().out

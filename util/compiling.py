@@ -39,6 +39,10 @@ def compile_and_wrap(model, device, args):
             raise UsageError(f'--grad_ckpt: {type(model).__name__} has no activation checkpointing (timm\'s '
                              f'set_grad_checkpointing); run without it')
         model.set_grad_checkpointing(True)
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            print('warning: --grad_ckpt recomputes each checkpointed forward in the backward, and BatchNorm layers '
+                  'update their running statistics again then: the same losses and gradients, but statistics that '
+                  'differ from a run without it', flush=True)
     model_ddp = dist.wrap_ddp(model, device)
     return compile_with_fallback(model_ddp, args.compile_mode) if args.compile else model_ddp
 
