@@ -141,6 +141,9 @@ def check_method_flags(args, recipe):
     for flag, (entry, whose) in METHOD_FLAGS.items():
         if getattr(args, flag) is not None and entry not in recipe:
             raise UsageError(f'--{flag} is {whose} option, which {args.model} does not have: leave it out')
+    if args.mask_count is not None and args.mask_ratio is not None:  # the count decides: the ratio would be ignored
+        raise UsageError(f'--mask_count {args.mask_count} and --mask_ratio {args.mask_ratio} both say how many patches '
+                         f'to mask: give one of them')
 
 
 def fill_recipe(args):

@@ -29,6 +29,7 @@ def test_a_maskfeat_checkpoint_fine_tunes_with_its_recipe(small_folder, maskfeat
 @pytest.mark.parametrize('flags, message', [
     (['--mask_count', 100], 'cannot mask 100 of 64 patches'),
     (['--mask_count', 0], 'cannot mask 0 of 64 patches'),  # was read as unset: the default count trained
+    (['--mask_count', 10, '--mask_ratio', 0.3], '--mask_count 10 and --mask_ratio 0.3 both say how many patches'),
     (['--input_size', 60], 'must be a multiple of the patch size 8'),
 ])
 def test_bad_input_is_one_line(flags, message, tmp_path):
