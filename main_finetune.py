@@ -471,8 +471,9 @@ def main(args):
     resuming = checkpoint.resume_path(args.resume, args.output_dir) is not None
     model = build_model(args, num_classes, resuming).to(device.torch_device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, '
-          f'{f"{trainable / 1e6:.2f} M" if trainable >= 10 ** 4 else f"{trainable:,}"} trained, {num_classes} classes')
+    trained = '' if args.eval else f'{f"{trainable / 1e6:.2f} M" if trainable >= 10 ** 4 else f"{trainable:,}"} trained, '
+    print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {trained}'
+          f'{num_classes} classes')
     if args.eval:
         stats = run_eval(args, model, val_loader, device, precision)
         dist.destroy_process_group()
