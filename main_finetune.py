@@ -136,7 +136,8 @@ def get_args_parser():
     parser.add_argument('--dist_eval', default=True, action=argparse.BooleanOptionalAction,
                         help='each process evaluates its own share of the validation images (exact: no padding; '
                              'default: on)')
-    parser.add_argument('--model_ema', action='store_true', help='keep an exponential moving average of the weights')
+    parser.add_argument('--model_ema', action='store_true',
+                        help='keep an exponential moving average of the weights (with --eval: evaluate the checkpoint\'s)')
     parser.add_argument('--model_ema_decay', type=float, default=0.99996,
                         help='decay of --model_ema per step (default: 0.99996)')
 
@@ -426,11 +427,14 @@ def run_eval(args, model, loader, device, precision):
     trained = {k: v for k, v in recorded_classifier(ckpt, path).items() if v != getattr(args, k)}
     advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
         f'gives them)' if trained else default_model_advice(args)
-    state = checkpoint.model_state_of(ckpt, path)
+    if args.model_ema and not isinstance(ckpt.get('model_ema'), dict):
+        raise UsageError(f'{path!r} holds no EMA weights (its run had no --model_ema): leave --model_ema out to '
+                         f'evaluate its weights')
+    state = ckpt['model_ema'] if args.model_ema else checkpoint.model_state_of(ckpt, path)
     checkpoint.load_weights(model, checkpoint.in_model_layout(model, state, path), path, advice=advice)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
-    print(f"accuracy of {path} on the {stats['images']} validation images: top-1 {stats['acc1']:.2f}%, "
-          f"top-5 {stats['acc5']:.2f}%")
+    print(f"accuracy of {path}{' (its EMA weights)' if args.model_ema else ''} on the {stats['images']} validation "
+          f"images: top-1 {stats['acc1']:.2f}%, top-5 {stats['acc5']:.2f}%")
     return stats
 
 

@@ -273,6 +273,14 @@ def test_model_ema_follows_the_weights(small_folder, tmp_path, capsys):
     torch.testing.assert_close(ckpt['model_ema'][key], decay * start[key] + (1 - decay) * ckpt['model'][key])
     epoch = read_jsonl(tmp_path / 'ema' / 'log.txt')[-1]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('* Acc@1')]
+    # --eval --model_ema evaluates the checkpoint's EMA weights: the run's own figures of them (not the model's)
+    assert epoch['test_ema_loss'] != pytest.approx(epoch['test_loss'], rel=1e-4)
+    stats = run_finetune(*TINY, '--data_path', small_folder, '--eval', '--model_ema', '--resume',
+                         tmp_path / 'ema' / checkpoint.LAST, '--output_dir', '')
+    assert (stats['acc1'], stats['loss']) == (epoch['test_ema_acc1'], pytest.approx(epoch['test_ema_loss'], rel=1e-6))
+    with pytest.raises(UsageError, match='holds no EMA weights'):
+        run_finetune(*TINY, '--data_path', small_folder, '--eval', '--model_ema', '--resume', tmp_path / 'start.pth',
+                     '--output_dir', '')
     assert lines == [f"* Acc@1 {epoch['test_ema_acc1']:.3f} Acc@5 {epoch['test_ema_acc5']:.3f} "
                      f"loss {epoch['test_ema_loss']:.3f}  (EMA weights)",
                      f"* Acc@1 {epoch['test_acc1']:.3f} Acc@5 {epoch['test_acc5']:.3f} loss {epoch['test_loss']:.3f}"]
