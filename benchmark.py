@@ -457,10 +457,10 @@ def run_loader(args):
           f'{len(indices)} images)' + (': reading and drawing the crops; the decoding is on the device' if device
                                        else ''), flush=True)
     total, timed = images_per_second_loader(dataset, collate_fn, train_args, args, device)
-    workers = max(args.num_workers, 1)
     decoded = f', decoded, cropped and resized on {device_name(device)}' if device else ''
-    print(f'  DataLoader, {counted(args.num_workers, "worker")}, batch {train_args.batch_size}{decoded}: {total:.1f} images/s in '
-          f'total, {total / workers:.1f} per worker ({timed} images after those ready at the start)', flush=True)
+    share = f'{total / args.num_workers:.1f} per worker' if args.num_workers else 'in the main process'
+    print(f'  DataLoader, {counted(args.num_workers, "worker")}, batch {train_args.batch_size}{decoded}: {total:.1f} '
+          f'images/s in total, {share} ({timed} images after those ready at the start)', flush=True)
     figures = {'per_core': per_core, 'total': total}
     if args.compare_official:
         paths = {i: dataset.dataset.samples[i][0] for i in indices}

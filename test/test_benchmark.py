@@ -155,6 +155,7 @@ def test_benchmark_loader_mode_times_the_entry_points_pipelines(demo_root, capsy
     out = capsys.readouterr().out
     assert 'main_finetune (vit_tiny_patch8, 64 px, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25)' in out
     assert '64 images in synthetic:64' in out
+    assert re.search(r'DataLoader, 0 workers, batch 8: [0-9.]+ images/s in total, in the main process', out)
     # too few batches to time: the benchmark's own advice, not training's (--accum_iter is no flag of it)
     from util.errors import UsageError
     with pytest.raises(UsageError, match=r'^the data set makes 2 batches of 32, too few to time after the 3 the '
