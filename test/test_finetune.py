@@ -284,6 +284,17 @@ def test_model_ema_follows_the_weights(small_folder, tmp_path, capsys):
     assert lines == [f"* Acc@1 {epoch['test_ema_acc1']:.3f} Acc@5 {epoch['test_ema_acc5']:.3f} "
                      f"loss {epoch['test_ema_loss']:.3f}  (EMA weights)",
                      f"* Acc@1 {epoch['test_acc1']:.3f} Acc@5 {epoch['test_acc5']:.3f} loss {epoch['test_loss']:.3f}"]
+    # resumed (a step more, in copies) without --model_ema, or with it from a checkpoint without EMA weights: said
+    flags = [*TINY, '--data_path', small_folder, '--finetune', tmp_path / 'start.pth', '--batch_size', 16, '--epochs', 1,
+             '--warmup_epochs', 0, '--lr', 1e-3, '--max_steps', 1]
+    for copy, with_ema in (('dropped', False), ('started', True)):
+        shutil.copytree(tmp_path / 'ema', tmp_path / copy)
+        if with_ema:
+            torch.save({k: v for k, v in ckpt.items() if k != 'model_ema'}, tmp_path / copy / checkpoint.LAST)
+        capsys.readouterr()
+        run_finetune(*flags, *(['--model_ema'] if with_ema else []), '--output_dir', tmp_path / copy)
+        assert ('holds no EMA weights: --model_ema starts its average from the resumed weights' if with_ema else
+                'holds EMA weights, which this run without --model_ema does not carry on') in capsys.readouterr().out
 
 
 def test_any_timm_model_trains_from_scratch(small_folder, tmp_path):

@@ -295,8 +295,11 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         raise UsageError(f'{path!r} holds the optimizer of another kind of run ({first_line(e)}): resume it with '
                          f'the flags it was written with{other_run_advice(args)}') from None
     if ema is not None:
-        # a run that starts its EMA on resumption starts it from the resumed weights
         load_weights(ema.module, ckpt.get('model_ema', ckpt['model']), path)
+        if 'model_ema' not in ckpt:
+            print(f'note: {path} holds no EMA weights: --model_ema starts its average from the resumed weights')
+    elif 'model_ema' in ckpt:
+        print(f'note: {path} holds EMA weights, which this run without --model_ema does not carry on')
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     samples = resumed_epoch_samples(ckpt, path, args)
