@@ -179,6 +179,14 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted, ca
     assert sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents')) == events
 
 
+def test_a_start_epoch_numbers_the_steps_as_a_resumed_run_does(small_folder, tmp_path):
+    """--start_epoch 2 without a checkpoint: the lr of epoch 2 and the steps of epoch 2 (9, 10, ...: 4
+    steps of 16 an epoch), as a run resumed at that epoch logs them, so compare_loss lines them up."""
+    run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--start_epoch', 2, '--max_steps', 2,
+                 '--output_dir', tmp_path)
+    assert sorted(losses_by_step(tmp_path)) == [9, 10]
+
+
 def test_gradient_accumulation_matches_a_larger_batch(small_folder, tmp_path):
     """2 micro-batches of 8 = one batch of 16: the same samples, the same mean gradient."""
     flags = [*COMMON, '--data_path', small_folder, '--epochs', 1, '--warmup_epochs', 0, '--lr', 1e-3,

@@ -248,6 +248,8 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
     returns: the stats of the last epoch run ({} when there was nothing left to train)
     """
     progress = progress or Progress()
+    if start_epoch and not progress.step:  # --start_epoch, nothing resumed: steps numbered as a resumed run's are
+        progress.step = start_epoch * (iters_per_epoch(loader, args.accum_iter) // args.accum_iter)
     throughput = Throughput()
     stats = {}
     writer = CheckpointWriter(synchronous=args.sync_checkpoints, synchronize=device.synchronize)
