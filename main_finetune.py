@@ -137,7 +137,8 @@ def get_args_parser():
                         help='each process evaluates its own share of the validation images (exact: no padding; '
                              'default: on)')
     parser.add_argument('--model_ema', action='store_true',
-                        help='keep an exponential moving average of the weights (with --eval: evaluate the checkpoint\'s)')
+                        help='keep an exponential moving average of the weights (with --eval: evaluate the '
+                             'checkpoint\'s)')
     parser.add_argument('--model_ema_decay', type=float, default=0.99996,
                         help='decay of --model_ema per step (default: 0.99996)')
 
@@ -475,7 +476,8 @@ def main(args):
     resuming = checkpoint.resume_path(args.resume, args.output_dir) is not None
     model = build_model(args, num_classes, resuming).to(device.torch_device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trained = '' if args.eval else f'{f"{trainable / 1e6:.2f} M" if trainable >= 10 ** 4 else f"{trainable:,}"} trained, '
+    trained = '' if args.eval else \
+        f'{f"{trainable / 1e6:.2f} M" if trainable >= 10 ** 4 else f"{trainable:,}"} trained, '
     print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {trained}'
           f'{num_classes} classes')
     if args.eval:

@@ -221,17 +221,23 @@ def resumed_epoch_samples(ckpt, path, args):
                          f'--batch_size x --accum_iter), this run has {effective}: the lr and the schedule would '
                          f'change. Resume with processes x --batch_size x --accum_iter = {saved}, or start a new run '
                          f'in another --output_dir')
-    samples, saved_args = ckpt['epoch_samples'], ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
-    if samples and saved_args.get('seed') not in (None, args.seed):
-        print(f'warning: --seed {args.seed} is not the seed {saved_args["seed"]} of the run this resumes in the middle '
+    return ckpt['epoch_samples']
+
+
+def say_which_draws_change(ckpt, args, epoch_samples):
+    """A resumption that draws otherwise than the run it continues: another --seed in the middle of
+    an epoch (its rest in another order), another split of the batch in fine-tuning (other mixes
+    and drops). Allowed, and said."""
+    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    if epoch_samples and saved.get('seed') not in (None, args.seed):
+        print(f'warning: --seed {args.seed} is not the seed {saved["seed"]} of the run this resumes in the middle '
               f'of an epoch: the rest of the epoch is drawn in another order, so some of its images are seen twice and '
-              f'others not at all (resume with --seed {saved_args["seed"]})')
-    split = ('batch_size', 'accum_iter')
-    if of_finetuning(saved_args) and any(saved_args.get(key) not in (None, getattr(args, key)) for key in split):
+              f'others not at all (resume with --seed {saved["seed"]})')
+    if of_finetuning(saved) and any(saved.get(key) not in (None, getattr(args, key)) for key in ('batch_size',
+                                                                                                  'accum_iter')):
         print('note: resumed with another split of the same effective batch: mixup/cutmix pair the images of a '
               'micro-batch and drop path draws per micro-batch, so with them the losses from here differ slightly '
               'from an uninterrupted run\'s (the same split resumes exactly)')
-    return samples
 
 
 def check_same_kind_of_run(ckpt, path, args):
@@ -303,6 +309,7 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     samples = resumed_epoch_samples(ckpt, path, args)
+    say_which_draws_change(ckpt, args, samples)
     epoch_loss = tuple(ckpt.get('epoch_loss', (0.0, 0))) if samples else (0.0, 0)
     return ckpt['epoch'] + 1, samples, ckpt.get('step', 0), epoch_loss
 
