@@ -428,10 +428,7 @@ def run_eval(args, model, loader, device, precision):
     trained = {k: v for k, v in recorded_classifier(ckpt, path).items() if v != getattr(args, k)}
     advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
         f'gives them)' if trained else default_model_advice(args)
-    if args.model_ema and not isinstance(ckpt.get('model_ema'), dict):
-        raise UsageError(f'{path!r} holds no EMA weights (its run had no --model_ema): leave --model_ema out to '
-                         f'evaluate its weights')
-    state = ckpt['model_ema'] if args.model_ema else checkpoint.model_state_of(ckpt, path)
+    state = checkpoint.ema_weights(ckpt, path) if args.model_ema else checkpoint.model_state_of(ckpt, path)
     checkpoint.load_weights(model, checkpoint.in_model_layout(model, state, path), path, advice=advice)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
     print(f"accuracy of {path}{' (its EMA weights)' if args.model_ema else ''} on the {stats['images']} validation "

@@ -157,6 +157,22 @@ def test_finetuned_classifier(tmp_path, capsys):
 
 
 @torch.no_grad()
+def test_the_ema_weights_of_a_classifier_export_with_model_ema(tmp_path, capsys):
+    torch.manual_seed(0)
+    classifier, average = (create_classifier('vit_tiny_patch8', num_classes=10).eval() for _ in range(2))
+    path = tmp_path / 'ema.pth'
+    torch.save({'model': classifier.state_dict(), 'model_ema': average.state_dict(),
+                'args': {'model': 'vit_tiny_patch8', 'input_size': 64, 'global_pool': True}}, path)
+    model, _ = export(capsys, path, tmp_path / 'ema.safetensors', '--model_ema')
+    torch.testing.assert_close(model(images()), average(images()), rtol=1e-5, atol=1e-5)
+    model, _ = export(capsys, path, tmp_path / 'weights.safetensors')  # without the flag: the weights
+    torch.testing.assert_close(model(images()), classifier(images()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match='holds no EMA weights'):
+        run_main('export', '--checkpoint', save_checkpoint(tmp_path, 'vit_tiny_patch8', classifier), '--output',
+                 tmp_path / 'none.safetensors', '--model_ema')
+
+
+@torch.no_grad()
 def test_a_convolutional_classifier_trained_at_another_size_exports(tmp_path, capsys):
     """A ResNet fine-tuned at 64 px records input_size 64, which its timm call must not carry (a
     ResNet takes no img_size: the export was refused as weights that 'do not load')."""

@@ -50,6 +50,15 @@ class WeightsDoNotFit(UsageError):
     know which model the checkpoint names add what to give instead."""
 
 
+def ema_weights(ckpt, path):
+    """The EMA weights of a fine-tuning checkpoint whose run had --model_ema (--eval and export.py
+    with --model_ema)."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model_ema'), dict):
+        raise UsageError(f'{path!r} holds no EMA weights (its run had no --model_ema): leave --model_ema out to '
+                         f'use its weights')
+    return ckpt['model_ema']
+
+
 def written_by_advice(given_model, recorded_model):
     """What to add to WeightsDoNotFit where --model differs from the model the checkpoint records."""
     if given_model and recorded_model and given_model != recorded_model:

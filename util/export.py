@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, WeightsDoNotFit, in_model_layout, load, load_weights,
-                             model_state_of, saved_args, written_by_advice)
+from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, WeightsDoNotFit, ema_weights, in_model_layout, load,
+                             load_weights, model_state_of, saved_args, written_by_advice)
 from util.errors import UsageError, first_line
 from util.output_dir import current_umask
 from util.registry import (MODEL_FILES, _unknown, create_classifier_and_keywords, create_pretrain_model,
@@ -169,11 +169,12 @@ def save_safetensors(state, path, check):
             os.remove(tmp)
 
 
-def export_checkpoint(path, output, model=None):
+def export_checkpoint(path, output, model=None, ema=False):
     """Export checkpoint `path` to the safetensors file `output`: the encoder of a pre-training
     checkpoint (`model`, else the model its args or its layout name), or the classifier of a
-    fine-tuning one (`model`, else its args' model). The file is checked by loading it with the
-    call before it is renamed into place. returns: (TimmCall, description, number of parameters)"""
+    fine-tuning one (`model`, else its args' model; its EMA weights with `ema`). The file is checked
+    by loading it with the call before it is renamed into place.
+    returns: (TimmCall, description, number of parameters)"""
     import timm
     import_model_files()
     if not output.endswith('.safetensors'):
@@ -182,6 +183,8 @@ def export_checkpoint(path, output, model=None):
         raise UsageError(f'--output {output!r} has no name before .safetensors: give a file name, e.g. '
                          f'{os.path.join(os.path.dirname(output), "encoder.safetensors")}')
     ckpt = load(path)
+    if ema:  # the run's average in place of its weights: the same classifier
+        ckpt = {**ckpt, 'model': ema_weights(ckpt, path)}
     recorded = pretraining_of(ckpt)[0] or saved_args(ckpt).get('model')
     name = model or recorded
     if not name:
