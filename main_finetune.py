@@ -197,7 +197,7 @@ def fill_recipe(args):
     args.model_by_default = args.model is None and 'model' not in published  # for the advice of a mismatch
     if mode == 'finetune' and not own_recipe(published):
         recipe.update(FINETUNE_BY_MODEL.get(args.model or recipe['model'], {}))
-    apply_recipe(args, recipe, trains=not (args.eval or args.knn))
+    apply_recipe(args, recipe, trains=trains_weights(args))
     if args.input_size is None:
         args.input_size = native_input_size(args.model)
     if isinstance(args.aa, str) and args.aa.lower() == 'none':
@@ -276,9 +276,13 @@ def finetune_model_advice(args):
     return ''
 
 
+def trains_weights(args):
+    """Whether the run trains (fine-tuning, probing, from scratch), not only measures (--eval, --knn)."""
+    return not (args.eval or args.knn)
+
+
 def check_args(args):
-    trains = not (args.eval or args.knn)
-    if trains and mixup_active(args) and args.batch_size % 2:
+    if trains_weights(args) and mixup_active(args) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
                          f'{args.batch_size} (or turn mixing off with --mixup 0 --cutmix 0)')
     if args.finetune and args.eval:
@@ -473,7 +477,7 @@ def main(args):
     resuming = checkpoint.resume_path(args.resume, args.output_dir) is not None
     model = build_model(args, num_classes, resuming).to(device.torch_device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trained = '' if args.eval else \
+    trained = '' if not trains_weights(args) else \
         f'{f"{trainable / 1e6:.2f} M" if trainable >= 10 ** 4 else f"{trainable:,}"} trained, '
     print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {trained}'
           f'{num_classes} classes')

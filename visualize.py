@@ -44,7 +44,8 @@ def get_args_parser():
     parser.add_argument('--data_path', default=DEMO,
                         help='an image file, a folder of images, an ImageFolder root (its val/ images, else '
                              'train/), or demo (default)')
-    parser.add_argument('--num_images', default=4, type=int, help='rows of the figure, spread over the images (default: 4)')
+    parser.add_argument('--num_images', default=4, type=int,
+                        help='rows of the figure, spread over the images (default: 4)')
     parser.add_argument('--mask_ratio', default=None, type=float, help='default: the checkpoint\'s run')
     parser.add_argument('--norm_pix_loss', default=None, action=argparse.BooleanOptionalAction,
                         help='MAE: the model predicts per-patch normalised pixels (default: the checkpoint\'s run, '

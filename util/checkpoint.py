@@ -299,7 +299,8 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         return 0, 0, 0, (0.0, 0)
     check_same_kind_of_run(ckpt, path, args)
     resumable = 'optimizer' in ckpt  # a run's own checkpoint, written with other flags (--input_size, say)
-    load_weights(model, model_state_of(ckpt, path), path,  # model_state_of: a DDP model's `module.` prefix goes
+    weights = model_state_of(ckpt, path)  # a DDP model's `module.` prefix goes, for the model and an EMA started here
+    load_weights(model, weights, path,
                  advice=f'; resume it with the flags it was written with{other_run_advice(args)}' if resumable else '')
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         # weights only (e.g. a released model): start training from them
@@ -310,7 +311,7 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         raise UsageError(f'{path!r} holds the optimizer of another kind of run ({first_line(e)}): resume it with '
                          f'the flags it was written with{other_run_advice(args)}') from None
     if ema is not None:
-        load_weights(ema.module, ckpt.get('model_ema', ckpt['model']), path)
+        load_weights(ema.module, ckpt.get('model_ema', weights), path)
         if 'model_ema' not in ckpt:
             print(f'note: {path} holds no EMA weights: --model_ema starts its average from the resumed weights')
     elif 'model_ema' in ckpt:

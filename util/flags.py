@@ -124,7 +124,8 @@ def add_run_args(parser):
                         help='ImageFolder root with train/ (and val/), e.g. ImageNet, "demo" for the built-in set, or '
                              '"synthetic" (ImageNet-1k\'s size; "synthetic:N": N training images) for images made '
                              'per sample, to measure a device without a disk')
-    parser.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.jsonl, log.txt (default: ./output_dir)')
+    parser.add_argument('--output_dir', default='./output_dir',
+                        help='checkpoints, log.jsonl, log.txt (default: ./output_dir)')
     parser.add_argument('--log_dir', default=None, help='TensorBoard directory (default: output_dir)')
     add_step_args(parser)
     parser.add_argument('--seed', default=0, type=int,
@@ -135,7 +136,8 @@ def add_run_args(parser):
     parser.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     parser.add_argument('--max_steps', default=None, type=int,
                         help='stop after this many optimizer steps (smoke and performance runs)')
-    parser.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs (default: 20)')
+    parser.add_argument('--save_freq', default=20, type=int,
+                        help='keep checkpoint-<epoch>.pth every N epochs (default: 20)')
     parser.add_argument('--log_freq', default=None, type=int, help='log every N optimizer steps (default: 20)')
     parser.add_argument('--num_workers', default=default_num_workers(), type=int,
                         help='data-loading processes per training process (default: the cores this process may use, '
