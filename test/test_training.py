@@ -179,6 +179,29 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted, ca
     assert sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents')) == events
 
 
+def test_a_stop_between_log_steps_and_the_resumed_run_log_the_intervals_loss(small_folder, tmp_path,
+                                                                              uninterrupted):
+    """--log_freq 3 over epochs of 4 steps logs steps 3, 4, 6, 8, 9, 12, each with the mean loss of the
+    steps since the last log. Stopped after step 5, the run logs step 5 (its part of the interval 5-6),
+    and the resumed run logs step 6 with the mean of steps 5 and 6, as the uninterrupted run does."""
+    flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--log_freq', 3, '--output_dir', tmp_path]
+    run_pretrain(*flags, '--max_steps', 5)
+    run_pretrain(*flags)
+    per_step = uninterrupted[1]  # logged every step
+
+    def mean(first, last):
+        return sum(per_step[s] for s in range(first, last + 1)) / (last - first + 1)
+    expected = {3: mean(1, 3), 4: mean(4, 4), 5: mean(5, 5), 6: mean(5, 6), 8: mean(7, 8), 9: mean(9, 9),
+                12: mean(10, 12)}
+    logged = [(r['step'], r['loss']) for r in read_jsonl(tmp_path / 'log.jsonl')]
+    assert [step for step, _ in logged] == sorted(expected)
+    for step, loss in logged:
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
+    epochs = read_jsonl(tmp_path / 'log.txt')
+    assert [e['epoch'] for e in epochs] == [0, 1, 1, 2]
+    assert epochs[2]['train_loss'] == pytest.approx(mean(5, 8), rel=1e-6)  # the whole epoch 1, after the resumption
+
+
 def test_a_start_epoch_numbers_the_steps_as_a_resumed_run_does(small_folder, tmp_path):
     """--start_epoch 2 without a checkpoint: the lr of epoch 2 and the steps of epoch 2 (9, 10, ...: 4
     steps of 16 an epoch), as a run resumed at that epoch logs them, so compare_loss lines them up."""

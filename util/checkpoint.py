@@ -193,12 +193,13 @@ def plain_args(args):
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
-def training_state(model, optimizer, scaler, epoch, step, args, epoch_samples=0, ema=None, epoch_loss=None):
+def training_state(model, optimizer, scaler, epoch, step, args, epoch_samples=0, ema=None, logged_losses=None):
     """What a training checkpoint holds; `args` as a plain dict so it loads as data; the EMA of
     the weights (fine-tuning's --model_ema) as `model_ema`. `epoch_samples`: the samples of the
     unfinished epoch `epoch + 1` consumed by all processes together; `effective_batch`: the
-    images of one optimizer step, all processes together; `epoch_loss`: that epoch's logged
-    losses so far, (sum of loss x images, images)."""
+    images of one optimizer step, all processes together; `logged_losses`, for an unfinished epoch:
+    {'epoch_loss': its logged losses so far, (sum of loss x images, images), 'interval_loss': the
+    logged part of a --log_freq interval cut by a stop, (sum of loss x steps, steps)}."""
     state = {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -211,8 +212,7 @@ def training_state(model, optimizer, scaler, epoch, step, args, epoch_samples=0,
     }
     if ema is not None:
         state['model_ema'] = ema.module.state_dict()
-    if epoch_loss is not None:
-        state['epoch_loss'] = list(epoch_loss)
+    state.update({key: list(sums) for key, sums in (logged_losses or {}).items()})
     return state
 
 
@@ -290,13 +290,14 @@ def other_run_advice(args):
 def restore_training_state(path, model, optimizer, scaler, args, ema=None):
     """Load a training checkpoint into model, optimizer, scaler (and the EMA of the weights).
 
-    returns: (start_epoch, samples of start_epoch already consumed by all processes, step,
-              start_epoch's logged losses so far: (sum of loss x images, images))
+    returns: (start_epoch, samples of start_epoch already consumed by all processes,
+              {'step': steps done, and the unfinished epoch's logged losses: 'epoch_loss' and
+               'interval_loss' (see training_state)}: the fields of a util.engine.Progress)
     """
     ckpt = load(path)
     if not isinstance(ckpt, dict) or 'model' not in ckpt:  # weights alone: a release (mmpretrain's, say)
         load_weights(model, in_model_layout(model, model_state_of(ckpt, path), path), path)
-        return 0, 0, 0, (0.0, 0)
+        return 0, 0, {}
     check_same_kind_of_run(ckpt, path, args)
     resumable = 'optimizer' in ckpt  # a run's own checkpoint, written with other flags (--input_size, say)
     weights = model_state_of(ckpt, path)  # a DDP model's `module.` prefix goes, for the model and an EMA started here
@@ -304,7 +305,7 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
                  advice=f'; resume it with the flags it was written with{other_run_advice(args)}' if resumable else '')
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         # weights only (e.g. a released model): start training from them
-        return 0, 0, 0, (0.0, 0)
+        return 0, 0, {}
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:  # other parameter groups: another model, mode or layer decay
@@ -320,8 +321,8 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         scaler.load_state_dict(ckpt['scaler'])
     samples = resumed_epoch_samples(ckpt, path, args)
     say_which_draws_change(ckpt, args, samples)
-    epoch_loss = tuple(ckpt.get('epoch_loss', (0.0, 0))) if samples else (0.0, 0)
-    return ckpt['epoch'] + 1, samples, ckpt.get('step', 0), epoch_loss
+    logged = {key: tuple(ckpt[key]) for key in ('epoch_loss', 'interval_loss') if samples and key in ckpt}
+    return ckpt['epoch'] + 1, samples, {'step': ckpt.get('step', 0), **logged}
 
 
 def load_weights(model, state, path, optional=(), advice=''):

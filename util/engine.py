@@ -35,6 +35,9 @@ class Progress:
     # the unfinished epoch's logged losses: (sum of loss x images, images), carried in checkpoints
     # so that an epoch stopped and resumed reports the mean over all its steps
     epoch_loss: tuple = (0.0, 0)
+    # the logged part of a --log_freq interval that a stop cut: (sum of loss x steps, steps), carried
+    # in checkpoints so that the resumed run logs the whole interval's loss where it ends
+    interval_loss: tuple = (0.0, 0)
     saved: bool = False  # a checkpoint of this launch is written, or being written in the background
 
 
@@ -173,9 +176,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
         last_step = out_of_steps(progress, args, ahead=1)
         saving_step = bool(args.save_every_steps) and not (progress.step + 1) % args.save_every_steps \
             and step_in_epoch < steps_per_epoch and save_progress is not None
-        # a step that saves is logged too: a run resumed from it logs the same intervals
-        logging_step = not (progress.step + 1) % args.log_freq or step_in_epoch == steps_per_epoch or last_step \
-            or saving_step
+        # a step that saves ends an interval too: a run resumed from it logs the same intervals
+        interval_ends = not (progress.step + 1) % args.log_freq or step_in_epoch == steps_per_epoch or saving_step
+        logging_step = interval_ends or last_step
         grad_norm = None
         if args.clip_grad or logging_step:  # the norm is logged: measured at log steps, or wherever it clips
             if scaler is not None:
@@ -206,7 +209,13 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(diverged_message(mean_loss, epoch, progress.step, precision, args,
                                                         progress.saved))
-            record = {'epoch': epoch, 'step': progress.step, 'loss': mean_loss, 'lr': lr, 'ips': ips,
+            # a stop logs its part of the interval, and the run resumed from it the whole interval
+            carried_sum, carried_steps = progress.interval_loss
+            steps = images // images_per_step
+            interval_sum = carried_sum + mean_loss * steps
+            progress.interval_loss = (0.0, 0) if interval_ends else (interval_sum, carried_steps + steps)
+            logged_loss = interval_sum / (carried_steps + steps) if carried_steps else mean_loss
+            record = {'epoch': epoch, 'step': progress.step, 'loss': logged_loss, 'lr': lr, 'ips': ips,
                       'time': round(time.time(), 3)}
             if flop_rate is not None:
                 record.update(flop_rate.fields(ips))
@@ -322,9 +331,10 @@ def save_training_checkpoints(model, optimizer, scaler, epoch, stats, progress, 
         return 0.0
     completed = epoch if stats['complete'] else epoch - 1
     epoch_samples = 0 if stats['complete'] else stats['iters'] * dist.micro_batch_images(args)
+    unfinished = None if stats['complete'] else {'epoch_loss': progress.epoch_loss,
+                                                 'interval_loss': progress.interval_loss}
     state = checkpoint.training_state(model, optimizer, scaler, completed, progress.step, args,
-                                      epoch_samples=epoch_samples, ema=ema,
-                                      epoch_loss=None if stats['complete'] else progress.epoch_loss)
+                                      epoch_samples=epoch_samples, ema=ema, logged_losses=unfinished)
     files = {os.path.join(args.output_dir, checkpoint.LAST): state}
     if epoch_files and stats['complete'] and due_at_epoch(epoch, args.save_freq, args.epochs):
         files[os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')] = state

@@ -59,8 +59,9 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
     start_epoch, start_iter, progress = args.start_epoch, 0, Progress()
     resume = checkpoint.resume_path(args.resume, args.output_dir)
     if resume:
-        start_epoch, epoch_samples, progress.step, progress.epoch_loss = checkpoint.restore_training_state(
-            resume, model, optimizer, scaler, args, ema=ema)
+        start_epoch, epoch_samples, carried = checkpoint.restore_training_state(resume, model, optimizer, scaler,
+                                                                                args, ema=ema)
+        progress = Progress(**carried)
         start_iter = epoch_samples // dist.micro_batch_images(args)
         print(f'resumed from {resume}: epoch {start_epoch}, {epoch_samples} of its samples done, step {progress.step}')
     elif args.output_dir and os.path.isfile(os.path.join(args.output_dir, 'log.jsonl')):
