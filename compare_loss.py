@@ -10,7 +10,8 @@ under test), the second the REFERENCE (e.g. the CUDA run).
 Each file's format is found from its content, not its name:
 - this project's log.jsonl (`step` and `loss` of one JSON object per line); a directory means
   <dir>/log.jsonl; where a fresh run in the same folder appended its lines after an earlier run's
-  (its steps start again from the first), the last run's are read, with a note;
+  (its steps start again from the first), the last run's are read, with a note; a stop's partial
+  interval is left out where the resumed run logged the whole one (`without_resumed_parts`);
 - this project's console log (`Epoch: [E]  [I/N] ... train.loss : X`; position E * N + I, the
   global step of log.jsonl);
 - Tecorigin TCAPPDLL lines (`train.loss : X` or `train.loss_avg : X`, rank 0 only; in console
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from util.errors import UsageError
+from util.logger import PARTIAL_MARK
 
 
 class UnusableInput(UsageError):
@@ -94,6 +96,15 @@ def last_run(pairs):
     return run or None
 
 
+def without_resumed_parts(entries):
+    """The (step, value) pairs of (step, value, partial) entries in the order written, less each
+    partial one (the record of a stop before its --log_freq interval's log step: util.engine) that
+    the log goes on after: the resumed run logs the whole interval at its own step, where the
+    uninterrupted run logs it, and that run has no record at the stop's step."""
+    return [(step, value) for i, (step, value, partial) in enumerate(entries)
+            if not (partial and i + 1 < len(entries))]
+
+
 def rank_zero_losses(lines, find_loss, kind):
     """The losses that `find_loss` (a line -> match of the value, or None) finds in `lines`, with
     their lines, leaving out the lines of a `rank : N` other than 0 (each rank logs the same steps;
@@ -135,8 +146,8 @@ def parse_console(text):
         epoch_step = CONSOLE_POSITION.search(line)
         step = int(epoch_step.group(1)) * int(epoch_step.group(3)) + int(epoch_step.group(2)) if epoch_step \
             else position
-        pairs.append((step, loss))
-    return last_run(pairs)
+        pairs.append((step, loss, PARTIAL_MARK in line))
+    return last_run(without_resumed_parts(pairs))
 
 
 def parse_jsonl(text, value='loss', position='step'):
@@ -162,8 +173,8 @@ def parse_jsonl(text, value='loss', position='step'):
             continue
         step = record.get(position)
         step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else len(pairs) + 1
-        pairs.append((step, float(number)))
-    return last_run(pairs)
+        pairs.append((step, float(number), record.get('partial') is True))
+    return last_run(without_resumed_parts(pairs))
 
 
 def parse_numbers(text):

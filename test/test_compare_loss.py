@@ -236,6 +236,15 @@ def test_a_resumed_run_logs_its_steps_again_and_the_later_values_count(tmp_path)
     assert compare_loss.read_log(path)[1] == {1: 5.0, 2: 4.0, 3: 3.0, 4: 1.5, 5: 0.5}
 
 
+def test_a_partial_interval_counts_only_while_the_log_ends_with_it(tmp_path):
+    """A stop between log steps (--log_freq 3) logs step 5 as partial; the resumed run logs step 6
+    with the whole interval's loss: step 5 leaves the curve. A run that ended there keeps it."""
+    lines = [{'step': 3, 'loss': 3.0}, {'step': 5, 'loss': 2.5, 'partial': True}, {'step': 6, 'loss': 2.0}]
+    text = ''.join(json.dumps(line) + '\n' for line in lines)
+    assert compare_loss.parse_jsonl(text) == {3: 3.0, 6: 2.0}
+    assert compare_loss.parse_jsonl(''.join(text.splitlines(keepends=True)[:2])) == {3: 3.0, 5: 2.5}
+
+
 def test_console_positions_are_global_steps(tmp_path):
     """Logging every 10 steps over 31-step epochs: positions E * 31 + I, as log.jsonl's steps."""
     text = ('Epoch: [0]  [10/31]  lr: 1.0e-04  train.loss : 1.5  train.ips : 1\n'

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import compare_loss
 from helpers import RESUMABLE, losses_by_step, read_jsonl, run_pretrain, run_script
 from util import checkpoint
 from util.errors import UsageError
@@ -180,13 +181,16 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted, ca
 
 
 def test_a_stop_between_log_steps_and_the_resumed_run_log_the_intervals_loss(small_folder, tmp_path,
-                                                                              uninterrupted):
+                                                                              uninterrupted, capsys):
     """--log_freq 3 over epochs of 4 steps logs steps 3, 4, 6, 8, 9, 12, each with the mean loss of the
     steps since the last log. Stopped after step 5, the run logs step 5 (its part of the interval 5-6),
-    and the resumed run logs step 6 with the mean of steps 5 and 6, as the uninterrupted run does."""
+    marked partial, and the resumed run logs step 6 with the mean of steps 5 and 6, as the
+    uninterrupted run does. The log readers leave step 5 out: the curve is the uninterrupted run's."""
     flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--log_freq', 3, '--output_dir', tmp_path]
+    capsys.readouterr()
     run_pretrain(*flags, '--max_steps', 5)
     run_pretrain(*flags)
+    console = capsys.readouterr().out
     per_step = uninterrupted[1]  # logged every step
 
     def mean(first, last):
@@ -197,6 +201,10 @@ def test_a_stop_between_log_steps_and_the_resumed_run_log_the_intervals_loss(sma
     assert [step for step, _ in logged] == sorted(expected)
     for step, loss in logged:
         assert loss == pytest.approx(expected[step], rel=1e-6), step
+    assert [r['step'] for r in read_jsonl(tmp_path / 'log.jsonl') if r.get('partial')] == [5]
+    for curve in compare_loss.read_log(str(tmp_path))[1], compare_loss.parse_console(console):
+        assert sorted(curve) == [3, 4, 6, 8, 9, 12]
+        assert list(curve.values()) == pytest.approx([expected[step] for step in sorted(curve)], rel=1e-5)
     epochs = read_jsonl(tmp_path / 'log.txt')
     assert [e['epoch'] for e in epochs] == [0, 1, 1, 2]
     assert epochs[2]['train_loss'] == pytest.approx(mean(5, 8), rel=1e-6)  # the whole epoch 1, after the resumption

@@ -217,6 +217,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             logged_loss = interval_sum / (carried_steps + steps) if carried_steps else mean_loss
             record = {'epoch': epoch, 'step': progress.step, 'loss': logged_loss, 'lr': lr, 'ips': ips,
                       'time': round(time.time(), 3)}
+            if not interval_ends:
+                record['partial'] = True  # log readers (compare_loss) drop it where the resumed run logs on
             if flop_rate is not None:
                 record.update(flop_rate.fields(ips))
             if grad_norm is not None:

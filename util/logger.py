@@ -22,6 +22,10 @@ def named_briefly(names, shown=3):
     return ', '.join(names[:shown]) + more
 
 
+# the end of the console line of a record with `partial` (util.engine): a stop cut its interval
+PARTIAL_MARK = '  (partial interval: stopped before its log step)'
+
+
 def _format(value):
     if isinstance(value, float):
         return f'{value:.6g}'
@@ -65,11 +69,12 @@ class RunLogger:
             return
         width = len(str(steps_in_epoch))
         extras = '  '.join(f'{k}: {_format(v)}' for k, v in record.items()
-                           if k not in ('epoch', 'step', 'loss', 'lr', 'ips', 'time'))
+                           if k not in ('epoch', 'step', 'loss', 'lr', 'ips', 'time', 'partial'))
         eta = str(datetime.timedelta(seconds=int(eta_seconds)))
         print(f"Epoch: [{record['epoch']}]  [{step_in_epoch:>{width}}/{steps_in_epoch}]  eta: {eta}  "
               f"lr: {record['lr']:.6e}  {extras + '  ' if extras else ''}"
-              f"train.loss : {record['loss']:.6f}  train.ips : {record['ips']:.2f}", flush=True)
+              f"train.loss : {record['loss']:.6f}  train.ips : {record['ips']:.2f}"
+              f"{PARTIAL_MARK if record.get('partial') else ''}", flush=True)
         self._append('log.jsonl', record)
         if self.writer is not None:
             for key in ('loss', 'lr', 'ips', 'grad_norm'):
