@@ -20,10 +20,13 @@ peak is unknown: see util/flops.py and --peak_tflops) and train_<CaseName>_loss.
 of the whole run, every launch of a resumed full run included, one a line in step order), where
 <output_dir> is test/output/<device id> unless --output_dir= says otherwise. The run itself
 (checkpoints, log.jsonl, log.txt, TensorBoard) goes to <output_dir>/<CaseName>/. Both files of an
-earlier launch are removed first: a launch that fails leaves none to be read as its figures.
+earlier launch are removed first: a launch that fails leaves none to be read as its figures (a
+full run that had finished trains nothing when launched again, and keeps those of the launch that
+finished it).
 
 SIGTERM and SIGUSR1 sent to the case alone (`timeout`, `kill <pid>`, a container's first process)
-are passed on to the run, which saves and stops (exit 4) as it does when it receives them itself.
+are passed on to the run, which saves and stops (exit 4) as it does when it receives them itself,
+and as it does on Ctrl-C (which torchrun, stopped by it too, reports as its own failure).
 
 Performance cases run a short, fixed number of steps and start afresh each time (their run
 folder is emptied first). Full cases run the published recipe: the entry point's defaults, with
@@ -35,6 +38,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -199,7 +203,8 @@ class Case:
 
     def prepare_run_dir(self):
         """A performance run starts afresh; a full run continues what its folder holds. The summary
-        and the loss file of an earlier launch go: this launch writes its own, or none if it fails."""
+        and the loss file of an earlier launch go: this launch writes its own, or none if it fails.
+        returns: {path: text} of those files, for a launch that finds nothing left to train"""
         from util.output_dir import in_use_by
         holder = in_use_by(self.run_dir)
         if holder:  # before anything of that run is removed
@@ -208,28 +213,33 @@ class Case:
         if self.length == 'performance' and os.path.isdir(self.run_dir):
             print(f'removing the previous performance run {self.run_dir}')
             shutil.rmtree(self.run_dir)
+        earlier = {}
         for path in (self.summary_file, self.loss_file):
             if os.path.isfile(path):
+                with open(path) as f:
+                    earlier[path] = f.read()
                 os.remove(path)
         self.made_run_dir = not os.path.isdir(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         if self.kind == 'finetune' and 'finetune_pth' not in self.args:
             print('no --finetune_pth=: supervised training from scratch, with the model\'s own recipe where one is '
                   'published (HiViT\'s), else DeiT\'s')
+        return earlier
 
     def run(self):
-        self.prepare_run_dir()
+        earlier_figures = self.prepare_run_dir()
         offsets = {name: file_size(os.path.join(self.run_dir, name)) for name in ('log.jsonl', 'log.txt')}
         command = self.command()
-        print(' '.join(command), flush=True)
+        print(shlex.join(command), flush=True)  # a line to paste back into a shell
         start = time.time()
         with open(self.console_log, 'w' if self.length == 'performance' else 'a') as log:
-            log.write(' '.join(command) + '\n')
+            log.write(shlex.join(command) + '\n')
             process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
             errors = []  # the entry point's one-line errors, repeated below torchrun's report
             exit_codes = []  # the ranks' exit codes, from torchrun's failure report (its own is 1)
-            with stop_signals_passed_to(process, torchrun=self.nproc > 1) as forwarded:
+            had_finished = False  # the run said it had nothing left to train (util.launch)
+            with stop_signals_passed_to(process, torchrun=self.nproc > 1):
                 for line in process.stdout:
                     sys.stdout.write(line)
                     log.write(line)
@@ -237,6 +247,7 @@ class Case:
                     if error:
                         errors.append(error.group(1).strip())
                     exit_codes += [int(code) for code in re.findall(r'exitcode\s*:\s*(-?\d+)', line)]
+                    had_finished = had_finished or line.startswith('nothing to train: ')
                 returncode = process.wait()
         e2e_seconds = time.time() - start
         if returncode != 0:
@@ -244,20 +255,35 @@ class Case:
                 shutil.rmtree(self.run_dir)
             cause = f'{errors[0]}; ' if errors else ''
             code = next((c for c in exit_codes if c > 0), returncode)
-            if forwarded and any(e.startswith('stopped by') for e in errors):
-                code = EXIT_PREEMPTED  # torchrun, stopped by the signal passed on, exits with 1 of its own
+            if any(e.startswith('stopped by') for e in errors) and all(c in (0, EXIT_PREEMPTED) for c in exit_codes):
+                # the ranks saved and stopped; torchrun, stopped by the signal passed on or by Ctrl-C,
+                # exits with 1 of its own
+                code = EXIT_PREEMPTED
             if code < 0:  # killed by a signal: the shell's 128 + its number
                 code = 128 - code
             raise CaseError(f'training failed (exit status {code}): {cause}the whole output is in '
                             f'{self.console_log}', exit_code=code)
         steps = read_new_records(os.path.join(self.run_dir, 'log.jsonl'), offsets['log.jsonl'])
         epochs = read_new_records(os.path.join(self.run_dir, 'log.txt'), offsets['log.txt'])
+        if had_finished and not steps:
+            return self.nothing_trained(earlier_figures)
         if not steps or not epochs:
-            raise CaseError(f'the run logged no training steps in {self.run_dir} (nothing left to train? a '
-                            f'finished full run resumes with nothing to do); see {self.console_log}')
+            raise CaseError(f'the run logged no training steps in {self.run_dir}; see {self.console_log}')
         with open(os.path.join(self.run_dir, 'log.jsonl')) as f:
             run_losses = parse_jsonl(f.read())  # the whole run's, every launch of a resumed full run
         return self.report(steps, epochs, run_losses, e2e_seconds)
+
+    def nothing_trained(self, earlier_figures):
+        """A launch of a full run that had finished: nothing trained, and the figures of the launch
+        that finished it are put back."""
+        for path, text in earlier_figures.items():
+            with open(path, 'w') as f:
+                f.write(text)
+        kept = f'the figures of the launch that finished it stay in {self.summary_file}' if earlier_figures \
+            else 'no figures of an earlier launch were there to keep'
+        print(f'nothing was trained: the run in {self.run_dir} had finished (raise --epochs= to train it longer); '
+              f'{kept}')
+        return None
 
     def report(self, steps, epochs, run_losses, e2e_seconds):
         """steps, epochs: this launch's records of log.jsonl and log.txt; run_losses: {step: loss}
@@ -299,17 +325,15 @@ class Case:
 def stop_signals_passed_to(process, torchrun):
     """While the run goes on: Ctrl-C, which the terminal sends to the run too (it saves and stops),
     is ignored by the case, which waits for the run and then reports; SIGTERM and SIGUSR1 sent to
-    the case alone are passed on to it. Yields the list of the signals passed on."""
-    forwarded = []
+    the case alone are passed on to it."""
 
     def pass_on(signum, frame):
-        forwarded.append(signum)
         # torchrun stops its ranks with SIGTERM when it gets one; SIGUSR1 would kill it outright
         process.send_signal(signal.SIGTERM if torchrun else signum)
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
     previous.update({signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGUSR1)})
     try:
-        yield forwarded
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -266,6 +266,46 @@ def test_one_process_runs_the_entry_point_itself_and_a_killed_run_exits_as_a_she
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # ignored only while the run stops by itself
 
 
+def test_a_finished_full_case_launched_again_keeps_its_figures(tmp_path, monkeypatch, capsys):
+    """A full case whose run had finished trains nothing when launched again (the entry point says
+    `nothing to train: ...` and exits 0): the figures of the launch that finished it are kept, and
+    the case ends well. A launch that logs no step for another reason fails and leaves none."""
+    case = modelzoo.Case('pretrain', 'full', 1, ['--data_path=demo', f'--output_dir={tmp_path}'])
+    figures = {case.summary_file: 'Network = mae_vit_base_pretrain\nActualFPS = 12.50\n', case.loss_file: '0.5\n0.4\n'}
+    for path, text in figures.items():
+        with open(path, 'w') as f:
+            f.write(text)
+    finished = 'print("nothing to train: checkpoint-last.pth has finished 800 epochs, and --epochs is 800")'
+    monkeypatch.setattr(case, 'command', lambda: [sys.executable, '-c', finished])
+    assert case.run() is None
+    assert 'nothing was trained: the run in ' in capsys.readouterr().out
+    for path, text in figures.items():
+        with open(path) as f:
+            assert f.read() == text
+    monkeypatch.setattr(case, 'command', lambda: [sys.executable, '-c', 'pass'])
+    with pytest.raises(modelzoo.CaseError, match='the run logged no training steps'):
+        case.run()
+    assert not any(os.path.exists(path) for path in figures)
+
+
+def test_ctrl_c_of_a_torchrun_case_whose_ranks_saved_exits_4(tmp_path, monkeypatch):
+    """Ctrl-C reaches torchrun too, which exits 1 with its own traceback and no `exitcode :` report,
+    after its ranks saved and stopped: the case reports the stop (4), not a failure (1). A rank that
+    failed otherwise keeps its code."""
+    case = modelzoo.Case('pretrain', 'performance', 2, ['--data_path=demo', f'--output_dir={tmp_path}'])
+    stopped = ('print("error: stopped by SIGINT after step 8 (epoch 0); checkpoint-last.pth is written: run the '
+               'same command again to resume", flush=True); raise SystemExit(1)')
+    monkeypatch.setattr(case, 'command', lambda: [sys.executable, '-c', stopped])
+    with pytest.raises(modelzoo.CaseError, match=r'^training failed \(exit status 4\): stopped by SIGINT') as error:
+        case.run()
+    assert error.value.exit_code == 4
+    crashed = stopped.replace('raise SystemExit(1)', 'print("  exitcode  : 3 (pid: 7)"); raise SystemExit(1)')
+    monkeypatch.setattr(case, 'command', lambda: [sys.executable, '-c', crashed])
+    with pytest.raises(modelzoo.CaseError) as error:
+        case.run()
+    assert error.value.exit_code == 3
+
+
 def test_sigterm_to_the_script_alone_stops_the_run_cleanly(demo_root, tmp_path):
     """`timeout`, `kill <pid>` or a container's first process signal the script alone: the case
     passes the signal on, and the run saves and stops with 4 (the case was killed, and the run

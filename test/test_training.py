@@ -176,7 +176,10 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted, ca
     assert os.path.isfile(tmp_path / 'straight' / 'checkpoint-3.pth')  # the last epoch is kept
     # run again, it has nothing left to train, and leaves no empty TensorBoard file behind
     events = sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents'))
+    capsys.readouterr()
     run_pretrain(*flags, '--epochs', 4, '--output_dir', tmp_path / 'straight')
+    # the line the ModelZoo cases read, to keep the figures of the launch that finished the run
+    assert '\nnothing to train: ' in capsys.readouterr().out
     assert sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents')) == events
 
 
