@@ -236,10 +236,10 @@ def read_log(path):
 # Comparing
 
 def log_interval(steps):
-    """The most common gap between the sorted logged steps (1 for a single step)."""
+    """The most common gap between the sorted logged steps (None for a single step: unknown)."""
     gaps = np.diff(sorted(steps))
     if not gaps.size:
-        return 1
+        return None
     values, counts = np.unique(gaps, return_counts=True)
     return int(values[np.argmax(counts)])
 
@@ -254,13 +254,17 @@ def check_same_steps(cand, cand_format, ref, ref_format):
     numbered = [(name, losses) for name, losses, fmt in logs if fmt not in COUNTED]
     if len(numbered) == 2:
         (_, a), (_, b) = numbered
-        if log_interval(a) != log_interval(b):
+        single = [name for name, losses in numbered if len(losses) == 1]
+        if single:
+            print(f'note: the {" and the ".join(single)} logged one step only, so whether both were logged at the '
+                  f'same --log_freq (a logged loss is the mean over its interval) cannot be checked')
+        elif log_interval(a) != log_interval(b):
             raise UnusableInput(f'the candidate is logged every {log_interval(a)} steps and the reference every '
                                 f'{log_interval(b)}: a logged loss is the mean over its interval, so compare '
                                 f'runs logged at the same --log_freq (--align logs every step)')
     elif len(numbered) == 1:
         (counted_name, _), (name, losses) = counted[0], numbered[0]
-        if log_interval(losses) != 1 or min(losses) != 1:
+        if log_interval(losses) not in (1, None) or min(losses) != 1:
             raise UnusableInput(f'the {counted_name} has no step numbers (its losses are counted 1, 2, 3, ...) but '
                                 f'the {name} is logged at steps {describe_steps(sorted(losses))}: compare it with '
                                 f'a log written at every step from step 1 (--log_freq 1), or with a log of the '
