@@ -1,5 +1,7 @@
 # Sourced by the ModelZoo scripts (test/*_performance_*.sh, test/*_full_8p.sh): go to the
 # repository root, set up the device's environment, run the case (test/modelzoo.py).
+# `sh script.sh` runs them in a POSIX shell (dash on Debian, Ubuntu): one line, in its syntax.
+[ -n "${BASH_VERSION:-}" ] || { echo "error: the ModelZoo scripts are bash scripts: run them as bash $0 ..." >&2; exit 2; }
 set -euo pipefail
 TEST_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export CASE_CALLER_DIR="$PWD"  # relative paths in the arguments are the caller's

@@ -5,5 +5,5 @@
 # Keys: --data_path= (required; demo = the built-in set) --model= --device= --batch_size= --nproc=
 # --epochs= --max_steps= --finetune_pth= --output_dir= --precision= --accum_iter= --log_freq=;
 # anything else goes to the entry point. Reports: see test/modelzoo.py.
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+. "$(dirname "$(readlink -f "${BASH_SOURCE:-$0}")")/common.sh"  # the real folder of a linked script
 run_case pretrain performance 1 "$@"

@@ -185,8 +185,8 @@ def test_every_script_runs_the_case_its_name_says():
         kind, mode, devices = re.fullmatch(r'(\w+?)_(\w+)_(\d+)p\.sh', os.path.basename(script)).groups()
         with open(script) as f:
             lines = [line.strip() for line in f if line.strip() and not line.startswith('#')]
-        assert lines == ['source "$(dirname "${BASH_SOURCE[0]}")/common.sh"',
-                         f'run_case {kind} {mode} {devices} "$@"'], script
+        assert lines == ['. "$(dirname "$(readlink -f "${BASH_SOURCE:-$0}")")/common.sh"  # the real folder of a '
+                         'linked script', f'run_case {kind} {mode} {devices} "$@"'], script
 
 
 @pytest.mark.parametrize('script, args, message', [
@@ -199,6 +199,20 @@ def test_bad_input_is_a_clear_error(script, args, message, tmp_path):
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith('error: ') and message in last_line
+
+
+@pytest.mark.skipif(not os.path.exists('/bin/sh'), reason='needs a POSIX shell at /bin/sh')
+def test_sh_is_told_to_use_bash_and_a_linked_script_finds_its_folder(tmp_path):
+    """`sh test/x.sh` (dash on Debian, Ubuntu) said `Bad substitution`; a script linked from
+    elsewhere looked for common.sh beside the link."""
+    script = os.path.join('test', 'pretrain_performance_1p.sh')
+    result = run_script('sh', script, '--data_path=demo', f'--output_dir={tmp_path}')
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f'error: the ModelZoo scripts are bash scripts: run them as bash {script} ...']
+    os.symlink(os.path.join(REPO, script), tmp_path / 'linked.sh')
+    result = run_script('bash', tmp_path / 'linked.sh', '--data_path=demo', '--batch_size=0', cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --batch_size= must be a whole number above 0, got '0'"]
 
 
 def test_a_python_without_the_requirements_is_one_line(tmp_path):
