@@ -170,6 +170,9 @@ def check_input_pipeline(args, device):
     if args.align:
         raise UsageError('--input_pipeline nvjpeg decodes with the GPU\'s arithmetic, which another device cannot '
                          'reproduce: leave it out under --align (pil)')
+    if device.type == 'cpu':  # allowed: it runs the path's code without a GPU
+        print('note: --input_pipeline nvjpeg on the CPU decodes in the training process, one batch at a time (nvJPEG '
+              'is a GPU decoder); tensor decodes in the loader workers')
 
 
 def after_each_epoch(*hooks):

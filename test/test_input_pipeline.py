@@ -195,9 +195,10 @@ def test_crop_flip_leaves_the_global_generators_alone(demo_root):
     assert torch.equal(dataset[(2, 0)][0], first)
 
 
-def test_nvjpeg_is_refused_where_it_cannot_decode(monkeypatch):
+def test_nvjpeg_is_refused_where_it_cannot_decode(monkeypatch, capsys):
     args = argparse.Namespace(input_pipeline='nvjpeg', align=False)
-    check_input_pipeline(args, torch.device('cpu'))
+    check_input_pipeline(args, torch.device('cpu'))  # runs, and says where it decodes
+    assert capsys.readouterr().out.startswith('note: --input_pipeline nvjpeg on the CPU decodes in the training process')
     with pytest.raises(UsageError, match='nvjpeg decodes on CUDA GPUs only, not on mps: use tensor'):
         check_input_pipeline(args, torch.device('mps'))
     with pytest.raises(UsageError, match='another device cannot reproduce: leave it out under --align'):
