@@ -63,6 +63,11 @@ FAMILIES = {
 }
 
 
+# the counts of one mode, and their defaults there: None until the mode is known, so that one
+# given to another mode is refused rather than ignored (check_mode_flags)
+MODE_DEFAULTS = {'--steps': 10, '--warmup': 3, '--num_workers': 2, '--images': 200, '--saves': 3}
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description='Benchmark: the training step on the device, or the input pipeline')
     parser.add_argument('--model', default=None,
@@ -74,8 +79,10 @@ def get_args_parser():
                         help='the models of --all; auto: small on the CPU, published elsewhere')
     parser.add_argument('--batch_size', type=int, default=None,
                         help='images a step (default: 64 in model mode on an accelerator, 16 on the CPU; 64 in loader mode)')
-    parser.add_argument('--steps', type=int, default=10, help='timed training steps (default: %(default)s)')
-    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first (default: %(default)s)')
+    parser.add_argument('--steps', type=int, default=None,
+                        help=f'timed training steps (default: {MODE_DEFAULTS["--steps"]})')
+    parser.add_argument('--warmup', type=int, default=None,
+                        help=f'untimed steps first (default: {MODE_DEFAULTS["--warmup"]})')
     parser.add_argument('--input_size', type=int, default=None,
                         help='image size (default: the size the model is built for)')
     add_step_args(parser)
@@ -95,12 +102,15 @@ def get_args_parser():
     parser.add_argument('--input_pipeline', default=None, choices=INPUT_PIPELINES,
                         help='main_pretrain\'s --input_pipeline (default: its default, tensor; nvjpeg decodes on '
                              '--device, and its DataLoader figure includes that)')
-    parser.add_argument('--num_workers', type=int, default=2, help='DataLoader workers (default: %(default)s)')
-    parser.add_argument('--images', type=int, default=200,
-                        help='images timed on one core, and at least this many through the DataLoader (default: %(default)s)')
+    parser.add_argument('--num_workers', type=int, default=None,
+                        help=f'DataLoader workers (default: {MODE_DEFAULTS["--num_workers"]})')
+    parser.add_argument('--images', type=int, default=None,
+                        help=f'images timed on one core, and at least this many through the DataLoader (default: '
+                             f'{MODE_DEFAULTS["--images"]})')
     parser.add_argument('--checkpoint_stall', action='store_true',
                         help='checkpoint mode: the stall of --saves saves of --model\'s weights and AdamW state')
-    parser.add_argument('--saves', type=int, default=3, help='checkpoint mode: saves per writer (default: %(default)s)')
+    parser.add_argument('--saves', type=int, default=None,
+                        help=f'checkpoint mode: saves per writer (default: {MODE_DEFAULTS["--saves"]})')
     parser.add_argument('--compare_official', action='store_true',
                         help='also time the official MAE transform (Pillow RandomResizedCrop(0.2-1, bicubic), flip, '
                              'ToTensor, Normalize) on the same files, on one core')
@@ -108,18 +118,25 @@ def get_args_parser():
 
 
 def check_mode_flags(args):
-    """A flag of another mode would be ignored: refused, naming the mode it belongs to."""
+    """A flag of another mode would be ignored: refused, naming the mode it belongs to. Then the
+    counts of the mode run take their defaults (MODE_DEFAULTS)."""
     model_mode = not (args.checkpoint_stall or args.data_path)
     given = {'--all': args.all, '--sizes': args.sizes != 'auto', '--official': args.official is not None,
              '--rounds': args.rounds is not None, '--compare_official': args.compare_official,
-             '--finetune_pipeline': args.finetune_pipeline, '--input_pipeline': args.input_pipeline is not None}
-    for flag in ('--all', '--sizes', '--official', '--rounds'):
+             '--finetune_pipeline': args.finetune_pipeline, '--input_pipeline': args.input_pipeline is not None,
+             **{flag: getattr(args, flag[2:]) is not None for flag in MODE_DEFAULTS}}
+    for flag in ('--all', '--sizes', '--official', '--rounds', '--steps', '--warmup'):
         if given[flag] and not model_mode:
             raise UsageError(f'{flag} is for timing the training step: leave out '
                              f'{"--checkpoint_stall" if args.checkpoint_stall else "--data_path"}')
-    for flag in ('--compare_official', '--finetune_pipeline', '--input_pipeline'):
+    for flag in ('--compare_official', '--finetune_pipeline', '--input_pipeline', '--num_workers', '--images'):
         if given[flag] and not args.data_path:
             raise UsageError(f'{flag} is for timing the input pipeline: give --data_path')
+    if given['--saves'] and not args.checkpoint_stall:
+        raise UsageError('--saves is for timing checkpoint saves: add --checkpoint_stall')
+    for flag, default in MODE_DEFAULTS.items():
+        if not given[flag]:
+            setattr(args, flag[2:], default)
     if args.checkpoint_stall and args.data_path:
         raise UsageError('--checkpoint_stall times saves of --model\'s weights and AdamW state: leave out --data_path')
     if args.sizes != 'auto' and not args.all:

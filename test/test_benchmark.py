@@ -208,16 +208,16 @@ def test_synthetic_data_trains_and_fine_tunes_with_tflops_and_mfu_logged(tmp_pat
 
 @pytest.mark.parametrize('flags, message', [
     (['--checkpoint_stall', '--saves', '0'], '--saves must be at least 1, got 0'),  # was a FileNotFoundError
-    (['--warmup', '-1'], '--warmup must be 0 or more, got -1'),
-    (['--peak_tflops', '-1'], "--peak_tflops (the device's peak TFLOP/s, the denominator of MFU) must lie in "
-                              "(0, inf), got -1.0"),  # was an MFU of -2.5 %
+    (['--steps', '1', '--warmup', '-1'], '--warmup must be 0 or more, got -1'),
+    (['--steps', '1', '--peak_tflops', '-1'], "--peak_tflops (the device's peak TFLOP/s, the denominator of MFU) "
+                                              "must lie in (0, inf), got -1.0"),  # was an MFU of -2.5 %
 ])
 def test_impossible_counts_and_peaks_are_one_line(flags, message):
     import benchmark
     from util.errors import UsageError
     with pytest.raises(UsageError) as error:
         benchmark.main(benchmark.get_args_parser().parse_args(
-            ['--model', 'mae_vit_tiny', '--device', 'cpu', '--steps', '1', '--batch_size', '2', *flags]))
+            ['--model', 'mae_vit_tiny', '--device', 'cpu', '--batch_size', '2', *flags]))
     assert str(error.value) == message
 
 
@@ -229,6 +229,9 @@ def test_impossible_counts_and_peaks_are_one_line(flags, message):
                                                              '--data_path'),
     (['--checkpoint_stall', '--data_path', 'demo'], "--checkpoint_stall times saves of --model's weights and AdamW "
                                                     "state: leave out --data_path"),
+    (['--data_path', 'demo', '--steps', '5'], '--steps is for timing the training step: leave out --data_path'),
+    (['--model', 'mae_vit_tiny', '--images', '10'], '--images is for timing the input pipeline: give --data_path'),
+    (['--model', 'mae_vit_tiny', '--saves', '2'], '--saves is for timing checkpoint saves: add --checkpoint_stall'),
 ])
 def test_a_flag_of_another_mode_is_refused(flags, message):
     import benchmark
