@@ -261,7 +261,8 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(small_folder, t
 
 def test_divergence_during_a_background_write_counts_that_checkpoint(small_folder, tmp_path, monkeypatch):
     """The checkpoint of step 2 is still being written (slowly, here) when the loss diverges at
-    step 3: the line said no checkpoint had been written, and the exit then completed it."""
+    step 3, found at the log step 4: the line said no checkpoint had been written, and the exit
+    then completed it. The line names the steps of the interval the loss was logged over."""
     import time
     import main_pretrain
     from util.engine import TrainingDiverged
@@ -273,11 +274,37 @@ def test_divergence_during_a_background_write_counts_that_checkpoint(small_folde
         loss = model(batch[0], **batch[1], **forward_kwargs)[0]
         return loss * float('nan') if calls[0] > 3 else loss
     monkeypatch.setattr(main_pretrain, 'mim_loss', nan_from_the_third_step)
-    with pytest.raises(TrainingDiverged, match='at epoch 0, step 3: training stopped; the last checkpoint written is '
-                                               'the last good one'):
+    with pytest.raises(TrainingDiverged, match=r'at epoch 0, step 4 \(the mean of steps 3 to 4\): training stopped; '
+                                               r'the last checkpoint written is the last good one'):
         run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--epochs', 1, '--warmup_epochs', 0,
-                     '--save_every_steps', 2, '--output_dir', tmp_path)
+                     '--save_every_steps', 2, '--log_freq', 4, '--output_dir', tmp_path)
     assert checkpoint.load(tmp_path / checkpoint.LAST)['step'] == 2
+
+
+def test_weights_that_became_nan_before_the_loss_did_are_not_saved(small_folder, tmp_path, monkeypatch):
+    """Step 2's gradient is NaN while its loss is finite (an overflow in the backward pass): the
+    update makes the weights NaN, and step 2's checkpoint (--save_every_steps 1) would have kept
+    them while the loss checked at that step was fine. The run stops there instead, and
+    checkpoint-last.pth is step 1's, whole and finite."""
+    import main_pretrain
+    from util.engine import TrainingDiverged
+
+    def nan_gradient_at_step_two(model, batch, forward_kwargs, calls=[0]):
+        calls[0] += 1  # the first call counts the FLOPs at start-up, on meta tensors
+        loss = model(batch[0], **batch[1], **forward_kwargs)[0]
+        if calls[0] == 3:  # sqrt at 0: the value 0, the gradient inf x 0 = NaN
+            weight = model.decoder_pred.weight
+            loss = loss + torch.sqrt(((weight - weight.detach()) ** 2).sum())
+        return loss
+    monkeypatch.setattr(main_pretrain, 'mim_loss', nan_gradient_at_step_two)
+    with pytest.raises(TrainingDiverged) as error:
+        run_pretrain(*COMMON, '--data_path', small_folder, '--batch_size', 16, '--epochs', 1, '--warmup_epochs', 0,
+                     '--save_every_steps', 1, '--output_dir', tmp_path)
+    assert str(error.value).startswith('the weights became NaN or infinite by step 2 (epoch 0), before the loss '
+                                       'logged did: training stopped; the last checkpoint written is the last good one')
+    assert [math.isfinite(r['loss']) for r in read_jsonl(tmp_path / 'log.jsonl')] == [True, True]
+    kept = checkpoint.load(tmp_path / checkpoint.LAST)
+    assert kept['step'] == 1 and all(torch.isfinite(w).all() for w in kept['model'].values() if w.is_floating_point())
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):

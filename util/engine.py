@@ -113,16 +113,23 @@ def log_step_values(mean_loss, loader, args):
     return mean_loss, replaced
 
 
-def diverged_message(loss, epoch, step, precision, args, saved):
-    """The line for a loss that became NaN or infinite: what is kept (`saved`: a checkpoint of this
-    launch, perhaps still being written, which the exit waits for), and the changes this run can
-    still make (no --precision fp32 advice to an fp32 run)."""
+def weights_finite(model):
+    """Whether every parameter is finite: their largest magnitude, read on the host (before saves
+    only: a checkpoint written after the loss was logged finite must not keep NaN weights)."""
+    params = [p.detach() for p in model.parameters()]
+    return math.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf).item())
+
+
+def diverged_message(what, precision, args, saved):
+    """The line for a loss or weights that became NaN or infinite (`what` says which, and when):
+    what is kept (`saved`: a checkpoint of this launch, perhaps still being written, which the exit
+    waits for), and the changes this run can still make (no --precision fp32 advice to an fp32 run)."""
     written = saved or bool(args.output_dir) and os.path.isfile(os.path.join(args.output_dir, checkpoint.LAST))
     kept = 'the last checkpoint written is the last good one' if written else 'no checkpoint had been written'
     changes = ['lower the lr (--blr or --lr)', 'lower --clip_grad' if args.clip_grad else 'set --clip_grad']
     changes += {'fp16': ['use --precision bf16 (or fp32)'], 'bf16': ['use --precision fp32']}.get(precision, [])
     advice = f'{", ".join(changes[:-1])} or {changes[-1]}'
-    return f'the loss is {loss} at epoch {epoch}, step {step}: training stopped; {kept}. {advice[0].upper()}{advice[1:]}'
+    return f'{what}: training stopped; {kept}. {advice[0].upper()}{advice[1:]}'
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision, epoch, args,
@@ -206,12 +213,13 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             mean_loss, bad_images = log_step_values(loss_sum / micro_batches, loader, args)
             toc = time.perf_counter()
             ips = throughput.add(images, toc - tic)
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(diverged_message(mean_loss, epoch, progress.step, precision, args,
-                                                        progress.saved))
+            steps = images // images_per_step
+            if not math.isfinite(mean_loss):  # the host reads the loss here only: the interval is named
+                interval = f' (the mean of steps {progress.step - steps + 1} to {progress.step})' if steps > 1 else ''
+                raise TrainingDiverged(diverged_message(f'the loss is {mean_loss} at epoch {epoch}, step '
+                                                        f'{progress.step}{interval}', precision, args, progress.saved))
             # a stop logs its part of the interval, and the run resumed from it the whole interval
             carried_sum, carried_steps = progress.interval_loss
-            steps = images // images_per_step
             interval_sum = carried_sum + mean_loss * steps
             progress.interval_loss = (0.0, 0) if interval_ends else (interval_sum, carried_steps + steps)
             logged_loss = interval_sum / (carried_steps + steps) if carried_steps else mean_loss
@@ -268,6 +276,10 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
 
     def save(epoch, stats, epoch_files=True):
         nonlocal stall
+        if not weights_finite(model_without_ddp):  # on every rank: their weights are the same
+            raise TrainingDiverged(diverged_message(f'the weights became NaN or infinite by step {progress.step} '
+                                                    f'(epoch {epoch}), before the loss logged did', precision, args,
+                                                    progress.saved))
         stall += save_training_checkpoints(model_without_ddp, optimizer, scaler, epoch, stats, progress, args, writer,
                                            ema, epoch_files=epoch_files)
         progress.saved = progress.saved or bool(args.output_dir)
