@@ -370,7 +370,7 @@ def build_model(args, num_classes, resuming):
         for key in ('missing', 'unexpected', 'dropped', 'resized', 'started at zero'):
             if report[key]:
                 print(f'  {key}: {", ".join(report[key] if key == "resized" else grouped_keys(report[key]))}')
-    elif not args.finetune and not args.eval:
+    elif not args.finetune and not args.eval and not resuming:
         print(f'no --finetune: {args.model} from random initialisation' + (' (its features)' if args.knn else ''))
     if args.linprobe:
         add_probe_head(model)

@@ -220,6 +220,30 @@ def test_eval_reproduces_the_accuracy_at_the_end_of_training(small_folder, two_e
     assert best['acc1'] == max(r['test_acc1'] for r in read_jsonl(out / 'log.txt'))
 
 
+def test_resuming_training_from_weights_alone(small_folder, two_epochs, tmp_path, capsys):
+    """--resume of checkpoint-best.pth (the best epoch's weights, no optimizer) restarted training at
+    epoch 0 without a word and overwrote the run's checkpoint-last.pth: refused, saying what to resume.
+    Weights alone of another kind (a release) start a run at epoch 0 from them, with a line saying
+    so, but not in a folder whose run's checkpoint they would overwrite."""
+    flags, out = two_epochs
+    with pytest.raises(UsageError, match=r"holds the weights of a run's best epoch, without the optimizer and the "
+                                         r"schedule to go on from: --resume that run's checkpoint-last.pth"):
+        run_finetune(*flags, '--resume', out / checkpoint.BEST, '--output_dir', tmp_path / 'best')
+    weights = tmp_path / 'release.pth'
+    torch.save({'model': checkpoint.load(out / checkpoint.BEST)['model']}, weights)
+    shutil.copy(out / checkpoint.LAST, tmp_path / checkpoint.LAST)
+    with pytest.raises(UsageError, match=f'{tmp_path} holds the checkpoint-last.pth of a run, which this one, '
+                                         f'starting afresh from the weights of {weights}, would overwrite'):
+        run_finetune(*flags, '--resume', weights, '--output_dir', tmp_path)
+    capsys.readouterr()
+    run_finetune(*flags, '--resume', weights, '--max_steps', 1, '--output_dir', tmp_path / 'afresh')
+    out_lines = capsys.readouterr().out.splitlines()
+    assert f'{weights} holds weights only (no optimizer state, no epoch): training starts at epoch 0 from them' \
+        in out_lines
+    assert not any(line.startswith(('no --finetune', 'resumed from')) for line in out_lines)
+    assert [r['step'] for r in read_jsonl(tmp_path / 'afresh' / 'log.jsonl')] == [1]
+
+
 def test_two_process_evaluation_is_exact(small_folder, tmp_path, capsys):
     """--eval with 2 processes over 17 images (9 + 8, no padding) = 1 process (in this one)."""
     from models_vit import vit_tiny_patch8

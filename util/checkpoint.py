@@ -299,6 +299,10 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         load_weights(model, in_model_layout(model, model_state_of(ckpt, path), path), path)
         return 0, 0, {}
     check_same_kind_of_run(ckpt, path, args)
+    if 'acc1' in ckpt and 'optimizer' not in ckpt:  # a fine-tuning run's checkpoint-best.pth
+        raise UsageError(f'{path} holds the weights of a run\'s best epoch, without the optimizer and the schedule '
+                         f'to go on from: --resume that run\'s checkpoint-last.pth continues it, and --finetune {path} '
+                         f'starts a new run from these weights')
     resumable = 'optimizer' in ckpt  # a run's own checkpoint, written with other flags (--input_size, say)
     weights = model_state_of(ckpt, path)  # a DDP model's `module.` prefix goes, for the model and an EMA started here
     load_weights(model, weights, path,

@@ -63,7 +63,11 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
                                                                                 args, ema=ema)
         progress = Progress(**carried)
         start_iter = epoch_samples // dist.micro_batch_images(args)
-        print(f'resumed from {resume}: epoch {start_epoch}, {epoch_samples} of its samples done, step {progress.step}')
+        if carried:
+            print(f'resumed from {resume}: epoch {start_epoch}, {epoch_samples} of its samples done, '
+                  f'step {progress.step}')
+        else:
+            start_afresh_from_weights(resume, args)
     elif args.output_dir and os.path.isfile(os.path.join(args.output_dir, 'log.jsonl')):
         print(f'warning: {args.output_dir} holds the log.jsonl and log.txt of an earlier run, and no checkpoint to '
               f'resume: this run appends its own lines after them (another --output_dir keeps runs apart)')
@@ -75,6 +79,17 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
     else:
         print(f'training epochs {start_epoch} to {args.epochs - 1}')
     return start_epoch, start_iter, progress
+
+
+def start_afresh_from_weights(path, args):
+    """--resume of weights alone (a release, say): training starts at epoch 0 from them, as the
+    official code does, in an --output_dir that holds no run whose checkpoint it would overwrite."""
+    last = os.path.join(args.output_dir, checkpoint.LAST) if args.output_dir else None
+    if last and os.path.isfile(last) and not os.path.samefile(last, path):
+        raise UsageError(f'{args.output_dir} holds the checkpoint-last.pth of a run, which this one, starting afresh '
+                         f'from the weights of {path}, would overwrite: give another --output_dir (or --resume {last} '
+                         f'to continue that run)')
+    print(f'{path} holds weights only (no optimizer state, no epoch): training starts at epoch 0 from them')
 
 
 def print_outputs(args, stats, seconds, bad_images=None):
