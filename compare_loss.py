@@ -150,11 +150,13 @@ def parse_console(text):
     return last_run(without_resumed_parts(pairs))
 
 
-def parse_jsonl(text, value='loss', position='step'):
+def parse_jsonl(text, value='loss', position='step', count_missing=True):
     """This project's log.jsonl: one JSON object per line with `loss` and `step` (positions
     1, 2, 3, ... where `step` is missing), of its last run (`last_run`). Lines that are not such
     objects (a line cut short by a killed run) are skipped. None when no line is one. `value` and
-    `position` read other keys of such logs: `lr` by step, or log.txt's `test_acc1` by `epoch`."""
+    `position` read other keys of such logs: `lr` by step, or log.txt's `test_acc1` by `epoch`
+    (with `count_missing` False: a line without an epoch, such as a `--knn` evaluation's appended
+    to a run's log.txt, is no point of its curve)."""
     pairs = []
     for line in text.splitlines():
         line = line.strip()
@@ -172,7 +174,10 @@ def parse_jsonl(text, value='loss', position='step'):
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             continue
         step = record.get(position)
-        step = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else len(pairs) + 1
+        numbered = isinstance(step, (int, float)) and not isinstance(step, bool)
+        if not numbered and not count_missing:
+            continue
+        step = int(step) if numbered else len(pairs) + 1
         pairs.append((step, float(number), record.get('partial') is True))
     return last_run(without_resumed_parts(pairs))
 

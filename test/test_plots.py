@@ -120,6 +120,9 @@ def test_a_pretraining_runs_knn_curve_is_its_accuracy(tmp_path):
         for epoch in range(5):
             f.write(json.dumps({'train_loss': 1.0, 'epoch': epoch, **({'knn_acc1': 20.0 + epoch} if epoch % 2 == 0
                                                                        else {})}) + '\n')
+        # main_finetune --knn of some weights, appended with the folder as its --output_dir: no epoch of the
+        # run (it took the place of the fourth point, epoch 4's)
+        f.write(json.dumps({'knn_acc1': 55.0, 'model': 'mae_vit_tiny', 'weights': 'other.pth'}) + '\n')
     assert plots.read_run(str(pretrain)).acc1 == {0: 20.0, 2: 22.0, 4: 24.0}
 
 

@@ -204,8 +204,8 @@ def read_run(path):
     log_txt = os.path.join(folder, 'log.txt')
     if os.path.isfile(log_txt):
         epochs = read_text(log_txt)
-        acc1 = (parse_jsonl(epochs, value='test_acc1', position='epoch') or
-                parse_jsonl(epochs, value='knn_acc1', position='epoch') or {})
+        acc1 = (parse_jsonl(epochs, value='test_acc1', position='epoch', count_missing=False) or
+                parse_jsonl(epochs, value='knn_acc1', position='epoch', count_missing=False) or {})
     return Run(name, loss, parse_jsonl(text, value='lr') or {}, acc1)
 
 
