@@ -198,6 +198,28 @@ def test_symlink_loops_in_the_data_are_walked_once(tmp_path):
     assert len(build_image_folder(str(root), 'train', None).samples) == 9
 
 
+def test_hidden_folders_and_files_are_no_classes_and_no_images_and_loose_images_are_named(tmp_path, capsys):
+    """.ipynb_checkpoints (Jupyter) became a class, and inside a class an extra folder of images;
+    macOS's ._x.png files became unreadable images. Images straight in train/ beside its class
+    folders were left out without a word: a warning counts them."""
+    from util.datasets import build_image_folder, image_paths_of
+    root = image_folder_with_loops(tmp_path)
+    for folder in (root / 'train' / '.ipynb_checkpoints', root / 'train' / 'a' / '.ipynb_checkpoints'):
+        folder.mkdir()
+        shutil.copy(root / 'train' / 'a' / '0.png', folder / '0-checkpoint.png')
+    (root / 'train' / 'b' / '._0.png').write_bytes(b'\x00\x05\x16\x07')  # an AppleDouble file, not a PNG
+    for i in range(2):
+        shutil.copy(root / 'train' / 'a' / '0.png', root / 'train' / f'loose{i}.png')
+    capsys.readouterr()
+    folder = build_image_folder(str(root), 'train', None)
+    assert folder.classes == ['a', 'b']
+    assert sorted(os.path.relpath(path, root) for path, _ in folder.samples) == \
+        [f'train/{c}/{i}.png' for c in 'ab' for i in range(3)]
+    assert capsys.readouterr().out == (f'warning: 2 images straight in {root / "train"}, beside its class folders, '
+                                       f'are in no class and left out: move them into a class folder\n')
+    assert len(image_paths_of(str(root / 'train'))) == 8  # the pictures' search: the 6, and the 2 loose ones
+
+
 def folder_with_other_val_classes(small_folder, root):
     shutil.copytree(small_folder, root)
     first = sorted(os.listdir(root / 'val'))[0]

@@ -36,7 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 from util import demo_data, signals
 from util.errors import UsageError
 from util.images import EncodedJpeg, UnreadableImage, decode_jpegs_on, load_rgb, load_rgb_tensor, read_jpeg_or_decode
-from util.logger import named_briefly
+from util.logger import counted, named_briefly
 
 DEMO = 'demo'
 SYNTHETIC = 'synthetic'  # --data_path synthetic[:N]: images made per sample, no disk (SyntheticImages)
@@ -270,7 +270,7 @@ def image_paths_of(data_path):
         data_path = os.path.join(root, 'val') if os.path.isdir(os.path.join(root, 'val')) else os.path.join(root, 'train')
     if not os.path.isdir(data_path):
         raise UsageError(f'--data_path {data_path!r} is neither an image, a folder of images nor demo')
-    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(data_path) for name in names
+    paths = sorted(os.path.join(folder, name) for folder, names in walk_without_cycles(data_path) for name in names
                    if name.lower().endswith(IMG_EXTENSIONS))
     if not paths:
         raise UsageError(f'no images under {data_path!r} (looked for {", ".join(IMG_EXTENSIONS)})')
@@ -316,9 +316,16 @@ def walk_without_cycles(top):
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders.sort()  # which of two links to one folder is kept does not depend on the file system
-        found.append((folder, sorted(names)))
+        # which of two links to one folder is kept does not depend on the file system
+        subfolders[:] = sorted(visible(subfolders))
+        found.append((folder, sorted(visible(names))))
     return sorted(found)
+
+
+def visible(names):
+    """The names that do not start with a dot: hidden folders and files (.ipynb_checkpoints, the
+    ._x.jpg files macOS leaves on other file systems, .DS_Store) are no classes and no images."""
+    return [name for name in names if not name.startswith('.')]
 
 
 class ImageFolderWithoutLoops(datasets.ImageFolder):
@@ -326,12 +333,21 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
 
     @staticmethod
     def find_classes(directory):
-        if os.path.isdir(directory) and not any(entry.is_dir() for entry in os.scandir(directory)):
+        """The visible sub-folders of `directory`, sorted, and their indices; images beside them,
+        in no class folder, are left out with a warning."""
+        entries = [entry for entry in os.scandir(directory) if not entry.name.startswith('.')]
+        classes = sorted(entry.name for entry in entries if entry.is_dir())
+        loose = sum(entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries if not entry.is_dir())
+        if not classes:
             # images straight in train/ are the usual first try with unlabelled data
             raise FileNotFoundError(f'it has no class folders: images go in {os.path.join(directory, "<class>", "")}'
                                     f'<image> (for pre-training, one folder, say {os.path.join(directory, "all", "")}'
                                     f', is enough)')
-        return datasets.folder.find_classes(directory)
+        if loose:
+            print(f'warning: {counted(loose, "image")} straight in {directory}, beside its class folders, '
+                  f'{"is" if loose == 1 else "are"} in no class and left out: move {"it" if loose == 1 else "them"} '
+                  f'into a class folder')
+        return classes, {name: index for index, name in enumerate(classes)}
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
