@@ -35,7 +35,7 @@ from timm.utils import ModelEmaV3
 
 from util import checkpoint, dist
 from util.datasets import (MixupCollate, SeededSamples, build_eval_loader, build_finetune_train_folder,
-                           build_image_folder, build_loader, eval_transform, number_of_classes,
+                           build_image_folder, build_loader, class_differences, eval_transform, number_of_classes,
                            training_classes)
 from util.engine import evaluate, train
 from util.feature_eval import add_knn_k_argument, feature_loaders, frozen_feature_accuracy, print_results
@@ -422,22 +422,45 @@ class EpochEvaluation:
                         label=label)
 
 
-def run_eval(args, model, loader, device, precision):
+def run_eval(args, model, loader, val_classes, device, precision):
     """--eval: the accuracy of the weights in --resume (a fine-tuned checkpoint of this project or
-    an official MAE or SimMIM release, whose layout is converted)."""
+    an official MAE or SimMIM release, whose layout is converted) on val/, whose class folders must
+    be those the checkpoint records (or as many as its classifier has outputs)."""
     path = checkpoint.resume_path(args.resume, args.output_dir)
     if not path:
         raise UsageError('--eval needs weights: --resume <fine-tuned checkpoint> (or a run in --output_dir)')
     ckpt = checkpoint.load(path)
     trained = {k: v for k, v in recorded_classifier(ckpt, path).items() if v != getattr(args, k)}
-    advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
-        f'gives them)' if trained else default_model_advice(args)
+    check_trained_classes(checkpoint.saved_args(ckpt).get('classes'), val_classes, path)
     state = checkpoint.ema_weights(ckpt, path) if args.model_ema else checkpoint.model_state_of(ckpt, path)
-    checkpoint.load_weights(model, checkpoint.in_model_layout(model, state, path), path, advice=advice)
+    state = checkpoint.in_model_layout(model, state, path)
+    advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
+        f'gives them)' if trained else classifier_advice(model, state, len(val_classes)) or default_model_advice(args)
+    checkpoint.load_weights(model, state, path, advice=advice)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
     print(f"accuracy of {path}{' (its EMA weights)' if args.model_ema else ''} on the {stats['images']} validation "
           f"images: top-1 {stats['acc1']:.2f}%, top-5 {stats['acc5']:.2f}%")
     return stats
+
+
+def check_trained_classes(trained_classes, val_classes, path):
+    """val/ must hold the class folders the checkpoint was trained on (recorded by this project's
+    fine-tuning runs), in the same order: its outputs are those classes."""
+    if trained_classes is not None and list(trained_classes) != list(val_classes):
+        differences = class_differences(trained_classes, 'its training data', val_classes, 'val/')
+        raise UsageError(f'{path} was trained on other classes than the class folders of val/ ({differences}): the '
+                         f'labels would not mean its outputs; evaluate it on a val/ of the classes it was trained on')
+
+
+def classifier_advice(model, state, val_class_count):
+    """What to add to a mismatch of weights whose classifier has another number of outputs than
+    val/ has class folders ('' when it has as many, or none: another mismatch)."""
+    head = model.default_cfg.get('classifier', 'head') if hasattr(model, 'default_cfg') else 'head'
+    outputs = state.get(f'{head}.weight', state.get(f'{head}.1.weight'))
+    if outputs is None or outputs.shape[0] == val_class_count:
+        return ''
+    return (f'; its classifier has {outputs.shape[0]} outputs and val/ {val_class_count} class folders: evaluate it on '
+            f'the classes it was trained for')
 
 
 def run_knn(args, world, device, precision, pin_memory):
@@ -482,7 +505,7 @@ def main(args):
     print(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {trained}'
           f'{num_classes} classes')
     if args.eval:
-        stats = run_eval(args, model, val_loader, device, precision)
+        stats = run_eval(args, model, val_loader, val_folder.classes, device, precision)
         dist.destroy_process_group()
         return stats
 
@@ -493,6 +516,7 @@ def main(args):
     print(f'{len(dataset)} training images, {len(val_folder)} validation images, '
           f'{len(loader)} batches of {args.batch_size} per process')
 
+    args.classes = train_folder.classes  # in its checkpoints: --eval checks that val/ holds them
     set_learning_rate(args)
     optimizer = build_optimizer(args, model, device)
     scaler = device.grad_scaler(precision)

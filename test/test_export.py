@@ -201,7 +201,9 @@ def test_linear_probe_head_is_folded(tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
-    _, path = pretraining_checkpoint(tmp_path, 'mae_vit_tiny', depth=1)
+    model, _ = pretraining_checkpoint(tmp_path, 'mae_vit_tiny', depth=1)
+    # norm_pix_loss recorded, as main_pretrain records MAE's: built into another --model's, it was the error
+    path = save_checkpoint(tmp_path, 'mae_vit_tiny', model, norm_pix_loss=True)
     out = tmp_path / 'x.safetensors'
     with pytest.raises(UsageError, match=r'must end in \.safetensors'):
         run_main('export', '--checkpoint', path, '--output', tmp_path / 'x.pth')

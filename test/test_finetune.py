@@ -244,6 +244,28 @@ def test_resuming_training_from_weights_alone(small_folder, two_epochs, tmp_path
     assert [r['step'] for r in read_jsonl(tmp_path / 'afresh' / 'log.jsonl')] == [1]
 
 
+def test_eval_on_other_classes_is_refused(small_folder, two_epochs, tmp_path):
+    """A fine-tuning checkpoint records its classes: --eval on a val/ (without train/) whose class
+    folders have other names gave 0 % without a word. A checkpoint that records none (a release)
+    with another number of outputs than val/ has classes: the mismatch says so."""
+    _, out = two_epochs
+    classes = sorted(os.listdir(os.path.join(small_folder, 'val')))
+    assert checkpoint.load(out / checkpoint.LAST)['args']['classes'] == classes
+    for name, links in (('renamed', {'x': classes[1], 'y': classes[0]}),
+                        ('three', {**{c: c for c in classes}, 'z': classes[0]})):
+        for link, target in links.items():
+            (tmp_path / name / 'val').mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.join(small_folder, 'val', target), tmp_path / name / 'val' / link)
+    eval_flags = [*TINY, '--eval', '--output_dir', '']
+    with pytest.raises(UsageError, match=rf'was trained on other classes than the class folders of val/ \(only in its '
+                                         rf'training data: {classes[0]}, {classes[1]}; only in val/: x, y\)'):
+        run_finetune(*eval_flags, '--data_path', tmp_path / 'renamed', '--resume', out / checkpoint.LAST)
+    release = tmp_path / 'release.pth'
+    torch.save({'model': checkpoint.load(out / checkpoint.LAST)['model']}, release)
+    with pytest.raises(checkpoint.WeightsDoNotFit, match='its classifier has 2 outputs and val/ 3 class folders'):
+        run_finetune(*eval_flags, '--data_path', tmp_path / 'three', '--resume', release)
+
+
 def test_two_process_evaluation_is_exact(small_folder, tmp_path, capsys):
     """--eval with 2 processes over 17 images (9 + 8, no padding) = 1 process (in this one)."""
     from models_vit import vit_tiny_patch8
@@ -302,6 +324,11 @@ def test_model_ema_follows_the_weights(small_folder, tmp_path, capsys):
     stats = run_finetune(*TINY, '--data_path', small_folder, '--eval', '--model_ema', '--resume',
                          tmp_path / 'ema' / checkpoint.LAST, '--output_dir', '')
     assert (stats['acc1'], stats['loss']) == (epoch['test_ema_acc1'], pytest.approx(epoch['test_ema_loss'], rel=1e-6))
+    # the same weights in the layout of timm's train.py (state_dict, state_dict_ema): its EMA was not found
+    torch.save({'epoch': 0, 'arch': 'vit_tiny_patch8', 'state_dict': ckpt['model'], 'state_dict_ema': ckpt['model_ema']},
+               tmp_path / 'timm.pth.tar')
+    assert run_finetune(*TINY, '--data_path', small_folder, '--eval', '--model_ema', '--resume',
+                        tmp_path / 'timm.pth.tar', '--output_dir', '')['loss'] == stats['loss']
     with pytest.raises(UsageError, match='holds no EMA weights'):
         run_finetune(*TINY, '--data_path', small_folder, '--eval', '--model_ema', '--resume', tmp_path / 'start.pth',
                      '--output_dir', '')

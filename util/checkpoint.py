@@ -50,13 +50,18 @@ class WeightsDoNotFit(UsageError):
     know which model the checkpoint names add what to give instead."""
 
 
+EMA_ENTRIES = ('model_ema', 'state_dict_ema')  # this project's fine-tuning; timm's train.py
+
+
 def ema_weights(ckpt, path):
-    """The EMA weights of a fine-tuning checkpoint whose run had --model_ema (--eval and export.py
-    with --model_ema)."""
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model_ema'), dict):
+    """The EMA weights of a fine-tuning checkpoint whose run had --model_ema, or of a checkpoint of
+    timm's train.py with --model-ema (--eval and export.py with --model_ema), in model_state_of's
+    form."""
+    key = next((k for k in EMA_ENTRIES if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), None)
+    if key is None:
         raise UsageError(f'{path!r} holds no EMA weights (its run had no --model_ema): leave --model_ema out to '
                          f'use its weights')
-    return ckpt['model_ema']
+    return model_state_of(ckpt[key], path)
 
 
 def written_by_advice(given_model, recorded_model):

@@ -402,13 +402,18 @@ def number_of_classes(train_classes, val_classes, nb_classes):
         raise UsageError(f'--nb_classes {num_classes} is fewer than the {len(train_classes)} class '
                          f'folders of the training data')
     if val_classes != train_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        differences = '; '.join(f'only in {split}/: {named_briefly(names, 5)}'
-                                for split, names in (('train', only_train), ('val', only_val)) if names)
+        differences = class_differences(train_classes, 'train/', val_classes, 'val/')
         raise UsageError(f'val/ and train/ hold different class folders ({differences}): the labels would not match; '
                          f'give val/ the class folders of train/ (an empty one is refused too)')
     return num_classes
+
+
+def class_differences(classes, name, other_classes, other_name):
+    """'only in train/: a, b; only in val/: zebra': the sides with classes the other lacks (in the
+    same order, the lists are equal)."""
+    only = {name: sorted(set(classes) - set(other_classes)), other_name: sorted(set(other_classes) - set(classes))}
+    differences = '; '.join(f'only in {side}: {named_briefly(names, 5)}' for side, names in only.items() if names)
+    return differences or 'the same names in another order'
 
 
 def build_pretrain_dataset(args, mask_generator=None, bad_images=None):

@@ -89,6 +89,8 @@ def pretrained_encoder(ckpt, path, name):
     """The encoder of a pre-training checkpoint of model `name` (its image size and norm_pix_loss
     from the checkpoint's args). returns: ((timm name, keywords, classes), state dict, description)"""
     args = saved_args(ckpt)
+    if args.get('model') not in (None, name):  # another model's run: its flags may not even build this one
+        args = {}
     arch = {'img_size': args['input_size']} if args.get('input_size') else {}
     if args.get('norm_pix_loss') is not None:
         arch['norm_pix_loss'] = args['norm_pix_loss']
