@@ -434,6 +434,10 @@ def run_eval(args, model, loader, val_classes, device, precision):
     check_trained_classes(checkpoint.saved_args(ckpt).get('classes'), val_classes, path)
     state = checkpoint.ema_weights(ckpt, path) if args.model_ema else checkpoint.model_state_of(ckpt, path)
     state = checkpoint.in_model_layout(model, state, path)
+    head = classifier_prefix(model)
+    if not any(key.startswith(head) for key in state):
+        raise UsageError(f'{path} holds no classifier ({head}*): an encoder, or a pre-training checkpoint, which '
+                         f'--eval cannot measure: fine-tune it first (--finetune {path}), or give a fine-tuned one')
     advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
         f'gives them)' if trained else classifier_advice(model, state, len(val_classes)) or default_model_advice(args)
     checkpoint.load_weights(model, state, path, advice=advice)
@@ -452,11 +456,17 @@ def check_trained_classes(trained_classes, val_classes, path):
                          f'labels would not mean its outputs; evaluate it on a val/ of the classes it was trained on')
 
 
+def classifier_prefix(model):
+    """'head.': where a timm model's classifier weights are (a linear probe's too: head.1.)."""
+    name = getattr(model, 'default_cfg', {}).get('classifier', 'head')
+    return f'{name[0] if isinstance(name, (tuple, list)) else name}.'  # a distilled DeiT's: (head, head_dist)
+
+
 def classifier_advice(model, state, val_class_count):
     """What to add to a mismatch of weights whose classifier has another number of outputs than
     val/ has class folders ('' when it has as many, or none: another mismatch)."""
-    head = model.default_cfg.get('classifier', 'head') if hasattr(model, 'default_cfg') else 'head'
-    outputs = state.get(f'{head}.weight', state.get(f'{head}.1.weight'))
+    head = classifier_prefix(model)
+    outputs = state.get(f'{head}weight', state.get(f'{head}1.weight'))
     if outputs is None or outputs.shape[0] == val_class_count:
         return ''
     return (f'; its classifier has {outputs.shape[0]} outputs and val/ {val_class_count} class folders: evaluate it on '

@@ -264,6 +264,10 @@ def test_eval_on_other_classes_is_refused(small_folder, two_epochs, tmp_path):
     torch.save({'model': checkpoint.load(out / checkpoint.LAST)['model']}, release)
     with pytest.raises(checkpoint.WeightsDoNotFit, match='its classifier has 2 outputs and val/ 3 class folders'):
         run_finetune(*eval_flags, '--data_path', tmp_path / 'three', '--resume', release)
+    # an encoder alone (the official mae_pretrain_vit_base.pth is one): it listed the classifier's keys as missing
+    torch.save({'model': {k: v for k, v in torch.load(release)['model'].items() if not k.startswith('head')}}, release)
+    with pytest.raises(UsageError, match=r'holds no classifier \(head\.\*\): an encoder, or a pre-training checkpoint'):
+        run_finetune(*eval_flags, '--data_path', small_folder, '--resume', release)
 
 
 def test_two_process_evaluation_is_exact(small_folder, tmp_path, capsys):
