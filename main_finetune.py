@@ -43,9 +43,10 @@ from util.errors import UsageError, run_command
 from util.flops import FlopRate, example_batch
 from util.images import BadImages
 from util.compiling import compile_and_wrap
-from util.flags import add_run_args, add_schedule_args, apply_recipe, merge_recipes, set_learning_rate
+from util.flags import (BOUND_FORMS, SCHEDULE_DEFAULTS, add_run_args, add_schedule_args, apply_recipe, merge_recipes,
+                        set_learning_rate)
 from util.launch import print_outputs, resume_training, start_run
-from util.logger import RunLogger
+from util.logger import RunLogger, named_briefly
 from util.lr_sched import LAYER_LR_BOUNDS
 from util.optim import build_adamw, build_lars, param_groups
 from util.registry import (create_classifier, finetune_recipe_of, model_names_by_method, native_input_size,
@@ -175,6 +176,8 @@ def fill_recipe(args):
     """Set every flag left at None to the recipe of the mode: with --finetune, the fine-tuning
     recipe published with the checkpoint's pre-training (SimMIM's, MaskFeat's, MAE-HiViT's), else
     MAE's; from scratch, the model's own supervised recipe (HiViT's), else DeiT's. returns: the mode."""
+    if not trains_weights(args):
+        say_which_training_flags_are_ignored(args)
     if args.eval:
         recorded = classifier_of_checkpoint(checkpoint.resume_path(args.resume, args.output_dir))
         if args.model in (None, recorded.get('model')):  # its classifier, shaped as it was trained
@@ -205,6 +208,19 @@ def fill_recipe(args):
     if args.layer_decay == 1.0:
         args.layer_decay = None
     return mode
+
+
+def say_which_training_flags_are_ignored(args):
+    """--eval and --knn train nothing: the flags of a training recipe given to them (a fine-tuning
+    command with --eval added, say) are named in a warning, not ignored without a word."""
+    recipe_keys = set().union(*RECIPES.values(), SCHEDULE_DEFAULTS, *BOUND_FORMS, {'lr'}) - {'model', 'batch_size',
+                                                                                              'global_pool'}
+    given = [f'--{key}' for key in sorted(recipe_keys) if getattr(args, key) is not None]
+    if args.knn and args.model_ema:
+        given.append('--model_ema')
+    if given:
+        print(f'warning: {named_briefly(given, 5)} shape{"s" if len(given) == 1 else ""} training, which '
+              f'{"--eval" if args.eval else "--knn"} does not do: ignored')
 
 
 def checkpoint_recipe(ckpt, path):

@@ -140,11 +140,12 @@ def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
     apply_recipe(args, {'warmup_epochs': 40})
     assert capsys.readouterr().out == ''
     # --knn and --eval train nothing: the schedule they were given (a training command with --knn added) is
-    # neither warned about nor refused, while fine-tuning with the same flags is
+    # neither checked nor refused, only named as ignored, while fine-tuning with the same flags is checked
     import main_finetune
-    for flags in (['--epochs', '1'], ['--epochs', '1', '--warmup_epochs', '4']):
+    for flags, named in ((['--epochs', '1'], '--epochs shapes'), (['--epochs', '1', '--warmup_epochs', '4'],
+                                                                  '--epochs, --warmup_epochs shape')):
         main_finetune.fill_recipe(main_finetune.get_args_parser().parse_args(['--knn', '--data_path', 'demo', *flags]))
-        assert capsys.readouterr().out == ''
+        assert capsys.readouterr().out == f'warning: {named} training, which --knn does not do: ignored\n'
     main_finetune.fill_recipe(main_finetune.get_args_parser().parse_args(['--data_path', 'demo', '--epochs', '1']))
     assert "warning: the recipe's 5 warm-up epochs are more than --epochs 1" in capsys.readouterr().out
     with pytest.raises(UsageError, match='--warmup_epochs 4 does not fit a run of --epochs 1'):

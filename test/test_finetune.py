@@ -206,12 +206,15 @@ def two_epochs(small_folder, tmp_path_factory):
     return flags, out
 
 
-def test_eval_reproduces_the_accuracy_at_the_end_of_training(small_folder, two_epochs):
+def test_eval_reproduces_the_accuracy_at_the_end_of_training(small_folder, two_epochs, capsys):
     _, out = two_epochs
     last = read_jsonl(out / 'log.txt')[-1]
-    # in batches of 7: --eval mixes nothing, so an odd batch is no error (the recipe's mixup refused it)
+    # in batches of 7: --eval mixes nothing, so an odd batch is no error (the recipe's mixup refused it);
+    # training flags (a fine-tuning command with --eval added) are named as ignored
+    capsys.readouterr()
     stats = run_finetune(*TINY, '--data_path', small_folder, '--eval', '--resume', out / checkpoint.LAST,
-                         '--batch_size', 7, '--output_dir', '')
+                         '--batch_size', 7, '--mixup', 0.5, '--blr', 1e-3, '--output_dir', '')
+    assert 'warning: --blr, --mixup shape training, which --eval does not do: ignored' in capsys.readouterr().out
     assert stats['images'] == 17
     assert (stats['acc1'], stats['acc5']) == (last['test_acc1'], last['test_acc5'])
     assert stats['loss'] == pytest.approx(last['test_loss'], rel=1e-6)
