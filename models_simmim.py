@@ -289,20 +289,28 @@ def swin_layer_ids(model):
     return layer_id
 
 
+# The official releases by (width, blocks of the ViT or of the Swin's third stage).
+OFFICIAL_RELEASES = {('vit', 768, 12): 'simmim_vit_base_patch16_224',
+                     ('swin', 128, 18): 'simmim_swin_base_patch4_window6_192',
+                     ('swin', 192, 18): 'simmim_swin_large_patch4_window12_192'}
+
+
 @register_checkpoint_identifier
 def official_pretraining(ckpt):
-    """(model name, epochs) of an official SimMIM pre-training checkpoint: its yacs configuration
-    when it has one (read as data), else its keys (the epochs are then unknown: the default,
-    100-epoch recipe applies to Swin-B). None for any other checkpoint."""
+    """(model name, epochs) of an official SimMIM pre-training checkpoint of a released size: its
+    yacs configuration when it has one (read as data), else its keys (the epochs are then unknown:
+    the default, 100-epoch recipe applies to Swin-B). None for any other checkpoint, an official
+    one of another size included (its --model must be given)."""
     state = ckpt.get('model') if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or 'encoder.mask_token' not in state or 'decoder.0.weight' not in state:
         return None
     config = ckpt.get('config') if isinstance(ckpt.get('config'), dict) else {}
     epochs = config.get('TRAIN', {}).get('EPOCHS')
-    if any(k.startswith('encoder.blocks.') for k in state):
-        return 'simmim_vit_base_patch16_224', epochs
-    width = state['encoder.patch_embed.proj.weight'].shape[0]
-    return ('simmim_swin_large_patch4_window12_192' if width == 192 else 'simmim_swin_base_patch4_window6_192'), epochs
+    kind, blocks = ('vit', 'encoder.blocks.') if any(k.startswith('encoder.blocks.') for k in state) \
+        else ('swin', 'encoder.layers.2.blocks.')
+    depth = len({k[len(blocks):].split('.')[0] for k in state if k.startswith(blocks)})
+    name = OFFICIAL_RELEASES.get((kind, state['encoder.patch_embed.proj.weight'].shape[0], depth))
+    return (name, epochs) if name else None
 
 
 # --- recipes ---------------------------------------------------------------------------------

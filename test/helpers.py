@@ -154,3 +154,15 @@ def write_broken_files(folder):
     paths[1].write_bytes(b'')
     paths[2].write_text('not an image')
     return [str(p) for p in paths]
+
+
+def official_simmim_keys(kind, width=None):
+    """The keys an official SimMIM checkpoint is named by, at a released size (Swin-B: 128 wide, 18
+    blocks in stage 3; ViT-B: 768 wide, 12 blocks) or another `width`, as stubs: {'model': ...}."""
+    import torch
+    width = width or {'swin': 128, 'vit': 768}[kind]
+    blocks, count = {'swin': ('encoder.layers.2.blocks.', 18), 'vit': ('encoder.blocks.', 12)}[kind]
+    state = {'encoder.mask_token': torch.zeros(1, 1, width), 'decoder.0.weight': torch.zeros(1),
+             'encoder.patch_embed.proj.weight': torch.zeros(width, 3, 4, 4)}
+    state.update({f'{blocks}{i}.norm1.weight': torch.zeros(width) for i in range(count)})
+    return {'model': state}

@@ -197,6 +197,20 @@ def test_official_checkpoints_load_into_the_classifiers_they_fine_tune(tmp_path)
     assert sorted(report['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
 
 
+def test_official_checkpoints_are_named_by_their_released_sizes_only():
+    """Swin-B (128 wide, 18 blocks in stage 3), Swin-L (192, 18) and ViT-B (768, 12 blocks) are the
+    released sizes; an official-layout checkpoint of another size (any Swin not 192 wide was named
+    Swin-B, any ViT ViT-B) names no model: its --model must be given."""
+    from helpers import official_simmim_keys
+    from models_simmim import official_pretraining
+    assert official_pretraining(official_simmim_keys('swin'))[0] == 'simmim_swin_base_patch4_window6_192'
+    assert official_pretraining(official_simmim_keys('swin', 192))[0] == 'simmim_swin_large_patch4_window12_192'
+    assert official_pretraining(official_simmim_keys('vit'))[0] == 'simmim_vit_base_patch16_224'
+    assert official_pretraining(official_layout(tiny_swin())) is None
+    assert official_pretraining(official_layout(tiny_vit())) is None
+    assert official_pretraining(official_simmim_keys('swin', 96)) is None  # a Swin-T
+
+
 def test_beit_classifier_layer_ids_are_the_usual_vit_ones():
     """SimMIM's ViT ids: embeddings 0, block i is i + 1, fc_norm and the head depth + 1."""
     import timm

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_loss_fell, finetune_demo_checkpoint, read_jsonl, run_demo_pretraining, run_finetune, run_pretrain, run_script
+from helpers import (assert_loss_fell, finetune_demo_checkpoint, official_simmim_keys, read_jsonl, run_demo_pretraining,
+                     run_finetune, run_pretrain, run_script)
 from util.errors import UsageError
 
 CPU = ['--num_workers', 0, '--device', 'cpu']
@@ -52,11 +53,8 @@ def test_finetuning_recipe_comes_with_a_simmim_checkpoint(tmp_path):
     import main_finetune
     cases = [({'args': {'model': 'simmim_swin_base', 'epochs': 100}}, 'swin_base_patch4_window7_224', 0.9),
              ({'args': {'model': 'simmim_swin_base', 'epochs': 800}}, 'swin_base_patch4_window7_224', 0.8),
-             ({'model': {'encoder.mask_token': torch.zeros(1), 'decoder.0.weight': torch.zeros(1),
-                         'encoder.blocks.0.gamma_1': torch.zeros(1)}}, 'beit_base_patch16_224', 0.65),
-             ({'model': {'encoder.mask_token': torch.zeros(1), 'decoder.0.weight': torch.zeros(1),
-                         'encoder.patch_embed.proj.weight': torch.zeros(128, 3, 4, 4)}},
-              'swin_base_patch4_window7_224', 0.9)]
+             (official_simmim_keys('vit'), 'beit_base_patch16_224', 0.65),
+             (official_simmim_keys('swin'), 'swin_base_patch4_window7_224', 0.9)]
     for i, (ckpt, model, layer_decay) in enumerate(cases):
         path = tmp_path / f'{i}.pth'
         torch.save(ckpt, path)
@@ -89,9 +87,7 @@ def test_official_checkpoint_with_its_yacs_configuration(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'yacs', yacs)
     monkeypatch.setitem(sys.modules, 'yacs.config', config_module)
     config = CfgNode(TRAIN=CfgNode(EPOCHS=800), MODEL=CfgNode(TYPE='swin'))
-    state = {'encoder.mask_token': torch.zeros(1), 'decoder.0.weight': torch.zeros(1),
-             'encoder.patch_embed.proj.weight': torch.zeros(128, 3, 4, 4)}
-    torch.save({'model': state, 'config': config, 'epoch': 799}, tmp_path / 'official.pth')
+    torch.save({**official_simmim_keys('swin'), 'config': config, 'epoch': 799}, tmp_path / 'official.pth')
     monkeypatch.delitem(sys.modules, 'yacs.config')
     monkeypatch.delitem(sys.modules, 'yacs')
 
