@@ -186,6 +186,10 @@ def test_official_checkpoints_load_into_the_classifiers_they_fine_tune(tmp_path)
     assert classifier.layers[0].blocks[0].attn.relative_position_bias_table.shape == (13 * 13, 2)
     assert {'decoder.0.weight', 'mask_token'} <= set(report['dropped']) and report['missing'] == ['head.fc.bias',
                                                                                                   'head.fc.weight']
+    # resized: the tables of the stages whose window grew, not the mergings, which only moved a stage on.
+    # (2w - 1)^2 rows a table, a column a head (2, 2, 4, 8); w is the window, at most the stage's grid (16, 8,
+    # 4, 2 patches): 4, 4, 4, 2 in the checkpoint, 7, 7, 4, 2 in the classifier
+    assert report['resized'] == ['*.relative_position_bias_table (49, 2) -> (169, 2)']
 
     vit_ckpt = official_layout(tiny_vit())
     torch.save(vit_ckpt, tmp_path / 'vit.pth')
@@ -195,6 +199,11 @@ def test_official_checkpoints_load_into_the_classifiers_they_fine_tune(tmp_path)
     assert all(torch.equal(b.attn.relative_position_bias_table, shared) for b in classifier.blocks)
     assert torch.equal(classifier.blocks[1].gamma_2, vit_ckpt['model']['encoder.blocks.1.gamma_2'])
     assert sorted(report['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    assert report['resized'] == []  # the shared table became each block's, at its size
+    # at 96 px: 12 x 12 patches, (2 x 12 - 1)^2 + 3 rows, from (2 x 8 - 1)^2 + 3 (it was not reported)
+    classifier = timm.create_model('beit_tiny_patch8_64', img_size=96, embed_dim=48, depth=2, num_heads=2, num_classes=5)
+    report = load_pretrained(classifier, str(tmp_path / 'vit.pth'))
+    assert report['resized'] == ['*.relative_position_bias_table (228, 2) -> (532, 2)']
 
 
 def test_official_checkpoints_are_named_by_their_released_sizes_only():

@@ -461,11 +461,31 @@ def load_pretrained(model, path, head_init_std=2e-5, head_init_bias=0.0):
 def filter_changes(state, before, params):
     """What a layout's filter did besides converting: the parameters it started at zero (HiViT's
     relative position tables, which MAE-HiViT pre-trains without), and the keys of `before` (the
-    names going in) it left out, where it kept the other names (none are named after a filter that
-    renames, SimMIM's official layout's). returns: (sorted zeroed keys, left-out keys)"""
+    names going in, with their shapes) it left out, where it kept the other names (none are named
+    after a filter that renames, SimMIM's official layout's), and the tensors it resampled.
+    returns: (sorted zeroed keys, left-out keys, resized tensors as 'key (shape) -> (shape)')"""
     zeroed = sorted(k for k, v in state.items() if k in params and k not in before and not v.any())
     renamed = not {k for k in state if k in params} - set(zeroed) <= set(before)
-    return zeroed, [] if renamed else [k for k in before if k not in state]
+    after = {k: tuple(v.shape) for k, v in state.items()}
+    if not renamed:
+        return zeroed, [k for k in before if k not in state], \
+            [f'{k} {before[k]} -> {after[k]}' for k in after if k in before and before[k] != after[k]]
+    return zeroed, [], resized_by_kind(before, after)
+
+
+def resized_by_kind(before, after):
+    """The resampled tensors of a filter that renames (a Swin's patch mergings move a stage on, the
+    shared table of a BEiT becomes every block's): by the last part of their names, the kinds whose
+    shapes changed, as '*.kind (shapes) -> (shapes)'."""
+    def shapes_by_kind(shapes):
+        kinds = {}
+        for key, shape in shapes.items():
+            kinds.setdefault(key.rsplit('.', 1)[-1], set()).add(shape)
+        return kinds
+    old, new = shapes_by_kind(before), shapes_by_kind(after)
+    return [f'*.{kind} {", ".join(map(str, sorted(old[kind] - new[kind])))} -> '
+            f'{", ".join(map(str, sorted(new[kind] - old[kind])))}'
+            for kind in sorted(old.keys() & new.keys()) if old[kind] - new[kind] and new[kind] - old[kind]]
 
 
 def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias=0.0):
@@ -481,12 +501,10 @@ def load_pretrained_state(model, state, path, head_init_std=2e-5, head_init_bias
     state = in_model_layout(model, state, path)
     if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
         state['pos_embed'] = resize_pos_embed(state['pos_embed'], model)
-    resized = [f'{k} {shapes[k]} -> {tuple(v.shape)}' for k, v in state.items()
-               if k in shapes and shapes[k] != tuple(v.shape)]
     wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
              if k in own and v.shape != own[k].shape]
     params = {k for k, _ in model.named_parameters()}
-    zeroed, left_out = filter_changes(state, shapes, params)
+    zeroed, left_out, resized = filter_changes(state, shapes, params)
     rebuilt = rebuilt_buffers(model, state)  # computed by the model, not loaded
     state.update(rebuilt)
     dropped += sorted(k for k in left_out if k not in rebuilt)
