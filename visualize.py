@@ -129,7 +129,9 @@ def draw_panels(path, panels, title):
 def check_output(path, default):
     path = path or default
     if not path.lower().endswith('.png'):
-        raise UsageError(f'--output {path}: write a .png file (lossless: a .jpg would blur the reconstructed pixels)')
+        reason = 'has no extension' if not os.path.splitext(path)[1] else 'is not a .png file'
+        raise UsageError(f'--output {path} {reason}: pictures are written as .png, lossless (a .jpg would blur the '
+                         f'reconstructed pixels): give a name such as {os.path.splitext(path)[0]}.png')
     check_plot_path(path)  # the folder exists
     return path
 

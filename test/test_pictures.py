@@ -187,8 +187,11 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
     with pytest.raises(SystemExit) as ended:
         run_cli(visualize.main, visualize.get_args_parser().parse_args(argv))
     assert ended.value.code == 2
-    assert capsys.readouterr().err.strip() == (f'error: --output {tmp_path / "a.jpg"}: write a .png file (lossless: '
-                                               f'a .jpg would blur the reconstructed pixels)')
+    assert capsys.readouterr().err.strip() == (f'error: --output {tmp_path / "a.jpg"} is not a .png file: pictures '
+                                               f'are written as .png, lossless (a .jpg would blur the reconstructed '
+                                               f'pixels): give a name such as {tmp_path / "a"}.png')
+    with pytest.raises(UsageError, match=r'--output \S+/a has no extension: .* give a name such as \S+/a\.png$'):
+        run_main('visualize', '--checkpoint', tmp_path / 'full.pth', '--model', 'mae_vit_tiny', '--output', tmp_path / 'a')
 
 
 def test_visualize_draws_the_curves_of_runs(tmp_path):
