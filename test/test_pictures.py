@@ -171,6 +171,11 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
                                          r'leave --model out$'):
         run_main('visualize', '--model', 'mae_vit_small', '--checkpoint', tmp_path / 'recorded.pth', '--output',
                  tmp_path / 'a.png')
+    # --input_size other than the run's: the position tables do not fit (a size mismatch alone, before)
+    torch.save({'model': model.state_dict(), 'args': {'model': 'mae_vit_tiny', 'input_size': 64}}, tmp_path / 'at64.pth')
+    with pytest.raises(UsageError, match=r'pos_embed.*; its position tables are for another image size: leave '
+                                         r'--input_size out or give 64 px, the size its run trained at$'):
+        run_main('visualize', '--checkpoint', tmp_path / 'at64.pth', '--input_size', 128, '--output', tmp_path / 'a.png')
     torch.save({'model': {}, 'args': {'model': 'vit_tiny_patch8'}}, tmp_path / 'finetuned.pth')
     with pytest.raises(UsageError, match='vit_tiny_patch8, which is not a pre-training model'):
         run_main('visualize', '--checkpoint', tmp_path / 'finetuned.pth', '--output', tmp_path / 'a.png')
