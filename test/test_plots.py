@@ -80,6 +80,18 @@ def test_loss_and_lr_of_each_run_in_its_colour(tmp_path):
     assert 'run1</text>' in text and 'run2</text>' in text
 
 
+def test_finite_losses_between_nan_and_inf_are_drawn(tmp_path):
+    """A loss of 1.5, nan, inf, 1.2: no two finite values side by side, so no line; the panel was
+    empty. Each finite value is a dot in the run's colour, on the left and on the right."""
+    steps = np.array([2, 4, 6, 8])
+    run = write_run(tmp_path / 'diverged', [1.5, float('nan'), float('inf'), 1.2], [1e-3] * 4, steps=steps)
+    png = tmp_path / 'curves.png'
+    loss_box, _ = plots.draw_training_curves(str(png), [str(run)])
+    _, columns = color_pixels(png, plots.RUN_COLORS[0], loss_box)
+    left, right = loss_box[0], loss_box[2]
+    assert columns.size and columns.min() < left + (right - left) / 4 and columns.max() > right - (right - left) / 4
+
+
 def test_a_resumed_run_draws_its_later_values(tmp_path):
     """A run resumed from step 60 logs steps 62..100 again: those later values are the run's."""
     steps = np.concatenate([STEPS[:50], STEPS[30:]])

@@ -85,13 +85,17 @@ def new_figure(rows, height_ratios, figsize=FIGSIZE):
 
 def draw_curve(ax, steps, values, color, label=None, smooth_k=1, linestyle='-'):
     """A curve in exactly `color` (no antialiasing), smoothed over smooth_k points with the raw
-    values faintly behind; broken where a value is nan/inf."""
+    values faintly behind; broken where a value is nan/inf, a finite value between two such (or
+    alone) drawn as a dot: a single point is no line."""
     values = finite_or_nan(values)
     if smooth_k > 1:
         ax.plot(steps, values, color=color, alpha=FAINT, linewidth=1)
         values = smooth(values, smooth_k)
+    finite = np.isfinite(values)
+    isolated = [i for i in np.flatnonzero(finite).tolist()
+                if (i == 0 or not finite[i - 1]) and (i == len(values) - 1 or not finite[i + 1])]
     ax.plot(steps, values, color=color, linewidth=1.5, antialiased=False, label=label, linestyle=linestyle,
-            marker='o' if len(values) == 1 else None)  # a single point is no line
+            marker='o' if isolated else None, markevery=isolated or None)
 
 
 def legend_above(ax, columns=1):
