@@ -99,7 +99,7 @@ def print_outputs(args, stats, seconds, bad_images=None):
         print(f'unreadable images replaced by other samples in this process: {bad_images.replacements} '
               f'({len(bad_images.files)} files, listed in {bad_images.path})')
     if stats:
-        print(f"steady-state throughput: {stats['ips']:.1f} images/s; final loss {stats['loss']:.4f}")
+        print(f"steady-state throughput: {stats['ips']:.1f} images/s; mean loss of the last epoch {stats['loss']:.4f}")
     if getattr(args, 'align', False):
         print(alignment_summary())
     if args.output_dir:
