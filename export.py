@@ -19,13 +19,17 @@ def get_args_parser():
     parser.add_argument('--model', default=None,
                         help="the model that wrote the checkpoint (default: the checkpoint's args, or what its layout "
                              "says): a pre-training model such as mae_vit_base, or the timm classifier it fine-tunes")
+    parser.add_argument('--input_size', default=None, type=int,
+                        help="the image size the checkpoint was trained at (default: the checkpoint's args, else the "
+                             "model's own)")
     parser.add_argument('--model_ema', action='store_true',
                         help='export the EMA weights of a fine-tuning run with --model_ema instead of its weights')
     return parser
 
 
 def main(args):
-    call, description, parameters = export_checkpoint(args.checkpoint, args.output, args.model, ema=args.model_ema)
+    call, description, parameters = export_checkpoint(args.checkpoint, args.output, args.model, ema=args.model_ema,
+                                                         input_size=args.input_size)
     weights = ' (its EMA weights)' if args.model_ema else ''
     print(f'wrote {args.output}: {description}{weights} as {call.name}, {parameters / 1e6:.2f} M parameters. Load it '
           f'with:\n')

@@ -102,20 +102,11 @@ def load_pretraining_model(args):
                              f'mae_visualize_vit_large.pth, mae_pretrain_vit_large_full.pth or a checkpoint of '
                              f'main_pretrain.py')
         checkpoint.load_weights(model, state, path)
-    except checkpoint.WeightsDoNotFit as e:  # --model of another size than the run's, say
-        advice = checkpoint.written_by_advice(args.model, pretraining_of(ckpt)[0]) or input_size_advice(e, ckpt, args)
+    except checkpoint.WeightsDoNotFit as e:  # --model of another size than the run's, or --input_size
+        advice = (checkpoint.written_by_advice(args.model, pretraining_of(ckpt)[0])
+                  or checkpoint.input_size_advice(model, checkpoint.model_state_of(ckpt, path)))
         raise checkpoint.WeightsDoNotFit(f'{e}{advice}') from None
     return name, model, settings
-
-
-def input_size_advice(mismatch, ckpt, args):
-    """What to add to a mismatch of position tables where --input_size was given: the pictures are
-    drawn at the size the model was trained at."""
-    if args.input_size is None or 'pos_embed' not in str(mismatch):
-        return ''
-    trained_at = checkpoint.saved_args(ckpt).get('input_size')
-    size = f'{trained_at} px, the size its run trained at' if trained_at else 'the size it was trained at'
-    return f'; its position tables are for another image size: leave --input_size out or give {size}'
 
 
 def draw_panels(path, panels, title):

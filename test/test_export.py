@@ -185,6 +185,45 @@ def test_a_convolutional_classifier_trained_at_another_size_exports(tmp_path, ca
 
 
 @torch.no_grad()
+@pytest.mark.parametrize('name', ['mae_vit_tiny', 'mae_hivit_tiny'])
+def test_a_checkpoint_that_records_no_image_size_exports_with_input_size(tmp_path, capsys, name):
+    """Weights alone (an official release, a converted checkpoint) of a run at 96 px: the mismatch of
+    the position tables names the size, and --input_size 96 exports an encoder that computes what the
+    pre-training model's computes at 96 px."""
+    torch.manual_seed(0)
+    mae = create_pretrain_model(name, img_size=96).eval()
+    path = tmp_path / 'weights.pth'
+    torch.save({'model': mae.state_dict()}, path)
+    # 96 px = 12 x 12 patches of 8 px: 144 rows (+ a class token for the ViT)
+    with pytest.raises(UsageError, match=r'pos_embed.*; its position table is for 96 px images: give --input_size '
+                                         r'96$'):
+        run_main('export', '--checkpoint', path, '--output', tmp_path / 'no.safetensors', '--model', name)
+    model, code = export(capsys, path, tmp_path / 'encoder.safetensors', '--model', name, '--input_size', '96')
+    assert 'img_size=96' in code
+    imgs = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    if name == 'mae_hivit_tiny':
+        expected = mae.forward_features(imgs)
+    else:
+        in_order = torch.linspace(0, 0.9, mae.num_patches).expand(2, -1)  # no masking, the patches in order
+        expected = mae.forward_encoder(imgs, mask_ratio=0, noise=in_order)[0]
+    torch.testing.assert_close(model.forward_features(imgs), expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_classifier_that_records_no_image_size_exports_with_input_size(tmp_path, capsys):
+    torch.manual_seed(0)
+    classifier = create_classifier('vit_tiny_patch8', num_classes=10, img_size=96).eval()
+    path = tmp_path / 'classifier.pth'
+    torch.save({'model': classifier.state_dict()}, path)
+    with pytest.raises(UsageError, match=r'; its position table is for 96 px images: give --input_size 96$'):
+        run_main('export', '--checkpoint', path, '--output', tmp_path / 'no.safetensors', '--model', 'vit_tiny_patch8')
+    model, code = export(capsys, path, tmp_path / 'classifier.safetensors', '--model', 'vit_tiny_patch8',
+                         '--input_size', '96')
+    imgs = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(imgs), classifier(imgs), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_linear_probe_head_is_folded(tmp_path, capsys):
     """A linear probe's BatchNorm + linear head becomes one linear layer with the same logits."""
     from main_finetune import add_probe_head

@@ -173,9 +173,14 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
                  tmp_path / 'a.png')
     # --input_size other than the run's: the position tables do not fit (a size mismatch alone, before)
     torch.save({'model': model.state_dict(), 'args': {'model': 'mae_vit_tiny', 'input_size': 64}}, tmp_path / 'at64.pth')
-    with pytest.raises(UsageError, match=r'pos_embed.*; its position tables are for another image size: leave '
-                                         r'--input_size out or give 64 px, the size its run trained at$'):
+    with pytest.raises(UsageError, match=r'pos_embed.*; its position table is for 64 px images: give --input_size '
+                                         r'64$'):
         run_main('visualize', '--checkpoint', tmp_path / 'at64.pth', '--input_size', 128, '--output', tmp_path / 'a.png')
+    # weights alone of a run at 96 px (8 px patches: 1 + 144 rows), shown at the model's own 64 px: the size to give
+    torch.save({'model': create_pretrain_model('mae_vit_tiny', img_size=96).state_dict()}, tmp_path / 'at96.pth')
+    with pytest.raises(UsageError, match=r'; its position table is for 96 px images: give --input_size 96$'):
+        run_main('visualize', '--model', 'mae_vit_tiny', '--checkpoint', tmp_path / 'at96.pth', '--output',
+                 tmp_path / 'a.png')
     torch.save({'model': {}, 'args': {'model': 'vit_tiny_patch8'}}, tmp_path / 'finetuned.pth')
     with pytest.raises(UsageError, match='vit_tiny_patch8, which is not a pre-training model'):
         run_main('visualize', '--checkpoint', tmp_path / 'finetuned.pth', '--output', tmp_path / 'a.png')

@@ -17,6 +17,7 @@ import torch
 from util import dist, mmpretrain
 from util.errors import UsageError, first_line
 from util.logger import named_briefly
+from util.pos_embed import table_image_size
 
 LAST = 'checkpoint-last.pth'
 BEST = 'checkpoint-best.pth'  # fine-tuning: the weights of the epoch with the best top-1
@@ -69,6 +70,13 @@ def written_by_advice(given_model, recorded_model):
     if given_model and recorded_model and given_model != recorded_model:
         return f'; it was written by --model {recorded_model}: leave --model out'
     return ''
+
+
+def input_size_advice(model, state):
+    """What to add to WeightsDoNotFit where the position table of `state` is for another image size
+    than `model`'s: the size to give."""
+    trained_at = table_image_size(model, state)
+    return f'; its position table is for {trained_at} px images: give --input_size {trained_at}' if trained_at else ''
 
 
 def load(path, mmap=False):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, WeightsDoNotFit, ema_weights, in_model_layout, load,
-                             load_weights, model_state_of, saved_args, written_by_advice)
+from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, WeightsDoNotFit, ema_weights, in_model_layout,
+                             input_size_advice, load, load_weights, model_state_of, saved_args, written_by_advice)
 from util.errors import UsageError, first_line
 from util.output_dir import current_umask
 from util.registry import (MODEL_FILES, _unknown, create_classifier_and_keywords, create_pretrain_model,
@@ -85,18 +85,23 @@ def overlay_for(name, file, num_classes):
     return overlay
 
 
-def pretrained_encoder(ckpt, path, name):
-    """The encoder of a pre-training checkpoint of model `name` (its image size and norm_pix_loss
-    from the checkpoint's args). returns: ((timm name, keywords, classes), state dict, description)"""
+def pretrained_encoder(ckpt, path, name, input_size=None):
+    """The encoder of a pre-training checkpoint of model `name` (its image size `input_size`, else
+    the checkpoint's args'; its norm_pix_loss the args'). returns: ((timm name, keywords, classes),
+    state dict, description)"""
     args = saved_args(ckpt)
     if args.get('model') not in (None, name):  # another model's run: its flags may not even build this one
         args = {}
-    arch = {'img_size': args['input_size']} if args.get('input_size') else {}
+    input_size = input_size or args.get('input_size')
+    arch = {'img_size': input_size} if input_size else {}
     if args.get('norm_pix_loss') is not None:
         arch['norm_pix_loss'] = args['norm_pix_loss']
     model = create_pretrain_model(name, **arch)
     state = in_model_layout(model, dict(model_state_of(ckpt, path)), path)  # official layouts (SimMIM, HiViT)
-    load_weights(model, state, path, optional=PRETRAIN_ONLY_PREFIXES)  # an encoder-only release has no decoder
+    try:
+        load_weights(model, state, path, optional=PRETRAIN_ONLY_PREFIXES)  # an encoder-only release has no decoder
+    except WeightsDoNotFit as e:  # a run at another image size that did not record it, say
+        raise WeightsDoNotFit(f'{e}{input_size_advice(model, state)}') from None
     timm_name, kwargs, weights = timm_encoder_of(model)
     return (timm_name, kwargs, 0), weights, f'the encoder of {name}'
 
@@ -124,9 +129,10 @@ def fold_probe_head(state, head):
     return state
 
 
-def finetuned_classifier(ckpt, path, name):
+def finetuned_classifier(ckpt, path, name, input_size=None):
     """The classifier of a fine-tuning checkpoint, as timm model `name` with the checkpoint's
-    classes, image size and pooling. returns: ((timm name, keywords, classes), state dict, description)"""
+    classes and pooling, and its image size (`input_size`, else the checkpoint's args').
+    returns: ((timm name, keywords, classes), state dict, description)"""
     import timm
     args = saved_args(ckpt)
     cfg = timm.get_pretrained_cfg(name)
@@ -136,14 +142,19 @@ def finetuned_classifier(ckpt, path, name):
         raise UsageError(f'{path!r} holds no classifier {head!r} of {name}: pass the --model that wrote it '
                          f'(a pre-training model or the timm classifier it fine-tunes)')
     kwargs = {}
-    if args.get('input_size') and args['input_size'] != native_input_size(name):
-        kwargs['img_size'] = args['input_size']
+    input_size = input_size or args.get('input_size')
+    if input_size and input_size != native_input_size(name):
+        kwargs['img_size'] = input_size
     if args.get('global_pool') is False:  # main_finetune's --cls_token / --linprobe
         kwargs['global_pool'] = 'token'
     num_classes = state[f'{head}.weight'].shape[0]
     model, kwargs = create_classifier_and_keywords(name, num_classes=num_classes, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != 'num_classes'}  # the call's own argument
-    load_weights(model, in_model_layout(model, state, path), path)
+    state = in_model_layout(model, state, path)
+    try:
+        load_weights(model, state, path)
+    except WeightsDoNotFit as e:
+        raise WeightsDoNotFit(f'{e}{input_size_advice(model, state)}') from None
     return (name, kwargs, num_classes), model.state_dict(), f'the {num_classes}-class classifier'
 
 
@@ -171,11 +182,12 @@ def save_safetensors(state, path, check):
             os.remove(tmp)
 
 
-def export_checkpoint(path, output, model=None, ema=False):
+def export_checkpoint(path, output, model=None, ema=False, input_size=None):
     """Export checkpoint `path` to the safetensors file `output`: the encoder of a pre-training
     checkpoint (`model`, else the model its args or its layout name), or the classifier of a
-    fine-tuning one (`model`, else its args' model; its EMA weights with `ema`). The file is checked
-    by loading it with the call before it is renamed into place.
+    fine-tuning one (`model`, else its args' model; its EMA weights with `ema`), for images of
+    `input_size` px (else its args' size, else the model's). The file is checked by loading it
+    with the call before it is renamed into place.
     returns: (TimmCall, description, number of parameters)"""
     import timm
     import_model_files()
@@ -197,7 +209,7 @@ def export_checkpoint(path, output, model=None, ema=False):
         raise _unknown('model', name, pretrain_model_names() + timm.list_models())
     export = pretrained_encoder if pretraining else finetuned_classifier
     try:
-        (timm_name, kwargs, num_classes), state, description = export(ckpt, path, name)
+        (timm_name, kwargs, num_classes), state, description = export(ckpt, path, name, input_size)
     except WeightsDoNotFit as e:  # --model of another size than the run's, say
         raise WeightsDoNotFit(f'{e}{written_by_advice(model, recorded)}') from None
     call = TimmCall(timm_name, kwargs, overlay_for(timm_name, output, num_classes))

@@ -5,6 +5,8 @@ agree: the first half of the channels encodes the column (x) of a patch, the sec
 row (y); each half is [sin(pos * w_k), cos(pos * w_k)] with w_k = 1 / 10000^(k / (D / 4)).
 Values are computed in float64 and stored as float32.
 """
+import math
+
 import torch
 
 
@@ -35,3 +37,22 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
+
+
+def table_image_size(model, state):
+    """The image size that the absolute position table of `state` (a key ending in pos_embed, with
+    a square grid of rows after 0 or 1 class token) is for, where its rows differ from those of
+    `model`'s and its width does not; None where no such table differs so."""
+    built_at = next((m.img_size for name, m in model.named_modules()
+                     if name.endswith('patch_embed') and getattr(m, 'img_size', None)), None)
+    side = built_at[-1] if isinstance(built_at, (tuple, list)) else built_at  # timm's PatchEmbed keeps (H, W)
+    for key, table in model.state_dict().items():
+        theirs = state.get(key)
+        if side is None or not key.endswith('pos_embed') or theirs is None or theirs.dim() != 3 \
+                or theirs.shape[1] == table.shape[1] or theirs.shape[2] != table.shape[2]:  # or another model's width
+            continue
+        for class_tokens in (0, 1):
+            ours, trained = math.isqrt(table.shape[1] - class_tokens), math.isqrt(theirs.shape[1] - class_tokens)
+            if ours and ours ** 2 == table.shape[1] - class_tokens and trained ** 2 == theirs.shape[1] - class_tokens:
+                return side // ours * trained
+    return None
