@@ -455,7 +455,8 @@ def run_eval(args, model, loader, val_classes, device, precision):
         raise UsageError(f'{path} holds no classifier ({head}*): an encoder, or a pre-training checkpoint, which '
                          f'--eval cannot measure: fine-tune it first (--finetune {path}), or give a fine-tuned one')
     advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
-        f'gives them)' if trained else classifier_advice(model, state, len(val_classes)) or default_model_advice(args)
+        f'gives them)' if trained else (classifier_advice(model, state, len(val_classes))
+                                        or checkpoint.input_size_advice(model, state) or default_model_advice(args))
     checkpoint.load_weights(model, state, path, advice=advice)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
     print(f"accuracy of {path}{' (its EMA weights)' if args.model_ema else ''} on the {stats['images']} validation "

@@ -12,6 +12,7 @@ import torch
 from helpers import read_jsonl, run_finetune, run_script
 from util import checkpoint
 from util.errors import UsageError
+from util.registry import create_classifier
 
 TINY = ['--model', 'vit_tiny_patch8', '--input_size', 64, '--num_workers', 0, '--device', 'cpu']
 # the README's demo fine-tuning: a short schedule wants a higher lr and no heavy regularisation
@@ -271,6 +272,17 @@ def test_eval_on_other_classes_is_refused(small_folder, two_epochs, tmp_path):
     torch.save({'model': {k: v for k, v in torch.load(release)['model'].items() if not k.startswith('head')}}, release)
     with pytest.raises(UsageError, match=r'holds no classifier \(head\.\*\): an encoder, or a pre-training checkpoint'):
         run_finetune(*eval_flags, '--data_path', small_folder, '--resume', release)
+
+
+def test_eval_of_weights_at_another_image_size_names_the_size(small_folder, tmp_path):
+    """A release of a classifier trained at 96 px (8 px patches: 1 + 144 position rows) evaluated at
+    the model's own 64 px: the mismatch says which --input_size to give."""
+    release = tmp_path / 'release.pth'
+    classes = len(os.listdir(os.path.join(small_folder, 'val')))
+    torch.save({'model': create_classifier('vit_tiny_patch8', num_classes=classes, img_size=96).state_dict()}, release)
+    with pytest.raises(checkpoint.WeightsDoNotFit, match=r'pos_embed.*; its position table is for 96 px images: give '
+                                                         r'--input_size 96$'):
+        run_finetune(*TINY, '--eval', '--output_dir', '', '--data_path', small_folder, '--resume', release)
 
 
 def test_two_process_evaluation_is_exact(small_folder, tmp_path, capsys):
