@@ -543,6 +543,21 @@ def test_slurm_multi_task_without_master_addr(world_env):
     assert message.startswith('SLURM says 2 tasks:') and message.endswith('torchrun --standalone --nproc_per_node 1')
 
 
+@pytest.mark.parametrize('variables, names', [
+    ({'RANK': '1', 'WORLD_SIZE': '1'}, 'RANK and WORLD_SIZE'),
+    ({'RANK': '0', 'WORLD_SIZE': '0'}, 'RANK and WORLD_SIZE'),
+    ({'SLURM_PROCID': '1', 'SLURM_NTASKS': '1'}, 'SLURM_PROCID and SLURM_NTASKS'),
+])
+def test_a_rank_outside_its_world_is_refused(world_env, variables, names):
+    """A rank at or above the world size ended in a traceback deep in the sampler, and --knn or
+    --eval printed nothing (printing is rank 0's) and left out an image from their accuracy."""
+    for name, value in variables.items():
+        world_env.setenv(name, value)
+    with pytest.raises(UsageError, match=rf'^this process is rank \d of a world of \d process(es)? \(from {names}\): '
+                                         r'ranks go from 0 to the world size less 1; start the'):
+        read_world_from_env()
+
+
 def test_torchrun_variables_win_over_slurm(world_env):
     world_env.setenv('RANK', '3')
     world_env.setenv('WORLD_SIZE', '4')

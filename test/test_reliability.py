@@ -213,6 +213,31 @@ def test_a_stop_signal_while_the_process_exits_keeps_its_exit_code_without_a_tra
     assert process.returncode == 2 and stderr == ''
 
 
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_the_wait_for_processes_that_never_come(tmp_path, signum):
+    """Rank 1 of 2 started by hand, with no rank 0 anywhere: it says what it waits for, and a stop
+    signal ends the wait at once (torch's store retried the connect the signal interrupted for 30
+    minutes, while the handler that would have stopped it waited for the wait to end)."""
+    import socket
+    with socket.socket() as s:  # a port no process listens on
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, 'RANK': '1', 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}
+    flags = [*RESUMABLE, '--data_path', 'demo', '--output_dir', tmp_path / 'out']
+    process = subprocess.Popen([sys.executable, 'main_pretrain.py', *map(str, flags)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stdout.readline() == f'rank 1 of 2: waiting for the other processes at 127.0.0.1:{port} (up ' \
+            f'to 30 minutes; Ctrl-C stops)\n'
+        time.sleep(1)  # into the wait
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()  # a process still waiting
+    assert process.returncode == -signum, stderr[-2000:]
+    assert not (tmp_path / 'out').exists()  # nothing written before the processes meet
+
+
 def test_a_damaged_last_checkpoint_names_the_newest_epoch_checkpoint(small_folder, tmp_path):
     for epoch in (3, 7):
         torch.save({'epoch': epoch}, tmp_path / f'checkpoint-{epoch}.pth')

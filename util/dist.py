@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from util import signals
 from util.errors import UsageError
+from util.logger import counted
 
 
 @dataclass
@@ -33,7 +35,8 @@ def read_world_from_env():
     SLURM's are copied to torchrun's names so that everything downstream (the device shim's
     LOCAL_RANK, init_method='env://') reads one set of variables.
     """
-    if 'RANK' not in os.environ and 'SLURM_PROCID' in os.environ:
+    from_slurm = 'RANK' not in os.environ and 'SLURM_PROCID' in os.environ
+    if from_slurm:
         os.environ['RANK'] = os.environ['SLURM_PROCID']
         os.environ['WORLD_SIZE'] = os.environ.get('SLURM_NTASKS', os.environ.get('SLURM_NPROCS', '1'))
         os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
@@ -49,6 +52,13 @@ def read_world_from_env():
             raise UsageError(f'the environment variable {name} must be a whole number 0 or more, got {value!r} '
                              f'(torchrun sets it; unset it to run one process)')
         numbers[name] = int(value)
+    if numbers['WORLD_SIZE'] < 1 or numbers['RANK'] >= numbers['WORLD_SIZE']:
+        names, advice = (('SLURM_PROCID and SLURM_NTASKS', 'start the tasks with srun, which numbers them')
+                         if from_slurm else ('RANK and WORLD_SIZE', 'start the processes with torchrun, which numbers '
+                                             'them, or unset both to run one process'))
+        raise UsageError(f'this process is rank {numbers["RANK"]} of a world of '
+                         f'{counted(numbers["WORLD_SIZE"], "process", "processes")} (from {names}): ranks go from 0 '
+                         f'to the world size less 1; {advice}')
     return World(rank=numbers['RANK'], world_size=numbers['WORLD_SIZE'], local_rank=numbers['LOCAL_RANK'])
 
 
@@ -58,10 +68,15 @@ def init_process_group(world, device, timeout_minutes=30):
         raise UsageError(f'WORLD_SIZE is {world.world_size} but MASTER_ADDR and MASTER_PORT are not both set: start '
                          f'the processes with torchrun (which sets them), or set them for the processes to meet')
     if world.distributed:
-        dist.init_process_group(backend=device.dist_backend, init_method='env://',
-                                world_size=world.world_size, rank=world.rank,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-        dist.barrier()
+        if 'TORCHELASTIC_RUN_ID' not in os.environ:  # started by hand or by srun: the others may never come
+            print(f'rank {world.rank} of {world.world_size}: waiting for the other processes at '
+                  f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]} (up to {timeout_minutes} minutes; Ctrl-C '
+                  f'stops)', flush=True)
+        with signals.ending_at_once():
+            dist.init_process_group(backend=device.dist_backend, init_method='env://',
+                                    world_size=world.world_size, rank=world.rank,
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+            dist.barrier()
     print_only_on_main_process(world.rank == 0)
 
 

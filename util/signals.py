@@ -60,6 +60,22 @@ def catch_signals():
         signal.signal(signum, _handle)
 
 
+@contextlib.contextmanager
+def ending_at_once():
+    """While the processes meet (init_process_group), the stop signals end this process at once,
+    as if none were caught: the wait is native code that retries what a signal interrupts and never
+    returns to Python, where a handler would run (a rank whose others never come could only be
+    killed). Nothing is written before then."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def join_agreement_group():
     """Make the CPU group in which the ranks agree to stop (call once, after joining the process
     group: every rank makes it here, together)."""
