@@ -68,8 +68,8 @@ class MaskPatches:
         if not 0 <= mask_ratio <= 1:
             raise UsageError(f'--mask_ratio must be in [0, 1], got {mask_ratio}')
         if mask_patch_size <= 0 or mask_patch_size % model_patch_size:
-            raise UsageError(f'--mask_patch_size {mask_patch_size} must be a multiple of the model\'s patch size '
-                             f'{model_patch_size}')
+            raise UsageError(f'--mask_patch_size {mask_patch_size} must be a positive multiple of the model\'s patch '
+                             f'size {model_patch_size}')
         if input_size % mask_patch_size:
             raise UsageError(f'a mask of {mask_patch_size}-pixel units does not fit a {input_size}-pixel image: '
                              f'choose a --mask_patch_size that divides --input_size')
@@ -77,6 +77,12 @@ class MaskPatches:
         self.scale = mask_patch_size // model_patch_size
         self.num_units = self.units_per_side ** 2
         self.num_masked = math.ceil(self.num_units * mask_ratio)
+        if self.num_masked == self.num_units and mask_ratio < 1:  # a ratio of 1 is refused by its flag's check
+            advice = f'--mask_ratio {round_down(1 - 1 / self.num_units, 4)} or less' if self.num_units > 1 else \
+                f'a --mask_patch_size below {mask_patch_size} (the image is one mask unit)'
+            raise UsageError(f'--mask_ratio {mask_ratio} masks all {self.num_units} mask units of '
+                             f'{mask_patch_size} px (SimMIM masks ceil(ratio x units)), leaving nothing visible: '
+                             f'give {advice}')
         self.forward_kwargs = {}
 
     def __call__(self, generator=None):
