@@ -210,12 +210,21 @@ def fill_recipe(args):
     return mode
 
 
+# Flags outside the recipes that only training reads (its steps, checkpoints and augmentation).
+TRAINING_ONLY_FLAGS = ('accum_iter', 'grad_ckpt', 'max_steps', 'start_epoch', 'save_freq', 'save_every_steps',
+                       'sync_checkpoints', 'log_freq', 'peak_tflops', 'model_ema_decay', 'crop_min', 'color_jitter',
+                       'remode', 'recount', 'resplit', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob',
+                       'mixup_mode')
+
+
 def say_which_training_flags_are_ignored(args):
     """--eval and --knn train nothing: the flags of a training recipe given to them (a fine-tuning
     command with --eval added, say) are named in a warning, not ignored without a word."""
     recipe_keys = set().union(*RECIPES.values(), SCHEDULE_DEFAULTS, *BOUND_FORMS, {'lr'}) - {'model', 'batch_size',
                                                                                               'global_pool'}
     given = [f'--{key}' for key in sorted(recipe_keys) if getattr(args, key) is not None]
+    defaults = get_args_parser()
+    given += [f'--{key}' for key in TRAINING_ONLY_FLAGS if getattr(args, key) != defaults.get_default(key)]
     if args.knn and args.model_ema:
         given.append('--model_ema')
     if given:
@@ -306,6 +315,10 @@ def check_args(args):
     if args.knn and (args.eval or args.linprobe):
         raise UsageError('--knn evaluates the frozen features of --finetune\'s encoder by itself: leave out '
                          f'{"--eval" if args.eval else "--linprobe"}')
+    if args.linprobe and args.grad_ckpt:  # and its warning about BatchNorm, of the probe's head, was false
+        print('note: --grad_ckpt saves nothing with --linprobe, whose frozen encoder keeps no activations for a '
+              'backward pass: left off')
+        args.grad_ckpt = False
     if args.recount < 1:  # timm reads 0 as 1, and fails on fewer in a data-loader worker
         raise UsageError(f'--recount (the boxes random erasing draws in an image) must be at least 1, got '
                          f'{args.recount}: --reprob 0 turns random erasing off')

@@ -146,6 +146,25 @@ def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
                                                                   '--epochs, --warmup_epochs shape')):
         main_finetune.fill_recipe(main_finetune.get_args_parser().parse_args(['--knn', '--data_path', 'demo', *flags]))
         assert capsys.readouterr().out == f'warning: {named} training, which --knn does not do: ignored\n'
+    # flags of the loop and of the training augmentation, outside the recipes, are named too (they were not)
+    main_finetune.fill_recipe(main_finetune.get_args_parser().parse_args(
+        ['--eval', '--data_path', 'demo', '--grad_ckpt', '--accum_iter', '4', '--max_steps', '2', '--crop_min', '0.08',
+         '--mixup_mode', 'elem']))
+    assert capsys.readouterr().out == 'warning: --accum_iter, --grad_ckpt, --max_steps, --mixup_mode shape training, ' \
+        'which --eval does not do: ignored\n'  # --crop_min at its default: nothing to say
+
+
+def test_grad_ckpt_with_a_linear_probe_is_left_off_with_a_note(capsys):
+    """The probe's encoder is frozen: nothing to recompute, and the warning that BatchNorm would
+    update twice (the probe head's, outside the blocks) was false."""
+    import main_finetune
+    args = main_finetune.get_args_parser().parse_args(['--linprobe', '--data_path', 'demo', '--grad_ckpt'])
+    main_finetune.fill_recipe(args)
+    capsys.readouterr()
+    main_finetune.check_args(args)
+    assert not args.grad_ckpt
+    assert capsys.readouterr().out == 'note: --grad_ckpt saves nothing with --linprobe, whose frozen encoder keeps ' \
+        'no activations for a backward pass: left off\n'
     main_finetune.fill_recipe(main_finetune.get_args_parser().parse_args(['--data_path', 'demo', '--epochs', '1']))
     assert "warning: the recipe's 5 warm-up epochs are more than --epochs 1" in capsys.readouterr().out
     with pytest.raises(UsageError, match='--warmup_epochs 4 does not fit a run of --epochs 1'):
