@@ -123,6 +123,10 @@ def test_block_mask_count_scales_and_refuses_too_many():
                                          r'\(13 x 13.*: give --mask_count from 1 to 169, or a --mask_ratio from 0.006 to '
                                          r'0.862$'):  # 1 / 196 = 0.0051 up, 169 / 196 = 0.8622 down
         BlockMask(14, 170, 15)
+    # one patch (an 8 px image of 8 px patches): no block fits (it said 'give --mask_count from 1 to 0')
+    with pytest.raises(UsageError, match=r'an image of 1 x 1 patches is too small for block masking, whose blocks stay '
+                                         r'off the last row and column: give a larger --input_size$'):
+        BlockMask(1, 1)
     with pytest.raises(UsageError, match='give --mask_min_patches 1 or more, got -5$'):  # was sqrt's ValueError
         BlockMask(14, 78, -5)
     with pytest.raises(UsageError, match=r'\(--mask_min_aspect\) must be positive, got -1.0$'):

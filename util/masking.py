@@ -104,6 +104,9 @@ class BlockMask:
     def __init__(self, grid, num_masking_patches, min_num_patches=4, max_num_patches=None, min_aspect=0.3,
                  max_aspect=None):
         coverable = (grid - 1) ** 2  # the blocks stay off the last row and column
+        if not coverable:
+            raise UsageError(f'an image of {grid} x {grid} patches is too small for block masking, whose blocks stay '
+                             f'off the last row and column: give a larger --input_size')
         if not 0 < num_masking_patches <= coverable:
             raise UsageError(f'cannot mask {num_masking_patches} of {grid * grid} patches with blocks, which cover at '
                              f'most {coverable} ({grid - 1} x {grid - 1}: as in BEiT\'s code, no block touches the '
