@@ -432,9 +432,10 @@ def images_per_second_loader(dataset, collate_fn, train_args, args, device=None)
     ready_early = 1 + args.num_workers * 2  # the first batch, and each worker's prefetch_factor (2) more
     full_batches = len(dataset) // train_args.batch_size
     if full_batches < ready_early + 2:  # checked before build_loader, whose advice (--accum_iter) is training's
-        raise UsageError(f'the data set makes {full_batches} batches of {train_args.batch_size}, too few to time '
-                         f'after the {ready_early} the workers have ready at the start: lower --batch_size or '
-                         f'--num_workers')
+        early = (f'after the {ready_early} the workers have ready at the start' if args.num_workers else
+                 f'after the first')
+        raise UsageError(f'the data set makes {counted(full_batches, "batch", "batches")} of {train_args.batch_size}, '
+                         f'too few to time {early}: lower --batch_size{" or --num_workers" if args.num_workers else ""}')
     loader = build_loader(dataset, SimpleNamespace(world_size=1, rank=0), train_args,
                           pin_memory=device is not None and device.type != 'cpu', collate_fn=collate_fn)
     loader.sampler.set_epoch(0)

@@ -46,7 +46,7 @@ from util.compiling import compile_and_wrap
 from util.flags import (BOUND_FORMS, SCHEDULE_DEFAULTS, add_run_args, add_schedule_args, apply_recipe, merge_recipes,
                         set_learning_rate)
 from util.launch import print_outputs, resume_training, start_run
-from util.logger import RunLogger, named_briefly
+from util.logger import RunLogger, counted, named_briefly
 from util.lr_sched import LAYER_LR_BOUNDS
 from util.optim import build_adamw, build_lars, param_groups
 from util.registry import (create_classifier, finetune_recipe_of, model_names_by_method, native_input_size,
@@ -553,8 +553,8 @@ def main(args):
     dataset = SeededSamples(train_folder, args.seed, batch_seeds=mixup is not None,
                             bad_images=BadImages.of_run(args.output_dir, world.rank))
     loader = build_loader(dataset, world, args, pin_memory, collate_fn=MixupCollate(mixup) if mixup else None)
-    print(f'{len(dataset)} training images, {len(val_folder)} validation images, '
-          f'{len(loader)} batches of {args.batch_size} per process')
+    print(f'{counted(len(dataset), "training image")}, {counted(len(val_folder), "validation image")}, '
+          f'{counted(len(loader), "batch", "batches")} of {args.batch_size} per process')
 
     args.classes = train_folder.classes  # in its checkpoints: --eval checks that val/ holds them
     set_learning_rate(args)

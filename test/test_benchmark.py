@@ -163,6 +163,12 @@ def test_benchmark_loader_mode_times_the_entry_points_pipelines(demo_root, capsy
         benchmark.main(benchmark.get_args_parser().parse_args(
             ['--data_path', 'synthetic:64', '--model', 'mae_vit_tiny', '--num_workers', '1', '--images', '4',
              '--batch_size', '32']))
+    # without workers: nothing is ready early but the first batch, and there are no workers to have fewer of
+    with pytest.raises(UsageError, match=r'^the data set makes 2 batches of 32, too few to time after the first: '
+                                         r'lower --batch_size$'):
+        benchmark.main(benchmark.get_args_parser().parse_args(
+            ['--data_path', 'synthetic:64', '--model', 'mae_vit_tiny', '--num_workers', '0', '--images', '4',
+             '--batch_size', '32']))
     with pytest.raises(UsageError, match=r"^--model vit_tiny_patch8 is a classifier: time main_finetune's pipeline "
                                          r"with --finetune_pipeline$"):
         benchmark.main(benchmark.get_args_parser().parse_args(['--data_path', 'synthetic:64', '--model', 'vit_tiny_patch8']))
