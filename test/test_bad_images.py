@@ -90,6 +90,19 @@ def test_without_an_output_folder_the_record_is_a_temporary_folder_made_by_the_f
     assert record.poll() == 1 and record.files == {'/data/a.jpg': 'truncated'}
 
 
+def test_names_that_are_not_utf8_or_hold_line_breaks_are_recorded_once_each(tmp_path, capsys):
+    """A file name of bytes that are not UTF-8 (os.listdir gives them as surrogates) broke the
+    record's write with a UnicodeEncodeError traceback; one with a line break counted as two
+    replacements of two files that do not exist."""
+    record = BadImages(str(tmp_path), rank=0)
+    record.record(UnreadableImage(os.fsdecode(b'/data/bad\xff.jpg'), 'cannot identify image file'))
+    record.record(UnreadableImage('/data/new\nline\tand tab.jpg', 'truncated'))
+    assert record.poll() == 2
+    assert record.files == {'/data/bad\\udcff.jpg': 'cannot identify image file',
+                            '/data/new\\nline\\tand tab.jpg': 'truncated'}
+    assert capsys.readouterr().out.count('warning: unreadable image replaced') == 2
+
+
 def test_training_replaces_reports_and_counts_bad_images(broken_folder, tmp_path, capsys):
     root, broken = broken_folder
     run_pretrain('--model', 'mae_vit_tiny', '--data_path', root, '--batch_size', 16, '--epochs', 2, '--log_freq', 1,

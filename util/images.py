@@ -187,6 +187,13 @@ def decode_jpegs_where_possible(jpegs, device):
                          f'or repair or remove the file)') from None
 
 
+def one_field(text):
+    """`text` as one field of a line of UTF-8 text: bytes of a file name that are not UTF-8 (Python's
+    surrogates) as \\udcXX, a tab or a line break in it as \\t, \\n, \\r (they would split the line)."""
+    text = text.encode('utf-8', 'backslashreplace').decode('utf-8')
+    return text.replace('\t', '\\t').replace('\n', '\\n').replace('\r', '\\r')
+
+
 class BadImages:
     """The images a process's data-loader workers could not read: one line per replacement
     ('path<TAB>reason') appended to <directory>/bad_images.rank<R>.txt by the workers (appends of
@@ -212,7 +219,7 @@ class BadImages:
     def record(self, error):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, 'a') as f:
-            f.write(f'{error.path}\t{error.reason}\n')
+            f.write(f'{one_field(error.path)}\t{one_field(error.reason)}\n')
 
     def poll(self):
         """Read what the workers recorded since the last poll; print each new file once.
