@@ -224,6 +224,30 @@ def test_eval_reproduces_the_accuracy_at_the_end_of_training(small_folder, two_e
     assert best['acc1'] == max(r['test_acc1'] for r in read_jsonl(out / 'log.txt'))
 
 
+def test_an_evaluation_that_fails_keeps_the_epoch_it_follows(small_folder, two_epochs, tmp_path, capsys):
+    """An unreadable validation image stopped the run after its first epoch's training, and the
+    epoch was lost (the checkpoint is written after the evaluation). It is kept now: mended, the same
+    command evaluates it without training it again and goes on, logging what the run without the
+    broken file logged."""
+    flags, uninterrupted = two_epochs
+    data = tmp_path / 'data'
+    shutil.copytree(small_folder, data)
+    broken = data / 'val' / sorted(os.listdir(data / 'val'))[0] / 'broken.jpg'
+    broken.write_bytes(b'')
+    flags = [*flags, '--data_path', data, '--output_dir', tmp_path / 'out']
+    with pytest.raises(UsageError, match='unreadable image .*broken.jpg'):
+        run_finetune(*flags)
+    assert 'the training of epoch 0 is kept in checkpoint-last.pth' in capsys.readouterr().out
+    assert checkpoint.load(tmp_path / 'out' / checkpoint.LAST)['step'] == 4  # the 4 steps of epoch 0
+    broken.unlink()
+    run_finetune(*flags)
+    steps = [r['step'] for r in read_jsonl(tmp_path / 'out' / 'log.jsonl')]
+    assert steps == list(range(1, 9))  # each of the 8 steps trained once
+    keys = ('epoch', 'train_loss', 'test_acc1', 'test_acc5')
+    assert [{k: e[k] for k in keys} for e in read_jsonl(tmp_path / 'out' / 'log.txt')] == \
+        [{k: e[k] for k in keys} for e in read_jsonl(uninterrupted / 'log.txt')]
+
+
 def test_resuming_training_from_weights_alone(small_folder, two_epochs, tmp_path, capsys):
     """--resume of checkpoint-best.pth (the best epoch's weights, no optimizer) restarted training at
     epoch 0 without a word and overwrote the run's checkpoint-last.pth: refused, saying what to resume.

@@ -252,6 +252,21 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             'iters': done, 'complete': done >= epoch_iters, 'preempted': preempted}
 
 
+def evaluate_keeping_the_epoch(after_epoch, epoch, stats, save, writer, args):
+    """after_epoch(epoch, stats), and where it fails (an unreadable validation image, say) the
+    epoch's training saved first, as unfinished with every sample consumed, like a stop in its
+    last step: the run started again evaluates the epoch and goes on, without training it again."""
+    try:
+        return after_epoch(epoch, stats)
+    except Exception:
+        save(epoch, {**stats, 'complete': False}, epoch_files=False)
+        writer.wait()
+        if args.output_dir:
+            print(f'the training of epoch {epoch} is kept in checkpoint-last.pth: once the error is mended, the '
+                  f'same command evaluates the epoch and goes on', flush=True)
+        raise
+
+
 def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, precision, args, logger,
           start_epoch=0, start_iter=0, progress=None, after_epoch=None, ema=None, flop_rate=None):
     """The epoch loop: train, write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` every
@@ -306,7 +321,7 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                                     f'{progress.step} (epoch {epoch}); checkpoint-last.pth is written: run the same '
                                     f'command again to resume')
                 if after_epoch is not None:
-                    stats.update(after_epoch(epoch, stats))
+                    stats.update(evaluate_keeping_the_epoch(after_epoch, epoch, stats, save, writer, args))
                 save(epoch, stats)
                 logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
                                   **{k: v for k, v in stats.items() if k.startswith(('test_', 'knn_'))},
