@@ -214,8 +214,14 @@ def test_symlink_loops_in_the_data_are_walked_once(tmp_path):
     assert sorted(os.path.relpath(path, root) for path, _ in folder.samples) == \
         [f'train/{c}/{i}.png' for c in 'ab' for i in range(3)]
     # a link to another real folder is still followed (a class folder assembled from links)
-    os.symlink(root / 'train' / 'b', root / 'train' / 'a' / 'more')
+    shutil.copytree(root / 'train' / 'b', root / 'elsewhere', ignore=shutil.ignore_patterns('x'))
+    os.symlink(root / 'elsewhere', root / 'train' / 'a' / 'more')
     assert len(build_image_folder(str(root), 'train', None).samples) == 9
+    # but not to another class's folder, whose images would be of both classes (read twice, with two labels)
+    os.symlink(root / 'train' / 'b', root / 'train' / 'c')
+    with pytest.raises(UsageError, match=rf'the class folders b and c both hold {root / "train" / "b"} \(through a '
+                                         r'link\): its images would be of two classes at once; remove the link'):
+        build_image_folder(str(root), 'train', None)
 
 
 def test_hidden_folders_and_files_are_no_classes_and_no_images_and_loose_images_are_named(tmp_path, capsys):

@@ -351,10 +351,16 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples, empty = [], []
+        samples, empty, owner = [], [], {}  # owner: real folder -> the class that read it
         for class_name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
-            found = [(os.path.join(folder, name), index)
-                     for folder, names in walk_without_cycles(os.path.join(directory, class_name))
+            folders = walk_without_cycles(os.path.join(directory, class_name))
+            for folder, _ in folders:
+                other = owner.setdefault(os.path.realpath(folder), class_name)
+                if other != class_name:
+                    raise FileNotFoundError(f'the class folders {other} and {class_name} both hold '
+                                            f'{os.path.realpath(folder)} (through a link): its images would be of two '
+                                            f'classes at once; remove the link, or copy the images')
+            found = [(os.path.join(folder, name), index) for folder, names in folders
                      for name in names if name.lower().endswith(IMG_EXTENSIONS)]
             samples += found
             if not found:
