@@ -15,7 +15,8 @@ Each file's format is found from its content, not its name:
 - this project's console log (`Epoch: [E]  [I/N] ... train.loss : X`; position E * N + I, the
   global step of log.jsonl);
 - Tecorigin TCAPPDLL lines (`train.loss : X` or `train.loss_avg : X`, rank 0 only; in console
-  lines too, a line of another `rank : N` is left out);
+  lines too, a line of another `rank : N`, or one that torchrun prefixed `[rankN]:` or
+  `[defaultN]:` for a rank N other than 0, is left out);
 - Ascend loss files (train_<Case>_loss.txt: one number per line);
 - as a fallback, lines with `loss: X`, `loss = X`, `loss is X` or `Loss X` (the progress lines
   `Epoch: [0][ 10/5005] ... Loss 6.9077e+00 (6.9120e+00)` of many Ascend ModelZoo models).
@@ -65,7 +66,9 @@ NUMBER = r'[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf(?:i
 TRAIN_LOSS = re.compile(r'train\.loss\s*:\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
 TRAIN_LOSS_AVG = re.compile(r'train\.loss_avg\s*:\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
 CONSOLE_POSITION = re.compile(r'Epoch:\s*\[\s*(\d+)\s*\]\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]')
-RANK = re.compile(r'\brank\s*:\s*(\d+)', re.IGNORECASE)
+# `rank : N` (TCAPPDLL), or the `[rankN]:` / `[defaultN]:` that torchrun's --tee and
+# --log-line-prefix-template put before each line of a worker
+RANK = re.compile(r'\brank\s*:\s*(\d+)|^\s*\[(?:rank|default)(\d+)\]:', re.IGNORECASE)
 # `loss` as a word of its own: not `train_loss`, `val_loss`, `lr:` or `Acc@1`; `Loss 6.9e+00 (6.9e+00)`
 # is the progress line of the PyTorch ImageNet example that many Ascend ModelZoo models print.
 GENERIC_LOSS = re.compile(r'(?<![\w@])loss\s*(?:[:=]|\bis\b)?\s*(' + NUMBER + r')(?!\w)', re.IGNORECASE)
@@ -116,8 +119,8 @@ def rank_zero_losses(lines, find_loss, kind):
         if not match:
             continue
         rank = RANK.search(line)
-        if rank and int(rank.group(1)) != 0:
-            other_ranks.add(int(rank.group(1)))
+        if rank and int(rank.group(1) or rank.group(2)) != 0:
+            other_ranks.add(int(rank.group(1) or rank.group(2)))
             continue
         found.append((line, float(match.group(1))))
     if not found and other_ranks:
@@ -210,17 +213,22 @@ PARSERS = (('TCAPPDLL', parse_tcappdll), ('console', parse_console), ('log.jsonl
 COUNTED = {'TCAPPDLL', 'one number per line', 'loss: X lines'}
 
 
-def read_log(path):
-    """(format name, {step: loss}) of a loss log; a directory means its log.jsonl."""
+def log_text(path):
+    """(path read, its text) of a loss log; a directory means its log.jsonl."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, 'log.jsonl')):
             raise UnusableInput(f'{path} is a directory without a log.jsonl: pass the loss log itself')
         path = os.path.join(path, 'log.jsonl')
     try:
         with open(path, encoding='utf-8', errors='replace') as f:
-            text = f.read()
+            return path, f.read()
     except OSError as e:
         raise UnusableInput(f'cannot read {path}: {e.strerror or e}') from None
+
+
+def read_log(path):
+    """(format name, {step: loss}) of a loss log; a directory means its log.jsonl."""
+    path, text = log_text(path)
     for name, parser in PARSERS:
         losses = parser(text)
         if losses:
@@ -235,6 +243,11 @@ def read_log(path):
                'the run folder)'
 
     raise UnusableInput(f'no loss values found in {path}: {FORMATS_HINT}{hint}')
+
+
+def learning_rates(path):
+    """{step: lr} of a log.jsonl (a directory's), or {} for a log of another format."""
+    return parse_jsonl(log_text(path)[1], value='lr') or {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +436,18 @@ def report(args, cand, ref, cand_format, ref_format, steps, result):
             print(f'note: {result.zero_ref} steps with a reference loss of 0 are left out of the relative errors')
 
 
+def say_where_the_learning_rates_differ(candidate, reference, steps):
+    """Two log.jsonl files record the lr of each step: a warning at the first compared step where
+    they differ, since runs on other schedules align by chance, not because a port is right."""
+    cand_lr, ref_lr = learning_rates(candidate), learning_rates(reference)
+    step = next((s for s in steps.tolist() if s in cand_lr and s in ref_lr
+                 and not math.isclose(cand_lr[s], ref_lr[s], rel_tol=1e-5, abs_tol=1e-12)), None)
+    if step is not None:
+        print(f'warning: the learning rates differ from step {step} on (candidate {cand_lr[step]:.6e}, reference '
+              f'{ref_lr[step]:.6e}): the runs follow other schedules (another --blr, batch or warm-up), so their '
+              f'losses are no measure of a port')
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
@@ -438,6 +463,7 @@ def main(argv=None):
         if elsewhere:
             print(f'note: the candidate loss is {cand[elsewhere[0]]} at step {elsewhere[0]}, '
                   f'outside the compared steps')
+        say_where_the_learning_rates_differ(args.candidate, args.reference, steps)
         if args.plot:
             from util.plots import draw_loss_comparison
             smooth_k = args.smooth or max(1, len(steps) // 50)

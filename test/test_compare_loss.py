@@ -283,6 +283,28 @@ def test_console_lines_of_other_ranks_are_left_out():
         compare_loss.parse_console(text.replace('rank : 0', 'rank : 1'))
 
 
+@pytest.mark.parametrize('prefix', ['[rank{}]:', '[default{}]:'])
+def test_console_lines_that_torchrun_prefixed_with_their_rank_are_rank_zeros_only(prefix):
+    """torchrun --tee (and --log-line-prefix-template) put `[default1]:` or `[rank1]:` before each
+    line of rank 1: its losses were read as a second run's."""
+    text = ''.join(f'{prefix.format(rank)}Epoch: [0]  [{i}/3]  train.loss : {loss + 8 * rank}\n'
+                   for i, loss in enumerate([2.0, 1.5, 1.25], start=1) for rank in (0, 1))
+    assert compare_loss.parse_console(text) == {1: 2.0, 2: 1.5, 3: 1.25}
+
+
+def test_runs_on_other_learning_rates_are_named_in_a_warning(tmp_path, reference):
+    """Two log.jsonl files of the same losses whose lr columns differ from step 101 on: another
+    schedule, so a pass says nothing of a port."""
+    cand = tmp_path / 'cand.jsonl'
+    with open(cand, 'w') as f:
+        for step, loss in zip(STEPS, curve()):
+            f.write(json.dumps({'step': int(step), 'loss': float(loss), 'lr': 1e-4 if step <= 100 else 2e-4}) + '\n')
+    result = run_cli(cand, reference)
+    assert 'warning: the learning rates differ from step 101 on (candidate 2.000000e-04, reference 1.000000e-04)' \
+        in result.stdout
+    assert 'learning rates differ' not in run_cli(write_jsonl(tmp_path / 'same.jsonl', curve()), reference).stdout
+
+
 def test_a_modelzoo_summary_points_to_its_loss_file(tmp_path):
     path = tmp_path / 'mae_vit_base_pretrain_bs64_1p_perf.log'
     path.write_text('Network = mae_vit_base_pretrain\nActualFPS = 3166.00\nActualLoss = 0.712345\n')
