@@ -132,6 +132,23 @@ def test_missing_data_is_a_usage_error(tmp_path):
     (tmp_path / 'train').mkdir()
     with pytest.raises(UsageError, match='cannot read the train images'):
         build_image_folder(str(tmp_path), 'train', None)
+    # the split given for the root: its parent named
+    with pytest.raises(UsageError, match=rf"'{tmp_path / 'train'}' has no train/ folder \(it looks like a split itself: "
+                                         rf"give its parent, {tmp_path}\)"):
+        build_image_folder(str(tmp_path / 'train'), 'train', None)
+
+
+def test_an_output_folder_inside_a_split_of_the_data_is_refused(tmp_path):
+    """Its checkpoints and logs would be read as a class of images (the run ended on 'found no valid
+    image in the class folder(s) out', a folder it had made itself)."""
+    from util.flags import check_output_outside_the_data
+    (tmp_path / 'data' / 'val').mkdir(parents=True)
+    for inside in ('data/train/out', 'data/val', 'data/val/a/b'):
+        with pytest.raises(UsageError, match=r"is inside --data_path's (train|val)/ folder, where its files would be "
+                                             r"read as a class of images"):
+            check_output_outside_the_data(str(tmp_path / inside), str(tmp_path / 'data'))
+    for outside in ('data/output', 'data/trainings', 'elsewhere', ''):
+        check_output_outside_the_data(str(tmp_path / outside) if outside else '', str(tmp_path / 'data'))
 
 
 class Payload:

@@ -3,6 +3,7 @@ flags whose defaults are the published recipe of --model (`apply_recipe`), the d
 loop flags, and the learning rate from the base rate."""
 import argparse
 import math
+import os
 
 from util import dist
 from util.compiling import COMPILE_MODES
@@ -162,6 +163,7 @@ def check_run_args(args):
     may have changed first (--align logs every step)."""
     if args.log_freq is None:
         args.log_freq = 20
+    check_output_outside_the_data(getattr(args, 'output_dir', None), getattr(args, 'data_path', None))
     for name in ('batch_size', 'epochs', 'accum_iter', 'log_freq', 'save_freq'):
         if getattr(args, name) < 1:
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
@@ -183,6 +185,17 @@ def check_run_args(args):
     if ratio is not None and not 0 < ratio < 1:
         raise UsageError(f'--mask_ratio must lie between 0 and 1 (both excluded: with nothing masked there is no '
                          f'loss, with everything masked nothing to see), got {ratio}')
+
+
+def check_output_outside_the_data(output_dir, data_path):
+    """An --output_dir inside a split of --data_path would be read as a class folder of it."""
+    if not output_dir or not data_path or not os.path.isdir(data_path):
+        return
+    for split in ('train', 'val'):
+        folder = os.path.realpath(os.path.join(data_path, split))
+        if os.path.join(os.path.realpath(output_dir), '').startswith(os.path.join(folder, '')):
+            raise UsageError(f'--output_dir {output_dir!r} is inside --data_path\'s {split}/ folder, where its files '
+                             f'would be read as a class of images: choose a folder outside {data_path}')
 
 
 # Flags that mean something only within an interval (a pair of values: each within it), with what
