@@ -138,6 +138,14 @@ def test_missing_data_is_a_usage_error(tmp_path):
         build_image_folder(str(tmp_path / 'train'), 'train', None)
 
 
+def test_more_classes_than_class_folders_get_a_note(capsys):
+    from util.datasets import number_of_classes
+    assert number_of_classes(['a', 'b', 'c'], ['a', 'b', 'c'], 5) == 5
+    assert capsys.readouterr().out == 'note: --nb_classes 5 is more than the 3 class folders: 2 outputs have no ' \
+        'images, and top-5 counts them as guesses\n'
+    assert number_of_classes(['a', 'b', 'c'], ['a', 'b', 'c'], None) == 3 and capsys.readouterr().out == ''
+
+
 def test_an_output_folder_inside_a_split_of_the_data_is_refused(tmp_path):
     """Its checkpoints and logs would be read as a class of images (the run ended on 'found no valid
     image in the class folder(s) out', a folder it had made itself)."""

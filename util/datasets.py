@@ -409,6 +409,9 @@ def number_of_classes(train_classes, val_classes, nb_classes):
     if num_classes < len(train_classes):
         raise UsageError(f'--nb_classes {num_classes} is fewer than the {len(train_classes)} class '
                          f'folders of the training data')
+    if num_classes > len(train_classes):  # a head kept for a larger set (ImageNet's 1000 on a subset), or a slip
+        print(f'note: --nb_classes {num_classes} is more than the {len(train_classes)} class folders: '
+              f'{num_classes - len(train_classes)} outputs have no images, and top-5 counts them as guesses')
     if val_classes != train_classes:
         differences = class_differences(train_classes, 'train/', val_classes, 'val/')
         raise UsageError(f'val/ and train/ hold different class folders ({differences}): the labels would not match; '
