@@ -86,7 +86,7 @@ def get_args_parser():
     parser.add_argument('--input_size', type=int, default=None,
                         help='image size (default: the size the model is built for)')
     add_step_args(parser)
-    parser.add_argument('--official', nargs='+', default=None, metavar='DIR',
+    parser.add_argument('--official', type=os.path.expanduser, nargs='+', default=None, metavar='DIR',
                         help='clones of the official repositories (facebookresearch/mae, microsoft/SimMIM, '
                              'zhangxiaosong18/hivit): time the official model of the same architecture in the official '
                              'loop\'s step and in this project\'s step, in turns with this project\'s (util/official.py)')
@@ -94,7 +94,7 @@ def get_args_parser():
                         help='timed rounds of --steps steps, taken in turns by the steps compared; the best counts '
                              '(default: 3 with --official, else 1)')
     # loader mode
-    parser.add_argument('--data_path', default=None,
+    parser.add_argument('--data_path', type=os.path.expanduser, default=None,
                         help='measure the input pipeline alone on this data set (an ImageFolder root, demo or synthetic)')
     parser.add_argument('--finetune_pipeline', action='store_true',
                         help='the pipeline of main_finetune (RandAugment, random erasing, mixup) instead of '

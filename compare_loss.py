@@ -383,8 +383,8 @@ def get_args_parser():
                'one number per line. Pass when |MeanRelativeError| <= rel_tol or |MeanAbsoluteError| <= '
                'abs_tol, with MeanRelativeError = mean((cand - ref) / ref) and MeanAbsoluteError = '
                'mean(cand - ref). Exit codes: 0 pass, 1 fail, 2 unusable input.')
-    parser.add_argument('candidate', help='loss log of the device under test')
-    parser.add_argument('reference', help='loss log of the reference run (e.g. CUDA)')
+    parser.add_argument('candidate', type=os.path.expanduser, help='loss log of the device under test')
+    parser.add_argument('reference', type=os.path.expanduser, help='loss log of the reference run (e.g. CUDA)')
     parser.add_argument('--rel_tol', type=float, default=0.05, help='tolerance on |MeanRelativeError| (default 0.05)')
     parser.add_argument('--abs_tol', type=float, default=0.0002,
                         help='tolerance on |MeanAbsoluteError| (default 0.0002)')
@@ -392,8 +392,9 @@ def get_args_parser():
                         help='leave out the first N common steps (start-up noise)')
     parser.add_argument('--last', type=int, default=None, metavar='N',
                         help='compare only the last N common steps (after --skip_first)')
-    parser.add_argument('--plot', default=None, metavar='PATH', help='draw both curves and their relative '
-                        'difference with the +-rel_tol band into an image (.png, .jpg, .pdf, .svg; needs matplotlib)')
+    parser.add_argument('--plot', type=os.path.expanduser, default=None, metavar='PATH',
+                        help='draw both curves and their relative difference with the +-rel_tol band into an image '
+                             '(.png, .jpg, .pdf, .svg; needs matplotlib)')
     parser.add_argument('--smooth', type=int, default=None, metavar='K',
                         help='moving-average window of the plot in points (default: 1/50 of the points)')
     return parser

@@ -5,6 +5,7 @@ and the timm.create_model call that loads it.
     python export.py --checkpoint output/checkpoint-last.pth --output encoder.safetensors
 """
 import argparse
+import os
 
 from util.errors import run_command
 from util.export import export_checkpoint
@@ -12,10 +13,11 @@ from util.export import export_checkpoint
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description='Export a checkpoint as a timm safetensors file')
-    parser.add_argument('--checkpoint', required=True,
+    parser.add_argument('--checkpoint', type=os.path.expanduser, required=True,
                         help='a pre-training checkpoint (its encoder is exported) or a fine-tuning one '
                              '(its classifier)')
-    parser.add_argument('--output', required=True, help='the file to write, ending in .safetensors')
+    parser.add_argument('--output', type=os.path.expanduser, required=True,
+                        help='the file to write, ending in .safetensors')
     parser.add_argument('--model', default=None,
                         help="the model that wrote the checkpoint (default: the checkpoint's args, or what its layout "
                              "says): a pre-training model such as mae_vit_base, or the timm classifier it fine-tunes")

@@ -120,7 +120,8 @@ def get_args_parser():
     parser.add_argument('--cls_token', action='store_false', dest='global_pool',
                         help='classify the cls token instead (default with --linprobe)')
 
-    parser.add_argument('--finetune', default='', help='pre-trained checkpoint to start from (weights only)')
+    parser.add_argument('--finetune', type=os.path.expanduser, default='',
+                        help='pre-trained checkpoint to start from (weights only)')
     parser.add_argument('--linprobe', action='store_true',
                         help='linear probing: freeze the encoder, train BatchNorm (no affine) + a linear head, LARS')
     parser.add_argument('--eval', action='store_true',

@@ -37,11 +37,11 @@ MODEL_SETTINGS = ('input_size', 'norm_pix_loss', 'mask_ratio', 'mask_patch_size'
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description='Pictures of pre-trained models and of training runs')
-    parser.add_argument('--checkpoint', default=None,
+    parser.add_argument('--checkpoint', type=os.path.expanduser, default=None,
                         help='a pre-training checkpoint (this project\'s, or an official release with its decoder)')
     parser.add_argument('--model', default=None,
                         help='pre-training model name (default: the one recorded in the checkpoint)')
-    parser.add_argument('--data_path', default=DEMO,
+    parser.add_argument('--data_path', type=os.path.expanduser, default=DEMO,
                         help='an image file, a folder of images, an ImageFolder root (its val/ images, else '
                              'train/), or demo (default)')
     parser.add_argument('--num_images', default=4, type=int,
@@ -53,9 +53,9 @@ def get_args_parser():
     parser.add_argument('--seed', default=0, type=int, help='seed of the masks')
     parser.add_argument('--input_size', default=None, type=int, help='default: the checkpoint\'s run')
     parser.add_argument('--device', default='cpu', help='auto, cuda, npu, sdaa, mps or cpu')
-    parser.add_argument('--logs', nargs='+', default=None, metavar='RUN',
+    parser.add_argument('--logs', type=os.path.expanduser, nargs='+', default=None, metavar='RUN',
                         help='draw the loss and lr curves of these runs (output folders or log.jsonl files) instead')
-    parser.add_argument('--output', default=None,
+    parser.add_argument('--output', type=os.path.expanduser, default=None,
                         help='the figure to write, its type from the extension: reconstructions are .png only '
                              '(lossless: the pixels as the model gave them), curves (--logs) .png, .jpg, .pdf or .svg '
                              '(default: reconstructions.png, or curves.png with --logs)')

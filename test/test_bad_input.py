@@ -154,6 +154,33 @@ def test_a_recipe_warmup_longer_than_the_run_is_said(capsys):
         'which --eval does not do: ignored\n'  # --crop_min at its default: nothing to say
 
 
+def test_a_tilde_in_a_path_flag_means_the_home_folder(monkeypatch):
+    """`--output_dir=~/out` (the form the ModelZoo scripts take) reaches the program unexpanded:
+    bash expands a tilde after = only in assignments. It made a folder named ~ in the working one."""
+    import compare_loss
+    import export
+    import main_finetune
+    import main_pretrain
+    import visualize
+    monkeypatch.setenv('HOME', '/home/someone')
+    args = main_pretrain.get_args_parser().parse_args(['--data_path=~/imagenet', '--output_dir=~/out',
+                                                       '--log_dir=~/tb', '--resume=~/out/checkpoint-last.pth'])
+    assert (args.data_path, args.output_dir, args.log_dir, args.resume) == (
+        '/home/someone/imagenet', '/home/someone/out', '/home/someone/tb', '/home/someone/out/checkpoint-last.pth')
+    assert main_finetune.get_args_parser().parse_args(['--data_path=x', '--finetune=~/a.pth']).finetune == \
+        '/home/someone/a.pth'
+    args = export.get_args_parser().parse_args(['--checkpoint=~/a.pth', '--output=~/a.safetensors'])
+    assert (args.checkpoint, args.output) == ('/home/someone/a.pth', '/home/someone/a.safetensors')
+    args = visualize.get_args_parser().parse_args(['--checkpoint=~/a.pth', '--data_path=~/d', '--output=~/p.png'])
+    assert (args.checkpoint, args.data_path, args.output) == ('/home/someone/a.pth', '/home/someone/d',
+                                                              '/home/someone/p.png')
+    assert visualize.get_args_parser().parse_args(['--logs', '~/r1', '~/r2']).logs == ['/home/someone/r1',
+                                                                                      '/home/someone/r2']
+    args = compare_loss.get_args_parser().parse_args(['~/a', '~/b', '--plot=~/c.png'])
+    assert (args.candidate, args.reference, args.plot) == ('/home/someone/a', '/home/someone/b', '/home/someone/c.png')
+    assert main_pretrain.get_args_parser().parse_args(['--data_path=demo']).output_dir == './output_dir'
+
+
 def test_grad_ckpt_with_a_linear_probe_is_left_off_with_a_note(capsys):
     """The probe's encoder is frozen: nothing to recompute, and the warning that BatchNorm would
     update twice (the probe head's, outside the blocks) was false."""

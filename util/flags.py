@@ -121,18 +121,19 @@ def add_step_args(parser):
 
 def add_run_args(parser):
     """Data, output, device and loop-control flags."""
-    parser.add_argument('--data_path', required=True, type=str,
+    parser.add_argument('--data_path', type=os.path.expanduser, required=True,
                         help='ImageFolder root with train/ (and val/), e.g. ImageNet, "demo" for the built-in set, or '
                              '"synthetic" (ImageNet-1k\'s size; "synthetic:N": N training images) for images made '
                              'per sample, to measure a device without a disk')
-    parser.add_argument('--output_dir', default='./output_dir',
+    parser.add_argument('--output_dir', type=os.path.expanduser, default='./output_dir',
                         help='checkpoints, log.jsonl, log.txt (default: ./output_dir)')
-    parser.add_argument('--log_dir', default=None, help='TensorBoard directory (default: output_dir)')
+    parser.add_argument('--log_dir', type=os.path.expanduser, default=None,
+                        help='TensorBoard directory (default: output_dir)')
     add_step_args(parser)
     parser.add_argument('--seed', default=0, type=int,
                         help='seeds the initial weights, the data order, every crop, flip and mask: the same seed '
                              'gives the same run on any number of processes and workers (default: %(default)s)')
-    parser.add_argument('--resume', default='',
+    parser.add_argument('--resume', type=os.path.expanduser, default='',
                         help='checkpoint to resume from (default: <output_dir>/checkpoint-last.pth if present)')
     parser.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     parser.add_argument('--max_steps', default=None, type=int,
