@@ -280,10 +280,12 @@ def test_eval_on_other_classes_is_refused(small_folder, two_epochs, tmp_path):
     classes = sorted(os.listdir(os.path.join(small_folder, 'val')))
     assert checkpoint.load(out / checkpoint.LAST)['args']['classes'] == classes
     for name, links in (('renamed', {'x': classes[1], 'y': classes[0]}),
-                        ('three', {**{c: c for c in classes}, 'z': classes[0]})):
+                        ('three', {c: c for c in classes})):
         for link, target in links.items():
             (tmp_path / name / 'val').mkdir(parents=True, exist_ok=True)
             os.symlink(os.path.join(small_folder, 'val', target), tmp_path / name / 'val' / link)
+    # a third class: a copy (a link to a class folder reached by another is refused)
+    shutil.copytree(os.path.join(small_folder, 'val', classes[0]), tmp_path / 'three' / 'val' / 'z')
     eval_flags = [*TINY, '--eval', '--output_dir', '']
     with pytest.raises(UsageError, match=rf'was trained on other classes than the class folders of val/ \(only in its '
                                          rf'training data: {classes[0]}, {classes[1]}; only in val/: x, y\)'):
