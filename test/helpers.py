@@ -83,11 +83,12 @@ def columns_covered(columns, box, slices=20):
     return len({int((c - left) * slices // (right - left)) for c in columns})
 
 
-def run_demo_pretraining(model, output_dir, blr=1e-3, max_steps=None):
+def run_demo_pretraining(model, output_dir, blr=1e-3, max_steps=None, log_freq=3):
     """The demo with a tiny pre-training model at a demo learning rate: one epoch of 64-image
     batches, a log line every 5 steps; or, with max_steps, that many steps of 32 images, a log
-    line every 3. returns: output_dir"""
-    schedule = ['--batch_size', 32, '--max_steps', max_steps, '--log_freq', 3] if max_steps else ['--log_freq', 5]
+    line every `log_freq`. returns: output_dir"""
+    schedule = ['--batch_size', 32, '--max_steps', max_steps, '--log_freq', log_freq] if max_steps else \
+        ['--log_freq', 5]
     run_pretrain('--model', model, '--data_path', 'demo', '--epochs', 1, '--warmup_epochs', 0, '--blr', blr,
                  *schedule, '--num_workers', 0, '--device', 'cpu', '--output_dir', output_dir)
     return output_dir
