@@ -193,6 +193,25 @@ def test_exit_codes_say_why_a_run_ended():
         assert ended.value.code == code
 
 
+def test_an_error_of_another_rank_is_printed_with_its_rank(monkeypatch, capsys):
+    """print() is rank 0's alone once the processes meet: rank 1's own error (an unreadable image in
+    its shard) was never shown, and torchrun said only that rank 0 was stopped. A stop signal,
+    which every rank receives, stays rank 0's to report."""
+    import builtins
+    from util import dist
+    from util.errors import Preempted, run_cli
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setattr(builtins, 'print', builtins.print)  # restored after the silencing below
+    dist.print_only_on_main_process(False)
+    for error, expected in ((UsageError('unreadable image x.jpg'), 'error: rank 1: unreadable image x.jpg\n'),
+                            (Preempted('stopped by SIGTERM'), '')):
+        def main():
+            raise error
+        with pytest.raises(SystemExit):
+            run_cli(main)
+        assert capsys.readouterr().err == expected
+
+
 def test_a_stop_signal_while_the_process_exits_keeps_its_exit_code_without_a_traceback(tmp_path):
     """A second Ctrl-C after the run's last line, while the interpreter runs its exit handlers (a
     slow one here), broke into the handler with 'Exception ignored in atexit callback' and a

@@ -1,7 +1,9 @@
 """Errors that are the user's to fix: printed as one line, never as a traceback."""
 import atexit
+import builtins
 import errno
 import gc
+import os
 import re
 import sys
 
@@ -38,14 +40,27 @@ def run_cli(main, *args):
     try:
         return main(*args)
     except (RunEnded, Preempted) as e:
-        print(f'error: {usage_message(e)}', file=sys.stderr, flush=True)
+        print_error(usage_message(e), on_every_rank=not isinstance(e, Preempted))  # all ranks stop on a signal
         sys.exit(e.exit_code)
     except (RuntimeError, MemoryError, OSError) as e:
         message = disk_full_message(e) if isinstance(e, OSError) else out_of_memory_message(e)
         if message is None:
             raise
-        print(f'error: {message}', file=sys.stderr, flush=True)
+        print_error(message)
         sys.exit(EXIT_USAGE)
+
+
+def print_error(message, on_every_rank=True):
+    """The error line, on stderr. Once the processes have met, print() is rank 0's alone
+    (util.dist): an error of another rank's own (an unreadable image in its shard of the data)
+    was never shown, and torchrun then said only that rank 0 had been stopped. Another rank's
+    line names it."""
+    rank = os.environ.get('RANK', '0')
+    if rank == '0':
+        print(f'error: {message}', file=sys.stderr, flush=True)
+    elif on_every_rank:
+        unsilenced = builtins.__dict__.get('_builtin_print', builtins.print)
+        unsilenced(f'error: rank {rank}: {message}', file=sys.stderr, flush=True)
 
 
 def disk_full_message(error):
