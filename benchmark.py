@@ -434,8 +434,9 @@ def images_per_second_loader(dataset, collate_fn, train_args, args, device=None)
     if full_batches < ready_early + 2:  # checked before build_loader, whose advice (--accum_iter) is training's
         early = (f'after the {ready_early} the workers have ready at the start' if args.num_workers else
                  f'after the first')
+        fewer = 'lower --batch_size or --num_workers' if args.num_workers else 'lower --batch_size'
         raise UsageError(f'the data set makes {counted(full_batches, "batch", "batches")} of {train_args.batch_size}, '
-                         f'too few to time {early}: lower --batch_size{" or --num_workers" if args.num_workers else ""}')
+                         f'too few to time {early}: {fewer}')
     loader = build_loader(dataset, SimpleNamespace(world_size=1, rank=0), train_args,
                           pin_memory=device is not None and device.type != 'cpu', collate_fn=collate_fn)
     loader.sampler.set_epoch(0)

@@ -244,8 +244,8 @@ def test_a_stop_signal_ends_the_wait_for_processes_that_never_come(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, 'RANK': '1', 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}
     flags = [*RESUMABLE, '--data_path', 'demo', '--output_dir', tmp_path / 'out']
-    process = subprocess.Popen([sys.executable, 'main_pretrain.py', *map(str, flags)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([sys.executable, 'main_pretrain.py', *map(str, flags)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline() == f'rank 1 of 2: waiting for the other processes at 127.0.0.1:{port} (up ' \
             f'to 30 minutes; Ctrl-C stops)\n'

@@ -52,7 +52,8 @@ def resolve_data_root(data_path, split='train'):
         missing = 'does not exist' if not os.path.exists(data_path) else \
             'is a file, not a folder' if not os.path.isdir(data_path) else f'has no {split}/ folder'
         if os.path.basename(os.path.normpath(data_path)) in ('train', 'val'):  # the split itself, likely
-            missing += f' (it looks like a split itself: give its parent, {os.path.dirname(os.path.abspath(data_path))})'
+            parent = os.path.dirname(os.path.abspath(data_path))
+            missing += f' (it looks like a split itself: give its parent, {parent})'
         raise UsageError(f'--data_path {data_path!r} {missing}: give the root of an ImageFolder '
                          f'data set ({split}/<class>/<image>), or --data_path demo for the built-in set '
                          f'(synthetic for generated images, to measure a device without a disk)')
