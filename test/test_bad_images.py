@@ -103,6 +103,25 @@ def test_names_that_are_not_utf8_or_hold_line_breaks_are_recorded_once_each(tmp_
     assert capsys.readouterr().out.count('warning: unreadable image replaced') == 2
 
 
+def test_another_rank_names_its_own_bad_images_and_a_rank_without_any_says_so(tmp_path, monkeypatch, capsys):
+    """print() is rank 0's alone once the processes meet: rank 1's bad images were counted in the
+    log, but never named on the console; and rank 0's stop past --max_bad_images listed no file and
+    pointed at a record it never wrote."""
+    import builtins
+    from util import dist
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setattr(builtins, 'print', builtins.print)  # restored after the silencing below
+    dist.print_only_on_main_process(False)
+    record = BadImages(str(tmp_path), rank=1)
+    record.record(UnreadableImage('/data/a.jpg', 'truncated'))
+    assert record.poll() == 1
+    assert capsys.readouterr().out == 'warning: rank 1: unreadable image replaced by another sample: /data/a.jpg ' \
+        '(truncated)\n'
+    with pytest.raises(UsageError, match=rf'^3 unreadable images were replaced, more than --max_bad_images 2: none by '
+                                         rf'this process \(the others list theirs in {tmp_path}/bad_images.rank<R>.txt\);'):
+        BadImages(str(tmp_path), rank=0).check(3, 2)
+
+
 def test_training_replaces_reports_and_counts_bad_images(broken_folder, tmp_path, capsys):
     root, broken = broken_folder
     run_pretrain('--model', 'mae_vit_tiny', '--data_path', root, '--batch_size', 16, '--epochs', 2, '--log_freq', 1,

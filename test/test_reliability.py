@@ -210,6 +210,17 @@ def test_an_error_of_another_rank_is_printed_with_its_rank(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             run_cli(main)
         assert capsys.readouterr().err == expected
+    # the rank left waiting in a collective for the one that ended: a line, not Gloo's traceback of 40
+    monkeypatch.setenv('RANK', '0')
+
+    def main():
+        raise RuntimeError('[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:60568. This is '
+                           'typically caused by a remote worker crashing. Check the logs of the remote worker.')
+    with pytest.raises(SystemExit) as ended:
+        run_cli(main)
+    assert ended.value.code == 1 and capsys.readouterr().err == (
+        'error: another process of the run ended while this one waited for it in a collective operation (connection '
+        'closed by peer): its own error line, or its log, says why\n')
 
 
 def test_a_stop_signal_while_the_process_exits_keeps_its_exit_code_without_a_traceback(tmp_path):

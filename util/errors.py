@@ -44,23 +44,41 @@ def run_cli(main, *args):
         sys.exit(e.exit_code)
     except (RuntimeError, MemoryError, OSError) as e:
         message = disk_full_message(e) if isinstance(e, OSError) else out_of_memory_message(e)
+        gone = PEER_GONE.search(str(e)) if message is None and isinstance(e, RuntimeError) else None
+        if gone:  # the library's paragraph (Gloo's ends 'GLHF!') says no more than its phrase
+            print_error(f'another process of the run ended while this one waited for it in a collective operation '
+                        f'({gone.group(0).lower()}): its own error line, or its log, says why')
+            sys.exit(1)
         if message is None:
             raise
         print_error(message)
         sys.exit(EXIT_USAGE)
 
 
+# What a collective says when a process of the group has gone (it stopped on an error of its own):
+# Gloo's closed connection, NCCL's and HCCL's aborted communicator or lost remote rank.
+PEER_GONE = re.compile(r'Connection closed by peer|Connection reset by peer|remote process exited|'
+                       r'communicator was aborted|Broken pipe', re.IGNORECASE)
+
+
 def print_error(message, on_every_rank=True):
-    """The error line, on stderr. Once the processes have met, print() is rank 0's alone
-    (util.dist): an error of another rank's own (an unreadable image in its shard of the data)
-    was never shown, and torchrun then said only that rank 0 had been stopped. Another rank's
-    line names it."""
-    rank = os.environ.get('RANK', '0')
-    if rank == '0':
+    """The error line, on stderr: rank 0's, and with `on_every_rank` every other rank's too (see
+    say_on_this_rank), so that an error only one rank met is seen."""
+    if on_every_rank:
+        say_on_this_rank(message, 'error', file=sys.stderr)
+    else:
         print(f'error: {message}', file=sys.stderr, flush=True)
-    elif on_every_rank:
-        unsilenced = builtins.__dict__.get('_builtin_print', builtins.print)
-        unsilenced(f'error: rank {rank}: {message}', file=sys.stderr, flush=True)
+
+
+def say_on_this_rank(text, kind=None, file=None):
+    """`text` printed by this process, named by its rank where it is not rank 0 ('warning: rank 1:
+    ...'). Once the processes have met, print() is rank 0's alone (util.dist): what only another
+    rank met (an unreadable image in its shard of the data) was never shown, and torchrun then
+    said only that rank 0 had been stopped."""
+    rank = os.environ.get('RANK', '0')
+    label = '' if rank == '0' else f'rank {rank}: '
+    unsilenced = builtins.__dict__.get('_builtin_print', builtins.print)
+    unsilenced(f'{kind}: {label}{text}' if kind else f'{label}{text}', file=file or sys.stdout, flush=True)
 
 
 def disk_full_message(error):

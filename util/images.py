@@ -29,7 +29,7 @@ try:  # deprecated since torchvision 0.29 (for TorchCodec): a release without it
 except ImportError:
     decode_jpeg = None
 
-from util.errors import UsageError, first_line
+from util.errors import UsageError, first_line, say_on_this_rank
 
 # What Pillow raises for files it cannot decode: OSError (truncated, unidentified, zero bytes),
 # SyntaxError and ValueError (corrupt headers), DecompressionBombError (absurd sizes).
@@ -233,14 +233,15 @@ class BadImages:
         for line in lines:
             path, _, reason = line.rstrip('\n').partition('\t')
             self.replacements += 1
-            if path not in self.files:
+            if path not in self.files:  # each rank names its own: print() is rank 0's alone
                 self.files[path] = reason
-                print(f'warning: unreadable image replaced by another sample: {path} ({reason})')
+                say_on_this_rank(f'unreadable image replaced by another sample: {path} ({reason})', 'warning')
         return self.replacements
 
     def check(self, total, limit):
         """Stop the run when more than `limit` samples were replaced in all processes together."""
         if total > limit:
-            names = ', '.join(list(self.files)[:5])
-            raise UsageError(f'{total} unreadable images were replaced, more than --max_bad_images {limit}: {names} '
-                             f'(all in {self.path}); repair or remove them, or raise --max_bad_images')
+            where = f'{", ".join(list(self.files)[:5])} (all in {self.path})' if self.files else \
+                f'none by this process (the others list theirs in {os.path.dirname(self.path)}/bad_images.rank<R>.txt)'
+            raise UsageError(f'{total} unreadable images were replaced, more than --max_bad_images {limit}: {where}; '
+                             f'repair or remove them, or raise --max_bad_images')

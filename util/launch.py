@@ -10,7 +10,7 @@ from util.compiling import resolve_compile
 from util.determinism import alignment_summary, watch_nondeterministic_kernels
 from util.device import resolve_device
 from util.engine import Progress
-from util.errors import UsageError
+from util.errors import UsageError, say_on_this_rank
 from util.flags import check_run_args
 from util.logger import counted
 from util.output_dir import lock_output_dir, make_log_dir
@@ -95,9 +95,9 @@ def start_afresh_from_weights(path, args):
 def print_outputs(args, stats, seconds, bad_images=None):
     """The closing lines: time, throughput, final loss, replaced images, and where the files are."""
     print(f'training time {seconds:.0f} s')
-    if bad_images is not None and bad_images.poll():
-        print(f'unreadable images replaced by other samples in this process: {bad_images.replacements} '
-              f'({len(bad_images.files)} files, listed in {bad_images.path})')
+    if bad_images is not None and bad_images.poll():  # each rank its own
+        say_on_this_rank(f'unreadable images replaced by other samples in this process: {bad_images.replacements} '
+                         f'({counted(len(bad_images.files), "file")}, listed in {bad_images.path})')
     if stats:
         print(f"steady-state throughput: {stats['ips']:.1f} images/s; mean loss of the last epoch {stats['loss']:.4f}")
     if getattr(args, 'align', False):
