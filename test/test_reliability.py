@@ -212,6 +212,7 @@ def test_an_error_of_another_rank_is_printed_with_its_rank(monkeypatch, capsys):
         assert capsys.readouterr().err == expected
     # the rank left waiting in a collective for the one that ended: a line, not Gloo's traceback of 40
     monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '2')
 
     def main():
         raise RuntimeError('[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:60568. This is '

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from util import signals
-from util.errors import UsageError
+from util.errors import ORIGINAL_PRINT, UsageError
 from util.logger import counted
 
 
@@ -94,7 +94,7 @@ def destroy_process_group():
 
 def print_only_on_main_process(is_main):
     """Silence print() on every rank but 0; print(..., force=True) still prints everywhere."""
-    builtin_print = builtins.__dict__.setdefault('_builtin_print', builtins.print)
+    builtin_print = builtins.__dict__.setdefault(ORIGINAL_PRINT, builtins.print)
 
     def rank_print(*args, force=False, **kwargs):
         if is_main or force:

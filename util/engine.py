@@ -252,15 +252,14 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             'iters': done, 'complete': done >= epoch_iters, 'preempted': preempted}
 
 
-def evaluate_keeping_the_epoch(after_epoch, epoch, stats, save, writer, args):
+def evaluate_keeping_the_epoch(after_epoch, epoch, stats, keep_unfinished, args):
     """after_epoch(epoch, stats), and where it fails (an unreadable validation image, say) the
-    epoch's training saved first, as unfinished with every sample consumed, like a stop in its
-    last step: the run started again evaluates the epoch and goes on, without training it again."""
+    epoch's training kept first (keep_unfinished), as for a stop in its last step: the run started
+    again evaluates the epoch and goes on, without training it again."""
     try:
         return after_epoch(epoch, stats)
     except Exception:
-        save(epoch, {**stats, 'complete': False}, epoch_files=False)
-        writer.wait()
+        keep_unfinished(epoch, stats)
         if args.output_dir:
             print(f'the training of epoch {epoch} is kept in checkpoint-last.pth: once the error is mended, the '
                   f'same command evaluates the epoch and goes on', flush=True)
@@ -302,6 +301,12 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
     def save_progress(epoch, iters):
         save(epoch, {'complete': False, 'iters': iters}, epoch_files=False)
 
+    def keep_unfinished(epoch, stats):
+        """Save an epoch whose samples are all consumed as unfinished, and wait for the file: the
+        run started again evaluates, logs and keeps it, as an uninterrupted one does."""
+        save(epoch, {**stats, 'complete': False}, epoch_files=False)
+        writer.wait()  # the file complete (or its failure raised) before the exit code says it is
+
     with signals.training():  # a stop signal is acted on after the step it arrives in
         try:
             for epoch in range(start_epoch, args.epochs):
@@ -312,16 +317,13 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                                         save_progress=save_progress, flop_rate=flop_rate)
                 start_iter = 0
                 if stats['preempted']:  # no evaluation: the grace time before a kill is short
-                    # an epoch stopped at its last step is saved as unfinished (every sample consumed),
-                    # so that the resumed run evaluates, logs and keeps it, as an uninterrupted one does
-                    save(epoch, {**stats, 'complete': False}, epoch_files=False)
-                    writer.wait()  # the file complete (or its failure raised) before the exit code says it is
+                    keep_unfinished(epoch, stats)  # an epoch stopped at its last step, too
                     dist.barrier()
                     raise Preempted(f'stopped by {signals.received() or "a signal to another process"} after step '
                                     f'{progress.step} (epoch {epoch}); checkpoint-last.pth is written: run the same '
                                     f'command again to resume')
                 if after_epoch is not None:
-                    stats.update(evaluate_keeping_the_epoch(after_epoch, epoch, stats, save, writer, args))
+                    stats.update(evaluate_keeping_the_epoch(after_epoch, epoch, stats, keep_unfinished, args))
                 save(epoch, stats)
                 logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
                                   **{k: v for k, v in stats.items() if k.startswith(('test_', 'knn_'))},

@@ -44,7 +44,8 @@ def run_cli(main, *args):
         sys.exit(e.exit_code)
     except (RuntimeError, MemoryError, OSError) as e:
         message = disk_full_message(e) if isinstance(e, OSError) else out_of_memory_message(e)
-        gone = PEER_GONE.search(str(e)) if message is None and isinstance(e, RuntimeError) else None
+        distributed = int(os.environ.get('WORLD_SIZE', '1') or 1) > 1  # a single process has no peer to lose
+        gone = PEER_GONE.search(str(e)) if message is None and distributed and isinstance(e, RuntimeError) else None
         if gone:  # the library's paragraph (Gloo's ends 'GLHF!') says no more than its phrase
             print_error(f'another process of the run ended while this one waited for it in a collective operation '
                         f'({gone.group(0).lower()}): its own error line, or its log, says why')
@@ -70,6 +71,10 @@ def print_error(message, on_every_rank=True):
         print(f'error: {message}', file=sys.stderr, flush=True)
 
 
+# Where util.dist keeps the builtin print() when it silences print() on ranks other than 0.
+ORIGINAL_PRINT = '_builtin_print'
+
+
 def say_on_this_rank(text, kind=None, file=None):
     """`text` printed by this process, named by its rank where it is not rank 0 ('warning: rank 1:
     ...'). Once the processes have met, print() is rank 0's alone (util.dist): what only another
@@ -77,7 +82,7 @@ def say_on_this_rank(text, kind=None, file=None):
     said only that rank 0 had been stopped."""
     rank = os.environ.get('RANK', '0')
     label = '' if rank == '0' else f'rank {rank}: '
-    unsilenced = builtins.__dict__.get('_builtin_print', builtins.print)
+    unsilenced = builtins.__dict__.get(ORIGINAL_PRINT, builtins.print)
     unsilenced(f'{kind}: {label}{text}' if kind else f'{label}{text}', file=file or sys.stdout, flush=True)
 
 

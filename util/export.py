@@ -98,10 +98,8 @@ def pretrained_encoder(ckpt, path, name, input_size=None):
         arch['norm_pix_loss'] = args['norm_pix_loss']
     model = create_pretrain_model(name, **arch)
     state = in_model_layout(model, dict(model_state_of(ckpt, path)), path)  # official layouts (SimMIM, HiViT)
-    try:
-        load_weights(model, state, path, optional=PRETRAIN_ONLY_PREFIXES)  # an encoder-only release has no decoder
-    except WeightsDoNotFit as e:  # a run at another image size that did not record it, say
-        raise WeightsDoNotFit(f'{e}{input_size_advice(model, state)}') from None
+    # an encoder-only release has no decoder; a run at another image size may not have recorded it
+    load_weights(model, state, path, optional=PRETRAIN_ONLY_PREFIXES, advice=input_size_advice(model, state))
     timm_name, kwargs, weights = timm_encoder_of(model)
     return (timm_name, kwargs, 0), weights, f'the encoder of {name}'
 
@@ -151,10 +149,7 @@ def finetuned_classifier(ckpt, path, name, input_size=None):
     model, kwargs = create_classifier_and_keywords(name, num_classes=num_classes, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != 'num_classes'}  # the call's own argument
     state = in_model_layout(model, state, path)
-    try:
-        load_weights(model, state, path)
-    except WeightsDoNotFit as e:
-        raise WeightsDoNotFit(f'{e}{input_size_advice(model, state)}') from None
+    load_weights(model, state, path, advice=input_size_advice(model, state))
     return (name, kwargs, num_classes), model.state_dict(), f'the {num_classes}-class classifier'
 
 
