@@ -24,6 +24,7 @@ training up, synchronous and with the background writer.
 """
 import argparse
 import os
+import re
 import tempfile
 import time
 from functools import partial
@@ -178,6 +179,20 @@ def training_args(entry_point, model, data_path, input_size, extra=()):
     return args
 
 
+def recipe_masks(model, args):
+    """The model's mask generator under its recipe's masking flags, which benchmark.py does not
+    take: where they cannot mask an image of --input_size, the error keeps what is wrong and asks
+    for another size (the masking errors end in `: give ...` or `: choose ...`, advice on flags of
+    main_pretrain.py)."""
+    try:
+        return model.mask_generator(args)
+    except UsageError as e:
+        what = re.split(r': (?:give|choose) ', str(e), maxsplit=1)[0]
+        recipe = training_args(main_pretrain, args.model, 'synthetic', None).input_size
+        raise UsageError(f'{args.model} at {args.input_size} px: {what}; benchmark.py times the recipe\'s masking: '
+                         f'give another --input_size (the recipe\'s is {recipe})') from None
+
+
 def build_step(name, batch_size, input_size):
     """The model, the loss of the training step and a batch on the CPU for a model name.
     returns: (model, loss_fn(model, batch), batch, input size, main_pretrain's flags with the
@@ -187,7 +202,7 @@ def build_step(name, batch_size, input_size):
     if name in pretrain_model_names():
         args = training_args(main_pretrain, name, 'synthetic', input_size)
         model = create_pretrain_model(name, img_size=args.input_size)
-        masks = model.mask_generator(args)
+        masks = recipe_masks(model, args)
         loss_fn = partial(main_pretrain.mim_loss, forward_kwargs=masks.forward_kwargs)
         return model, loss_fn, example_batch(batch_size, args.input_size, masks), args.input_size, args
     size = input_size or native_input_size(name)
@@ -396,7 +411,7 @@ def pipeline_dataset(args):
         raise UsageError(f'--model {args.model} is a classifier: time main_finetune\'s pipeline with '
                          f'--finetune_pipeline')
     pre = training_args(main_pretrain, args.model or 'mae_vit_base', args.data_path, args.input_size, extra)
-    masks = create_pretrain_model(pre.model, img_size=pre.input_size).mask_generator(pre)
+    masks = recipe_masks(create_pretrain_model(pre.model, img_size=pre.input_size), pre)
     dataset = build_pretrain_dataset(pre, masks, bad_images)
     collate_fn = JpegBatch.collate if pre.input_pipeline == 'nvjpeg' else None
     return dataset, collate_fn, f'main_pretrain ({pre.model}, {pre.input_size} px, {pre.input_pipeline} pipeline)', pre

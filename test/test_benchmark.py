@@ -247,6 +247,24 @@ def test_a_flag_of_another_mode_is_refused(flags, message):
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize('flags, wrong', [
+    (['--model', 'maskfeat_vit_tiny', '--input_size', '16', '--steps', '1'], 'cannot mask 2 of 4 patches with blocks'),
+    (['--model', 'simmim_vit_tiny', '--input_size', '40', '--data_path', 'demo'],
+     'a mask of 16-pixel units does not fit a 40-pixel image'),
+])
+def test_a_size_the_recipes_masking_refuses_asks_for_another_size(flags, wrong):
+    """benchmark.py has no masking flags: the error of a size the recipe cannot mask says what is
+    wrong and names only flags benchmark.py takes (it advised main_pretrain's --mask_count)."""
+    import benchmark
+    from util.errors import UsageError
+    parser = benchmark.get_args_parser()
+    with pytest.raises(UsageError) as error:
+        benchmark.main(parser.parse_args(['--device', 'cpu', '--batch_size', '2', *flags]))
+    message = str(error.value)
+    assert wrong in message and message.endswith("give another --input_size (the recipe's is 64)")
+    assert set(re.findall(r'--\w+', message)) <= set(parser._option_string_actions), message
+
+
 def test_an_unknown_model_names_the_closest_of_both_kinds():
     """A typo of a pre-training model was matched against timm's names alone (davit_tiny, ...)."""
     import benchmark
