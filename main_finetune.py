@@ -218,12 +218,17 @@ TRAINING_ONLY_FLAGS = ('accum_iter', 'grad_ckpt', 'max_steps', 'start_epoch', 's
                        'mixup_mode')
 
 
+def recipe_training_flags():
+    """The flags a recipe fills that only training reads (its model, batch and pooling are the
+    evaluation's too)."""
+    return set().union(*RECIPES.values(), SCHEDULE_DEFAULTS, *BOUND_FORMS, {'lr'}) - {'model', 'batch_size',
+                                                                                       'global_pool'}
+
+
 def say_which_training_flags_are_ignored(args):
     """--eval and --knn train nothing: the flags of a training recipe given to them (a fine-tuning
     command with --eval added, say) are named in a warning, not ignored without a word."""
-    recipe_keys = set().union(*RECIPES.values(), SCHEDULE_DEFAULTS, *BOUND_FORMS, {'lr'}) - {'model', 'batch_size',
-                                                                                              'global_pool'}
-    given = [f'--{key}' for key in sorted(recipe_keys) if getattr(args, key) is not None]
+    given = [f'--{key}' for key in sorted(recipe_training_flags()) if getattr(args, key) is not None]
     defaults = get_args_parser()
     given += [f'--{key}' for key in TRAINING_ONLY_FLAGS if getattr(args, key) != defaults.get_default(key)]
     if args.knn and args.model_ema:
@@ -522,7 +527,9 @@ def run_knn(args, world, device, precision, pin_memory):
 def main(args):
     mode = fill_recipe(args)
     check_args(args)
-    world, device, precision = start_run(args)
+    # an evaluation's printed arguments leave out the training recipe it fills but never reads
+    unused = () if trains_weights(args) else recipe_training_flags() | {*TRAINING_ONLY_FLAGS, 'recipe_source'}
+    world, device, precision = start_run(args, unused_flags=unused)
     print(f'mode: {"evaluation" if args.eval else "frozen features (--knn)" if args.knn else mode}' +
           (f', with {args.recipe_source}' if args.recipe_source else ''))
     pin_memory = args.pin_mem and device.type != 'cpu'

@@ -5,6 +5,7 @@ that are not checkpoints, and messages that advise what the entry point offers."
 import argparse
 import errno
 import gzip
+import json
 import os
 import re
 import shutil
@@ -424,8 +425,13 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root,
     _, finetuned = demo_finetuning
     stats = run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--device', 'cpu',
                          '--num_workers', 0, '--data_path', 'demo', '--output_dir', '')
-    assert 'model vit_tiny_patch8:' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'model vit_tiny_patch8:' in out
     assert stats['acc1'] == read_jsonl(finetuned / 'log.txt')[-1]['test_acc1']  # as the run's own evaluation
+    # its printed arguments are those an evaluation reads, not the training recipe it fills (DeiT's 300 epochs)
+    printed = json.loads(out[out.index('\n{\n') + 1:out.index('\n}\n') + 2])
+    assert {'model', 'input_size', 'batch_size', 'resume', 'data_path', 'global_pool'} <= set(printed)
+    assert not {'epochs', 'blr', 'warmup_epochs', 'mixup', 'aa', 'drop_path', 'max_steps', 'accum_iter'} & set(printed)
     # a copy of the validation set alone (no train/) evaluates alike: --eval reads val/ only
     shutil.copytree(os.path.join(demo_root, 'val'), tmp_path / 'val_only' / 'val')
     assert run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--device', 'cpu', '--num_workers', 0,

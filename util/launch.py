@@ -16,9 +16,10 @@ from util.logger import counted
 from util.output_dir import lock_output_dir, make_log_dir
 
 
-def start_run(args, deterministic=False):
+def start_run(args, deterministic=False, unused_flags=()):
     """Join the run: this process's rank, its device, the process group, the precision.
-    `deterministic` asks the device for run-to-run identical arithmetic (--align).
+    `deterministic` asks the device for run-to-run identical arithmetic (--align); the flags named
+    in `unused_flags` (those of training, in an evaluation) are left out of the printed arguments.
 
     returns: (world, device, precision)
     """
@@ -44,7 +45,7 @@ def start_run(args, deterministic=False):
     if device.type == 'cpu' and precision == 'fp16':  # mae_vit_tiny at 64 px, 1 core: 6.5 images/s, fp32 61.9
         print('warning: fp16 on the CPU has few fast kernels and trains several times slower than fp32; it is '
               'there to check a GPU recipe\'s loss scaling, not for speed')
-    print(json.dumps(vars(args), indent=1))
+    print(json.dumps({key: value for key, value in vars(args).items() if key not in unused_flags}, indent=1))
     return world, device, precision
 
 
