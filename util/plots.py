@@ -263,5 +263,5 @@ def draw_training_curves(path, runs):
         if with_acc:
             axes[2].set_ylabel('top-1 accuracy (%)')
             axes[2].set_xlabel('epoch')
-            axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes[2].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: one tick
         return save(fig, path, axes)
