@@ -1,4 +1,6 @@
 """torch.compile around the model, and the eager model where compiling fails."""
+import logging
+
 import torch
 
 from util import dist
@@ -44,6 +46,10 @@ def compile_and_wrap(model, device, args):
                   'update their running statistics again then: the same losses and gradients, but statistics that '
                   'differ from a run without it', flush=True)
     model_ddp = dist.wrap_ddp(model, device)
+    if args.compile and device.type != 'cuda':
+        # inductor's C++ backend looks for a CUDA toolkit when it loads, and a CUDA build of torch on a
+        # machine without a GPU warns "No CUDA runtime is found": noise for a run on another device
+        logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
     return compile_with_fallback(model_ddp, args.compile_mode) if args.compile else model_ddp
 
 
