@@ -229,7 +229,8 @@ def main(args):
         monitor = ReconstructionMonitor(model, mask_generator, images.to(device.torch_device), logger, every, args.epochs)
     knn = None
     if args.knn_freq != 0:
-        train_loader, val_loader, num_classes = feature_loaders(args, world, args.pin_mem and device.type != 'cpu')
+        train_loader, val_loader, num_classes = feature_loaders(args, world, args.pin_mem and device.type != 'cpu',
+                                                                beside_training=True)
         knn = KnnMonitor(model, (train_loader, val_loader), device, precision, num_classes, args.knn_k,
                          args.knn_freq, args.epochs, logger, progress)
     start_time = time.time()

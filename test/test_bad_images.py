@@ -123,15 +123,20 @@ def test_another_rank_names_its_own_bad_images_and_a_rank_without_any_says_so(tm
 
 
 def test_training_replaces_reports_and_counts_bad_images(broken_folder, tmp_path, capsys):
+    """The k-NN monitor's bank (all 64 train/ images after each epoch) replaces them too, without
+    counting them again: it stopped the run that the training kept going."""
     root, broken = broken_folder
     run_pretrain('--model', 'mae_vit_tiny', '--data_path', root, '--batch_size', 16, '--epochs', 2, '--log_freq', 1,
-                 '--warmup_epochs', 0, *CPU, '--output_dir', tmp_path)
+                 '--warmup_epochs', 0, '--knn_freq', 1, *CPU, '--output_dir', tmp_path)
     out = capsys.readouterr().out
     for path in broken:  # each file once, though every epoch meets it
         assert out.count(f'warning: unreadable image replaced by another sample: {path}') == 1
     steps = read_jsonl(tmp_path / 'log.jsonl')
-    assert steps[-1]['bad_images'] == 2 * len(broken)  # two epochs, every sample read once in each
+    assert [s['epoch'] for s in steps if 'knn_acc1' in s] == [0, 1]
+    trained = [s for s in steps if 'loss' in s]
+    assert trained[-1]['bad_images'] == 2 * len(broken)  # two epochs, every sample read once in each
     assert 'unreadable images replaced by other samples in this process: 6 (3 files' in out
+    assert len(re.findall(r'k-NN accuracy .*\(k=20, 64 training images', out)) == 2  # the bank: none left out
 
 
 def test_past_max_bad_images_the_run_stops_naming_the_files(broken_folder, tmp_path):

@@ -31,6 +31,7 @@ from util.datasets import SeededSamples, build_eval_loader, build_image_folder, 
 from util.engine import model_input, to_device, topk_correct
 from util.errors import UsageError
 from util.export import timm_encoder_of
+from util.images import AlreadyCounted
 from util.lr_sched import due_at_epoch
 from util.registry import create_classifier
 
@@ -44,18 +45,22 @@ def add_knn_k_argument(parser):
                              'knn_acc1 (default: %(default)s; DINO reports 10 20 100 200)')
 
 
-def feature_loaders(args, world, pin_memory):
+def feature_loaders(args, world, pin_memory, beside_training=False):
     """Loaders of train/ and val/ under the evaluation transform (--input_size), each rank its
     shard, their workers started for each pass (between two measurements of the pre-training
-    monitor, epochs apart, they would idle beside the training loader's). returns: (train loader,
-    val loader, number of classes: --nb_classes or train/'s)"""
+    monitor, epochs apart, they would idle beside the training loader's). An unreadable image is an
+    error, but `beside_training` (the monitor) replaces those of train/ as the training does (it
+    names and counts them): the bank's other images measure the features as well, and a k-NN curve
+    should not stop a run that the training keeps going. returns: (train loader, val loader,
+    number of classes: --nb_classes or train/'s)"""
     if min(args.knn_k) < 1:
         raise UsageError(f'--knn_k must be 1 or more, got {" ".join(map(str, args.knn_k))}')
     if getattr(args, 'knn_freq', 0) < 0:
         raise UsageError(f'--knn_freq must be 0 (off) or more, got {args.knn_freq}')
     loaders = [build_eval_loader(SeededSamples(build_image_folder(args.data_path, split, eval_transform(args.input_size)),
-                                               args.seed), world, args, pin_memory, distributed=True,
-                                 persistent=False)
+                                               args.seed, bad_images=AlreadyCounted() if split == 'train' and
+                                               beside_training else None),
+                                 world, args, pin_memory, distributed=True, persistent=False)
                for split in ('train', 'val')]
     folders = [loader.dataset.dataset for loader in loaders]
     return (*loaders, number_of_classes(*(f.classes for f in folders), getattr(args, 'nb_classes', None)))

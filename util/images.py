@@ -194,6 +194,15 @@ def one_field(text):
     return text.replace('\t', '\\t').replace('\n', '\\n').replace('\r', '\\r')
 
 
+class AlreadyCounted:
+    """In place of a BadImages for a pass over train/ beside the training's own (pre-training's
+    k-NN bank): an unreadable image, which the training replaces, names and counts, is replaced
+    there too, and neither named nor counted again."""
+
+    def record(self, error):
+        pass
+
+
 class BadImages:
     """The images a process's data-loader workers could not read: one line per replacement
     ('path<TAB>reason') appended to <directory>/bad_images.rank<R>.txt by the workers (appends of
