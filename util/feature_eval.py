@@ -57,10 +57,13 @@ def feature_loaders(args, world, pin_memory, beside_training=False):
         raise UsageError(f'--knn_k must be 1 or more, got {" ".join(map(str, args.knn_k))}')
     if getattr(args, 'knn_freq', 0) < 0:
         raise UsageError(f'--knn_freq must be 0 (off) or more, got {args.knn_freq}')
-    loaders = [build_eval_loader(SeededSamples(build_image_folder(args.data_path, split, eval_transform(args.input_size)),
-                                               args.seed, bad_images=AlreadyCounted() if split == 'train' and
-                                               beside_training else None),
-                                 world, args, pin_memory, distributed=True, persistent=False)
+
+    def samples(split):
+        replaced = AlreadyCounted() if split == 'train' and beside_training else None
+        return SeededSamples(build_image_folder(args.data_path, split, eval_transform(args.input_size)), args.seed,
+                             bad_images=replaced)
+
+    loaders = [build_eval_loader(samples(split), world, args, pin_memory, distributed=True, persistent=False)
                for split in ('train', 'val')]
     folders = [loader.dataset.dataset for loader in loaders]
     return (*loaders, number_of_classes(*(f.classes for f in folders), getattr(args, 'nb_classes', None)))
