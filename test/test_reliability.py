@@ -302,6 +302,11 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
     with pytest.raises(UsageError, match=r"is a checkpoint of main_finetune.py \(--model vit_tiny_patch8\), which "
                                          r"pre-training cannot resume: start a new run in another --output_dir"):
         pretrain()
+    # given with --resume into a new folder: the flag is what to change
+    with pytest.raises(UsageError, match=r"pre-training cannot resume: give a pre-training checkpoint to --resume, or "
+                                         r"leave it out$"):
+        run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--resume',
+                     tmp_path / checkpoint.LAST, '--output_dir', tmp_path / 'new')
     write(model='mae_hivit_tiny', mask_ratio=0.75)
     with pytest.raises(UsageError, match='written by a run with --model mae_hivit_tiny, this run has mae_vit_tiny'):
         pretrain()

@@ -161,7 +161,20 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted, ca
     run_pretrain(*flags, '--output_dir', tmp_path / 'reseeded', '--seed', 1, '--max_steps', 1)
     assert ('warning: --seed 1 is not the seed 0 of the run this resumes in the middle of an epoch'
             in capsys.readouterr().out)
+    # other optimization flags (one left out: its default is the recipe's) are said, and apply from here
+    shutil.copytree(tmp_path / 'resumed', tmp_path / 'changed')
+    run_pretrain(*[f for f in flags if f not in ('--blr', 1e-3)], '--weight_decay', 0.1, '--max_steps', 1,
+                 '--output_dir', tmp_path / 'changed')
+    assert ('warning: resumed with other flags than the run\'s: the lr (--blr x effective batch / 256) 9.375e-06 '
+            '(the run had 6.25e-05), --weight_decay 0.1 (the run had 0.05); they apply from here'
+            in capsys.readouterr().out)  # MAE's blr 1.5e-4 and 1e-3, times 16 / 256
+    step_7 = read_jsonl(tmp_path / 'changed' / 'log.jsonl')[-1]
+    # step 7 begins epoch 1.5 of 3, after 1 warm-up epoch: half-way down the cosine's first half
+    assert (step_7['step'], step_7['lr']) == (7, pytest.approx(1.5e-4 * 16 / 256 * 0.5 * (1 + math.cos(math.pi / 4))))
+    groups = checkpoint.load(tmp_path / 'changed' / checkpoint.LAST)['optimizer']['param_groups']
+    assert sorted(group['weight_decay'] for group in groups) == [0.0, 0.1]  # the run's was 0.05
     run_pretrain(*flags, '--output_dir', tmp_path / 'resumed')
+    assert 'resumed with other flags' not in capsys.readouterr().out
 
     straight, resumed = losses_by_step(tmp_path / 'straight'), losses_by_step(tmp_path / 'resumed')
     assert sorted(straight) == list(range(1, 13))

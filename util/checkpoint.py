@@ -8,6 +8,7 @@ run resumes at epoch + 1.
 """
 import argparse
 import collections
+import math
 import os
 import pickle
 import re
@@ -262,6 +263,47 @@ def say_which_draws_change(ckpt, args, epoch_samples):
               'from an uninterrupted run\'s (the same split resumes exactly)')
 
 
+# The flags of the optimization that a resumed run takes from its command: the lr schedule and
+# clipping (read at every step), and the hyperparameters of the optimizer's parameter groups.
+OPTIMIZATION_FLAGS = ('lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'epochs', 'lr_schedule', 'lr_milestones',
+                      'lr_gamma', 'clip_grad', 'weight_decay', 'opt_betas', 'layer_decay')
+
+
+def say_which_optimization_flags_change(ckpt, args):
+    """A resumption given other optimization flags than the run it continues (often a flag left out
+    of the command, whose default is another recipe's): allowed, since a longer --epochs is how a
+    run is extended, but said."""
+    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    changed = [(key, saved[key], getattr(args, key)) for key in OPTIMIZATION_FLAGS
+               if key in saved and hasattr(args, key) and not same_value(saved[key], getattr(args, key))]
+    if changed:
+        print(f'warning: resumed with other flags than the run\'s: '
+              f'{", ".join(f"{flag_name(k)} {show(now)} (the run had {show(then)})" for k, then, now in changed)}; '
+              f'they apply from here: give the run\'s flags to continue it exactly (a longer --epochs alone is how a '
+              f'run is extended)')
+
+
+def flag_name(key):
+    return 'the lr (--blr x effective batch / 256)' if key == 'lr' else f'--{key}'
+
+
+def show(value):
+    """A flag's value as it is typed."""
+    if isinstance(value, float):
+        return f'{value:.4g}'
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(show, value))
+    return str(value)
+
+
+def same_value(a, b):
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+    return a == b
+
+
 def check_same_kind_of_run(ckpt, path, args):
     """A training checkpoint resumes the run that wrote it: the same --model, and in fine-tuning
     the same mode (a linear probe is not resumed as fine-tuning)."""
@@ -270,9 +312,10 @@ def check_same_kind_of_run(ckpt, path, args):
         return
     finetuning = of_finetuning(vars(args))
     if of_finetuning(saved) and not finetuning:
+        advice = 'give a pre-training checkpoint to --resume, or leave it out' if args.resume else \
+            'start a new run in another --output_dir (or remove its checkpoint-last.pth)'
         raise UsageError(f'{path!r} is a checkpoint of main_finetune.py (--model {saved.get("model")}), which '
-                         f'pre-training cannot resume: start a new run in another --output_dir (or remove its '
-                         f'checkpoint-last.pth)')
+                         f'pre-training cannot resume: {advice}')
     if not of_finetuning(saved) and 'model' in saved and finetuning:
         if args.finetune and not args.resume:  # --output_dir is the pre-training's own folder
             raise UsageError(f'--output_dir {args.output_dir} holds a pre-training run ({path}, --model '
@@ -323,11 +366,16 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         # weights only (e.g. a released model): start training from them
         return 0, 0, {}
+    commanded = [{key: value for key, value in group.items() if key != 'params'} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:  # other parameter groups: another model, mode or layer decay
         raise UsageError(f'{path!r} holds the optimizer of another kind of run ({first_line(e)}): resume it with '
                          f'the flags it was written with{other_run_advice(args)}') from None
+    for group, hyperparameters in zip(optimizer.param_groups, commanded):
+        # the state (moments, steps) is the run's; weight decay, betas and layer scales are this
+        # command's, as its schedule is (loading put back the run's, whatever the flags said)
+        group.update(hyperparameters)
     if ema is not None:
         load_weights(ema.module, ckpt.get('model_ema', weights), path)
         if 'model_ema' not in ckpt:
@@ -338,6 +386,7 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
         scaler.load_state_dict(ckpt['scaler'])
     samples = resumed_epoch_samples(ckpt, path, args)
     say_which_draws_change(ckpt, args, samples)
+    say_which_optimization_flags_change(ckpt, args)
     logged = {key: tuple(ckpt[key]) for key in ('epoch_loss', 'interval_loss') if samples and key in ckpt}
     return ckpt['epoch'] + 1, samples, {'step': ckpt.get('step', 0), **logged}
 
