@@ -312,15 +312,20 @@ def trains_weights(args):
     return not (args.eval or args.knn)
 
 
+def check_mode(args):
+    """Flags of two modes at once, refused before the recipe of either is filled in."""
+    if args.finetune and args.eval:
+        raise UsageError('--eval evaluates a fine-tuned checkpoint given with --resume (a fine-tuning run\'s '
+                         'checkpoint-best.pth, say), not the pre-trained weights of --finetune')
+    if args.knn and (args.eval or args.linprobe):
+        raise UsageError('--knn evaluates the frozen features of --finetune\'s encoder by itself: leave out '
+                         f'{"--eval" if args.eval else "--linprobe"}')
+
+
 def check_args(args):
     if trains_weights(args) and mixup_active(args) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
                          f'{args.batch_size} (or turn mixing off with --mixup 0 --cutmix 0)')
-    if args.finetune and args.eval:
-        raise UsageError('--eval evaluates a fine-tuned checkpoint given with --resume, not --finetune')
-    if args.knn and (args.eval or args.linprobe):
-        raise UsageError('--knn evaluates the frozen features of --finetune\'s encoder by itself: leave out '
-                         f'{"--eval" if args.eval else "--linprobe"}')
     if args.linprobe and args.grad_ckpt:  # and its warning about BatchNorm, of the probe's head, was false
         print('note: --grad_ckpt saves nothing with --linprobe, whose frozen encoder keeps no activations for a '
               'backward pass: left off')
@@ -525,6 +530,7 @@ def run_knn(args, world, device, precision, pin_memory):
 
 
 def main(args):
+    check_mode(args)
     mode = fill_recipe(args)
     check_args(args)
     # an evaluation's printed arguments leave out the training recipe it fills but never reads

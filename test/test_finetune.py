@@ -1,6 +1,8 @@
 """main_finetune.py as a user runs it: the published recipes as defaults, fine-tuning from a demo
 pre-training, linear probing, evaluation of saved checkpoints, exact resumption with RandAugment
 and mixup, the EMA of the weights, other timm models, and bad input."""
+import contextlib
+import io
 import math
 import os
 import shutil
@@ -409,6 +411,12 @@ def test_bad_input_is_one_line(small_folder, tmp_path):
                                     '(or a run in --output_dir)'
     with pytest.raises(UsageError, match='--batch_size must be even'):
         run_finetune(*TINY, '--data_path', small_folder, '--batch_size', 15, '--output_dir', tmp_path)
+    # --eval added to a fine-tuning command: the error alone, not first a warning that its flags are ignored
+    with pytest.raises(UsageError, match=r'--eval evaluates a fine-tuned checkpoint given with --resume'):
+        with contextlib.redirect_stdout(io.StringIO()) as console:
+            run_finetune(*TINY, '--data_path', small_folder, '--finetune', tmp_path / 'pretrained.pth', '--blr', 1e-3,
+                         '--epochs', 5, '--eval', '--output_dir', tmp_path)
+    assert 'warning' not in console.getvalue(), console.getvalue()
     with pytest.raises(UsageError, match='--nb_classes 1 is fewer than the 2 class folders'):
         run_finetune(*TINY, '--data_path', small_folder, '--nb_classes', 1, '--output_dir', tmp_path)
     only_train = tmp_path / 'only_train'
