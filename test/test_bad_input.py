@@ -549,6 +549,30 @@ def test_the_closing_lines_quote_the_tensorboard_command(capsys):
     assert shlex.split(command) == ['tensorboard', '--logdir', 'runs/my run']
 
 
+def test_a_closing_throughput_of_one_logged_interval_says_it_holds_the_start_up(small_folder, tmp_path, capsys):
+    """The first interval (workers, compilation) is left out of the steady-state figure; a run that
+    logged one only printed it as steady-state (0.9 images/s for a compiled run of 85)."""
+    from util.engine import Throughput
+    from util.launch import print_outputs
+    throughput = Throughput()
+    throughput.add(10, 5.0)  # the start-up's interval: 2 images/s
+    stats = {'loss': 1.5, 'complete': False}
+    print_outputs(argparse.Namespace(output_dir=''), {**stats, 'ips': throughput.steady_state,
+                                                      'ips_holds_start_up': throughput.holds_start_up}, 1.0)
+    assert ('throughput: 2.0 images/s over the one logged interval, start-up included (log more steps than '
+            '--log_freq for a steady-state figure); mean loss of the last epoch (unfinished) 1.5000'
+            in capsys.readouterr().out)
+    throughput.add(100, 1.0)
+    throughput.add(300, 2.0)
+    print_outputs(argparse.Namespace(output_dir=''), {**stats, 'complete': True, 'ips': throughput.steady_state,
+                                                      'ips_holds_start_up': throughput.holds_start_up}, 1.0)
+    assert 'steady-state throughput: 133.3 images/s; mean loss of the last epoch 1.5000' in capsys.readouterr().out
+    # as the loop reports it: one step, logged once
+    run_pretrain(*TINY[:-2], '--data_path', small_folder, '--batch_size', 16, '--max_steps', 1,
+                 '--output_dir', tmp_path)
+    assert 'over the one logged interval, start-up included' in capsys.readouterr().out
+
+
 def test_a_ddp_training_checkpoint_resumes(small_folder, tmp_path):
     """A training checkpoint whose weights carry DDP's `module.` prefix (saved from the wrapper)
     resumed as --finetune, --eval and the tools read it; training's --resume refused it."""

@@ -60,6 +60,11 @@ class Throughput:
         return images / max(seconds, 1e-9)
 
     @property
+    def holds_start_up(self):
+        """Whether steady_state is the first interval's alone, start-up included."""
+        return self.seconds == 0
+
+    @property
     def steady_state(self):
         if self.seconds > 0:
             return self.images / self.seconds
@@ -249,7 +254,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
     done = it + 1 if epoch_iters > start_iter else start_iter
     loss_images, images_so_far = progress.epoch_loss
     return {'loss': loss_images / max(images_so_far, 1), 'lr': lr, 'ips': throughput.steady_state,
-            'iters': done, 'complete': done >= epoch_iters, 'preempted': preempted}
+            'ips_holds_start_up': throughput.holds_start_up, 'iters': done, 'complete': done >= epoch_iters,
+            'preempted': preempted}
 
 
 def evaluate_keeping_the_epoch(after_epoch, epoch, stats, keep_unfinished, args):
