@@ -254,12 +254,13 @@ def learning_rates(path):
 # Comparing
 
 def log_interval(steps):
-    """The most common gap between the sorted logged steps (None for a single step: unknown)."""
-    gaps = np.diff(sorted(steps))
-    if not gaps.size:
+    """The most common gap between the sorted logged steps, counting the first from step 0 (None
+    for a single step: unknown). Of gaps as common, the longest: a shorter one is the tail of an
+    epoch (steps 20 and 31 of an epoch of 31 are a log every 20 steps, not every 11)."""
+    if len(steps) < 2:
         return None
-    values, counts = np.unique(gaps, return_counts=True)
-    return int(values[np.argmax(counts)])
+    values, counts = np.unique(np.diff([0, *sorted(steps)]), return_counts=True)
+    return int(values[counts == counts.max()].max())
 
 
 def check_same_steps(cand, cand_format, ref, ref_format):

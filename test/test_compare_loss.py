@@ -157,6 +157,9 @@ def test_logs_written_at_different_intervals_are_refused(tmp_path, reference):
     compare different things, even for the same run."""
     every_two = write_jsonl(tmp_path / 'every2.jsonl', curve()[1::2], steps=STEPS[1::2])
     assert_unusable(run_cli(every_two, reference), 'logged every 2 steps and the reference every 1')
+    # --log_freq 20 over an epoch of 31 steps logs steps 20 and 31: every 20 (it was said every 11)
+    epoch_tail = write_jsonl(tmp_path / 'tail.jsonl', curve()[:2], steps=np.array([20, 31]))
+    assert_unusable(run_cli(epoch_tail, reference), 'logged every 20 steps and the reference every 1')
     # a counted log (one loss a line) lines up only with a log of every step from step 1
     counted = write_numbers(tmp_path / 'loss.txt', curve()[1::2])
     assert_unusable(run_cli(counted, every_two), 'has no step numbers')
