@@ -23,7 +23,12 @@ case_device() {
 
 # run_case pretrain|finetune performance|full DEFAULT_NPROC "$@"
 run_case() {
-    local device
+    local device arg
+    for arg in "${@:4}"; do
+        case "$arg" in  # the calling script's header: what it runs, an example, its keys
+            -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[1]}"; exit 0 ;;
+        esac
+    done
     device="$(case_device "${@:4}")"
     if [[ -f "$TEST_DIR/env_$device.sh" ]]; then
         set +u  # vendor set_env.sh scripts read variables that may be unset

@@ -197,6 +197,18 @@ def test_every_script_runs_the_case_its_name_says():
                          'linked script', f'run_case {kind} {mode} {devices} "$@"'], script
 
 
+def test_help_prints_the_scripts_header():
+    """--help (or -h) was an error asking for --data_path=: it prints the script's header comment, what
+    it runs and its keys, and runs nothing."""
+    for script in sorted(glob.glob(os.path.join(REPO, 'test', '*_*_*p.sh'))):
+        with open(script) as f:
+            header = [line[2:].rstrip('\n') for line in f.readlines()[1:] if line.startswith('# ')]
+        for flag in ('--help', '-h'):
+            result = run_script('bash', script, '--device=cpu', flag)
+            assert result.returncode == 0 and result.stdout.splitlines() == header, result.stdout + result.stderr
+        assert 'Keys: --data_path=' in result.stdout
+
+
 @pytest.mark.parametrize('script, args, message', [
     ('pretrain_performance_1p.sh', ['--model=mae_vit_tiny'], '--data_path= is required'),
     ('finetune_performance_1p.sh', ['--data_path=demo', '--finetune=x.pth'], 'as --finetune_pth=PATH'),
