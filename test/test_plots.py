@@ -124,22 +124,23 @@ def test_accuracy_panel_when_a_run_has_test_acc1(tmp_path):
     assert not len(color_pixels(png, plots.RUN_COLORS[1], acc_box)[0])
 
 
-def epoch_tick_labels(svg):
-    """The tick labels under the accuracy panel (the figure's third axes) of an SVG the plots wrote
-    (their text is kept as text)."""
+def tick_labels(svg, panel):
+    """The x tick labels of a panel ('axes_2': the lr's, over the steps; 'axes_3': the accuracy's,
+    over the epochs) of an SVG the plots wrote (their text is kept as text)."""
     import xml.etree.ElementTree as ET
     ns = '{http://www.w3.org/2000/svg}'
-    panel = next(g for g in ET.parse(svg).iter(f'{ns}g') if g.get('id') == 'axes_3')
+    panel = next(g for g in ET.parse(svg).iter(f'{ns}g') if g.get('id') == panel)
     return [''.join(t.itertext()).strip() for g in panel.iter(f'{ns}g') if (g.get('id') or '').startswith('xtick')
             for t in g.iter(f'{ns}text')]
 
 
 @pytest.mark.parametrize('epochs, labels', [([(0, 30.0)], ['0']), ([(4, 30.0), (5, 35.0)], ['4', '5'])])
-def test_epochs_are_whole_numbers_however_few(tmp_path, epochs, labels):
-    """One evaluated epoch was drawn on an axis from -0.045 to 0.045."""
-    run = write_run(tmp_path / 'run', loss_curve(1.0), schedule(1e-3), epochs=epochs)
+def test_steps_and_epochs_are_whole_numbers_however_few(tmp_path, epochs, labels):
+    """One evaluated epoch was drawn on an axis from -0.045 to 0.045, one logged step from 3.80 to 4.20."""
+    run = write_run(tmp_path / 'run', [1.5], [1e-4], steps=[4], epochs=epochs)
     plots.draw_training_curves(str(tmp_path / 'curves.svg'), [str(run)])
-    assert epoch_tick_labels(tmp_path / 'curves.svg') == labels
+    assert tick_labels(tmp_path / 'curves.svg', 'axes_3') == labels
+    assert tick_labels(tmp_path / 'curves.svg', 'axes_2') == ['4']
 
 
 def test_a_pretraining_runs_knn_curve_is_its_accuracy(tmp_path):

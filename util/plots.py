@@ -260,6 +260,7 @@ def draw_training_curves(path, runs):
         loss_ax.tick_params(labelbottom=False)
         lr_ax.set_ylabel('lr')
         lr_ax.set_xlabel('step')
+        lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one logged step: one tick
         if with_acc:
             axes[2].set_ylabel('top-1 accuracy (%)')
             axes[2].set_xlabel('epoch')
