@@ -226,15 +226,20 @@ def log_text(path):
         raise UnusableInput(f'cannot read {path}: {e.strerror or e}') from None
 
 
+def say_if_runs_follow_one_another(path, losses):
+    """A note where a log holds runs one after another, of which only the last is read."""
+    if getattr(losses, 'earlier_runs', 0):
+        print(f'note: {path} holds {losses.earlier_runs + 1} runs one after another (a fresh run in the same '
+              f'--output_dir appends to its logs): the last one is read, from step {min(losses)}')
+
+
 def read_log(path):
     """(format name, {step: loss}) of a loss log; a directory means its log.jsonl."""
     path, text = log_text(path)
     for name, parser in PARSERS:
         losses = parser(text)
         if losses:
-            if getattr(losses, 'earlier_runs', 0):
-                print(f'note: {path} holds {losses.earlier_runs + 1} runs one after another (a fresh run in the same '
-                      f'--output_dir appends to its logs): the last one is read, from step {min(losses)}')
+            say_if_runs_follow_one_another(path, losses)
             return name, losses
     hint = " (this looks like MAE's per-epoch log.txt: pass log.jsonl, which has every logged step)" \
         if '"train_loss"' in text else ''

@@ -143,6 +143,17 @@ def test_steps_and_epochs_are_whole_numbers_however_few(tmp_path, epochs, labels
     assert tick_labels(tmp_path / 'curves.svg', 'axes_2') == ['4']
 
 
+def test_a_log_holding_two_runs_draws_the_last_and_says_so(tmp_path, capsys):
+    """A fresh run in an old --output_dir appends to its log.jsonl: the last run is drawn, with
+    compare_loss.py's note (the plots said nothing)."""
+    old = write_run(tmp_path / 'old', loss_curve(2.0), schedule(1e-3))
+    new = write_run(tmp_path / 'new', loss_curve(1.0)[:10], schedule(1e-3)[:10], steps=STEPS[:10])
+    (new / 'log.jsonl').write_text((old / 'log.jsonl').read_text() + (new / 'log.jsonl').read_text())
+    run = plots.read_run(str(new))
+    assert run.loss == pytest.approx(dict(zip(STEPS[:10].tolist(), loss_curve(1.0)[:10])))
+    assert f"note: {new / 'log.jsonl'} holds 2 runs one after another" in capsys.readouterr().out
+
+
 def test_a_pretraining_runs_knn_curve_is_its_accuracy(tmp_path):
     """main_pretrain --knn_freq writes knn_acc1 at some epochs of log.txt: those are the run's
     accuracy curve (a fine-tuning run's test_acc1 comes first where a log has both)."""
