@@ -100,9 +100,11 @@ def print_outputs(args, stats, seconds, bad_images=None):
         say_on_this_rank(f'unreadable images replaced by other samples in this process: {bad_images.replacements} '
                          f'({counted(len(bad_images.files), "file")}, listed in {bad_images.path})')
     if stats:
-        throughput = f"throughput: {stats['ips']:.1f} images/s over the one logged interval, start-up included (log " \
-                     f"more steps than --log_freq for a steady-state figure)" if stats.get('ips_holds_start_up') else \
-            f"steady-state throughput: {stats['ips']:.1f} images/s"
+        if stats.get('ips_holds_start_up'):
+            throughput = (f"throughput: {stats['ips']:.1f} images/s over the one logged interval, start-up included "
+                          f"(log more steps than --log_freq for a steady-state figure)")
+        else:
+            throughput = f"steady-state throughput: {stats['ips']:.1f} images/s"
         epoch = 'the last epoch' if stats.get('complete', True) else 'the last epoch (unfinished)'
         print(f"{throughput}; mean loss of {epoch} {stats['loss']:.4f}")
     if getattr(args, 'align', False):

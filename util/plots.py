@@ -188,7 +188,8 @@ def read_run(path):
     """A run's curves from its folder (its log.jsonl, and log.txt's test_acc1 or knn_acc1 if any)
     or from the log.jsonl path itself. A resumed run's steps logged again: the later value wins.
     Raises UsageError for a folder without log.jsonl, an unreadable file or one without losses."""
-    from compare_loss import parse_jsonl, say_if_runs_follow_one_another  # (compare_loss imports no torch)
+    # the one log.jsonl reader, and its note (compare_loss imports no torch)
+    from compare_loss import parse_jsonl, say_if_runs_follow_one_another
     path = str(path)
     if os.path.isdir(path):
         folder, log = path, os.path.join(path, 'log.jsonl')
