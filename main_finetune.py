@@ -89,7 +89,7 @@ def get_args_parser():
                     'take the recipe of the mode; with --finetune, the fine-tuning recipe published with the '
                     'checkpoint\'s pre-training where it has one (SimMIM\'s, MaskFeat\'s, MAE-HiViT\'s) wins.')
     add_schedule_args(parser, recipe_note)
-    parser.add_argument('--layer_decay', type=float, default=None,
+    parser.add_argument('--layer_decay', type=layer_decay_value, default=None,
                         help='layer-wise lr decay; ' + recipe_note('layer_decay') + ' (1 or none: off)')
     parser.add_argument('--layer_lr_bounds', default=None, choices=tuple(LAYER_LR_BOUNDS),
                         help='under layer decay, whether the lr the warm-up starts from and the floor (min lr) are '
@@ -171,6 +171,16 @@ def get_args_parser():
                         help='one mix per batch, per pair or per image')
     add_run_args(parser)
     return parser
+
+
+def layer_decay_value(text):
+    """--layer_decay: a number, or none (off: as 1, since no value means the recipe's)."""
+    if text.lower() == 'none':
+        return 1.0
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'a number, or none (off), got {text!r}') from None
 
 
 def fill_recipe(args):

@@ -136,7 +136,7 @@ def test_training_replaces_reports_and_counts_bad_images(broken_folder, tmp_path
     trained = [s for s in steps if 'loss' in s]
     assert trained[-1]['bad_images'] == 2 * len(broken)  # two epochs, every sample read once in each
     assert 'unreadable images replaced by other samples in this process: 6 (3 files' in out
-    assert len(re.findall(r'k-NN accuracy .*\(k=20, 64 training images', out)) == 2  # the bank: none left out
+    assert len(re.findall(r'k-NN accuracy .*\(k=20; 64 training images', out)) == 2  # the bank: none left out
 
 
 def test_past_max_bad_images_the_run_stops_naming_the_files(broken_folder, tmp_path):

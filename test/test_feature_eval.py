@@ -149,9 +149,10 @@ def test_every_methods_encoder_gives_features():
 
 
 def test_monitor_logs_the_knn_curve_that_knn_gives_for_the_same_weights(small_folder, tmp_path, capsys):
+    # several k: each logged (only the first was, said the help of both tools)
     run_pretrain('--model', 'mae_vit_tiny', '--data_path', small_folder, '--batch_size', 16, '--epochs', 3,
-                 '--warmup_epochs', 0, '--blr', 1e-3, '--knn_freq', 2, '--num_workers', 0, '--device', 'cpu',
-                 '--output_dir', tmp_path / 'pre')
+                 '--warmup_epochs', 0, '--blr', 1e-3, '--knn_freq', 2, '--knn_k', 20, 5, '--num_workers', 0,
+                 '--device', 'cpu', '--output_dir', tmp_path / 'pre')
     epochs = read_jsonl(tmp_path / 'pre' / 'log.txt')
     assert [('knn_acc1' in r, 'knn_seconds' in r) for r in epochs] == [(True, True), (False, False), (True, True)]
     monitored = [r for r in read_jsonl(tmp_path / 'pre' / 'log.jsonl') if 'knn_acc1' in r]
@@ -162,10 +163,15 @@ def test_monitor_logs_the_knn_curve_that_knn_gives_for_the_same_weights(small_fo
     assert [(e.step, e.value) for e in events.Scalars('epoch/knn_acc1')] == \
         [(r['epoch'], pytest.approx(r['knn_acc1'])) for r in monitored]
     results = run_finetune('--knn', *TINY_VIT, '--finetune', tmp_path / 'pre' / 'checkpoint-last.pth', '--data_path',
-                           small_folder, '--num_workers', 0, '--device', 'cpu', '--output_dir', tmp_path / 'knn')
-    assert (results['knn_acc1'], results['knn_acc5']) == (monitored[-1]['knn_acc1'], monitored[-1]['knn_acc5'])
+                           small_folder, '--knn_k', 20, 5, '--num_workers', 0, '--device', 'cpu', '--output_dir',
+                           tmp_path / 'knn')
+    for key in ('knn_acc1', 'knn_acc5', 'knn20_acc1', 'knn5_acc1', 'knn5_acc5'):
+        assert results[key] == monitored[-1][key], key
+    assert epochs[-1]['knn5_acc1'] == results['knn5_acc1']
     assert read_jsonl(tmp_path / 'knn' / 'log.txt')[0]['probe_acc1'] == results['probe_acc1']
-    assert capsys.readouterr().out.rstrip().endswith(f"appended to {tmp_path / 'knn' / 'log.txt'}")
+    out = capsys.readouterr().out
+    assert 'k=20, k=5: top-1' in out
+    assert out.rstrip().endswith(f"appended to {tmp_path / 'knn' / 'log.txt'}")
 
 
 def test_two_processes_evaluate_like_one(small_folder, tmp_path):

@@ -52,6 +52,7 @@ def test_defaults_are_the_published_recipes():
     # any flag given wins over the recipe; "none" turns RandAugment off; decay 1 is no decay
     _, a = parse('--finetune', 'x.pth', '--blr', 1e-3, '--aa', 'none', '--layer_decay', 1, '--cls_token')
     assert (a.blr, a.aa, a.layer_decay, a.global_pool) == (1e-3, None, None, False)
+    assert parse('--finetune', 'x.pth', '--layer_decay', 'none')[1].layer_decay is None  # as --help says (was refused)
 
 
 def test_large_and_huge_fine_tune_with_their_own_recipe():

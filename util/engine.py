@@ -332,7 +332,7 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                     stats.update(evaluate_keeping_the_epoch(after_epoch, epoch, stats, keep_unfinished, args))
                 save(epoch, stats)
                 logger.log_epoch({**{f'train_{k}': v for k, v in stats.items() if k in ('loss', 'lr', 'ips')},
-                                  **{k: v for k, v in stats.items() if k.startswith(('test_', 'knn_'))},
+                                  **{k: v for k, v in stats.items() if k.startswith(('test_', 'knn'))},
                                   'epoch': epoch, 'step': progress.step,
                                   **(flop_rate.fields(stats['ips'], prefix='train_') if flop_rate else {}),
                                   'epoch_seconds': round(time.perf_counter() - epoch_start, 1),

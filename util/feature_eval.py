@@ -214,11 +214,12 @@ def encoder_as_classifier(model):
 
 
 class KnnMonitor:
-    """Pre-training: every `every` epochs and at the last, the k-NN accuracy (first of `ks`,
-    weighted vote) of the encoder's current weights on val/, with train/ as the reference, under
-    the evaluation transform. Called as the loop's after_epoch hook on every rank; returns
-    knn_acc1, knn_acc5 and knn_seconds for log.txt (and TensorBoard's epoch scalars), and appends
-    them to log.jsonl at the global step."""
+    """Pre-training: every `every` epochs and at the last, the k-NN accuracy (weighted vote) of the
+    encoder's current weights on val/, with train/ as the reference, under the evaluation
+    transform. Called as the loop's after_epoch hook on every rank; returns knn_acc1, knn_acc5 (the
+    first of `ks`), knn<k>_acc1 and knn<k>_acc5 for each k where there are several, and
+    knn_seconds, for log.txt (and TensorBoard's epoch scalars), and appends them to log.jsonl at
+    the global step."""
 
     def __init__(self, model, loaders, device, precision, num_classes, ks, every, epochs, logger, progress):
         self.model, self.loaders, self.device, self.precision = model, loaders, device, precision
@@ -230,10 +231,14 @@ class KnnMonitor:
             return {}
         classifier = encoder_as_classifier(self.model).to(self.device.torch_device)
         results = frozen_feature_accuracy(classifier, *self.loaders, self.device, self.precision, self.num_classes,
-                                          self.ks[:1], probe=False)
-        values = {'knn_acc1': results['knn_acc1'], 'knn_acc5': results['knn_acc5'], 'knn_seconds': results['seconds']}
+                                          self.ks, probe=False)
+        values = {'knn_acc1': results['knn_acc1'], 'knn_acc5': results['knn_acc5']}
+        if len(self.ks) > 1:
+            values.update({f'knn{k}_acc{n}': results[f'knn{k}_acc{n}'] for k in self.ks for n in (1, 5)})
+        values['knn_seconds'] = results['seconds']
+        others = ''.join(f", k={k}: top-1 {values[f'knn{k}_acc1']:.2f}%" for k in self.ks[1:])
         print(f"k-NN accuracy of the encoder after epoch {epoch}: top-1 {values['knn_acc1']:.2f}%, top-5 "
-              f"{values['knn_acc5']:.2f}% (k={self.ks[0]}, {results['train_images']} training images, "
+              f"{values['knn_acc5']:.2f}% (k={self.ks[0]}{others}; {results['train_images']} training images, "
               f"{values['knn_seconds']:.1f} s)")
         self.logger.log_values({'epoch': epoch, 'step': self.progress.step, **values})
         return values

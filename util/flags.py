@@ -137,7 +137,8 @@ def add_run_args(parser):
                         help='checkpoint to resume from (default: <output_dir>/checkpoint-last.pth if present)')
     parser.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     parser.add_argument('--max_steps', default=None, type=int,
-                        help='stop after this many optimizer steps (smoke and performance runs)')
+                        help='stop after this many optimizer steps of this launch (smoke and performance runs; a '
+                             'run resumed from its folder trains as many more)')
     parser.add_argument('--save_freq', default=20, type=int,
                         help='keep checkpoint-<epoch>.pth every N epochs (default: 20)')
     parser.add_argument('--log_freq', default=None, type=int, help='log every N optimizer steps (default: 20)')
