@@ -570,7 +570,7 @@ def run_checkpoint_stall(args):
             line = (f'{name:>11}: training held up {", ".join(f"{s:.2f}" for s in stalls)} s per save; '
                     f'writes {", ".join(f"{w:.2f}" for w in writes)} s')
             if during:
-                line += f'; training work during a write {max(during) / alone:.2f}x as slow as alone ({alone:.2f} s)'
+                line += f'; training work during a write took {max(during) / alone:.2f}x its time alone ({alone:.2f} s)'
             print(line, flush=True)
         print(f'file size {os.path.getsize(path) / 2 ** 30:.2f} GiB')
 

@@ -547,7 +547,7 @@ def main(args):
     unused = () if trains_weights(args) else recipe_training_flags() | {*TRAINING_ONLY_FLAGS, 'recipe_source'}
     world, device, precision = start_run(args, unused_flags=unused)
     print(f'mode: {"evaluation" if args.eval else "frozen features (--knn)" if args.knn else mode}' +
-          (f', with {args.recipe_source}' if args.recipe_source else ''))
+          (f', with {args.recipe_source}' if args.recipe_source and trains_weights(args) else ''))
     pin_memory = args.pin_mem and device.type != 'cpu'
     if args.knn:
         results = run_knn(args, world, device, precision, pin_memory)

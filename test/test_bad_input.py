@@ -460,6 +460,13 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root,
                  '--data_path', 'demo', '--output_dir', '')
     # --eval trains nothing: the model line counts no trained parameters
     assert re.search(r'^model vit_tiny_patch8: [0-9.]+ M parameters, 20 classes$', capsys.readouterr().out, re.M)
+    # a model with a supervised recipe of its own: an evaluation names no recipe (it said "with the supervised
+    # recipe published for hivit_tiny_patch8_64")
+    torch.save({'model': create_classifier('hivit_tiny_patch8_64', num_classes=1000).state_dict(),
+                'args': {'model': 'hivit_tiny_patch8_64', 'finetune': ''}}, tmp_path / 'hivit.pth')
+    run_finetune('--eval', '--resume', tmp_path / 'hivit.pth', '--device', 'cpu', '--num_workers', 0,
+                 '--data_path', 'synthetic:64', '--output_dir', '')
+    assert re.search(r'^mode: evaluation$', capsys.readouterr().out, re.M)
     pretrained = demo_finetuning[0] / checkpoint.LAST  # a pre-training run's: nothing to evaluate yet
     with pytest.raises(UsageError, match=re.escape(f"{str(pretrained)!r} is a pre-training checkpoint (mae_vit_tiny) "
                                                    f"and --eval measures a classifier: fine-tune it first")):

@@ -143,9 +143,9 @@ def add_run_args(parser):
                         help='keep checkpoint-<epoch>.pth every N epochs (default: 20)')
     parser.add_argument('--log_freq', default=None, type=int, help='log every N optimizer steps (default: 20)')
     parser.add_argument('--num_workers', default=default_num_workers(), type=int,
-                        help='data-loading processes per training process (default: the cores this process may use, '
-                             'shared among the processes of this node (LOCAL_WORLD_SIZE), or 10 (fewer cores: all of '
-                             'them) where that is more; here: %(default)s)')
+                        help='data-loading processes per training process (default: the usable cores divided among '
+                             'the node\'s LOCAL_WORLD_SIZE training processes, but at least 10, or all the cores where '
+                             'there are fewer; here: %(default)s)')
     parser.add_argument('--pin_mem', default=True, action=argparse.BooleanOptionalAction,
                         help='pin host memory in the data loader for faster copies to the device (default: on)')
     parser.add_argument('--save_every_steps', default=0, type=int,
