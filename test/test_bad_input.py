@@ -41,6 +41,9 @@ TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--dat
     (['--start_epoch', -1], '--start_epoch must be 0 or more, got -1'),  # the sampler's traceback in a worker
     (['--vis_freq', -1], '--vis_freq must be 0 or more, got -1'),  # was taken as every epoch
     (['--lr_schedule', 'step', '--lr_milestones', 5, -1], '--lr_milestones are epochs, 0 or more, got 5 -1'),
+    # a step schedule's flags under MAE's cosine did nothing, without a word
+    (['--lr_milestones', 5, '--lr_gamma', 0.5], '--lr_gamma and --lr_milestones shape the step schedule, and '
+                                                '--lr_schedule is cosine: add --lr_schedule step, or leave them out'),
     (['--start_epoch', 5, '--epochs', 1], '--start_epoch 5 is not below --epochs 1: nothing would train'),  # was exit 0
     (['--input_size', 8], '--mask_ratio 0.75 leaves none of the 1 patches visible: give a larger --input_size'),
     (['--data_path', '/nonexistent/imagenet'], "--data_path '/nonexistent/imagenet' does not exist"),

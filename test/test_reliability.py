@@ -290,8 +290,8 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
         run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--num_workers', 0, '--device', 'cpu',
                      '--output_dir', tmp_path)
 
-    def pretrain():
-        run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path)
+    def pretrain(*flags, output_dir=tmp_path):
+        run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, *flags, '--output_dir', output_dir)
 
     def write(**args):
         torch.save({'model': {}, 'optimizer': {}, 'epoch': 0, 'args': args}, tmp_path / checkpoint.LAST)
@@ -305,8 +305,7 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
     # given with --resume into a new folder: the flag is what to change
     with pytest.raises(UsageError, match=r"pre-training cannot resume: give a pre-training checkpoint to --resume, or "
                                          r"leave it out$"):
-        run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--resume',
-                     tmp_path / checkpoint.LAST, '--output_dir', tmp_path / 'new')
+        pretrain('--resume', tmp_path / checkpoint.LAST, output_dir=tmp_path / 'new')
     write(model='mae_hivit_tiny', mask_ratio=0.75)
     with pytest.raises(UsageError, match='written by a run with --model mae_hivit_tiny, this run has mae_vit_tiny'):
         pretrain()

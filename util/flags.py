@@ -79,6 +79,11 @@ def apply_recipe(args, recipe, trains=True):
         args.clip_grad = None
     if trains:
         check_warmup_fits(args, given_warmup='warmup_epochs' in given)
+        step_flags = sorted({'lr_milestones', 'lr_gamma'} & given)
+        if step_flags and args.lr_schedule != 'step':  # given, not a recipe's: it would do nothing
+            raise UsageError(f'{" and ".join("--" + f for f in step_flags)} shape{"s" if len(step_flags) == 1 else ""} '
+                             f'the step schedule, and --lr_schedule is {args.lr_schedule}: add --lr_schedule step, or '
+                             f'leave {"it" if len(step_flags) == 1 else "them"} out')
 
 
 def check_warmup_fits(args, given_warmup):
