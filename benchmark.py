@@ -164,6 +164,9 @@ def check_args(args):
     if args.compare_official and args.finetune_pipeline:
         raise UsageError('--compare_official compares the pre-training pipeline with the official MAE one: '
                          'leave out --finetune_pipeline')
+    if args.input_pipeline and args.finetune_pipeline:  # main_finetune decodes with Pillow alone
+        raise UsageError(f'--input_pipeline {args.input_pipeline} chooses main_pretrain\'s pipeline: leave it out with '
+                         f'--finetune_pipeline')
 
 
 # ---- model mode ------------------------------------------------------------------------------

@@ -238,6 +238,8 @@ def test_impossible_counts_and_peaks_are_one_line(flags, message):
     (['--data_path', 'demo', '--steps', '5'], '--steps is for timing the training step: leave out --data_path'),
     (['--model', 'mae_vit_tiny', '--images', '10'], '--images is for timing the input pipeline: give --data_path'),
     (['--model', 'mae_vit_tiny', '--saves', '2'], '--saves is for timing checkpoint saves: add --checkpoint_stall'),
+    (['--data_path', 'demo', '--finetune_pipeline', '--input_pipeline', 'nvjpeg'],
+     "--input_pipeline nvjpeg chooses main_pretrain's pipeline: leave it out with --finetune_pipeline"),
 ])
 def test_a_flag_of_another_mode_is_refused(flags, message):
     import benchmark
