@@ -428,6 +428,8 @@ def test_bad_input_is_one_line(small_folder, tmp_path):
     with pytest.raises(UsageError, match='--aa randaug is not an augmentation policy timm knows: give '
                                          'rand-m9-mstd0.5-inc1'):  # timm's bare AssertionError
         run_finetune(*TINY, '--data_path', small_folder, '--aa', 'randaug', '--output_dir', tmp_path)
+    with pytest.raises(UsageError, match="--aa rand-m9-inc: 'inc' is not a RandAugment setting"):  # timm skipped it
+        run_finetune(*TINY, '--data_path', small_folder, '--aa', 'rand-m9-inc', '--output_dir', tmp_path)
     # timm's CNNs have no cls token: --linprobe's pooling is named, with the flag that fixes it
     for model in ('resnet10t', 'hivit_tiny_patch8_64'):  # HiViT's own words printed its keywords as a dict
         with pytest.raises(UsageError, match=f'{model} has no cls token for --linprobe to classify: give --global_pool'):

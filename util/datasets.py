@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import random
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -233,12 +234,26 @@ def _use_compatible_posterize():
             auto_augment.NAME_TO_OP[name] = posterize_allowing_zero_bits
 
 
+# The settings of timm's RandAugment string after `rand` (m9: magnitude, n2: ops an image, mstd0.5:
+# its noise, mmax10: its bound, inc1: magnitude-increasing ops, p0.5: each op's probability,
+# t<name>: another op set); timm skips a section without a number.
+RAND_AUGMENT_SETTING = re.compile(r'(m|n|mstd|mmax|inc|p)\d+(\.\d*)?|t\w+')
+
+
+def check_rand_augment_settings(policy):
+    for section in (policy or '').split('-')[1:] if (policy or '').startswith('rand') else ():
+        if not RAND_AUGMENT_SETTING.fullmatch(section):
+            raise UsageError(f'--aa {policy}: {section!r} is not a RandAugment setting (m9 magnitude, n2 ops, mstd0.5, '
+                             f'mmax10, inc1, p0.5), and timm would skip it; e.g. rand-m9-mstd0.5-inc1')
+
+
 def finetune_transform(args):
     """The fine-tuning augmentation of MAE and DeiT, built by timm: RandomResizedCrop (bicubic,
     at least --crop_min of the image), flip, RandAugment (--aa), colour jitter (--color_jitter: after
     RandAugment when both are given, as mmpretrain's MaskFeat recipe; timm's create_transform would
     drop it), random erasing (--reprob/--remode/--recount)."""
     _use_compatible_posterize()
+    check_rand_augment_settings(args.aa)
     try:
         return transforms_imagenet_train(args.input_size, scale=(args.crop_min, 1.0), color_jitter=args.color_jitter,
                                          force_color_jitter=True, auto_augment=args.aa, interpolation='bicubic',
