@@ -241,7 +241,10 @@ RAND_AUGMENT_SETTING = re.compile(r'(m|n|mstd|mmax|inc|p)\d+(\.\d*)?|t\w+')
 
 
 def check_rand_augment_settings(policy):
-    for section in (policy or '').split('-')[1:] if (policy or '').startswith('rand') else ():
+    """A RandAugment --aa whose every section timm reads (timm's own check covers the other policies)."""
+    if not (policy or '').startswith('rand-'):
+        return
+    for section in policy.split('-')[1:]:
         if not RAND_AUGMENT_SETTING.fullmatch(section):
             raise UsageError(f'--aa {policy}: {section!r} is not a RandAugment setting (m9 magnitude, n2 ops, mstd0.5, '
                              f'mmax10, inc1, p0.5), and timm would skip it; e.g. rand-m9-mstd0.5-inc1')
