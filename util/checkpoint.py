@@ -251,7 +251,7 @@ def say_which_draws_change(ckpt, args, epoch_samples):
     """A resumption that draws otherwise than the run it continues: another --seed in the middle of
     an epoch (its rest in another order), another split of the batch in fine-tuning (other mixes
     and drops). Allowed, and said."""
-    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    saved = saved_args(ckpt)
     if epoch_samples and saved.get('seed') not in (None, args.seed):
         print(f'warning: --seed {args.seed} is not the seed {saved["seed"]} of the run this resumes in the middle '
               f'of an epoch: the rest of the epoch is drawn in another order, so some of its images are seen twice and '
@@ -273,7 +273,7 @@ def say_which_optimization_flags_change(ckpt, args):
     """A resumption given other optimization flags than the run it continues (often a flag left out
     of the command, whose default is another recipe's): allowed, since a longer --epochs is how a
     run is extended, but said."""
-    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    saved = saved_args(ckpt)
     changed = [(key, saved[key], getattr(args, key)) for key in OPTIMIZATION_FLAGS
                if key in saved and hasattr(args, key) and not same_value(saved[key], getattr(args, key))]
     if changed:
