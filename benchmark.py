@@ -24,7 +24,6 @@ training up, synchronous and with the background writer.
 """
 import argparse
 import os
-import re
 import tempfile
 import time
 from functools import partial
@@ -48,6 +47,7 @@ from util.flags import add_step_args, check_ranges
 from util.flops import (FlopRate, device_name, device_peak, example_batch, matmul_precision,
                         training_flops_per_image)
 from util.images import BadImages
+from util.masking import MaskingError
 from util.logger import counted
 from util.optim import build_adamw, param_groups
 from util.registry import _unknown, create_classifier, create_pretrain_model, native_input_size, pretrain_model_names
@@ -185,15 +185,13 @@ def training_args(entry_point, model, data_path, input_size, extra=()):
 def recipe_masks(model, args):
     """The model's mask generator under its recipe's masking flags, which benchmark.py does not
     take: where they cannot mask an image of --input_size, the error keeps what is wrong and asks
-    for another size (the masking errors end in `: give ...` or `: choose ...`, advice on flags of
-    main_pretrain.py)."""
+    for another size instead of main_pretrain.py's flags."""
     try:
         return model.mask_generator(args)
-    except UsageError as e:
-        what = re.split(r': (?:give|choose) ', str(e), maxsplit=1)[0]
+    except MaskingError as e:
         recipe = training_args(main_pretrain, args.model, 'synthetic', None).input_size
-        raise UsageError(f'{args.model} at {args.input_size} px: {what}; benchmark.py times the recipe\'s masking: '
-                         f'give another --input_size (the recipe\'s is {recipe})') from None
+        raise UsageError(f'{args.model} at {args.input_size} px: {e.problem}; benchmark.py times the recipe\'s '
+                         f'masking: give another --input_size (the recipe\'s is {recipe})') from None
 
 
 def build_step(name, batch_size, input_size):

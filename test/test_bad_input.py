@@ -45,7 +45,7 @@ TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--dat
     (['--lr_milestones', 5, '--lr_gamma', 0.5], '--lr_gamma and --lr_milestones shape the step schedule, and '
                                                 '--lr_schedule is cosine: add --lr_schedule step, or leave them out'),
     (['--start_epoch', 5, '--epochs', 1], '--start_epoch 5 is not below --epochs 1: nothing would train'),  # was exit 0
-    (['--input_size', 8], '--mask_ratio 0.75 leaves none of the 1 patches visible: give a larger --input_size'),
+    (['--input_size', 8], 'a mask ratio of 0.75 leaves none of the 1 patches visible: give a larger --input_size'),
     (['--data_path', '/nonexistent/imagenet'], "--data_path '/nonexistent/imagenet' does not exist"),
     # another method's flag was ignored, or failed in the model's constructor (Beit.__init__()'s TypeError)
     (['--mask_count', 5], "--mask_count is MaskFeat's option, which mae_vit_tiny does not have: leave it out"),

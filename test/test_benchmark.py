@@ -253,6 +253,8 @@ def test_a_flag_of_another_mode_is_refused(flags, message):
     (['--model', 'maskfeat_vit_tiny', '--input_size', '16', '--steps', '1'], 'cannot mask 2 of 4 patches with blocks'),
     (['--model', 'simmim_vit_tiny', '--input_size', '40', '--data_path', 'demo'],
      'a mask of 16-pixel units does not fit a 40-pixel image'),
+    (['--model', 'mae_vit_tiny', '--input_size', '8', '--steps', '1'],
+     'a mask ratio of 0.75 leaves none of the 1 patches visible'),
 ])
 def test_a_size_the_recipes_masking_refuses_asks_for_another_size(flags, wrong):
     """benchmark.py has no masking flags: the error of a size the recipe cannot mask says what is

@@ -115,7 +115,7 @@ def test_a_ratio_that_leaves_no_patch_visible_is_refused():
     for L, largest in ((16, 0.9375), (196, 0.9948)):  # 1 - 1/16; 1 - 1/196 = 0.99490 keeps 0.9996: rounded down
         assert int(L * (1 - largest)) == 1
         UniformNoise(L, largest)
-        with pytest.raises(UsageError, match=f'--mask_ratio 0.9999 leaves none of the {L} patches visible: give '
+        with pytest.raises(UsageError, match=f'a mask ratio of 0.9999 leaves none of the {L} patches visible: give '
                                              f'--mask_ratio {largest} or less$'):
             UniformNoise(L, 0.9999)
 

@@ -117,7 +117,7 @@ def test_mask_generator_masks_exactly_ceil_of_the_ratio():
     ((192, 24, 16, 0.6), 'must be a positive multiple of the model\'s patch size 16'),
     ((192, 0, 4, 0.6), '--mask_patch_size 0 must be a positive multiple'),
     # 36 units of 32 px: ceil(0.99 x 36) = 36 masked; the bound 35 / 36 = 0.97222 cut to 4 decimals
-    ((192, 32, 4, 0.99), '--mask_ratio 0.99 masks all 36 mask units of 32 px (SimMIM masks ceil(ratio x units)), '
+    ((192, 32, 4, 0.99), 'a mask ratio of 0.99 masks all 36 mask units of 32 px (SimMIM masks ceil(ratio x units)), '
                          'leaving nothing visible: give --mask_ratio 0.9722 or less'),
     ((64, 64, 8, 0.6), 'give a --mask_patch_size below 64 (the image is one mask unit)'),
     ((200, 32, 4, 0.6), 'does not fit a 200-pixel image'),

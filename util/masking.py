@@ -14,6 +14,16 @@ import torch
 from util.errors import UsageError
 
 
+class MaskingError(UsageError):
+    """Flags whose masking cannot mask images of this size: `problem` says what is wrong and
+    `advice` what to give instead (main_pretrain.py's flags); a caller that takes other flags
+    (benchmark.py times the recipe's masking) keeps the problem and gives its own advice."""
+
+    def __init__(self, problem, advice):
+        super().__init__(f'{problem}: {advice}')
+        self.problem, self.advice = problem, advice
+
+
 def batch_masks(imgs, mask, patch_size, generator):
     """The (N, H/p, W/p) masks of a batch of images: `mask` checked against their patch grid, or,
     when None, one drawn per image by `generator` from the global random state."""
@@ -49,8 +59,8 @@ class UniformNoise:
         if int(num_patches * (1 - mask_ratio)) < 1:  # the encoder would see nothing (HiViT's cannot even run)
             advice = f'--mask_ratio {round_down(1 - 1 / num_patches, 4)} or less' if num_patches > 1 else \
                 'a larger --input_size (the image is one patch)'
-            raise UsageError(f'--mask_ratio {mask_ratio} leaves none of the {num_patches} patches visible: give '
-                             f'{advice}')
+            raise MaskingError(f'a mask ratio of {mask_ratio} leaves none of the {num_patches} patches visible',
+                               f'give {advice}')
         self.num_patches = num_patches
         self.forward_kwargs = {'mask_ratio': mask_ratio}
 
@@ -71,8 +81,8 @@ class MaskPatches:
             raise UsageError(f'--mask_patch_size {mask_patch_size} must be a positive multiple of the model\'s patch '
                              f'size {model_patch_size}')
         if input_size % mask_patch_size:
-            raise UsageError(f'a mask of {mask_patch_size}-pixel units does not fit a {input_size}-pixel image: '
-                             f'choose a --mask_patch_size that divides --input_size')
+            raise MaskingError(f'a mask of {mask_patch_size}-pixel units does not fit a {input_size}-pixel image',
+                               'choose a --mask_patch_size that divides --input_size')
         self.units_per_side = input_size // mask_patch_size
         self.scale = mask_patch_size // model_patch_size
         self.num_units = self.units_per_side ** 2
@@ -80,9 +90,9 @@ class MaskPatches:
         if self.num_masked == self.num_units and mask_ratio < 1:  # a ratio of 1 is refused by its flag's check
             advice = f'--mask_ratio {round_down(1 - 1 / self.num_units, 4)} or less' if self.num_units > 1 else \
                 f'a --mask_patch_size below {mask_patch_size} (the image is one mask unit)'
-            raise UsageError(f'--mask_ratio {mask_ratio} masks all {self.num_units} mask units of '
-                             f'{mask_patch_size} px (SimMIM masks ceil(ratio x units)), leaving nothing visible: '
-                             f'give {advice}')
+            raise MaskingError(f'a mask ratio of {mask_ratio} masks all {self.num_units} mask units of '
+                               f'{mask_patch_size} px (SimMIM masks ceil(ratio x units)), leaving nothing visible',
+                               f'give {advice}')
         self.forward_kwargs = {}
 
     def __call__(self, generator=None):
@@ -105,13 +115,14 @@ class BlockMask:
                  max_aspect=None):
         coverable = (grid - 1) ** 2  # the blocks stay off the last row and column
         if not coverable:
-            raise UsageError(f'an image of {grid} x {grid} patches is too small for block masking, whose blocks stay '
-                             f'off the last row and column: give a larger --input_size')
+            raise MaskingError(f'an image of {grid} x {grid} patches is too small for block masking, whose blocks '
+                               f'stay off the last row and column', 'give a larger --input_size')
         if not 0 < num_masking_patches <= coverable:
-            raise UsageError(f'cannot mask {num_masking_patches} of {grid * grid} patches with blocks, which cover at '
-                             f'most {coverable} ({grid - 1} x {grid - 1}: as in BEiT\'s code, no block touches the '
-                             f'last row or column): give --mask_count from 1 to {coverable}, or a --mask_ratio from '
-                             f'{math.ceil(1000 / grid ** 2) / 1000} to {round_down(coverable / grid ** 2, 3)}')
+            raise MaskingError(f'cannot mask {num_masking_patches} of {grid * grid} patches with blocks, which cover '
+                               f'at most {coverable} ({grid - 1} x {grid - 1}: as in BEiT\'s code, no block touches '
+                               f'the last row or column)', f'give --mask_count from 1 to {coverable}, or a '
+                               f'--mask_ratio from {math.ceil(1000 / grid ** 2) / 1000} to '
+                               f'{round_down(coverable / grid ** 2, 3)}')
         if min_num_patches < 1:
             raise UsageError(f'a mask block holds at least one patch: give --mask_min_patches 1 or more, got '
                              f'{min_num_patches}')
