@@ -202,8 +202,9 @@ class MaskFeat(nn.Module):
         mask: (N, H/p, W/p) with 1 = masked, or None to draw one per image
         returns: loss, pred (N, L, D) the predicted HOG of every patch, mask (N, H/p, W/p)
         """
-        default = BlockMask(self.grid, BlockMask.default_count(self.grid, self.mask_ratio), self.mask_min_patches,
-                            min_aspect=self.mask_min_aspect)
+        default = None if mask is not None else BlockMask(
+            self.grid, BlockMask.default_count(self.grid, self.mask_ratio), self.mask_min_patches,
+            min_aspect=self.mask_min_aspect)
         mask = batch_masks(imgs, mask, self.encoder.patch_embed.patch_size[0], default)
         pred = self.head(self.encoder.forward_masked(imgs, mask))
         return self.forward_loss(self.hog(imgs), pred, mask), pred, mask

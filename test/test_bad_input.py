@@ -47,6 +47,9 @@ TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--dat
     (['--start_epoch', 5, '--epochs', 1], '--start_epoch 5 is not below --epochs 1: nothing would train'),  # was exit 0
     (['--input_size', 8], 'a mask ratio of 0.75 leaves none of the 1 patches visible: give a larger --input_size'),
     (['--data_path', '/nonexistent/imagenet'], "--data_path '/nonexistent/imagenet' does not exist"),
+    # 40 % of maskfeat_vit_tiny's 64 patches is 26
+    (['--model', 'maskfeat_vit_tiny', '--mask_min_patches', 27], 'blocks of 27 or more patches cannot make a mask of 26: '
+                                                                 'give --mask_min_patches 26 or less, or mask more'),
     # another method's flag was ignored, or failed in the model's constructor (Beit.__init__()'s TypeError)
     (['--mask_count', 5], "--mask_count is MaskFeat's option, which mae_vit_tiny does not have: leave it out"),
     (['--model', 'simmim_vit_tiny', '--no-norm_pix_loss'], "--norm_pix_loss is MAE's and MAE-HiViT's option, which "

@@ -129,6 +129,11 @@ def test_block_mask_count_scales_and_refuses_too_many():
         BlockMask(1, 1)
     with pytest.raises(UsageError, match='give --mask_min_patches 1 or more, got -5$'):  # was sqrt's ValueError
         BlockMask(14, 78, -5)
+    # blocks larger than the whole mask: BEiT's draw shrank every one of them below the flag's bound, unsaid
+    with pytest.raises(UsageError, match=r'blocks of 79 or more patches cannot make a mask of 78: give '
+                                         r'--mask_min_patches 78 or less'):
+        BlockMask(14, 78, 79)
+    assert BlockMask(14, 78, 78)(torch.Generator().manual_seed(0))['mask'].sum().item() == 78
     with pytest.raises(UsageError, match=r'\(--mask_min_aspect\) must be positive, got -1.0$'):
         BlockMask(14, 78, 15, min_aspect=-1.0)
     with pytest.raises(UsageError, match='at most 1, since the largest aspect is its inverse; got 2'):

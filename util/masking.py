@@ -126,6 +126,10 @@ class BlockMask:
         if min_num_patches < 1:
             raise UsageError(f'a mask block holds at least one patch: give --mask_min_patches 1 or more, got '
                              f'{min_num_patches}')
+        if min_num_patches > num_masking_patches:  # BEiT's code would shrink every block below it, unsaid
+            raise MaskingError(f'blocks of {min_num_patches} or more patches cannot make a mask of '
+                               f'{num_masking_patches}', f'give --mask_min_patches {num_masking_patches} or less, or '
+                               f'mask more patches (--mask_count, --mask_ratio)')
         if not min_aspect > 0:
             raise UsageError(f'the smallest aspect ratio of a mask block (--mask_min_aspect) must be positive, '
                              f'got {min_aspect}')
