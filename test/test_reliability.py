@@ -320,6 +320,17 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
                      '--finetune', tmp_path / checkpoint.LAST, '--output_dir', tmp_path)
 
 
+def test_a_run_resumes_under_its_models_other_name():
+    """mae_vit_tiny is the alias of mae_vit_tiny_patch8 (the README lists both): a run started under
+    one name resumed under the other was refused as another model's."""
+    from argparse import Namespace
+    from util.checkpoint import check_same_kind_of_run
+    ckpt = {'model': {}, 'optimizer': {}, 'epoch': 0, 'args': {'model': 'mae_vit_tiny_patch8', 'mask_ratio': 0.75}}
+    check_same_kind_of_run(ckpt, 'last.pth', Namespace(model='mae_vit_tiny', resume='', output_dir='run'))
+    with pytest.raises(UsageError, match='--model mae_vit_tiny_patch8, this run has simmim_vit_tiny'):
+        check_same_kind_of_run(ckpt, 'last.pth', Namespace(model='simmim_vit_tiny', resume='', output_dir='run'))
+
+
 def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_folder, tmp_path):
     from util.output_dir import lock_output_dir, release_output_dir_locks
     holder = start('-c', f'import sys, time; sys.path.insert(0, {REPO!r}); from util.output_dir import lock_output_dir; '

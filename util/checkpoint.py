@@ -9,6 +9,7 @@ run resumes at epoch + 1.
 import argparse
 import collections
 import math
+import operator
 import os
 import pickle
 import re
@@ -19,6 +20,7 @@ from util import dist, mmpretrain
 from util.errors import UsageError, first_line
 from util.logger import named_briefly
 from util.pos_embed import table_image_size
+from util.registry import same_model
 
 LAST = 'checkpoint-last.pth'
 BEST = 'checkpoint-best.pth'  # fine-tuning: the weights of the epoch with the best top-1
@@ -324,7 +326,8 @@ def check_same_kind_of_run(ckpt, path, args):
         raise UsageError(f'{path!r} is a pre-training checkpoint (--model {saved["model"]}), which fine-tuning '
                          f'cannot resume: start from its weights with --finetune, or use another --output_dir')
     for flag in ('model', 'linprobe'):
-        if flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
+        same = same_model if flag == 'model' else operator.eq
+        if flag in saved and hasattr(args, flag) and not same(saved[flag], getattr(args, flag)):
             raise UsageError(f'{path!r} was written by a run with --{flag} {saved[flag]}, this run has '
                              f'{getattr(args, flag)}: resume it with the same flags{other_run_advice(args)}')
     before, now = saved.get('train_images'), getattr(args, 'train_images', None)

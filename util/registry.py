@@ -114,6 +114,13 @@ def pretrain_model_names():
     return sorted(_PRETRAIN_MODELS)
 
 
+def same_model(name, other):
+    """Whether two --model names build the same model: equal, or a pre-training model's official
+    name and its alias (mae_vit_tiny_patch8 and mae_vit_tiny)."""
+    import_model_files()
+    return name == other or (name in _PRETRAIN_MODELS and _PRETRAIN_MODELS.get(name) is _PRETRAIN_MODELS.get(other))
+
+
 def model_names_by_method(pretraining=True):
     """For --help: the registered pre-training models (or this project's timm classifiers), one
     'Method: name, name, ...' line a model file, in MODEL_FILES' order."""
