@@ -94,8 +94,10 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     mae = models_mae.mae_vit_tiny_patch8(depth=2)
     torch.save({'model': mae.state_dict()}, tmp_path / 'tiny.pth')
     model = timm.create_model('vit_small_patch16', img_size=64, depth=2, num_classes=5)
-    with pytest.raises(UsageError, match=r'does not fit this model: shapes \[.*192.*384'):
+    with pytest.raises(UsageError, match=r'does not fit this model: shapes \[.*192.*384') as error:
         checkpoint.load_pretrained(model, str(tmp_path / 'tiny.pth'))
+    # the file's position table, (64 / 8)^2 + 1 tokens, not the one resampled to (64 / 16)^2 + 1
+    assert 'pos_embed (1, 65, 192) vs (1, 17, 384)' in str(error.value)
     torch.save({'epoch': 3}, tmp_path / 'empty.pth')
     with pytest.raises(UsageError, match='holds no model weights'):
         checkpoint.load_pretrained(model, str(tmp_path / 'empty.pth'))
