@@ -116,6 +116,25 @@ def test_a_stop_at_the_last_step_of_an_epoch_leaves_the_epoch_to_the_resumed_run
     assert losses_by_step(tmp_path) == uninterrupted
 
 
+def test_a_stop_at_the_end_of_an_epoch_trains_no_step_of_the_next(small_folder, tmp_path, uninterrupted, monkeypatch):
+    """A signal during the end of an epoch (fine-tuning's evaluation, the saves) was acted on after
+    the first step of the next epoch, which was trained and saved first. Now the run stops with the
+    epoch's checkpoint, and the resumed run goes on from the next epoch's first step."""
+    from util import signals
+    from util.errors import Preempted
+    flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--output_dir', tmp_path]
+    calls = []  # one a step, one at the end of each epoch: the 5th is the end of epoch 0's 4 steps
+    monkeypatch.setattr(signals, 'stop_agreed', lambda: calls.append(1) or len(calls) == 5)
+    with pytest.raises(Preempted, match=r'after step 4 \(the end of epoch 0\); checkpoint-last.pth is written'):
+        run_pretrain(*flags)
+    assert checkpoint.load(tmp_path / checkpoint.LAST)['step'] == 4
+    assert max(r['step'] for r in read_jsonl(tmp_path / 'log.jsonl')) == 4
+    monkeypatch.undo()
+    run_pretrain(*flags)
+    assert [e['epoch'] for e in read_jsonl(tmp_path / 'log.txt')] == [0, 1, 2]
+    assert losses_by_step(tmp_path) == uninterrupted
+
+
 def test_sigterm_to_the_whole_group_stops_cleanly(small_folder, tmp_path):
     """GNU timeout, `kill -TERM -<pgid>` and schedulers signal every process of a job, the
     data-loader worker included: the worker leaves it to the run (a worker killed by it broke

@@ -325,9 +325,7 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                 if stats['preempted']:  # no evaluation: the grace time before a kill is short
                     keep_unfinished(epoch, stats)  # an epoch stopped at its last step, too
                     dist.barrier()
-                    raise Preempted(f'stopped by {signals.received() or "a signal to another process"} after step '
-                                    f'{progress.step} (epoch {epoch}); checkpoint-last.pth is written: run the same '
-                                    f'command again to resume')
+                    raise stopped(progress, f'epoch {epoch}')
                 if after_epoch is not None:
                     stats.update(evaluate_keeping_the_epoch(after_epoch, epoch, stats, keep_unfinished, args))
                 save(epoch, stats)
@@ -339,10 +337,20 @@ def train(model, model_without_ddp, loss_fn, loader, optimizer, scaler, device, 
                                   **checkpoint_times(stall, writer)})
                 if not stats['complete'] or out_of_steps(progress, args):
                     break
+                if signals.stop_agreed():  # it came during the evaluation or the saves: no step of the next epoch
+                    writer.wait()
+                    raise stopped(progress, f'the end of epoch {epoch}')
             writer.wait()  # the end of the run: every file complete, a failed write raised here
         finally:
             writer.close()  # after an error too: the write in flight ends before the process does
     return stats
+
+
+def stopped(progress, where):
+    """The Preempted error of a stop signal acted on after `progress.step`, once checkpoint-last.pth
+    is written."""
+    return Preempted(f'stopped by {signals.received() or "a signal to another process"} after step {progress.step} '
+                     f'({where}); checkpoint-last.pth is written: run the same command again to resume')
 
 
 def checkpoint_times(stall, writer):
