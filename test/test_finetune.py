@@ -320,13 +320,15 @@ def test_two_process_evaluation_is_exact(small_folder, tmp_path, capsys):
     torch.manual_seed(0)
     torch.save({'model': vit_tiny_patch8(num_classes=2).state_dict()}, tmp_path / 'weights.pth')
     flags = [*TINY, '--data_path', small_folder, '--eval', '--resume', tmp_path / 'weights.pth', '--batch_size', 4,
-             '--output_dir', '']
+             '--output_dir', '', '--mixup', 0.5]  # a training flag: warned about before the processes meet
     capsys.readouterr()
     run_finetune(*flags)
     one = capsys.readouterr().out
     two = run_script(sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2, '--standalone',
                      'main_finetune.py', *flags)
     assert two.returncode == 0, two.stderr[:3000]  # the start: a failing rank's own message comes before torchrun's
+    # rank 0's alone, as every line of the run (each rank printed it)
+    assert two.stdout.count('warning: --mixup shapes training') == 1, two.stdout
     line = [ln for ln in one.splitlines() if ln.startswith('* Acc@1')]
     assert len(line) == 1 and 'on the 17 validation images' in one
     assert [ln for ln in two.stdout.splitlines() if ln.startswith('* Acc@1')] == line

@@ -350,6 +350,31 @@ def test_a_run_resumes_under_its_models_other_name():
         check_same_kind_of_run(ckpt, 'last.pth', Namespace(model='simmim_vit_tiny', resume='', output_dir='run'))
 
 
+def test_every_rank_stops_where_rank_0_cannot_lock_the_output_dir(monkeypatch):
+    """Rank 0 alone locks --output_dir: where another run held it, rank 0 stopped with that line,
+    and the other ranks went on to resume the other run's checkpoint (and failed on its effective
+    batch). Each rank here plays its part with rank 0's answer passed as the collective would."""
+    from util import launch, signals
+    held = 'another run is using --output_dir run (pid 7 on host): wait for it to end'
+    sent = []
+
+    def lock(output_dir):
+        raise UsageError(held)
+    monkeypatch.setattr(launch, 'lock_output_dir', lock)
+    monkeypatch.setattr(signals, 'main_process_value', lambda value: sent.append(value) or value)
+    monkeypatch.setattr(launch.dist, 'is_main_process', lambda: True)
+    with pytest.raises(UsageError, match=f'^{re.escape(held)}$'):
+        launch.lock_for_every_rank('run')
+    assert sent == [held]  # rank 0 passes its line on
+    monkeypatch.setattr(launch, 'lock_output_dir', lambda output_dir: pytest.fail('only rank 0 locks'))
+    monkeypatch.setattr(launch.dist, 'is_main_process', lambda: False)
+    monkeypatch.setattr(signals, 'main_process_value', lambda value: held)  # rank 0's, broadcast
+    with pytest.raises(UsageError, match=f'^{re.escape(held)}$'):
+        launch.lock_for_every_rank('run')
+    monkeypatch.setattr(signals, 'main_process_value', lambda value: None)  # rank 0 holds the lock
+    launch.lock_for_every_rank('run')
+
+
 def test_a_second_run_in_the_same_output_dir_refuses_until_the_first_ends(small_folder, tmp_path):
     from util.output_dir import lock_output_dir, release_output_dir_locks
     holder = start('-c', f'import sys, time; sys.path.insert(0, {REPO!r}); from util.output_dir import lock_output_dir; '

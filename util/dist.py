@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from util import signals
-from util.errors import ORIGINAL_PRINT, UsageError
+from util.errors import ORIGINAL_PRINT, UsageError, unsilenced_print
 from util.logger import counted
 
 
@@ -69,9 +69,9 @@ def init_process_group(world, device, timeout_minutes=30):
                          f'the processes with torchrun (which sets them), or set them for the processes to meet')
     if world.distributed:
         if 'TORCHELASTIC_RUN_ID' not in os.environ:  # started by hand or by srun: the others may never come
-            print(f'rank {world.rank} of {world.world_size}: waiting for the other processes at '
-                  f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]} (up to {timeout_minutes} minutes; Ctrl-C '
-                  f'stops)', flush=True)
+            unsilenced_print(f'rank {world.rank} of {world.world_size}: waiting for the other processes at '
+                             f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]} (up to {timeout_minutes} '
+                             f'minutes; Ctrl-C stops)', flush=True)
         with signals.ending_at_once():
             dist.init_process_group(backend=device.dist_backend, init_method='env://',
                                     world_size=world.world_size, rank=world.rank,
@@ -100,6 +100,13 @@ def print_only_on_main_process(is_main):
         if is_main or force:
             builtin_print(*args, **kwargs)
     builtins.print = rank_print
+
+
+def main_process_by_env():
+    """Whether this process is rank 0 by torchrun's (or SLURM's) variables, read before the
+    processes meet: the flags are checked, and warned about, before then (read_world_from_env
+    checks the values)."""
+    return os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')) == '0'
 
 
 def is_dist_initialized():

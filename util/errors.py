@@ -35,8 +35,9 @@ class Preempted(BaseException):
 def run_cli(main, *args):
     """Run an entry point; a RunEnded (bad input, divergence) or a Preempted ends the program with
     its one-line message and its exit code."""
-    from util import signals  # imports torch: not before the arguments are parsed (--help stays quick)
+    from util import dist, signals  # import torch: not before the arguments are parsed (--help stays quick)
     signals.catch_signals()
+    dist.print_only_on_main_process(dist.main_process_by_env())  # the flags' warnings too, said before the ranks meet
     try:
         return main(*args)
     except (RunEnded, Preempted) as e:
@@ -82,8 +83,12 @@ def say_on_this_rank(text, kind=None, file=None):
     said only that rank 0 had been stopped."""
     rank = os.environ.get('RANK', '0')
     label = '' if rank == '0' else f'rank {rank}: '
-    unsilenced = builtins.__dict__.get(ORIGINAL_PRINT, builtins.print)
-    unsilenced(f'{kind}: {label}{text}' if kind else f'{label}{text}', file=file or sys.stdout, flush=True)
+    unsilenced_print(f'{kind}: {label}{text}' if kind else f'{label}{text}', file=file or sys.stdout, flush=True)
+
+
+def unsilenced_print(*args, **kwargs):
+    """print() on this rank whatever its number: what each process says for itself."""
+    builtins.__dict__.get(ORIGINAL_PRINT, builtins.print)(*args, **kwargs)
 
 
 def disk_full_message(error):

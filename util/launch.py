@@ -32,9 +32,8 @@ def start_run(args, deterministic=False, unused_flags=()):
     else:
         device.use_fast_fp32()
     dist.init_process_group(world, device)
-    if args.output_dir and dist.is_main_process():
-        lock_output_dir(args.output_dir)
     signals.join_agreement_group()
+    lock_for_every_rank(args.output_dir)
     precision = device.resolve_precision(args.precision)
     resolve_compile(args, device.type, deterministic)
     args.log_dir = args.log_dir or args.output_dir
@@ -47,6 +46,23 @@ def start_run(args, deterministic=False, unused_flags=()):
               'there to check a GPU recipe\'s loss scaling, not for speed')
     print(json.dumps({key: value for key, value in vars(args).items() if key not in unused_flags}, indent=1))
     return world, device, precision
+
+
+def lock_for_every_rank(output_dir):
+    """Rank 0 locks --output_dir (util.output_dir); where it cannot (another run holds it, the folder
+    cannot be written), every rank stops with its line before any of them reads the folder: the
+    others went on to resume the other run's checkpoint-last.pth, and failed on its flags."""
+    if not output_dir:
+        return
+    problem = None
+    if dist.is_main_process():
+        try:
+            lock_output_dir(output_dir)
+        except UsageError as e:
+            problem = str(e)
+    problem = signals.main_process_value(problem)
+    if problem:
+        raise UsageError(problem)
 
 
 def resume_training(args, model, optimizer, scaler, train_images, ema=None):

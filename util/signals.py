@@ -140,3 +140,13 @@ def stop_agreed():
     flag = torch.tensor([1 if _received else 0], dtype=torch.int32)  # on the CPU: no device sync
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_group)
     return bool(flag.item())
+
+
+def main_process_value(value):
+    """Rank 0's `value` (any picklable object) on every rank, through the CPU group of the
+    agreements; `value` itself in a run of one process. Every rank must call this together."""
+    if not (dist.is_initialized() and _group is not None):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0, group=_group)
+    return holder[0]
