@@ -332,6 +332,33 @@ def check_mode(args):
                          f'{"--eval" if args.eval else "--linprobe"}')
 
 
+def keep_the_resumed_runs_start(args):
+    """A resumed fine-tuning run goes on from its checkpoint's weights, so it keeps the weights it
+    started from (its --finetune, whose recipe it trains with): left out, --finetune is the run's;
+    another file is refused, as its weights would not be loaded (and the run's checkpoints would
+    then name it as their start)."""
+    path = checkpoint.resume_path(args.resume, args.output_dir) if trains_weights(args) else None
+    try:
+        run = checkpoint.load(path, mmap=True).get('args') if path else None
+    except (UsageError, AttributeError):  # a damaged file, or not a dict: said where the run resumes it
+        return
+    # this project's fine-tuning runs (an official checkpoint's args name paths of another machine)
+    if not (isinstance(run, dict) and checkpoint.of_finetuning(run) and isinstance(run['finetune'], str)):
+        return
+    if not args.finetune:
+        args.finetune = run['finetune']
+    elif not same_file(args.finetune, run['finetune']):
+        started = f'from --finetune {run["finetune"]}' if run['finetune'] else 'from scratch (without --finetune)'
+        instead = 'leave out --resume' if args.resume else 'give another --output_dir'
+        raise UsageError(f'{path!r} is of a run that started {started}, and a resumed run goes on from its checkpoint: '
+                         f'the weights of --finetune {args.finetune} would not be loaded. To resume the run, leave '
+                         f'--finetune out; to start from {args.finetune}, {instead}')
+
+
+def same_file(path, other):
+    return path == other or (os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other))
+
+
 def check_args(args):
     if trains_weights(args) and mixup_active(args) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
@@ -541,6 +568,7 @@ def run_knn(args, world, device, precision, pin_memory):
 
 def main(args):
     check_mode(args)
+    keep_the_resumed_runs_start(args)
     mode = fill_recipe(args)
     check_args(args)
     # an evaluation's printed arguments leave out the training recipe it fills but never reads

@@ -7,10 +7,12 @@ import errno
 import gzip
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -361,6 +363,20 @@ def test_files_that_are_not_checkpoints_get_advice_that_holds(tmp_path):
     (tmp_path / 'page.pth').write_text('\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n')
     with pytest.raises(UsageError, match='is a web page, not a PyTorch checkpoint: download the file that the page'):
         checkpoint.load(str(tmp_path / 'page.pth'))
+    # an empty file: a download cut short (it said: starts with b'')
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(UsageError, match=r"empty.pth' is empty \(0 bytes\): a copy or download cut short"):
+        checkpoint.load(str(tmp_path / 'empty.pth'))
+    # a pickle of Python's own (protocol 4; a detectron2-style .pkl): torch's warning about the protocol,
+    # then advice on a file cut short
+    with open(tmp_path / 'plain.pkl', 'wb') as f:
+        pickle.dump({'model': {'w': np.zeros(2)}}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with pytest.raises(UsageError, match=r"plain.pkl' is a pickle \(protocol 4\) that torch.save did not write"):
+            checkpoint.load(str(tmp_path / 'plain.pkl'))
+    torch.save({'w': torch.zeros(2)}, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)  # protocol 2
+    assert checkpoint.load(str(tmp_path / 'legacy.pth'))['w'].shape == (2,)
 
 
 def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_path):

@@ -351,6 +351,30 @@ def test_resumed_finetuning_with_randaugment_and_mixup_continues_exactly(two_epo
     assert sorted(straight) == list(range(1, 9)) and resumed == straight
 
 
+def test_a_resumed_run_keeps_the_weights_it_started_from(small_folder, tmp_path, capsys):
+    """A run resumed with another --finetune went on from its own checkpoint, silently, and its
+    checkpoints then named the other file as their start; resumed without --finetune it called
+    itself a run from scratch and took DeiT's recipe."""
+    from models_vit import vit_tiny_patch8
+    for seed, name in enumerate(('start.pth', 'other.pth')):
+        torch.manual_seed(seed)
+        torch.save({'model': vit_tiny_patch8(num_classes=2).state_dict()}, tmp_path / name)
+    flags = [*TINY, '--data_path', small_folder, '--batch_size', 8, '--epochs', 1, '--warmup_epochs', 0,
+             '--max_steps', 1, '--output_dir', tmp_path / 'run']
+    run_finetune(*flags, '--finetune', tmp_path / 'start.pth')
+    with pytest.raises(UsageError, match=rf"is of a run that started from --finetune {tmp_path / 'start.pth'}, .*: the "
+                                         rf"weights of --finetune {tmp_path / 'other.pth'} would not be loaded. To "
+                                         rf"resume the run, leave --finetune out; to start from .*other.pth, give "
+                                         rf"another --output_dir$"):
+        run_finetune(*flags, '--finetune', tmp_path / 'other.pth')
+    capsys.readouterr()
+    run_finetune(*flags)  # one more step, of the run started from start.pth
+    out = capsys.readouterr().out
+    assert 'mode: finetune' in out and 'warning: resumed with other flags' not in out, out
+    ckpt = checkpoint.load(tmp_path / 'run' / checkpoint.LAST)
+    assert ckpt['step'] == 2 and ckpt['args']['finetune'] == str(tmp_path / 'start.pth')
+
+
 def test_model_ema_follows_the_weights(small_folder, tmp_path, capsys):
     """After one step from w0 to w1, the EMA holds decay * w0 + (1 - decay) * w1 (timm ModelEmaV3,
     no warm-up); it is checkpointed and evaluated. Its accuracy line is labelled and comes before

@@ -331,6 +331,12 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
     with pytest.raises(UsageError, match=r"is a pre-training checkpoint \(--model mae_hivit_tiny\), which "
                                          r"fine-tuning cannot resume: start from its weights with --finetune"):
         finetune()
+    # given to both --resume and --finetune: --resume is what to leave out
+    with pytest.raises(UsageError, match=r"fine-tuning cannot resume: leave out --resume: --finetune gives the weights "
+                                         r"to start from$"):
+        run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--num_workers', 0, '--device', 'cpu',
+                     '--finetune', tmp_path / checkpoint.LAST, '--resume', tmp_path / checkpoint.LAST,
+                     '--output_dir', tmp_path / 'new')
     # fine-tuning that run's weights in its own folder: the folder is what to change
     with pytest.raises(UsageError, match=rf"^--output_dir {tmp_path} holds a pre-training run \(.*checkpoint-last.pth, "
                                          rf"--model mae_hivit_tiny\), which fine-tuning would resume: give the "

@@ -100,6 +100,10 @@ def load(path, mmap=False):
     start = start[:4]
     if not start.startswith(CHECKPOINT_STARTS):
         raise UsageError(not_a_checkpoint(path, start))
+    if start.startswith(b'\x80') and len(start) > 1 and start[1] > 2:  # torch.save's own pickles are protocol 2
+        raise UsageError(f'{path!r} is a pickle (protocol {start[1]}) that torch.save did not write, and checkpoints '
+                         f'are loaded as data: read it with pickle, then save its weights as tensors with torch.save '
+                         f'and give that file')
     mmap = mmap and start == CHECKPOINT_STARTS[0]
     try:
         return load_as_data(path, mmap=mmap)
@@ -137,6 +141,8 @@ OTHER_STARTS = ((b'\x1f\x8b', 'is gzip-compressed, not a PyTorch checkpoint: gun
 def not_a_checkpoint(path, start):
     """The error for a file that begins with `start` (4 bytes) and is no checkpoint: what it is,
     where that shows, and what to give instead."""
+    if not start:
+        return f'{path!r} is empty (0 bytes): a copy or download cut short? Give the whole file'
     for magic, what in OTHER_STARTS:
         if start.lstrip().startswith(magic):
             return f'{path!r} {what}'
@@ -323,8 +329,10 @@ def check_same_kind_of_run(ckpt, path, args):
             raise UsageError(f'--output_dir {args.output_dir} holds a pre-training run ({path}, --model '
                              f'{saved["model"]}), which fine-tuning would resume: give the fine-tuning another '
                              f'--output_dir')
+        advice = 'leave out --resume: --finetune gives the weights to start from' if args.finetune else \
+            'start from its weights with --finetune, or use another --output_dir'
         raise UsageError(f'{path!r} is a pre-training checkpoint (--model {saved["model"]}), which fine-tuning '
-                         f'cannot resume: start from its weights with --finetune, or use another --output_dir')
+                         f'cannot resume: {advice}')
     for flag in ('model', 'linprobe'):
         same = same_model if flag == 'model' else operator.eq
         if flag in saved and hasattr(args, flag) and not same(saved[flag], getattr(args, flag)):
