@@ -305,9 +305,9 @@ def test_a_damaged_last_checkpoint_names_the_newest_epoch_checkpoint(small_folde
 
 def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, tmp_path):
     from helpers import run_finetune
-    def finetune():
+    def finetune(*flags, output_dir=tmp_path):
         run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--num_workers', 0, '--device', 'cpu',
-                     '--output_dir', tmp_path)
+                     *flags, '--output_dir', output_dir)
 
     def pretrain(*flags, output_dir=tmp_path):
         run_pretrain(*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, *flags, '--output_dir', output_dir)
@@ -334,15 +334,13 @@ def test_resuming_another_models_or_modes_checkpoint_is_one_line(small_folder, t
     # given to both --resume and --finetune: --resume is what to leave out
     with pytest.raises(UsageError, match=r"fine-tuning cannot resume: leave out --resume: --finetune gives the weights "
                                          r"to start from$"):
-        run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--num_workers', 0, '--device', 'cpu',
-                     '--finetune', tmp_path / checkpoint.LAST, '--resume', tmp_path / checkpoint.LAST,
-                     '--output_dir', tmp_path / 'new')
+        finetune('--finetune', tmp_path / checkpoint.LAST, '--resume', tmp_path / checkpoint.LAST,
+                 output_dir=tmp_path / 'new')
     # fine-tuning that run's weights in its own folder: the folder is what to change
     with pytest.raises(UsageError, match=rf"^--output_dir {tmp_path} holds a pre-training run \(.*checkpoint-last.pth, "
                                          rf"--model mae_hivit_tiny\), which fine-tuning would resume: give the "
                                          rf"fine-tuning another --output_dir$"):
-        run_finetune('--model', 'vit_tiny_patch8', '--data_path', small_folder, '--num_workers', 0, '--device', 'cpu',
-                     '--finetune', tmp_path / checkpoint.LAST, '--output_dir', tmp_path)
+        finetune('--finetune', tmp_path / checkpoint.LAST)
 
 
 def test_a_run_resumes_under_its_models_other_name():
