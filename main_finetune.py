@@ -363,6 +363,9 @@ def check_args(args):
     if trains_weights(args) and mixup_active(args) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pairs images within a batch: --batch_size must be even, got '
                          f'{args.batch_size} (or turn mixing off with --mixup 0 --cutmix 0)')
+    if args.linprobe and args.layer_decay is not None:  # the probe's recipe has none: given on the command line
+        print('note: --layer_decay does nothing with --linprobe, which trains the head alone: left off')
+        args.layer_decay = None
     if args.linprobe and args.grad_ckpt:  # and its warning about BatchNorm, of the probe's head, was false
         print('note: --grad_ckpt saves nothing with --linprobe, whose frozen encoder keeps no activations for a '
               'backward pass: left off')

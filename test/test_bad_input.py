@@ -190,7 +190,7 @@ def test_a_tilde_in_a_path_flag_means_the_home_folder(monkeypatch):
     assert main_pretrain.get_args_parser().parse_args(['--data_path=demo']).output_dir == './output_dir'
 
 
-def test_grad_ckpt_with_a_linear_probe_is_left_off_with_a_note(capsys):
+def test_what_a_linear_probe_cannot_use_is_left_off_with_a_note(capsys):
     """The probe's encoder is frozen: nothing to recompute, and the warning that BatchNorm would
     update twice (the probe head's, outside the blocks) was false."""
     import main_finetune
@@ -201,6 +201,13 @@ def test_grad_ckpt_with_a_linear_probe_is_left_off_with_a_note(capsys):
     assert not args.grad_ckpt
     assert capsys.readouterr().out == 'note: --grad_ckpt saves nothing with --linprobe, whose frozen encoder keeps ' \
         'no activations for a backward pass: left off\n'
+    # layer decay scales the encoder's layers, which the probe does not train: it was ignored without a word
+    args = main_finetune.get_args_parser().parse_args(['--linprobe', '--data_path', 'demo', '--layer_decay', '0.75'])
+    main_finetune.fill_recipe(args)
+    capsys.readouterr()
+    main_finetune.check_args(args)
+    assert args.layer_decay is None and capsys.readouterr().out == \
+        'note: --layer_decay does nothing with --linprobe, which trains the head alone: left off\n'
     main_finetune.fill_recipe(main_finetune.get_args_parser().parse_args(['--data_path', 'demo', '--epochs', '1']))
     assert "warning: the recipe's 5 warm-up epochs are more than --epochs 1" in capsys.readouterr().out
     with pytest.raises(UsageError, match='--warmup_epochs 4 does not fit a run of --epochs 1'):

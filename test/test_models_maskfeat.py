@@ -129,7 +129,7 @@ def test_block_mask_count_scales_and_refuses_too_many():
         BlockMask(1, 1)
     with pytest.raises(UsageError, match='give --mask_min_patches 1 or more, got -5$'):  # was sqrt's ValueError
         BlockMask(14, 78, -5)
-    # blocks larger than the whole mask: BEiT's draw shrank every one of them below the flag's bound, unsaid
+    # blocks larger than the whole mask: the reference's draw shrank every one below the flag's bound, unsaid
     with pytest.raises(UsageError, match=r'blocks of 79 or more patches cannot make a mask of 78: give '
                                          r'--mask_min_patches 78 or less'):
         BlockMask(14, 78, 79)

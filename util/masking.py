@@ -108,8 +108,9 @@ class BlockMask:
     """BEiT's block-wise masking, which MaskFeat uses: rectangles of at least `min_num_patches`
     patches, of aspect ratio (height / width) drawn log-uniformly in [min_aspect, max_aspect], are
     placed at random (overlaps allowed, each adding at least one new patch) until exactly
-    `num_masking_patches` of the grid x grid patches are masked. As in BEiT's code, a rectangle
-    must be smaller than the grid and does not touch its last row or column."""
+    `num_masking_patches` of the grid x grid patches are masked. As in mmpretrain's
+    BEiTMaskGenerator (MaskFeat's reference), a rectangle must be smaller than the grid and does not
+    touch its last row or column (BEiT's own code draws its corner inclusively, and may)."""
 
     def __init__(self, grid, num_masking_patches, min_num_patches=4, max_num_patches=None, min_aspect=0.3,
                  max_aspect=None):
@@ -119,14 +120,14 @@ class BlockMask:
                                f'stay off the last row and column', 'give a larger --input_size')
         if not 0 < num_masking_patches <= coverable:
             raise MaskingError(f'cannot mask {num_masking_patches} of {grid * grid} patches with blocks, which cover '
-                               f'at most {coverable} ({grid - 1} x {grid - 1}: as in BEiT\'s code, no block touches '
+                               f'at most {coverable} ({grid - 1} x {grid - 1}: as in mmpretrain\'s, no block touches '
                                f'the last row or column)', f'give --mask_count from 1 to {coverable}, or a '
                                f'--mask_ratio from {math.ceil(1000 / grid ** 2) / 1000} to '
                                f'{round_down(coverable / grid ** 2, 3)}')
         if min_num_patches < 1:
             raise UsageError(f'a mask block holds at least one patch: give --mask_min_patches 1 or more, got '
                              f'{min_num_patches}')
-        if min_num_patches > num_masking_patches:  # BEiT's code would shrink every block below it, unsaid
+        if min_num_patches > num_masking_patches:  # the reference's draw shrank every block below it, unsaid
             raise MaskingError(f'blocks of {min_num_patches} or more patches cannot make a mask of '
                                f'{num_masking_patches}', f'give --mask_min_patches {num_masking_patches} or less, or '
                                f'mask more patches (--mask_count, --mask_ratio)')

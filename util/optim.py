@@ -60,7 +60,9 @@ def build_adamw(groups, lr, betas, device):
 def build_lars(model, lr, weight_decay):
     """LARS for linear probing (MAE's protocol): SGD with momentum 0.9 whose weight matrices get
     the layer-wise trust ratio 0.001 * |w| / |g| (and the weight decay); biases and other 1-D
-    parameters take plain momentum steps. timm's Lars does the arithmetic."""
+    parameters take plain momentum steps. timm's Lars does the arithmetic. With a weight decay
+    (MAE's recipe has none) its ratio is 0.001 * |w| / (|g| + wd * |w|), where MAE's code takes
+    0.001 * |w| / |g + wd * w|: the same at wd 0, a little smaller steps above it."""
     from timm.optim import Lars
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in trainable if p.ndim > 1], 'weight_decay': weight_decay, 'always_adapt': True},
