@@ -65,8 +65,10 @@ RECIPES = {
     'linprobe': dict(COMMON, epochs=90, blr=0.1, weight_decay=0.0, min_lr=0.0, warmup_epochs=10, layer_decay=None,
                      drop_path=0.0, aa=None, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
                      global_pool=False, head_init_std=0.01),
-    # DeiT, supervised from scratch: 300 epochs, lr 5e-4 per 512 images (batch 1024), min lr 1e-5
-    'scratch': dict(COMMON, epochs=300, blr=2.5e-4, weight_decay=0.05, min_lr=1e-5, warmup_epochs=5, layer_decay=None,
+    # DeiT, supervised from scratch: 300 epochs, lr 5e-4 per 512 images (batch 1024), a warm-up from 1e-6 and
+    # a half-cosine over the whole run to 1e-5 (timm's scheduler in DeiT's code, stepped there once an epoch)
+    'scratch': dict(COMMON, epochs=300, blr=2.5e-4, weight_decay=0.05, min_lr=1e-5, warmup_epochs=5, warmup_lr=1e-6,
+                    lr_schedule='cosine_whole_run', layer_decay=None,
                     drop_path=0.1, aa=AA_DEFAULT, reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
                     global_pool=True, head_init_std=None),
 }

@@ -49,6 +49,14 @@ def test_defaults_are_the_published_recipes():
     assert mode == 'scratch'
     assert (a.blr * 512 / 256, a.epochs, a.min_lr, a.warmup_epochs, a.weight_decay, a.layer_decay) == \
         (5e-4, 300, 1e-5, 5, 0.05, None)
+    # its lr at each epoch is that of DeiT's scheduler (timm's cosine from --warmup-lr 1e-6, over the whole
+    # run: no warm-up prefix); it warmed up from 0 and started its cosine after the warm-up
+    from timm.scheduler import CosineLRScheduler
+    from util.lr_sched import lr_at
+    deit = CosineLRScheduler(torch.optim.SGD([torch.zeros(1)], lr=1e-3), t_initial=300, lr_min=1e-5, warmup_t=5,
+                             warmup_lr_init=1e-6)
+    ours = [lr_at(e, 1e-3, a.min_lr, a.warmup_epochs, a.epochs, a.warmup_lr, a.lr_schedule) for e in range(300)]
+    assert ours == pytest.approx([deit._get_lr(e)[0] for e in range(300)], rel=1e-9, abs=1e-15)
     # any flag given wins over the recipe; "none" turns RandAugment off; decay 1 is no decay
     _, a = parse('--finetune', 'x.pth', '--blr', 1e-3, '--aa', 'none', '--layer_decay', 1, '--cls_token')
     assert (a.blr, a.aa, a.layer_decay, a.global_pool) == (1e-3, None, None, False)
