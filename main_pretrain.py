@@ -223,9 +223,10 @@ def main(args):
     model_ddp = compile_and_wrap(model, device, args)
     logger = RunLogger(args.output_dir, args.log_dir, enabled=dist.is_main_process())
     monitor = None
-    if logger.draws_images:  # the same images and masks at every epoch shown
-        images = eval_images(args.data_path, VIS_IMAGES, args.input_size)
-        every = args.save_freq if args.vis_freq is None else args.vis_freq
+    every = args.save_freq if args.vis_freq is None else args.vis_freq
+    if logger.draws_images and every:  # the same images and masks at every epoch shown
+        images = eval_images(args.data_path, VIS_IMAGES, args.input_size, what='the pictures of --vis_freq (0 turns '
+                                                                              'them off)')
         monitor = ReconstructionMonitor(model, mask_generator, images.to(device.torch_device), logger, every, args.epochs)
     knn = None
     if args.knn_freq != 0:

@@ -289,6 +289,26 @@ def test_hidden_folders_and_files_are_no_classes_and_no_images_and_loose_images_
     assert len(image_paths_of(str(root / 'train'))) == 8  # the pictures' search: the 6, and the 2 loose ones
 
 
+def test_pre_trainings_pictures_read_train_where_val_has_no_images(small_folder, tmp_path):
+    """Pre-training needs no val/: an empty one stopped the run for its pictures' images, even with
+    --vis_freq 0 (never), while a run without val/ took train/'s."""
+    from util.datasets import image_paths_of
+    data = tmp_path / 'data'
+    shutil.copytree(os.path.join(small_folder, 'train'), data / 'train')
+    (data / 'val' / 'a').mkdir(parents=True)
+    paths = image_paths_of(str(data))
+    assert len(paths) == 64 and all(os.path.dirname(os.path.dirname(p)) == str(data / 'train') for p in paths)
+    # a val/ whose one image is unreadable: the error says what reads it; --vis_freq 0 runs without them
+    (data / 'val' / 'a' / 'x.png').write_bytes(b'not a png')
+    flags = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--data_path', data, '--max_steps', 1,
+             '--batch_size', 8, '--epochs', 1, '--warmup_epochs', 0]
+    with pytest.raises(UsageError, match=r"^no readable image .*; they are read for the pictures of --vis_freq \(0 "
+                                         r"turns them off\)$"):
+        run_pretrain(*flags, '--output_dir', tmp_path / 'out')
+    run_pretrain(*flags, '--vis_freq', 0, '--output_dir', tmp_path / 'out2')
+    assert [r['step'] for r in read_jsonl(tmp_path / 'out2' / 'log.jsonl')] == [1]
+
+
 def folder_with_other_val_classes(small_folder, root):
     shutil.copytree(small_folder, root)
     first = sorted(os.listdir(root / 'val'))[0]

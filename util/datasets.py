@@ -288,14 +288,22 @@ def image_paths_of(data_path):
         return [data_path]
     if data_path == DEMO or os.path.isdir(os.path.join(data_path, 'train')):
         root = resolve_data_root(data_path)
-        data_path = os.path.join(root, 'val') if os.path.isdir(os.path.join(root, 'val')) else os.path.join(root, 'train')
-    if not os.path.isdir(data_path):
+        val = image_files_under(os.path.join(root, 'val'))  # pre-training needs no val/: train/'s where it has none
+        data_path, paths = (os.path.join(root, 'val'), val) if val else \
+            (os.path.join(root, 'train'), image_files_under(os.path.join(root, 'train')))
+    elif not os.path.isdir(data_path):
         raise UsageError(f'--data_path {data_path!r} is neither an image, a folder of images nor demo')
-    paths = sorted(os.path.join(folder, name) for folder, names in walk_without_cycles(data_path) for name in names
-                   if name.lower().endswith(IMG_EXTENSIONS))
+    else:
+        paths = image_files_under(data_path)
     if not paths:
         raise UsageError(f'no images under {data_path!r} (looked for {", ".join(IMG_EXTENSIONS)})')
     return paths
+
+
+def image_files_under(folder):
+    """The image files in `folder` and the folders under it, sorted; [] for a missing folder."""
+    return sorted(os.path.join(path, name) for path, names in walk_without_cycles(folder) for name in names
+                  if name.lower().endswith(IMG_EXTENSIONS))
 
 
 def load_eval_images(data_path, count, input_size):
@@ -517,13 +525,19 @@ class SyntheticImages(Dataset):
         return image, index % SYNTHETIC_CLASSES
 
 
-def eval_images(data_path, count, input_size):
+def eval_images(data_path, count, input_size, what=None):
     """`count` fixed images of the data set, normalised as in evaluation: files spread over it
-    (`load_eval_images`), or the first of synthetic's val split. returns: (count, 3, S, S)"""
+    (`load_eval_images`), or the first of synthetic's val split; `what` they are for is said in
+    the error where there is none to read. returns: (count, 3, S, S)"""
     if is_synthetic(data_path):
         val = SyntheticImages('val', synthetic_size(data_path, 'val'), eval_transform(input_size))
         return torch.stack([val[i][0] for i in range(min(count, len(val)))])
-    return load_eval_images(data_path, count, input_size)
+    try:
+        return load_eval_images(data_path, count, input_size)
+    except UsageError as e:
+        if what is None:
+            raise
+        raise UsageError(f'{e}; they are read for {what}') from None
 
 
 def default_num_workers():
