@@ -146,6 +146,18 @@ def test_more_classes_than_class_folders_get_a_note(capsys):
     assert number_of_classes(['a', 'b', 'c'], ['a', 'b', 'c'], None) == 3 and capsys.readouterr().out == ''
 
 
+def test_one_class_is_refused():
+    """One output trained to a loss of 0 and evaluated at 100 % top-1, without a word: an extra folder
+    level (train/imagenet/<classes>) makes one class of the whole set."""
+    from util.datasets import number_of_classes
+    with pytest.raises(UsageError, match=r'^train/ holds one class folder \(imagenet\), and classifying needs 2 '
+                                         r'classes or more: is there a folder level too many'):
+        number_of_classes(['imagenet'], ['imagenet'], None)
+    with pytest.raises(UsageError, match='^--nb_classes 1 leaves the classifier fewer than 2 outputs'):
+        number_of_classes(['a'], ['a'], 1)
+    assert number_of_classes(['a'], ['a'], 2) == 2  # a head of 2 over a subset of one class: allowed, with a note
+
+
 def test_an_output_folder_inside_a_split_of_the_data_is_refused(tmp_path):
     """Its checkpoints and logs would be read as a class of images (the run ended on 'found no valid
     image in the class folder(s) out', a folder it had made itself)."""

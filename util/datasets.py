@@ -436,6 +436,13 @@ def number_of_classes(train_classes, val_classes, nb_classes):
     if num_classes < len(train_classes):
         raise UsageError(f'--nb_classes {num_classes} is fewer than the {len(train_classes)} class '
                          f'folders of the training data')
+    if num_classes < 2:  # one output: a loss of 0 and a top-1 of 100 % whatever the weights
+        if nb_classes is not None:
+            raise UsageError(f'--nb_classes {nb_classes} leaves the classifier fewer than 2 outputs, which learn and '
+                             f'measure nothing: give 2 or more')
+        raise UsageError(f'train/ holds one class folder ({train_classes[0]}), and classifying needs 2 classes or '
+                         f'more: is there a folder level too many (train/<set>/<class>/<image>, where '
+                         f'train/<class>/<image> is meant)?')
     if num_classes > len(train_classes):  # a head kept for a larger set (ImageNet's 1000 on a subset), or a slip
         print(f'note: --nb_classes {num_classes} is more than the {len(train_classes)} class folders: '
               f'{num_classes - len(train_classes)} outputs have no images, and top-5 counts them as guesses')
