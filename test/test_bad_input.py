@@ -289,6 +289,30 @@ def test_hidden_folders_and_files_are_no_classes_and_no_images_and_loose_images_
     assert len(image_paths_of(str(root / 'train'))) == 8  # the pictures' search: the 6, and the 2 loose ones
 
 
+def test_files_and_entries_left_out_of_the_classes_are_named(tmp_path, capsys):
+    """A JPEG saved as .jfif or without an extension, a class still packed as ImageNet's .tar, a
+    dangling link: each was left out without a word. A flat val/ (ImageNet's archive unpacks so) is
+    told to take train/'s class folders, not to make one folder for pre-training."""
+    from util.datasets import build_image_folder
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    for name in ('a/0.png', 'a/photo.jfif', 'a/IMG_1', 'b/0.png', 'val_flat/0.png'):
+        (tmp_path / 'data' / 'train' / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp_path / 'data' / 'train' / name, format='PNG')
+    (tmp_path / 'data' / 'train' / 'n01484850.tar').write_bytes(b'')
+    os.symlink(tmp_path / 'unmounted', tmp_path / 'data' / 'train' / 'ghost')
+    os.rename(tmp_path / 'data' / 'train' / 'val_flat', tmp_path / 'data' / 'val')
+    capsys.readouterr()
+    folder = build_image_folder(str(tmp_path / 'data'), 'train', None)
+    assert folder.classes == ['a', 'b'] and len(folder) == 2
+    out = capsys.readouterr().out
+    assert f'warning: ghost, n01484850.tar in {tmp_path / "data" / "train"} are no class folder and left out' in out
+    assert (f'warning: 2 files in the class folders of {tmp_path / "data" / "train"} have no image extension '
+            f'(.jpg, ') in out and out.rstrip().endswith('are left out: a/IMG_1, a/photo.jfif')
+    with pytest.raises(UsageError, match=r"val': it has no class folders: its images go in .*val/<class>/<image>, in the "
+                                         r"class folders of train/ \(ImageNet's validation archive"):
+        build_image_folder(str(tmp_path / 'data'), 'val', None)
+
+
 def test_pre_trainings_pictures_read_train_where_val_has_no_images(small_folder, tmp_path):
     """Pre-training needs no val/: an empty one stopped the run for its pictures' images, even with
     --vis_freq 0 (never), while a run without val/ took train/'s."""

@@ -367,6 +367,10 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
         entries = [entry for entry in os.scandir(directory) if not entry.name.startswith('.')]
         classes = sorted(entry.name for entry in entries if entry.is_dir())
         loose = sum(entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries if not entry.is_dir())
+        if not classes and os.path.basename(os.path.normpath(directory)) == 'val':  # ImageNet's val archive is flat
+            raise FileNotFoundError(f'it has no class folders: its images go in {os.path.join(directory, "<class>", "")}'
+                                    f'<image>, in the class folders of train/ (ImageNet\'s validation archive unpacks '
+                                    f'without them: sort its images into them first)')
         if not classes:
             # images straight in train/ are the usual first try with unlabelled data
             raise FileNotFoundError(f'it has no class folders: images go in {os.path.join(directory, "<class>", "")}'
@@ -376,11 +380,16 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
             print(f'warning: {counted(loose, "image")} straight in {directory}, beside its class folders, '
                   f'{"is" if loose == 1 else "are"} in no class and left out: move {"it" if loose == 1 else "them"} '
                   f'into a class folder')
+        others = sorted(entry.name for entry in entries if not entry.is_dir() and
+                        not entry.name.lower().endswith(IMG_EXTENSIONS))
+        if others:  # ImageNet's train set comes as a tar a class; an unmounted disk leaves a dangling link
+            print(f'warning: {named_briefly(others, 3)} in {directory} {"is" if len(others) == 1 else "are"} no class '
+                  f'folder and left out (an archive: extract it into its class folder; a link: to no folder)')
         return classes, {name: index for index, name in enumerate(classes)}
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples, empty, owner = [], [], {}  # owner: real folder -> the class that read it
+        samples, empty, skipped, owner = [], [], [], {}  # owner: real folder -> the class that read it
         for class_name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
             folders = walk_without_cycles(os.path.join(directory, class_name))
             for folder, _ in folders:
@@ -391,12 +400,18 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
                                             f'classes at once; remove the link, or copy the images')
             found = [(os.path.join(folder, name), index) for folder, names in folders
                      for name in names if name.lower().endswith(IMG_EXTENSIONS)]
+            skipped += [os.path.relpath(os.path.join(folder, name), directory) for folder, names in folders
+                        for name in names if not name.lower().endswith(IMG_EXTENSIONS)]
             samples += found
             if not found:
                 empty.append(class_name)
         if empty and not allow_empty:
             raise FileNotFoundError(f'found no valid image in the class folder(s) {", ".join(empty[:5])}; supported '
                                     f'extensions: {", ".join(IMG_EXTENSIONS)}')
+        if skipped:  # a JPEG saved as .jfif or without an extension is read by no one, without a word
+            print(f'warning: {counted(len(skipped), "file")} in the class folders of {directory} '
+                  f'{"has" if len(skipped) == 1 else "have"} no image extension ({", ".join(IMG_EXTENSIONS)}) and '
+                  f'{"is" if len(skipped) == 1 else "are"} left out: {named_briefly(skipped, 3)}')
         return samples
 
 
