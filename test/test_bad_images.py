@@ -33,16 +33,20 @@ def broken_folder(small_folder, tmp_path):
 
 
 def test_every_image_mode_becomes_8_bit_rgb(tmp_path):
-    """16-bit grayscale keeps its top 8 bits (0x1234 -> 0x12); the other modes through Pillow."""
+    """16-bit grayscale keeps its top 8 bits (0x1234 -> 0x12); floating point (a 32-bit TIFF) in 0-1 is
+    scaled to 0-255 (0.5 -> 128: it was black), above 1 taken as 0-255; the other modes through Pillow."""
     sixteen = np.full((4, 4), 0x1234, np.uint16)
     Image.fromarray(sixteen).save(tmp_path / 'sixteen.png')
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / 'unit_float.tif')
+    Image.fromarray(np.full((4, 4), 99.6, np.float32)).save(tmp_path / 'byte_float.tif')
     rgba = Image.new('RGBA', (4, 4), (10, 20, 30, 0))
     images = {'gray.png': Image.new('L', (4, 4), 77), 'cmyk.jpg': Image.new('CMYK', (4, 4), (0, 255, 0, 0)),
               'palette.png': Image.new('RGB', (4, 4), (200, 100, 50)).convert('P', palette=Image.Palette.ADAPTIVE), 'rgba.png': rgba,
               'gray_alpha.png': Image.new('LA', (4, 4), (90, 255))}
     for name, img in images.items():
         img.save(tmp_path / name)
-    expected = {'sixteen.png': (0x12,) * 3, 'gray.png': (77,) * 3, 'palette.png': (200, 100, 50),
+    expected = {'sixteen.png': (0x12,) * 3, 'unit_float.tif': (128,) * 3, 'byte_float.tif': (100,) * 3,
+                'gray.png': (77,) * 3, 'palette.png': (200, 100, 50),
                 'rgba.png': (10, 20, 30), 'gray_alpha.png': (90,) * 3}
     for name, pixel in expected.items():
         img = load_rgb(str(tmp_path / name))

@@ -47,12 +47,17 @@ class UnreadableImage(Exception):
 
 def to_rgb(img):
     """8-bit RGB of a decoded Pillow image: 16-bit (and 32-bit integer) grayscale keeps its top 8
-    bits, palette images go through RGBA, alpha is dropped (as torchvision's loader does)."""
+    bits, floating-point grayscale (a 32-bit TIFF) is read as 0-1 where it stays within 1, else as
+    0-255, palette images go through RGBA, alpha is dropped (as torchvision's loader does)."""
     if img.mode.startswith('I'):  # 'I;16*' or 'I': integer grayscale, up to 16 bits of range
         values = np.asarray(img, dtype=np.int64)
         if img.mode.startswith('I;16') or values.max(initial=0) > 255:
             values = values >> 8
         img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode='L')
+    elif img.mode == 'F':  # Pillow's own conversion clips it to 0-255: an image in 0-1 became black
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        values = values * 255 if values.max(initial=0) <= 1 else values
+        img = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode='L')
     elif img.mode == 'P':
         img = img.convert('RGBA')
     return img if img.mode == 'RGB' else img.convert('RGB')
