@@ -119,10 +119,16 @@ def test_block_mask_count_scales_and_refuses_too_many():
         BlockMask(14, 200, 15)
     # no block touches the last row or column: 13 x 13 = 169 of 196 at most (more drew blocks for ever)
     assert BlockMask(14, 169, 15)(torch.Generator().manual_seed(0))['mask'][:13, :13].sum().item() == 169
+    # from one block of 15 (it said from 1, which the next check refused): 15 / 196 = 0.0765 up, 169 / 196 = 0.8622 down
     with pytest.raises(UsageError, match=r'cannot mask 170 of 196 patches with blocks, which cover at most 169 '
-                                         r'\(13 x 13.*: give --mask_count from 1 to 169, or a --mask_ratio from 0.006 to '
-                                         r'0.862$'):  # 1 / 196 = 0.0051 up, 169 / 196 = 0.8622 down
+                                         r'\(13 x 13.*: give --mask_count from 15 to 169, or a --mask_ratio from 0.077 '
+                                         r'to 0.862$'):
         BlockMask(14, 170, 15)
+    assert BlockMask.default_count(14, 0.077) == 15 and BlockMask.default_count(14, 0.862) == 169
+    # square blocks of 15 or more are 4 x 4 = 16 at least, more than the 15 to mask: the draw never ended
+    with pytest.raises(UsageError, match=r'^no block of 15 or more patches, of aspect 1 to 1, fits a mask of 15 of 8 x 8 '
+                                         r'patches: give a smaller --mask_min_patches or --mask_min_aspect$'):
+        BlockMask(8, 15, 15, min_aspect=1)
     # one patch (an 8 px image of 8 px patches): no block fits (it said 'give --mask_count from 1 to 0')
     with pytest.raises(UsageError, match=r'an image of 1 x 1 patches is too small for block masking, whose blocks stay '
                                          r'off the last row and column: give a larger --input_size$'):

@@ -104,6 +104,10 @@ class MaskPatches:
         return {'mask': units.repeat_interleave(self.scale, 0).repeat_interleave(self.scale, 1)}
 
 
+class NoBlockFits(Exception):
+    """BlockMask.draw found no block to add in 10,000 tries (it drew for ever)."""
+
+
 class BlockMask:
     """BEiT's block-wise masking, which MaskFeat uses: rectangles of at least `min_num_patches`
     patches, of aspect ratio (height / width) drawn log-uniformly in [min_aspect, max_aspect], are
@@ -119,10 +123,11 @@ class BlockMask:
             raise MaskingError(f'an image of {grid} x {grid} patches is too small for block masking, whose blocks '
                                f'stay off the last row and column', 'give a larger --input_size')
         if not 0 < num_masking_patches <= coverable:
+            lowest = max(1, min(min_num_patches, coverable))  # a mask of fewer than one block is refused below
             raise MaskingError(f'cannot mask {num_masking_patches} of {grid * grid} patches with blocks, which cover '
                                f'at most {coverable} ({grid - 1} x {grid - 1}: as in mmpretrain\'s, no block touches '
-                               f'the last row or column)', f'give --mask_count from 1 to {coverable}, or a '
-                               f'--mask_ratio from {math.ceil(1000 / grid ** 2) / 1000} to '
+                               f'the last row or column)', f'give --mask_count from {lowest} to {coverable}, or a '
+                               f'--mask_ratio from {math.ceil(1000 * lowest / grid ** 2) / 1000} to '
                                f'{round_down(coverable / grid ** 2, 3)}')
         if min_num_patches < 1:
             raise UsageError(f'a mask block holds at least one patch: give --mask_min_patches 1 or more, got '
@@ -145,6 +150,12 @@ class BlockMask:
         self.max_num_patches = max_num_patches or num_masking_patches
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
         self.forward_kwargs = {}
+        try:  # one mask drawn now: where no block fits, that is said here, not in a data-loader worker
+            self.draw(torch.Generator().manual_seed(0))
+        except NoBlockFits:
+            raise MaskingError(f'no block of {min_num_patches} or more patches, of aspect {min_aspect:g} to '
+                               f'{max_aspect:g}, fits a mask of {num_masking_patches} of {grid} x {grid} patches',
+                               'give a smaller --mask_min_patches or --mask_min_aspect') from None
 
     @staticmethod
     def default_count(grid, ratio=0.4):
@@ -174,10 +185,13 @@ class BlockMask:
     def draw(self, generator=None):
         """returns: mask (grid, grid) float with 1 = masked, the rectangles placed [(top, left, h, w)]"""
         mask = torch.zeros(self.grid, self.grid)
-        rectangles, count = [], 0
+        rectangles, count, failed = [], 0, 0
         while count < self.num_masking_patches:
             budget = min(self.num_masking_patches - count, self.max_num_patches)
             added, rectangle = self._place_block(mask, budget, generator)
+            failed = 0 if rectangle is not None else failed + 1
+            if failed == 1000:  # 10,000 rectangles in a row: none of the sizes and aspects allowed fits
+                raise NoBlockFits()
             if rectangle is not None:
                 count += added
                 rectangles.append(rectangle)
