@@ -89,7 +89,11 @@ def load_pretraining_model(args):
                          f': give --model, e.g. --model mae_vit_large for the official mae_visualize_vit_large.pth')
     settings = model_settings(name, ckpt, args)
     kwargs = {'img_size': settings.input_size}
-    if settings.norm_pix_loss is not None:
+    takes_norm_pix_loss = 'norm_pix_loss' in pretrain_recipe(name)  # MAE's models; the others' constructors fail
+    if args.norm_pix_loss is not None and not takes_norm_pix_loss:
+        raise UsageError(f'--norm_pix_loss is an option of MAE\'s and MAE-HiViT\'s models, which {name} is not: '
+                         f'leave it out')
+    if settings.norm_pix_loss is not None and takes_norm_pix_loss:  # not an MAE run's value for --model simmim_*
         kwargs['norm_pix_loss'] = settings.norm_pix_loss
     model = create_pretrain_model(name, **kwargs)
     try:

@@ -171,6 +171,15 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
                                          r'leave --model out$'):
         run_main('visualize', '--model', 'mae_vit_small', '--checkpoint', tmp_path / 'recorded.pth', '--output',
                  tmp_path / 'a.png')
+    # MAE's --norm_pix_loss given for another method's model, or the MAE run's value passed on to --model
+    # simmim_vit_tiny: Beit's TypeError showed through
+    with pytest.raises(UsageError, match=r"^--norm_pix_loss is an option of MAE's and MAE-HiViT's models, which "
+                                         r"simmim_vit_tiny is not: leave it out$"):
+        run_main('visualize', '--model', 'simmim_vit_tiny', '--checkpoint', tmp_path / 'recorded.pth',
+                 '--no-norm_pix_loss', '--output', tmp_path / 'a.png')
+    with pytest.raises(UsageError, match='^not a SimMIM checkpoint'):
+        run_main('visualize', '--model', 'simmim_vit_tiny', '--checkpoint', tmp_path / 'recorded.pth', '--output',
+                 tmp_path / 'a.png')
     # --input_size other than the run's: the position tables do not fit (a size mismatch alone, before)
     torch.save({'model': model.state_dict(), 'args': {'model': 'mae_vit_tiny', 'input_size': 64}}, tmp_path / 'at64.pth')
     with pytest.raises(UsageError, match=r'pos_embed.*; its position table is for 64 px images: give --input_size '
