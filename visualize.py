@@ -24,6 +24,7 @@ from util.datasets import DEMO, load_eval_images
 from util.device import resolve_device
 from util.errors import UsageError, run_command
 from util.logger import counted
+from util.masking import MaskingError
 from util.pictures import reconstruct
 from util.plots import check_plot_path, draw_training_curves, write_figure
 from util.registry import create_pretrain_model, pretrain_recipe, pretraining_of
@@ -69,6 +70,8 @@ def model_settings(name, ckpt, args):
     settings = pretrain_recipe(name, saved.get('epochs'))
     settings.update({k: saved[k] for k in MODEL_SETTINGS if saved.get(k) is not None})
     settings.update({k: getattr(args, k) for k in MODEL_SETTINGS if getattr(args, k, None) is not None})
+    if args.mask_ratio is not None:  # the ratio given decides, not a MaskFeat run's --mask_count
+        settings['mask_count'] = None
     return argparse.Namespace(**{k: settings.get(k) for k in MODEL_SETTINGS})
 
 
@@ -151,8 +154,14 @@ def draw_reconstructions(args):
     name, model, settings = load_pretraining_model(args)
     images = load_eval_images(args.data_path, args.num_images, settings.input_size)
     model.to(device.torch_device)
-    panels = reconstruct(model, images.to(device.torch_device), model.mask_generator(settings), args.seed)
-    masking = f'mask ratio {settings.mask_ratio}' if settings.mask_ratio is not None else 'masked'
+    try:
+        masks = model.mask_generator(settings)
+    except MaskingError as e:  # its advice is on main_pretrain.py's flags
+        raise UsageError(f'{e.problem} (the masking of the checkpoint\'s run, with the flags given): give another '
+                         f'--mask_ratio or --input_size') from None
+    panels = reconstruct(model, images.to(device.torch_device), masks, args.seed)
+    masking = f'{settings.mask_count} patches masked' if settings.mask_count is not None else \
+        f'mask ratio {settings.mask_ratio}' if settings.mask_ratio is not None else 'masked'
     draw_panels(output, panels, f'{name}: {os.path.basename(args.checkpoint)}, {masking}, seed {args.seed}')
     print(f'reconstructions of {counted(len(images), "image")}: {output}')
 

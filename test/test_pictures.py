@@ -213,6 +213,26 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
         run_main('visualize', '--checkpoint', tmp_path / 'full.pth', '--model', 'mae_vit_tiny', '--output', tmp_path / 'a')
 
 
+def test_visualize_masks_maskfeat_by_the_ratio_given_and_says_what_it_cannot_mask(tmp_path, demo_root):
+    """A MaskFeat run's --mask_count won over the --mask_ratio given (the title said the ratio); a
+    masking the size cannot take advised main_pretrain's --mask_count, which visualize.py lacks."""
+    import visualize
+    model = save_checkpoint(tmp_path / 'ckpt.pth', 'maskfeat_vit_tiny')
+    torch.save({'model': model.state_dict(), 'args': {'model': 'maskfeat_vit_tiny', 'mask_count': 49}},
+               tmp_path / 'count.pth')
+    ckpt = torch.load(tmp_path / 'count.pth', weights_only=True)
+    parser = visualize.get_args_parser()
+    settings = visualize.model_settings('maskfeat_vit_tiny', ckpt, parser.parse_args(['--mask_ratio', '0.2']))
+    assert (settings.mask_count, settings.mask_ratio) == (None, 0.2)
+    assert model.mask_generator(settings).num_masking_patches == round(0.2 * 64)
+    assert visualize.model_settings('maskfeat_vit_tiny', ckpt, parser.parse_args([])).mask_count == 49
+    with pytest.raises(UsageError, match=r'^cannot mask 63 of 64 patches with blocks, .* \(the masking of the '
+                                         r"checkpoint's run, with the flags given\): give another --mask_ratio or "
+                                         r'--input_size$'):
+        run_main('visualize', '--checkpoint', tmp_path / 'ckpt.pth', '--mask_ratio', 0.99, '--output',
+                 tmp_path / 'a.png')
+
+
 def test_visualize_draws_the_curves_of_runs(tmp_path):
     """--logs: each run's curves in its own colour of util.plots' palette."""
     from helpers import color_pixels
