@@ -441,13 +441,14 @@ def test_pretraining_on_another_models_checkpoint_does_not_offer_finetune(tmp_pa
         run_pretrain(*TINY, '--input_size', 40, '--max_steps', 2, '--batch_size', 8, '--epochs', 1,
                      '--warmup_epochs', 0, '--output_dir', tmp_path)
     assert 'does not fit this model: size mismatch for pos_embed' in str(error.value)
-    assert str(error.value).endswith('; resume it with the flags it was written with, or start a new run in another '
-                                     '--output_dir (or remove its checkpoint-last.pth)')
+    # the run's size named (it said 'the flags it was written with' alone)
+    assert str(error.value).endswith('; resume it with the flags it was written with (--input_size 64), or start a '
+                                     'new run in another --output_dir (or remove its checkpoint-last.pth)')
     with pytest.raises(UsageError) as error:  # given by hand: the advice is about --resume, not the folder
         run_pretrain(*TINY, '--input_size', 40, '--max_steps', 2, '--batch_size', 8, '--epochs', 1,
                      '--warmup_epochs', 0, '--resume', tmp_path / checkpoint.LAST, '--output_dir', tmp_path / 'other')
-    assert str(error.value).endswith('; resume it with the flags it was written with, or resume another checkpoint '
-                                     '(or none) with these flags')
+    assert str(error.value).endswith('; resume it with the flags it was written with (--input_size 64), or resume '
+                                     'another checkpoint (or none) with these flags')
 
 
 

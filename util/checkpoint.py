@@ -372,8 +372,10 @@ def restore_training_state(path, model, optimizer, scaler, args, ema=None):
                          f'starts a new run from these weights')
     resumable = 'optimizer' in ckpt  # a run's own checkpoint, written with other flags (--input_size, say)
     weights = model_state_of(ckpt, path)  # a DDP model's `module.` prefix goes, for the model and an EMA started here
-    load_weights(model, weights, path,
-                 advice=f'; resume it with the flags it was written with{other_run_advice(args)}' if resumable else '')
+    written_at = saved_args(ckpt).get('input_size')
+    size = f' (--input_size {written_at})' if written_at not in (None, getattr(args, 'input_size', None)) else ''
+    load_weights(model, weights, path, advice=f'; resume it with the flags it was written with{size}'
+                                              f'{other_run_advice(args)}' if resumable else '')
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         # weights only (e.g. a released model): start training from them
         return 0, 0, {}
