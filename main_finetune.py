@@ -341,9 +341,10 @@ def keep_the_resumed_runs_start(args):
     then name it as their start)."""
     path = checkpoint.resume_path(args.resume, args.output_dir) if trains_weights(args) else None
     try:
-        run = checkpoint.load(path, mmap=True).get('args') if path else None
-    except (UsageError, AttributeError):  # a damaged file, or not a dict: said where the run resumes it
+        ckpt = checkpoint.load(path, mmap=True) if path else None
+    except UsageError:  # a damaged file: said where the run resumes it
         return
+    run = ckpt.get('args') if isinstance(ckpt, dict) else None
     # this project's fine-tuning runs (an official checkpoint's args name paths of another machine)
     if not (isinstance(run, dict) and checkpoint.of_finetuning(run) and isinstance(run['finetune'], str)):
         return

@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 from torchvision.transforms.v2 import functional as TF
 
 from util import demo_data, signals
@@ -303,7 +303,7 @@ def image_paths_of(data_path):
 def image_files_under(folder):
     """The image files in `folder` and the folders under it, sorted; [] for a missing folder."""
     return sorted(os.path.join(path, name) for path, names in walk_without_cycles(folder) for name in names
-                  if name.lower().endswith(IMG_EXTENSIONS))
+                  if is_image_file(name))
 
 
 def load_eval_images(data_path, count, input_size):
@@ -366,7 +366,7 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
         in no class folder, are left out with a warning."""
         entries = [entry for entry in os.scandir(directory) if not entry.name.startswith('.')]
         classes = sorted(entry.name for entry in entries if entry.is_dir())
-        loose = sum(entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries if not entry.is_dir())
+        loose = sum(is_image_file(entry.name) for entry in entries if not entry.is_dir())
         if not classes and os.path.basename(os.path.normpath(directory)) == 'val':  # ImageNet's val archive is flat
             raise FileNotFoundError(f'it has no class folders: its images go in {os.path.join(directory, "<class>", "")}'
                                     f'<image>, in the class folders of train/ (ImageNet\'s validation archive unpacks '
@@ -381,7 +381,7 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
                   f'{"is" if loose == 1 else "are"} in no class and left out: move {"it" if loose == 1 else "them"} '
                   f'into a class folder')
         others = sorted(entry.name for entry in entries if not entry.is_dir() and
-                        not entry.name.lower().endswith(IMG_EXTENSIONS))
+                        not is_image_file(entry.name))
         if others:  # ImageNet's train set comes as a tar a class; an unmounted disk leaves a dangling link
             print(f'warning: {named_briefly(others, 3)} in {directory} {"is" if len(others) == 1 else "are"} no class '
                   f'folder and left out (an archive: extract it into its class folder; a link: to no folder)')
@@ -398,10 +398,9 @@ class ImageFolderWithoutLoops(datasets.ImageFolder):
                     raise FileNotFoundError(f'the class folders {other} and {class_name} both hold '
                                             f'{os.path.realpath(folder)} (through a link): its images would be of two '
                                             f'classes at once; remove the link, or copy the images')
-            found = [(os.path.join(folder, name), index) for folder, names in folders
-                     for name in names if name.lower().endswith(IMG_EXTENSIONS)]
-            skipped += [os.path.relpath(os.path.join(folder, name), directory) for folder, names in folders
-                        for name in names if not name.lower().endswith(IMG_EXTENSIONS)]
+            files = [os.path.join(folder, name) for folder, names in folders for name in names]
+            found = [(path, index) for path in files if is_image_file(path)]
+            skipped += [os.path.relpath(path, directory) for path in files if not is_image_file(path)]
             samples += found
             if not found:
                 empty.append(class_name)
