@@ -22,8 +22,8 @@ def get_args_parser():
                         help="the model that wrote the checkpoint (default: the checkpoint's args, or what its layout "
                              "says): a pre-training model such as mae_vit_base, or the timm classifier it fine-tunes")
     parser.add_argument('--input_size', default=None, type=int,
-                        help="the image size the checkpoint was trained at (default: the checkpoint's args, else the "
-                             "model's own)")
+                        help="the image size a checkpoint that records none was trained at, an official release's "
+                             "(default: the checkpoint's args, else the model's own)")
     parser.add_argument('--model_ema', action='store_true',
                         help='export the EMA weights of a fine-tuning run with --model_ema instead of its weights')
     return parser

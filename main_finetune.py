@@ -109,7 +109,8 @@ def get_args_parser():
                              'vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, blr 1e-3, layer decay '
                              f'0.75, drop path 0.2/0.3). This project\'s own: {model_names_by_method(pretraining=False)}')
     parser.add_argument('--input_size', default=None, type=int,
-                        help='image size in pixels (default: the size the model is built for, 224 for most)')
+                        help='image size in pixels (default: the size the model is built for, 224 for most; with --eval the '
+                             'size its checkpoint records, and no other)')
     parser.add_argument('--head_init_std', default=None, type=float,
                         help='std of the normal the new head is drawn from; ' + recipe_note('head_init_std'))
     parser.add_argument('--head_init_bias', default=None, type=float,
@@ -514,6 +515,10 @@ def run_eval(args, model, loader, val_classes, device, precision):
         raise UsageError('--eval needs weights: --resume <fine-tuned checkpoint> (or a run in --output_dir)')
     ckpt = checkpoint.load(path)
     trained = {k: v for k, v in recorded_classifier(ckpt, path).items() if v != getattr(args, k)}
+    trained_advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the ' \
+        f'checkpoint gives them)'
+    if 'input_size' in trained:  # a Swin's or HiViT's tables would be resampled and load, a ViT's would not
+        raise UsageError(f'{path} is measured at the size it was trained at{trained_advice}')
     check_trained_classes(checkpoint.saved_args(ckpt).get('classes'), val_classes, path)
     state = checkpoint.ema_weights(ckpt, path) if args.model_ema else checkpoint.model_state_of(ckpt, path)
     state = checkpoint.in_model_layout(model, state, path)
@@ -521,9 +526,8 @@ def run_eval(args, model, loader, val_classes, device, precision):
     if not any(key.startswith(head) for key in state):
         raise UsageError(f'{path} holds no classifier ({head}*): an encoder, or a pre-training checkpoint, which '
                          f'--eval cannot measure: fine-tune it first (--finetune {path}), or give a fine-tuned one')
-    advice = f'; it was trained with {flags_text(trained)}: evaluate it so (leave these flags out and the checkpoint ' \
-        f'gives them)' if trained else (classifier_advice(model, state, len(val_classes))
-                                        or checkpoint.input_size_advice(model, state) or default_model_advice(args))
+    advice = trained_advice if trained else (classifier_advice(model, state, len(val_classes))
+                                             or checkpoint.input_size_advice(model, state) or default_model_advice(args))
     checkpoint.load_weights(model, state, path, advice=advice)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
     print(f"accuracy of {path}{' (its EMA weights)' if args.model_ema else ''} on the {stats['images']} validation "

@@ -52,7 +52,9 @@ def get_args_parser():
                         help='MAE: the model predicts per-patch normalised pixels (default: the checkpoint\'s run, '
                              'else the recipe; the official mae_visualize_*.pth need --no-norm_pix_loss)')
     parser.add_argument('--seed', default=0, type=int, help='seed of the masks')
-    parser.add_argument('--input_size', default=None, type=int, help='default: the checkpoint\'s run')
+    parser.add_argument('--input_size', default=None, type=int,
+                        help='the size a checkpoint that records none was trained at (default: the checkpoint\'s run, '
+                             'else the model\'s own)')
     parser.add_argument('--device', default='cpu', help='auto, cuda, npu, sdaa, mps or cpu')
     parser.add_argument('--logs', type=os.path.expanduser, nargs='+', default=None, metavar='RUN',
                         help='draw the loss and lr curves of these runs (output folders or log.jsonl files) instead')
@@ -90,6 +92,7 @@ def load_pretraining_model(args):
         raise UsageError(f'{path} does not say which pre-training model wrote it'
                          f'{f" (its run trained {written_by}, which is not a pre-training model)" if written_by else ""}'
                          f': give --model, e.g. --model mae_vit_large for the official mae_visualize_vit_large.pth')
+    checkpoint.check_recorded_input_size(checkpoint.saved_args(ckpt), args.input_size, path, 'visualize.py draws')
     settings = model_settings(name, ckpt, args)
     kwargs = {'img_size': settings.input_size}
     takes_norm_pix_loss = 'norm_pix_loss' in pretrain_recipe(name)  # MAE's models; the others' constructors fail

@@ -223,6 +223,20 @@ def test_a_classifier_that_records_no_image_size_exports_with_input_size(tmp_pat
     torch.testing.assert_close(model(imgs), classifier(imgs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('name', ['simmim_swin_tiny', 'swin_tiny_patch4_window4_64'])
+def test_a_checkpoint_that_records_its_size_is_exported_at_that_size(tmp_path, name):
+    """--input_size other than the size a run recorded is refused for every family: a Swin's relative position
+    tables (a SimMIM pre-training's, a fine-tuned classifier's) were resampled to 128 px without a word, where a
+    ViT's position table does not load."""
+    model = (create_pretrain_model(name) if name.startswith('simmim') else create_classifier(name, num_classes=10))
+    path = save_checkpoint(tmp_path, name, model)  # recorded: --input_size 64
+    with pytest.raises(UsageError, match=re.escape(f"--input_size 128: '{path}' was trained at 64 px (its run's "
+                                                   f"--input_size), and export.py writes it at that size: leave "
+                                                   f"--input_size out")):
+        run_main('export', '--checkpoint', path, '--output', tmp_path / 'x.safetensors', '--input_size', '128')
+    assert os.listdir(tmp_path) == [path.name]
+
+
 @torch.no_grad()
 def test_linear_probe_head_is_folded(tmp_path, capsys):
     """A linear probe's BatchNorm + linear head becomes one linear layer with the same logits."""

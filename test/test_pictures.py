@@ -1,6 +1,7 @@
 """Pictures of what the models predict: the panels (against NumPy and geometry), visualize.py for
 every method, and the reconstructions and gradient norm that pre-training sends to TensorBoard."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -180,11 +181,16 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
     with pytest.raises(UsageError, match='^not a SimMIM checkpoint'):
         run_main('visualize', '--model', 'simmim_vit_tiny', '--checkpoint', tmp_path / 'recorded.pth', '--output',
                  tmp_path / 'a.png')
-    # --input_size other than the run's: the position tables do not fit (a size mismatch alone, before)
-    torch.save({'model': model.state_dict(), 'args': {'model': 'mae_vit_tiny', 'input_size': 64}}, tmp_path / 'at64.pth')
-    with pytest.raises(UsageError, match=r'pos_embed.*; its position table is for 64 px images: give --input_size '
-                                         r'64$'):
-        run_main('visualize', '--checkpoint', tmp_path / 'at64.pth', '--input_size', 128, '--output', tmp_path / 'a.png')
+    # --input_size other than the run's, whatever the family: a ViT's position table would not fit, a Swin's
+    # relative position tables were resampled and the model drawn at 128 px without a word
+    for name in ('mae_vit_tiny', 'simmim_swin_tiny'):
+        torch.save({'model': create_pretrain_model(name).state_dict(), 'args': {'model': name, 'input_size': 64}},
+                   tmp_path / 'at64.pth')
+        with pytest.raises(UsageError, match=re.escape(f"--input_size 128: '{tmp_path / 'at64.pth'}' was trained at 64 "
+                                                       f"px (its run's --input_size), and visualize.py draws it at "
+                                                       f"that size: leave --input_size out")):
+            run_main('visualize', '--checkpoint', tmp_path / 'at64.pth', '--input_size', 128, '--output',
+                     tmp_path / 'a.png')
     # weights alone of a run at 96 px (8 px patches: 1 + 144 rows), shown at the model's own 64 px: the size to give
     torch.save({'model': create_pretrain_model('mae_vit_tiny', img_size=96).state_dict()}, tmp_path / 'at96.pth')
     with pytest.raises(UsageError, match=r'; its position table is for 96 px images: give --input_size 96$'):

@@ -75,6 +75,17 @@ def written_by_advice(given_model, recorded_model):
     return ''
 
 
+def check_recorded_input_size(saved, input_size, path, tool):
+    """A trained model is read at the image size its run recorded (saved args'), whatever its family:
+    --input_size of another size would not load a ViT's position table, and would resample a Swin's,
+    BEiT's or HiViT's relative position tables without a word (timm's filters), so it is refused for
+    all. `tool` says what reads it ('export.py writes'); nothing is checked where no size is recorded."""
+    trained_at = saved.get('input_size')
+    if input_size is not None and trained_at is not None and input_size != trained_at:
+        raise UsageError(f'--input_size {input_size}: {path!r} was trained at {trained_at} px (its run\'s '
+                         f'--input_size), and {tool} it at that size: leave --input_size out')
+
+
 def input_size_advice(model, state):
     """What to add to WeightsDoNotFit where the position table of `state` is for another image size
     than `model`'s: the size to give."""

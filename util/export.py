@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, WeightsDoNotFit, ema_weights, in_model_layout,
-                             input_size_advice, load, load_weights, model_state_of, saved_args, written_by_advice)
+from util.checkpoint import (PRETRAIN_ONLY_PREFIXES, WeightsDoNotFit, check_recorded_input_size, ema_weights,
+                             in_model_layout, input_size_advice, load, load_weights, model_state_of, saved_args,
+                             written_by_advice)
 from util.errors import UsageError, first_line
 from util.output_dir import current_umask
 from util.registry import (MODEL_FILES, _unknown, create_classifier_and_keywords, create_pretrain_model,
@@ -92,6 +93,7 @@ def pretrained_encoder(ckpt, path, name, input_size=None):
     args = saved_args(ckpt)
     if args.get('model') not in (None, name):  # another model's run: its flags may not even build this one
         args = {}
+    check_recorded_input_size(args, input_size, path, 'export.py writes')
     input_size = input_size or args.get('input_size')
     arch = {'img_size': input_size} if input_size else {}
     if args.get('norm_pix_loss') is not None:
@@ -140,6 +142,7 @@ def finetuned_classifier(ckpt, path, name, input_size=None):
         raise UsageError(f'{path!r} holds no classifier {head!r} of {name}: pass the --model that wrote it '
                          f'(a pre-training model or the timm classifier it fine-tunes)')
     kwargs = {}
+    check_recorded_input_size(args, input_size, path, 'export.py writes')
     input_size = input_size or args.get('input_size')
     if input_size and input_size != native_input_size(name):
         kwargs['img_size'] = input_size
