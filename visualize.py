@@ -23,6 +23,7 @@ from util import checkpoint
 from util.datasets import DEMO, load_eval_images
 from util.device import resolve_device
 from util.errors import UsageError, run_command
+from util.flags import check_size_and_mask_ratio
 from util.logger import counted
 from util.masking import MaskingError
 from util.pictures import reconstruct
@@ -152,6 +153,7 @@ def draw_reconstructions(args):
         raise UsageError('give --checkpoint (a pre-training checkpoint), or --logs RUN ... to draw training curves')
     if args.num_images < 1:
         raise UsageError(f'--num_images must be at least 1, got {args.num_images}')
+    check_size_and_mask_ratio(args)
     output = check_output(args.output, 'reconstructions.png')
     device = resolve_device(args.device)
     name, model, settings = load_pretraining_model(args)

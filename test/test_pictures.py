@@ -196,6 +196,10 @@ def test_visualize_bad_input_is_one_line(tmp_path, demo_root, capsys):
     with pytest.raises(UsageError, match=r'; its position table is for 96 px images: give --input_size 96$'):
         run_main('visualize', '--model', 'mae_vit_tiny', '--checkpoint', tmp_path / 'at96.pth', '--output',
                  tmp_path / 'a.png')
+    # main_pretrain.py's bounds: a ratio of 0 drew the unmasked images with a loss of nothing
+    with pytest.raises(UsageError, match=r'^--mask_ratio must lie between 0 and 1 \(both excluded'):
+        run_main('visualize', '--checkpoint', tmp_path / 'recorded.pth', '--mask_ratio', 0, '--output',
+                 tmp_path / 'a.png')
     torch.save({'model': {}, 'args': {'model': 'vit_tiny_patch8'}}, tmp_path / 'finetuned.pth')
     with pytest.raises(UsageError, match='vit_tiny_patch8, which is not a pre-training model'):
         run_main('visualize', '--checkpoint', tmp_path / 'finetuned.pth', '--output', tmp_path / 'a.png')

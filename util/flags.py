@@ -185,6 +185,11 @@ def check_run_args(args):
         raise UsageError(f'--lr_milestones are epochs, 0 or more, got {" ".join(map(str, args.lr_milestones))}')
     check_schedule_values(args)
     check_ranges(args)
+    check_size_and_mask_ratio(args)
+
+
+def check_size_and_mask_ratio(args):
+    """--input_size and --mask_ratio, which the entry points and visualize.py take."""
     size = getattr(args, 'input_size', None)
     if size is not None and size < 1:
         raise UsageError(f'--input_size must be a positive number of pixels, got {size}')
