@@ -70,7 +70,8 @@ MODE_DEFAULTS = {'--steps': 10, '--warmup': 3, '--num_workers': 2, '--images': 2
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='Benchmark: the training step on the device, or the input pipeline')
+    parser = argparse.ArgumentParser(description='Benchmark: the training step on the device, or the input pipeline',
+                                     allow_abbrev=False)
     parser.add_argument('--model', default=None,
                         help='a pre-training model of util.registry or any timm classifier (default: mae_vit_base; '
                              'vit_base_patch16 with --finetune_pipeline)')

@@ -383,7 +383,7 @@ def describe_steps(steps):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        'compare_loss.py', description='Compare a device run\'s loss curve (CANDIDATE) with a reference '
+        'compare_loss.py', allow_abbrev=False, description='Compare a device run\'s loss curve (CANDIDATE) with a reference '
         'run\'s (REFERENCE), e.g. NPU/SDAA against CUDA.',
         epilog='Inputs: log.jsonl (or its directory), console logs with "train.loss : X", TCAPPDLL lines, '
                'one number per line. Pass when |MeanRelativeError| <= rel_tol or |MeanAbsoluteError| <= '

@@ -12,7 +12,7 @@ from util.export import export_checkpoint
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='Export a checkpoint as a timm safetensors file')
+    parser = argparse.ArgumentParser(description='Export a checkpoint as a timm safetensors file', allow_abbrev=False)
     parser.add_argument('--checkpoint', type=os.path.expanduser, required=True,
                         help='a pre-training checkpoint (its encoder is exported) or a fine-tuning one '
                              '(its classifier)')

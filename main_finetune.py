@@ -87,7 +87,7 @@ def recipe_note(key):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description='Fine-tuning, linear probing, evaluation and supervised training of classifiers. Flags left out '
+        allow_abbrev=False, description='Fine-tuning, linear probing, evaluation and supervised training of classifiers. Flags left out '
                     'take the recipe of the mode; with --finetune, the fine-tuning recipe published with the '
                     'checkpoint\'s pre-training where it has one (SimMIM\'s, MaskFeat\'s, MAE-HiViT\'s) wins.')
     add_schedule_args(parser, recipe_note)

@@ -44,8 +44,11 @@ def recipe_note(flag):
 
 
 def get_args_parser():
+    # no shortened flags: --batch=4 passed through a ModelZoo script, which reads the full names, ran another case
+    # than the one it reported (and every tool takes only the names --help shows)
     parser = argparse.ArgumentParser(description='Masked-image-modeling pre-training (MAE, SimMIM, MaskFeat, '
-                                                 'MAE-HiViT). Flags left out take the published recipe of --model.')
+                                                 'MAE-HiViT). Flags left out take the published recipe of --model.',
+                                     allow_abbrev=False)
     add_schedule_args(parser, recipe_note)
     parser.add_argument('--model', default=DEFAULT_MODEL, type=str,
                         help=f'pre-training model, by official name or alias (default: %(default)s). '

@@ -28,6 +28,18 @@ from util.signals import STOP_SIGNALS
 TINY = ['--model', 'mae_vit_tiny', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']
 
 
+@pytest.mark.parametrize('tool, required, shortened', [
+    ('main_pretrain', ['--data_path', 'demo'], '--batch=4'), ('main_finetune', ['--data_path', 'demo'], '--batch=4'),
+    ('benchmark', [], '--batch=4'), ('compare_loss', ['a', 'b'], '--rel=0.1'),
+    ('export', ['--checkpoint', 'a.pth', '--output', 'a.safetensors'], '--mod=vit_tiny_patch8'),
+    ('visualize', [], '--check=a.pth')])
+def test_a_shortened_flag_is_refused(tool, required, shortened):
+    """argparse takes a prefix of a flag for the flag by default: --batch=4 passed through a ModelZoo script (which
+    reads --batch_size= only) trained at batch 4 and reported the case of batch 64."""
+    _, left = __import__(tool).get_args_parser().parse_known_args(required + [shortened])
+    assert left == [shortened]  # what parse_args refuses: 'unrecognized arguments'
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--lr', -0.1], '--lr must be a finite number above 0, got -0.1'),
     (['--blr', 'nan'], '--blr must be a finite number above 0, got nan'),
