@@ -689,12 +689,17 @@ def test_a_ddp_training_checkpoint_resumes(small_folder, tmp_path):
 @pytest.mark.parametrize('env, message', [
     ({'LOCAL_RANK': 'abc'}, "LOCAL_RANK must be a whole number 0 or more, got 'abc'"),  # was int()'s ValueError
     ({'WORLD_SIZE': '2', 'RANK': '0'}, 'WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT are not both set'),
+    # under srun, named as SLURM's (was int()'s ValueError on an empty SLURM_NTASKS)
+    ({'SLURM_PROCID': '0', 'SLURM_NTASKS': ''}, r"^the environment variable SLURM_NTASKS must be a whole number 0 or "
+                                                r"more, got '' \(srun sets it\)$"),
 ])
 def test_process_variables_set_by_hand_are_checked(env, message, monkeypatch):
     """Without MASTER_ADDR, torch's rendezvous failed with a traceback."""
     from util import dist
-    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID'):
-        monkeypatch.delenv(name, raising=False)
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'SLURM_NTASKS',
+                 'SLURM_LOCALID'):
+        monkeypatch.setenv(name, 'placeholder')  # recorded, so that what read_world_from_env writes is undone
+        monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match=message):

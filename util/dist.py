@@ -29,6 +29,10 @@ class World:
         return self.world_size > 1
 
 
+# the SLURM variable each of torchrun's is read from under srun (SLURM_NPROCS where SLURM_NTASKS is not set)
+SLURM_SOURCES = {'RANK': 'SLURM_PROCID', 'WORLD_SIZE': 'SLURM_NTASKS', 'LOCAL_RANK': 'SLURM_LOCALID'}
+
+
 def read_world_from_env():
     """This process's place from torchrun's variables, or from SLURM's under `srun`.
 
@@ -40,18 +44,19 @@ def read_world_from_env():
         os.environ['RANK'] = os.environ['SLURM_PROCID']
         os.environ['WORLD_SIZE'] = os.environ.get('SLURM_NTASKS', os.environ.get('SLURM_NPROCS', '1'))
         os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
-        if int(os.environ['WORLD_SIZE']) > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):
-            raise UsageError(f'SLURM says {os.environ["WORLD_SIZE"]} tasks: set MASTER_ADDR and MASTER_PORT for '
-                             f'them to meet (e.g. MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n '
-                             f'1) MASTER_PORT=29500); for one process in an allocation of several tasks, start it with '
-                             f'torchrun --standalone --nproc_per_node 1')
     numbers = {}
     for name, default in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)):
         value = os.environ.get(name, str(default))
         if not value.isdigit():
-            raise UsageError(f'the environment variable {name} must be a whole number 0 or more, got {value!r} '
-                             f'(torchrun sets it; unset it to run one process)')
+            source = SLURM_SOURCES[name] if from_slurm else name
+            raise UsageError(f'the environment variable {source} must be a whole number 0 or more, got {value!r} '
+                             f'({"srun sets it" if from_slurm else "torchrun sets it; unset it to run one process"})')
         numbers[name] = int(value)
+    if from_slurm and numbers['WORLD_SIZE'] > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= set(os.environ):
+        raise UsageError(f'SLURM says {numbers["WORLD_SIZE"]} tasks: set MASTER_ADDR and MASTER_PORT for them to meet '
+                         f'(e.g. MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) '
+                         f'MASTER_PORT=29500); for one process in an allocation of several tasks, start it with '
+                         f'torchrun --standalone --nproc_per_node 1')
     if numbers['WORLD_SIZE'] < 1 or numbers['RANK'] >= numbers['WORLD_SIZE']:
         names, advice = (('SLURM_PROCID and SLURM_NTASKS', 'start the tasks with srun, which numbers them')
                          if from_slurm else ('RANK and WORLD_SIZE', 'start the processes with torchrun, which numbers '
