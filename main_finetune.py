@@ -22,7 +22,6 @@ without either. This file parses arguments and wires the parts together; the loo
 util/engine.py.
 """
 import argparse
-import json
 import os
 import time
 from functools import partial
@@ -46,7 +45,7 @@ from util.compiling import compile_and_wrap
 from util.flags import (BOUND_FORMS, SCHEDULE_DEFAULTS, add_run_args, add_schedule_args, apply_recipe, merge_recipes,
                         set_learning_rate)
 from util.launch import print_outputs, resume_training, start_run
-from util.logger import RunLogger, counted, named_briefly
+from util.logger import RunLogger, counted, named_briefly, read_json_lines
 from util.lr_sched import LAYER_LR_BOUNDS
 from util.optim import build_adamw, build_lars, param_groups
 from util.registry import (create_classifier, finetune_recipe_of, model_names_by_method, native_input_size,
@@ -470,11 +469,7 @@ def build_optimizer(args, model, device):
 
 def best_accuracy_so_far(output_dir):
     """The best top-1 of earlier epochs of this run (from its log.txt), when resuming."""
-    path = os.path.join(output_dir or '', 'log.txt')
-    if not output_dir or not os.path.isfile(path):
-        return float('-inf')
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_json_lines(os.path.join(output_dir, 'log.txt')) if output_dir else []
     return max((r['test_acc1'] for r in records if 'test_acc1' in r), default=float('-inf'))
 
 

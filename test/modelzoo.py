@@ -34,7 +34,6 @@ gradient accumulation reaching the recipe's effective batch on the devices given
 interrupted run from its folder.
 """
 import contextlib
-import json
 import os
 import platform
 import re
@@ -49,6 +48,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from compare_loss import parse_jsonl  # noqa: E402 - the one log.jsonl reader; imports no torch
 from util.errors import EXIT_PREEMPTED, skip_the_last_collection  # noqa: E402 - the repository's util/
+from util.logger import read_json_lines  # noqa: E402
 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
 ENTRY_POINTS = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py'}
@@ -263,8 +263,9 @@ class Case:
                 code = 128 - code
             raise CaseError(f'training failed (exit status {code}): {cause}the whole output is in '
                             f'{self.console_log}', exit_code=code)
-        steps = read_new_records(os.path.join(self.run_dir, 'log.jsonl'), offsets['log.jsonl'])
-        epochs = read_new_records(os.path.join(self.run_dir, 'log.txt'), offsets['log.txt'])
+        # what this launch appended (a resumed full run appends)
+        steps = read_json_lines(os.path.join(self.run_dir, 'log.jsonl'), offsets['log.jsonl'])
+        epochs = read_json_lines(os.path.join(self.run_dir, 'log.txt'), offsets['log.txt'])
         if had_finished and not steps:
             return self.nothing_trained(earlier_figures)
         if not steps or not epochs:
@@ -341,15 +342,6 @@ def stop_signals_passed_to(process, torchrun):
 
 def file_size(path):
     return os.path.getsize(path) if os.path.exists(path) else 0
-
-
-def read_new_records(path, offset):
-    """The JSON lines a run appended to a log after `offset` bytes (a resumed full run appends)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        f.seek(offset)
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main(argv):

@@ -400,6 +400,20 @@ def test_a_fresh_run_does_not_inherit_an_old_best_accuracy(small_folder, tmp_pat
     assert os.path.isfile(tmp_path / checkpoint.BEST)
 
 
+def test_a_log_line_a_killed_run_cut_short_is_skipped_and_the_resumed_run_logs_after_it(tmp_path):
+    """A SIGKILL or a full disk in the middle of a write leaves the last line of log.txt without its end: the
+    resumed fine-tuning run read it for its best accuracy so far and ended in JSONDecodeError at every restart,
+    and its first record was written onto that line."""
+    from main_finetune import best_accuracy_so_far
+    from util.logger import RunLogger, read_json_lines
+    log = tmp_path / 'log.txt'
+    log.write_text('{"epoch": 0, "test_acc1": 40.0}\n{"epoch": 1, "test_acc1": 55.5}\n{"epoch": 2, "train_lo')
+    assert best_accuracy_so_far(tmp_path) == 55.5
+    RunLogger(tmp_path, None, enabled=True).log_epoch({'epoch': 2, 'test_acc1': 60.0})
+    assert [r['epoch'] for r in read_json_lines(log)] == [0, 1, 2]
+    assert log.read_text().splitlines()[-1] == '{"epoch": 2, "test_acc1": 60.0}'
+
+
 def test_evaluation_counts_without_float64():
     """MPS has no float64: the evaluation must count in int64 and sum the loss in float32 (here
     any float64 tensor made during the evaluation fails the test), and still be exact."""

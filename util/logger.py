@@ -22,6 +22,35 @@ def named_briefly(names, shown=3):
     return ', '.join(names[:shown]) + more
 
 
+def read_json_lines(path, offset=0):
+    """The JSON objects of a log (log.txt, log.jsonl) from byte `offset` on; [] where there is no file.
+    A line that is no object, such as the last one cut short by a killed run or a full disk, is
+    skipped: a resumed run appends after it."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, errors='replace') as f:
+        f.seek(offset)
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def cut_short(path):
+    """Whether the file's last line lacks its line break (False for a missing or empty file)."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b'\n'
+    except OSError:
+        return False
+
+
 # the end of the console line of a record with `partial` (util.engine): a stop cut its interval
 PARTIAL_MARK = '  (partial interval: stopped before its log step)'
 
@@ -39,6 +68,7 @@ class RunLogger:
         self.log_dir = log_dir
         self._writer = None
         self._writer_class = None
+        self._appended = set()  # the logs appended to by this run
         if not enabled:
             return
         if output_dir:
@@ -59,8 +89,12 @@ class RunLogger:
 
     def _append(self, name, record):
         if self.output_dir:
-            with open(os.path.join(self.output_dir, name), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            path = os.path.join(self.output_dir, name)
+            # a resumed run's first record starts a line of its own after a line a killed run cut short
+            start = '\n' if name not in self._appended and cut_short(path) else ''
+            self._appended.add(name)
+            with open(path, 'a') as f:
+                f.write(start + json.dumps(record) + '\n')
 
     def log_step(self, record, steps_in_epoch, step_in_epoch, eta_seconds):
         """record: {'epoch', 'step', 'loss', 'lr', 'ips', ...}; one console line, one JSON line,
