@@ -47,7 +47,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from compare_loss import parse_jsonl  # noqa: E402 - the one log.jsonl reader; imports no torch
-from util.errors import EXIT_PREEMPTED, skip_the_last_collection  # noqa: E402 - the repository's util/
+from util.errors import EXIT_PREEMPTED, RESUME_ADVICE, skip_the_last_collection  # noqa: E402 - the repository's util/
 from util.logger import read_json_lines  # noqa: E402
 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
@@ -254,6 +254,8 @@ class Case:
             if self.made_run_dir and set(os.listdir(self.run_dir)) <= {'.lock'}:  # made here, nothing of the run's
                 shutil.rmtree(self.run_dir)
             cause = f'{errors[0]}; ' if errors else ''
+            if self.length == 'performance':  # prepare_run_dir empties its folder: nothing is resumed
+                cause = cause.replace(RESUME_ADVICE, 'a performance case starts afresh when launched again')
             code = next((c for c in exit_codes if c > 0), returncode)
             if any(e.startswith('stopped by') for e in errors) and all(c in (0, EXIT_PREEMPTED) for c in exit_codes):
                 # the ranks saved and stopped; torchrun, stopped by the signal passed on or by Ctrl-C,

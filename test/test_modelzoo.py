@@ -333,6 +333,13 @@ def test_ctrl_c_of_a_torchrun_case_whose_ranks_saved_exits_4(tmp_path, monkeypat
     with pytest.raises(modelzoo.CaseError, match=r'^training failed \(exit status 4\): stopped by SIGINT') as error:
         case.run()
     assert error.value.exit_code == 4
+    # a performance case is run afresh at each launch (its folder emptied): the run's advice to resume is not its
+    assert '(epoch 0); a performance case starts afresh when launched again; the whole output' in str(error.value)
+    full = modelzoo.Case('pretrain', 'full', 2, ['--data_path=demo', f'--output_dir={tmp_path}'])
+    monkeypatch.setattr(full, 'command', lambda: [sys.executable, '-c', stopped])
+    with pytest.raises(modelzoo.CaseError, match='checkpoint-last.pth is written: run the same command again to '
+                                                 'resume; the whole output'):
+        full.run()
     crashed = stopped.replace('raise SystemExit(1)', 'print("  exitcode  : 3 (pid: 7)"); raise SystemExit(1)')
     monkeypatch.setattr(case, 'command', lambda: [sys.executable, '-c', crashed])
     with pytest.raises(modelzoo.CaseError) as error:

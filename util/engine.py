@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 from util import checkpoint, dist, signals
 from util.checkpoint_writer import CheckpointWriter
 from util.datasets import JpegBatch, normalize_images
-from util.errors import EXIT_DIVERGED, Preempted, RunEnded
+from util.errors import EXIT_DIVERGED, RESUME_ADVICE, Preempted, RunEnded
 from util.lr_sched import adjust_learning_rate, due_at_epoch
 
 
@@ -350,7 +350,7 @@ def stopped(progress, where):
     """The Preempted error of a stop signal acted on after `progress.step`, once checkpoint-last.pth
     is written."""
     return Preempted(f'stopped by {signals.received() or "a signal to another process"} after step {progress.step} '
-                     f'({where}); checkpoint-last.pth is written: run the same command again to resume')
+                     f'({where}); {RESUME_ADVICE}')
 
 
 def checkpoint_times(stall, writer):

@@ -12,6 +12,8 @@ import sys
 EXIT_USAGE = 2       # bad input: a flag, a path, a data set, a checkpoint
 EXIT_DIVERGED = 3    # the loss became NaN or infinite
 EXIT_PREEMPTED = 4   # stopped by SIGTERM/SIGUSR1 after writing checkpoint-last.pth: start again to resume
+# the advice that ends a training loop's stop message (test/modelzoo.py gives a performance case's instead)
+RESUME_ADVICE = 'checkpoint-last.pth is written: run the same command again to resume'
 
 
 class RunEnded(Exception):
