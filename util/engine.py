@@ -219,10 +219,6 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             toc = time.perf_counter()
             ips = throughput.add(images, toc - tic)
             steps = images // images_per_step
-            if not math.isfinite(mean_loss):  # the host reads the loss here only: the interval is named
-                interval = f' (the mean of steps {progress.step - steps + 1} to {progress.step})' if steps > 1 else ''
-                raise TrainingDiverged(diverged_message(f'the loss is {mean_loss} at epoch {epoch}, step '
-                                                        f'{progress.step}{interval}', precision, args, progress.saved))
             # a stop logs its part of the interval, and the run resumed from it the whole interval
             carried_sum, carried_steps = progress.interval_loss
             interval_sum = carried_sum + mean_loss * steps
@@ -242,6 +238,10 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
                 record['mem_mb'] = round(device.max_memory_allocated() / 2 ** 20)
             seconds_per_step = (toc - tic) / (images / images_per_step)
             logger.log_step(record, steps_per_epoch, step_in_epoch, (steps_per_epoch - step_in_epoch) * seconds_per_step)
+            if not math.isfinite(mean_loss):  # logged first: a loss-curve comparison sees where the run diverged
+                interval = f' (the mean of steps {progress.step - steps + 1} to {progress.step})' if steps > 1 else ''
+                raise TrainingDiverged(diverged_message(f'the loss is {mean_loss} at epoch {epoch}, step '
+                                                        f'{progress.step}{interval}', precision, args, progress.saved))
             loss_images, images_so_far = progress.epoch_loss
             progress.epoch_loss = (loss_images + mean_loss * images, images_so_far + images)
             loss_sum.zero_()
