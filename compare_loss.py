@@ -25,8 +25,9 @@ written at every step (a logged loss is the mean over its logging interval: logs
 different intervals, or a counted log against one not written at every step from step 1, are
 refused rather than compared wrongly).
 
-The curves are compared on the steps both have (after --skip_first, within --last) with the
-signed means of the ModelZoo/Tecorigin tools:
+The curves are compared on the steps both have (after --skip_first, within --last), with a
+warning where the candidate stops before the reference (a crashed port, or a log without step
+numbers written every few steps), with the signed means of the ModelZoo/Tecorigin tools:
     MeanRelativeError = mean((cand - ref) / ref),   MeanAbsoluteError = mean(cand - ref)
 The run passes when |MeanRelativeError| <= --rel_tol or |MeanAbsoluteError| <= --abs_tol. The
 magnitudes are judged, unlike the vendors' loss.py (which compares the signed means, so a curve
@@ -434,6 +435,12 @@ def report(args, cand, ref, cand_format, ref_format, steps, result):
     only_cand, only_ref = len(cand) - common, len(ref) - common
     if only_cand or only_ref:
         print(f'note: {only_cand} candidate and {only_ref} reference steps have no counterpart and are left out')
+    if max(cand) < max(ref):
+        counted_hint = (' (or, with no step numbers of its own, it was logged every few steps: compare it with a log '
+                        'of the same frequency)' if cand_format in COUNTED else '')
+        print(f'warning: the candidate stops at step {max(cand)} and the reference goes on to step {max(ref)}: only '
+              f'the steps both ran are compared, so a candidate that crashed or hung passes on the steps it '
+              f'logged{counted_hint}')
     if result.bad_step is None:
         print(f'MeanRelativeError: {result.mean_rel:.6e}')
         print(f'MeanAbsoluteError: {result.mean_abs:.6e}')

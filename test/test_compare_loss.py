@@ -171,6 +171,19 @@ def test_logs_written_at_different_intervals_are_refused(tmp_path, reference):
     assert 'note: the candidate logged one step only' in result.stdout and compared_count(result.stdout) == 1
 
 
+def test_a_candidate_that_stops_before_the_reference_is_warned_of(tmp_path, reference):
+    """A port that crashed halfway passed on the steps it logged with a note alone; a loss file without step numbers
+    written every few steps (a performance case's) cannot be told from one that stopped, and is named."""
+    half = write_jsonl(tmp_path / 'half.jsonl', curve()[:100], steps=STEPS[:100])
+    result = run_cli(half, reference)
+    assert result.returncode == 0 and compared_count(result.stdout) == 100
+    assert ('warning: the candidate stops at step 100 and the reference goes on to step 200: only the steps both ran '
+            'are compared, so a candidate that crashed or hung passes on the steps it logged\n') in result.stdout
+    every_ten = write_numbers(tmp_path / 'loss.txt', curve()[9::10])  # 20 losses, counted 1 to 20
+    assert 'logged every few steps: compare it with a log of the same frequency' in run_cli(every_ten, reference).stdout
+    assert 'warning' not in run_cli(reference, half).stdout  # a longer candidate: its own steps are left out
+
+
 def test_bad_flags(tmp_path, reference):
     assert_unusable(run_cli(reference, reference, '--rel_tol', '-0.1'), '--rel_tol')
     assert_unusable(run_cli(reference, reference, '--last', '0'), '--last')
