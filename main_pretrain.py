@@ -159,7 +159,8 @@ def fill_recipe(args):
     if args.align:
         use_alignment_defaults(args)
     args.input_pipeline = args.input_pipeline or 'tensor'
-    return f"recipe: {args.model}'s published {recipe.get('epochs')}-epoch recipe; the flags given override it"
+    # not "published": the tiny models' recipes are their base model's, at their size
+    return f"recipe: {args.model}'s {recipe.get('epochs')}-epoch recipe of its model file; the flags given override it"
 
 
 def check_input_pipeline(args, device):
