@@ -192,9 +192,13 @@ class Case:
         return launcher + [os.path.join(REPO, ENTRY_POINTS[self.kind])] + self.entry_point_args()
 
     def environment(self):
-        """One chosen device for a one-device case when the ModelZoo device id is set."""
+        """One chosen device for a one-device case when the ModelZoo device id is set; a one-process
+        case is a world of one inside a SLURM allocation of several tasks too (SLURM's task number
+        made it one rank of the allocation's world, refused for want of MASTER_ADDR)."""
         from util.device import VISIBLE_DEVICES  # imports torch: not before the arguments are checked
         env = dict(os.environ)
+        if self.nproc == 1:
+            env.pop('SLURM_PROCID', None)  # util.dist reads SLURM's variables only where it is set
         if self.nproc == 1 and ('ASCEND_DEVICE_ID' in env or 'DEVICE_ID' in env):
             names = [VISIBLE_DEVICES[self.device]] if self.device in VISIBLE_DEVICES else VISIBLE_DEVICES.values()
             for name in names:

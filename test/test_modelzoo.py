@@ -397,6 +397,17 @@ def test_a_flag_the_entry_point_refuses_is_named_in_the_scripts_last_line(tmp_pa
     assert str(error.value).startswith('training failed (exit status 2): unrecognized arguments: --foo=1; ')
 
 
+def test_a_one_process_case_in_a_slurm_allocation_of_several_tasks_is_a_world_of_one(monkeypatch):
+    from util.dist import read_world_from_env
+    for name, value in (('SLURM_PROCID', '0'), ('SLURM_NTASKS', '8'), ('SLURM_LOCALID', '0')):
+        monkeypatch.setenv(name, value)
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+    env = modelzoo.Case('pretrain', 'performance', 1, ['--data_path=demo']).environment()
+    monkeypatch.setattr(os, 'environ', env)  # the case's process reads its world from it
+    assert read_world_from_env().world_size == 1
+
+
 def test_a_device_id_picks_the_card_of_a_one_device_case(monkeypatch):
     for name in ('ASCEND_DEVICE_ID', 'CUDA_VISIBLE_DEVICES', 'ASCEND_RT_VISIBLE_DEVICES', 'SDAA_VISIBLE_DEVICES'):
         monkeypatch.delenv(name, raising=False)
