@@ -498,7 +498,7 @@ class EpochEvaluation:
 
     def evaluate(self, model, label=None):
         return evaluate(model, self.loader, self.device, self.precision, sum_over_ranks=self.args.dist_eval,
-                        label=label)
+                        label=label, stoppable=True)
 
 
 def run_eval(args, model, loader, val_classes, device, precision):

@@ -135,6 +135,33 @@ def test_a_stop_at_the_end_of_an_epoch_trains_no_step_of_the_next(small_folder, 
     assert losses_by_step(tmp_path) == uninterrupted
 
 
+def test_a_stop_during_fine_tunings_evaluation_ends_it_and_the_resumed_run_evaluates_the_epoch(small_folder, tmp_path,
+                                                                                               monkeypatch):
+    """A signal during the evaluation after an epoch waited for the whole validation pass (minutes on a slow device,
+    longer than a scheduler's grace time) before the checkpoint was written. Now the evaluation stops, the epoch's
+    training is kept, and the resumed run evaluates it and goes on: the log of the two launches is the
+    uninterrupted run's."""
+    from helpers import run_finetune
+    from util import signals
+    from util.errors import Preempted
+    flags = ['--model', 'vit_tiny_patch8', '--data_path', small_folder, '--batch_size', 16, '--epochs', 2,
+             '--num_workers', 0, '--device', 'cpu', '--aa', 'none', '--reprob', 0, '--mixup', 0, '--cutmix', 0]
+    run_finetune(*flags, '--output_dir', tmp_path / 'whole')
+    evaluating = []  # the agreement at each batch of an evaluation, after its count of batches
+
+    monkeypatch.setattr(signals, 'fewest_over_ranks', lambda count: evaluating.append(count) or count)
+    monkeypatch.setattr(signals, 'stop_agreed', lambda: bool(evaluating))
+    with pytest.raises(Preempted, match=r'in the evaluation after an epoch; checkpoint-last.pth is written: run the '
+                                        r'same command again to resume: it evaluates the epoch and goes on$'):
+        run_finetune(*flags, '--output_dir', tmp_path / 'stopped')
+    assert not (tmp_path / 'stopped' / 'log.txt').exists()  # epoch 0 neither evaluated nor logged
+    assert checkpoint.load(tmp_path / 'stopped' / checkpoint.LAST)['step'] == 4  # epoch 0's 64 images trained
+    monkeypatch.undo()
+    run_finetune(*flags, '--output_dir', tmp_path / 'stopped')
+    whole, resumed = (read_jsonl(tmp_path / run / 'log.txt') for run in ('whole', 'stopped'))
+    assert [(e['epoch'], e['test_acc1']) for e in resumed] == [(e['epoch'], e['test_acc1']) for e in whole]
+
+
 def test_sigterm_to_the_whole_group_stops_cleanly(small_folder, tmp_path):
     """GNU timeout, `kill -TERM -<pgid>` and schedulers signal every process of a job, the
     data-loader worker included: the worker leaves it to the run (a worker killed by it broke

@@ -258,12 +258,20 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, device, precision
             'preempted': preempted}
 
 
+class StoppedInEvaluation(Preempted):
+    """A stop signal agreed on during an evaluation after an epoch (evaluate(stoppable=True)): a
+    grace time before the kill may be shorter than a pass over the validation set."""
+
+
 def evaluate_keeping_the_epoch(after_epoch, epoch, stats, keep_unfinished, args):
-    """after_epoch(epoch, stats), and where it fails (an unreadable validation image, say) the
-    epoch's training kept first (keep_unfinished), as for a stop in its last step: the run started
-    again evaluates the epoch and goes on, without training it again."""
+    """after_epoch(epoch, stats), and where it fails (an unreadable validation image, say) or a stop
+    signal ends it, the epoch's training kept first (keep_unfinished), as for a stop in its last
+    step: the run started again evaluates the epoch and goes on, without training it again."""
     try:
         return after_epoch(epoch, stats)
+    except StoppedInEvaluation:
+        keep_unfinished(epoch, stats)
+        raise
     except Exception:
         keep_unfinished(epoch, stats)
         if args.output_dir:
@@ -396,18 +404,24 @@ def topk_correct(scores, labels):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, precision, sum_over_ranks=True, label=None):
+def evaluate(model, loader, device, precision, sum_over_ranks=True, label=None, stoppable=False):
     """Top-1, top-5 accuracy (%) and mean cross-entropy over the loader's images, summed over all
     ranks when `sum_over_ranks` (exact when each image is on one rank: util.datasets.ShardSampler;
     else every rank has evaluated every image). Prints the line `* Acc@1 X Acc@5 Y loss Z` that
-    log readers grep (`label`, as for the EMA weights, is put after it in parentheses)."""
+    log readers grep (`label`, as for the EMA weights, is put after it in parentheses).
+    stoppable: a stop signal noted while training (util.signals) ends the evaluation with
+    StoppedInEvaluation, agreed on by the ranks at each of the batches all of them have."""
     model.eval()
+    agreed_batches = signals.fewest_over_ranks(len(loader)) if stoppable else 0  # ShardSampler's may differ by one
     dev = device.torch_device
     # counts in int64 and the loss in float32: no float64 on MPS, and exact counts at any size
     correct = torch.zeros(2, dtype=torch.int64, device=dev)  # correct@1, correct@5
     loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
     seen = 0  # images, counted on the host: a device tensor of a count made per batch is a copy per batch
-    for images, targets in loader:
+    for batch, (images, targets) in enumerate(loader):
+        if batch < agreed_batches and signals.stop_agreed():
+            raise StoppedInEvaluation(f'stopped by {signals.received() or "a signal to another process"} in the '
+                                      f'evaluation after an epoch; {RESUME_ADVICE}: it evaluates the epoch and goes on')
         images, targets = model_input(to_device(images, dev)), to_device(targets, dev)
         with device.autocast(precision):
             logits = model(images)

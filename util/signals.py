@@ -142,6 +142,16 @@ def stop_agreed():
     return bool(flag.item())
 
 
+def fewest_over_ranks(count):
+    """The smallest `count` of all ranks (`count` itself in a run of one process), through the CPU
+    group of the agreements. Every rank must call this together."""
+    if not (dist.is_initialized() and _group is not None):
+        return count
+    smallest = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=_group)
+    return int(smallest.item())
+
+
 def main_process_value(value):
     """Rank 0's `value` (any picklable object) on every rank, through the CPU group of the
     agreements; `value` itself in a run of one process. Every rank must call this together."""
