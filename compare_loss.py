@@ -384,8 +384,9 @@ def describe_steps(steps):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        'compare_loss.py', allow_abbrev=False, description='Compare a device run\'s loss curve (CANDIDATE) with a reference '
-        'run\'s (REFERENCE), e.g. NPU/SDAA against CUDA.',
+        'compare_loss.py', allow_abbrev=False,
+        description='Compare a device run\'s loss curve (CANDIDATE) with a reference run\'s (REFERENCE), e.g. '
+                    'NPU/SDAA against CUDA.',
         epilog='Inputs: log.jsonl (or its directory), console logs with "train.loss : X", TCAPPDLL lines, '
                'one number per line. Pass when |MeanRelativeError| <= rel_tol or |MeanAbsoluteError| <= '
                'abs_tol, with MeanRelativeError = mean((cand - ref) / ref) and MeanAbsoluteError = '

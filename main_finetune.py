@@ -86,7 +86,8 @@ def recipe_note(key):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        allow_abbrev=False, description='Fine-tuning, linear probing, evaluation and supervised training of classifiers. Flags left out '
+        allow_abbrev=False,
+        description='Fine-tuning, linear probing, evaluation and supervised training of classifiers. Flags left out '
                     'take the recipe of the mode; with --finetune, the fine-tuning recipe published with the '
                     'checkpoint\'s pre-training where it has one (SimMIM\'s, MaskFeat\'s, MAE-HiViT\'s) wins.')
     add_schedule_args(parser, recipe_note)
@@ -108,8 +109,8 @@ def get_args_parser():
                              'vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, blr 1e-3, layer decay '
                              f'0.75, drop path 0.2/0.3). This project\'s own: {model_names_by_method(pretraining=False)}')
     parser.add_argument('--input_size', default=None, type=int,
-                        help='image size in pixels (default: the size the model is built for, 224 for most; with --eval the '
-                             'size its checkpoint records, and no other)')
+                        help='image size in pixels (default: the size the model is built for, 224 for most; with '
+                             '--eval the size its checkpoint records, and no other)')
     parser.add_argument('--head_init_std', default=None, type=float,
                         help='std of the normal the new head is drawn from; ' + recipe_note('head_init_std'))
     parser.add_argument('--head_init_bias', default=None, type=float,
@@ -521,8 +522,8 @@ def run_eval(args, model, loader, val_classes, device, precision):
     if not any(key.startswith(head) for key in state):
         raise UsageError(f'{path} holds no classifier ({head}*): an encoder, or a pre-training checkpoint, which '
                          f'--eval cannot measure: fine-tune it first (--finetune {path}), or give a fine-tuned one')
-    advice = trained_advice if trained else (classifier_advice(model, state, len(val_classes))
-                                             or checkpoint.input_size_advice(model, state) or default_model_advice(args))
+    advice = trained_advice if trained else (classifier_advice(model, state, len(val_classes)) or
+                                             checkpoint.input_size_advice(model, state) or default_model_advice(args))
     checkpoint.load_weights(model, state, path, advice=advice)
     stats = evaluate(model, loader, device, precision, sum_over_ranks=args.dist_eval)
     print(f"accuracy of {path}{' (its EMA weights)' if args.model_ema else ''} on the {stats['images']} validation "

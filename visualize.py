@@ -38,7 +38,8 @@ MODEL_SETTINGS = ('input_size', 'norm_pix_loss', 'mask_ratio', 'mask_patch_size'
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='Pictures of pre-trained models and of training runs', allow_abbrev=False)
+    parser = argparse.ArgumentParser(description='Pictures of pre-trained models and of training runs',
+                                     allow_abbrev=False)
     parser.add_argument('--checkpoint', type=os.path.expanduser, default=None,
                         help='a pre-training checkpoint (this project\'s, or an official release with its decoder)')
     parser.add_argument('--model', default=None,

@@ -533,9 +533,10 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root,
                      '--data_path', 'demo', '--output_dir', '')
     # so for every family: a Swin's relative position tables were resampled to 128 px and measured without a word
     torch.save({'model': create_classifier('swin_tiny_patch4_window4_64', num_classes=10).state_dict(),
-                'args': {'model': 'swin_tiny_patch4_window4_64', 'input_size': 64, 'finetune': ''}}, tmp_path / 'swin.pth')
-    with pytest.raises(UsageError, match=re.escape(f'{tmp_path / "swin.pth"} is measured at the size it was trained at; '
-                                                   f'it was trained with --input_size 64: evaluate it so')):
+                'args': {'model': 'swin_tiny_patch4_window4_64', 'input_size': 64, 'finetune': ''}},
+               tmp_path / 'swin.pth')
+    with pytest.raises(UsageError, match=re.escape(f'{tmp_path / "swin.pth"} is measured at the size it was trained '
+                                                   f'at; it was trained with --input_size 64: evaluate it so')):
         run_finetune('--eval', '--resume', tmp_path / 'swin.pth', '--input_size', 128, '--device', 'cpu',
                      '--data_path', 'demo', '--output_dir', '')
     import main_finetune

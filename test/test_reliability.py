@@ -151,8 +151,9 @@ def test_a_stop_during_fine_tunings_evaluation_ends_it_and_the_resumed_run_evalu
 
     monkeypatch.setattr(signals, 'fewest_over_ranks', lambda count: evaluating.append(count) or count)
     monkeypatch.setattr(signals, 'stop_agreed', lambda: bool(evaluating))
-    with pytest.raises(Preempted, match=r'in the evaluation after an epoch; checkpoint-last.pth is written: run the '
-                                        r'same command again to resume: it evaluates the epoch and goes on$'):
+    with pytest.raises(Preempted, match=r'in the evaluation after an epoch, whose training is kept for the resumed '
+                                        r'run to evaluate; checkpoint-last.pth is written: run the same command again '
+                                        r'to resume$'):
         run_finetune(*flags, '--output_dir', tmp_path / 'stopped')
     assert not (tmp_path / 'stopped' / 'log.txt').exists()  # epoch 0 neither evaluated nor logged
     assert checkpoint.load(tmp_path / 'stopped' / checkpoint.LAST)['step'] == 4  # epoch 0's 64 images trained

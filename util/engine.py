@@ -421,7 +421,8 @@ def evaluate(model, loader, device, precision, sum_over_ranks=True, label=None, 
     for batch, (images, targets) in enumerate(loader):
         if batch < agreed_batches and signals.stop_agreed():
             raise StoppedInEvaluation(f'stopped by {signals.received() or "a signal to another process"} in the '
-                                      f'evaluation after an epoch; {RESUME_ADVICE}: it evaluates the epoch and goes on')
+                                      f'evaluation after an epoch, whose training is kept for the resumed run to '
+                                      f'evaluate; {RESUME_ADVICE}')
         images, targets = model_input(to_device(images, dev)), to_device(targets, dev)
         with device.autocast(precision):
             logits = model(images)
