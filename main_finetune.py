@@ -333,6 +333,9 @@ def check_mode(args):
     if args.knn and (args.eval or args.linprobe):
         raise UsageError('--knn evaluates the frozen features of --finetune\'s encoder by itself: leave out '
                          f'{"--eval" if args.eval else "--linprobe"}')
+    if args.knn and args.resume:  # it measured random weights without a word
+        raise UsageError(f'--knn measures the weights of --finetune (a pre-training or fine-tuning checkpoint), not '
+                         f'--resume: give --finetune {args.resume}')
 
 
 def keep_the_resumed_runs_start(args):

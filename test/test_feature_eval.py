@@ -179,7 +179,8 @@ def test_two_processes_evaluate_like_one(small_folder, tmp_path):
     training features and the summed counts give the results of one process."""
     common = ['main_finetune.py', '--knn', *TINY_VIT, '--data_path', small_folder, '--knn_k', 5, 20, '--num_workers',
               0, '--device', 'cpu', '--batch_size', 8]
-    run_finetune(*common[1:], '--output_dir', tmp_path / 'one')
+    # a k given twice is measured once (its votes were counted twice: a RuntimeError after the feature pass)
+    run_finetune(*common[1:], '--knn_k', 5, 5, 20, '--output_dir', tmp_path / 'one')
     two = run_script(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', 2, *common,
                      '--output_dir', tmp_path / 'two')
     assert two.returncode == 0, two.stderr[-2000:]
@@ -211,6 +212,9 @@ def test_a_rank_without_images_gives_no_rows_of_the_features_width(small_folder)
 def test_bad_knn_input_is_one_line(small_folder, tmp_path):
     with pytest.raises(UsageError, match='--knn evaluates the frozen features .* leave out --eval'):
         run_finetune('--knn', '--eval', *TINY_VIT, '--data_path', small_folder, '--output_dir', tmp_path)
+    with pytest.raises(UsageError, match=r'^--knn measures the weights of --finetune \(a pre-training or fine-tuning '
+                                         r'checkpoint\), not --resume: give --finetune x.pth$'):  # random weights
+        run_finetune('--knn', '--resume', 'x.pth', *TINY_VIT, '--data_path', small_folder, '--output_dir', tmp_path)
     with pytest.raises(UsageError, match='--knn_k must be 1 or more'):
         run_finetune('--knn', '--knn_k', 0, *TINY_VIT, '--data_path', small_folder, '--output_dir', tmp_path)
     with pytest.raises(UsageError, match=r'--knn_freq must be 0 \(off\) or more, got -1'):

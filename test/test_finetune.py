@@ -414,6 +414,12 @@ def test_model_ema_follows_the_weights(small_folder, tmp_path, capsys):
     with pytest.raises(UsageError, match='holds no EMA weights'):
         run_finetune(*TINY, '--data_path', small_folder, '--eval', '--model_ema', '--resume', tmp_path / 'start.pth',
                      '--output_dir', '')
+    # checkpoint-best.pth keeps the model's weights alone: its run had --model_ema (it said the run had none)
+    with pytest.raises(UsageError, match=r"holds no EMA weights: its run had --model_ema, but this file keeps the "
+                                         r"best epoch's model weights only; leave --model_ema out to use them, or "
+                                         r"give checkpoint-last.pth"):
+        run_finetune(*TINY, '--data_path', small_folder, '--eval', '--model_ema', '--resume',
+                     tmp_path / 'ema' / checkpoint.BEST, '--output_dir', '')
     assert lines == [f"* Acc@1 {epoch['test_ema_acc1']:.3f} Acc@5 {epoch['test_ema_acc5']:.3f} "
                      f"loss {epoch['test_ema_loss']:.3f}  (EMA weights)",
                      f"* Acc@1 {epoch['test_acc1']:.3f} Acc@5 {epoch['test_acc5']:.3f} loss {epoch['test_loss']:.3f}"]

@@ -62,6 +62,10 @@ def ema_weights(ckpt, path):
     timm's train.py with --model-ema (--eval and export.py with --model_ema), in model_state_of's
     form."""
     key = next((k for k in EMA_ENTRIES if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), None)
+    if key is None and saved_args(ckpt).get('model_ema'):  # checkpoint-best.pth: the best model weights only
+        raise UsageError(f'{path!r} holds no EMA weights: its run had --model_ema, but this file keeps the best '
+                         f'epoch\'s model weights only; leave --model_ema out to use them, or give checkpoint-last.pth '
+                         f'or an epoch\'s checkpoint, which hold the EMA weights too')
     if key is None:
         raise UsageError(f'{path!r} holds no EMA weights (its run had no --model_ema): leave --model_ema out to '
                          f'use its weights')

@@ -55,6 +55,7 @@ def feature_loaders(args, world, pin_memory, beside_training=False):
     number of classes: --nb_classes or train/'s)"""
     if min(args.knn_k) < 1:
         raise UsageError(f'--knn_k must be 1 or more, got {" ".join(map(str, args.knn_k))}')
+    args.knn_k = list(dict.fromkeys(args.knn_k))  # a k given twice is measured once (its votes were doubled)
     if getattr(args, 'knn_freq', 0) < 0:
         raise UsageError(f'--knn_freq must be 0 (off) or more, got {args.knn_freq}')
 
