@@ -278,9 +278,10 @@ def flags_text(values):
 
 
 def classifier_of_checkpoint(path):
-    """recorded_classifier of the checkpoint at `path` ({} where there is none), its header read alone."""
-    if not path or not os.path.isfile(path):
-        return {}  # --eval reports a missing file where it loads it
+    """recorded_classifier of the checkpoint at `path` ({} where none is given), its header read alone;
+    a missing file is reported here, before a model is built for it."""
+    if not path:
+        return {}
     return recorded_classifier(checkpoint.load(path, mmap=True), path)
 
 

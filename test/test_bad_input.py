@@ -505,6 +505,14 @@ def test_weights_that_name_no_model_and_fit_not_the_default_say_so(tmp_path):
         run_finetune('--eval', '--resume', tmp_path / 'bare.pth', *flags[2:], '--output_dir', '')
 
 
+def test_eval_of_a_missing_checkpoint_says_so_before_building_a_model(tmp_path, capsys):
+    """It built the default vit_base_patch16 (86 M parameters, seconds on a CPU) and printed its size first."""
+    with pytest.raises(UsageError, match=r"^checkpoint '\S+missing.pth' does not exist$"):
+        run_finetune('--eval', '--resume', tmp_path / 'missing.pth', '--device', 'cpu', '--data_path', 'demo',
+                     '--output_dir', '')
+    assert 'parameters' not in capsys.readouterr().out
+
+
 def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root, capsys, tmp_path):
     """--eval builds the classifier the checkpoint records: its --model, its --input_size (32 here, where
     vit_tiny_patch8 is built for 64), and a linear probe's head and cls-token pooling."""
