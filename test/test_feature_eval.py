@@ -82,6 +82,13 @@ def test_a_k_past_the_training_set_takes_all_of_it_and_says_so(capsys):
     print_results(dict(results, train_images=30, feature_dim=8, seconds=0.0), (30, 1000))
     out = capsys.readouterr().out
     assert 'k-NN, k=30, majority vote' in out and 'k-NN, k=1000 (all 30 training images), majority vote' in out
+    assert 'Acc@5 counts' not in out
+    # k = 2: two classes at most get votes, so a third in its top-5 is one without any (said)
+    results = evaluate_features(bank, torch.tensor(rng.integers(0, 3, 30)), queries.float(),
+                                torch.tensor(rng.integers(0, 3, 9)), 3, ks=(2,), probe=False)
+    print_results(dict(results, train_images=30, feature_dim=8, seconds=0.0), (2,))
+    assert capsys.readouterr().out.count('k-NN, k=2 (fewer than 5 neighbours: Acc@5 counts classes without a '
+                                         'vote)') == 2
 
 
 def logistic_objective(features, labels, weight, bias):

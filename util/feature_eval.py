@@ -195,6 +195,8 @@ def print_results(results, ks):
     for k in ks:
         # a k past the training set takes all of it (knn_votes): the majority is then the commonest class
         k_text = f'k={k}' if k <= results['train_images'] else f"k={k} (all {results['train_images']} training images)"
+        if k < 5:  # at most k classes get a vote: the rest of a top-5 is drawn from ties at zero
+            k_text += ' (fewer than 5 neighbours: Acc@5 counts classes without a vote)'
         print(f"* Acc@1 {results[f'knn{k}_acc1']:.3f} Acc@5 {results[f'knn{k}_acc5']:.3f}  "
               f"k-NN, {k_text}, votes weighted by exp(cos / {TEMPERATURE})")
         print(f"* Acc@1 {results[f'knn{k}_majority_acc1']:.3f} Acc@5 {results[f'knn{k}_majority_acc5']:.3f}  "
