@@ -369,9 +369,11 @@ def test_val_classes_that_differ_from_train_are_refused(small_folder, tmp_path):
         run_finetune('--model', 'vit_tiny_patch8', '--input_size', 64, '--device', 'cpu', '--num_workers', 0,
                      '--data_path', small_folder, '--nb_classes', 0, '--output_dir', tmp_path / 'out2')
     # --eval compares val/ with train/'s class folders by name, without reading train/'s images
+    torch.save({'model': create_classifier('vit_tiny_patch8', img_size=64, num_classes=2).state_dict()},
+               tmp_path / 'classifier.pth')
     with pytest.raises(UsageError, match=rf"only in train/: {renamed}; only in val/: zebra"):
-        run_finetune('--eval', '--resume', tmp_path / 'missing.pth', '--model', 'vit_tiny_patch8', '--input_size', 64,
-                     '--device', 'cpu', '--num_workers', 0, '--data_path', tmp_path / 'data')
+        run_finetune('--eval', '--resume', tmp_path / 'classifier.pth', '--model', 'vit_tiny_patch8', '--input_size',
+                     64, '--device', 'cpu', '--num_workers', 0, '--data_path', tmp_path / 'data')
 
 
 def test_pictures_skip_unreadable_images_and_read_huge_jpegs(tmp_path, monkeypatch):
