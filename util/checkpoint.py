@@ -62,13 +62,12 @@ def ema_weights(ckpt, path):
     timm's train.py with --model-ema (--eval and export.py with --model_ema), in model_state_of's
     form."""
     key = next((k for k in EMA_ENTRIES if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), None)
-    if key is None and saved_args(ckpt).get('model_ema'):  # checkpoint-best.pth: the best model weights only
-        raise UsageError(f'{path!r} holds no EMA weights: its run had --model_ema, but this file keeps the best '
-                         f'epoch\'s model weights only; leave --model_ema out to use them, or give checkpoint-last.pth '
-                         f'or an epoch\'s checkpoint, which hold the EMA weights too')
     if key is None:
-        raise UsageError(f'{path!r} holds no EMA weights (its run had no --model_ema): leave --model_ema out to '
-                         f'use its weights')
+        why = (': its run had --model_ema, but this file keeps the best epoch\'s model weights only; leave --model_ema '
+               'out to use them, or give checkpoint-last.pth or an epoch\'s checkpoint, which hold the EMA weights too'
+               if saved_args(ckpt).get('model_ema') else  # checkpoint-best.pth of an EMA run
+               ' (its run had no --model_ema): leave --model_ema out to use its weights')
+        raise UsageError(f'{path!r} holds no EMA weights{why}')
     return model_state_of(ckpt[key], path)
 
 
@@ -83,11 +82,13 @@ def check_recorded_input_size(saved, input_size, path, tool):
     """A trained model is read at the image size its run recorded (saved args'), whatever its family:
     --input_size of another size would not load a ViT's position table, and would resample a Swin's,
     BEiT's or HiViT's relative position tables without a word (timm's filters), so it is refused for
-    all. `tool` says what reads it ('export.py writes'); nothing is checked where no size is recorded."""
+    all. `tool` says what reads it ('export.py writes'); nothing is checked where no size is recorded.
+    returns: the size to read it at, given or recorded (None where neither)"""
     trained_at = saved.get('input_size')
     if input_size is not None and trained_at is not None and input_size != trained_at:
         raise UsageError(f'--input_size {input_size}: {path!r} was trained at {trained_at} px (its run\'s '
                          f'--input_size), and {tool} it at that size: leave --input_size out')
+    return input_size or trained_at
 
 
 def input_size_advice(model, state):

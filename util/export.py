@@ -93,8 +93,7 @@ def pretrained_encoder(ckpt, path, name, input_size=None):
     args = saved_args(ckpt)
     if args.get('model') not in (None, name):  # another model's run: its flags may not even build this one
         args = {}
-    check_recorded_input_size(args, input_size, path, 'export.py writes')
-    input_size = input_size or args.get('input_size')
+    input_size = check_recorded_input_size(args, input_size, path, 'export.py writes')
     arch = {'img_size': input_size} if input_size else {}
     if args.get('norm_pix_loss') is not None:
         arch['norm_pix_loss'] = args['norm_pix_loss']
@@ -142,8 +141,7 @@ def finetuned_classifier(ckpt, path, name, input_size=None):
         raise UsageError(f'{path!r} holds no classifier {head!r} of {name}: pass the --model that wrote it '
                          f'(a pre-training model or the timm classifier it fine-tunes)')
     kwargs = {}
-    check_recorded_input_size(args, input_size, path, 'export.py writes')
-    input_size = input_size or args.get('input_size')
+    input_size = check_recorded_input_size(args, input_size, path, 'export.py writes')
     if input_size and input_size != native_input_size(name):
         kwargs['img_size'] = input_size
     if args.get('global_pool') is False:  # main_finetune's --cls_token / --linprobe
