@@ -17,7 +17,8 @@ from functools import partial
 import torch
 
 from util import dist
-from util.datasets import INPUT_PIPELINES, EpochSampler, JpegBatch, build_loader, build_pretrain_dataset, eval_images
+from util.datasets import (INPUT_PIPELINES, EpochSampler, JpegBatch, build_loader, build_pretrain_dataset,
+                           check_data_path, eval_images)
 from util.images import BadImages, require_jpeg_decoder
 from util.engine import train
 from util.errors import UsageError, run_command
@@ -195,6 +196,7 @@ def main(args):
     recipe = fill_recipe(args)
     world, device, precision = start_run(args, deterministic=args.align)
     check_input_pipeline(args, device)
+    check_data_path(args.data_path)  # the dataset itself needs the model's mask generator
     print(recipe)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank, drawn on the CPU

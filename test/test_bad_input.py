@@ -76,6 +76,13 @@ def test_impossible_rates_and_sizes_are_refused_before_the_run(flags, message, t
     assert not (tmp_path / 'log.jsonl').exists()
 
 
+def test_a_missing_data_path_is_reported_before_the_model_is_built(tmp_path, capsys):
+    """The data set needs the model's mask generator, but a wrong path must not wait for a ViT-L to be built."""
+    with pytest.raises(UsageError, match="--data_path '/nonexistent/imagenet' does not exist"):
+        run_pretrain(*TINY, '--data_path', '/nonexistent/imagenet', '--output_dir', tmp_path)
+    assert 'parameters' not in capsys.readouterr().out  # the line printed once the model is built
+
+
 FINETUNE_TINY = ['--model', 'vit_tiny_patch16_224', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']
 
 

@@ -61,6 +61,13 @@ def resolve_data_root(data_path, split='train'):
     return data_path
 
 
+def check_data_path(data_path, split='train'):
+    """Stop with resolve_data_root's line before anything slow (building a ViT-L, say) where
+    --data_path is not a data set; `synthetic[:N]` needs no folder."""
+    if not is_synthetic(data_path):
+        resolve_data_root(data_path, split)
+
+
 def pretrain_transform(input_size, scale=(0.2, 1.0), interpolation='bicubic'):
     """MAE's pre-training augmentation: RandomResizedCrop(0.2-1, bicubic) and a flip. SimMIM's is
     RandomResizedCrop(0.67-1, bilinear) and a flip; with scale=(0.08, 1) it is MAE's
