@@ -50,7 +50,12 @@ def compile_and_wrap(model, device, args):
         # inductor's C++ backend looks for a CUDA toolkit when it loads, and a CUDA build of torch on a
         # machine without a GPU warns "No CUDA runtime is found": noise for a run on another device
         logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
-    return compile_with_fallback(model_ddp, args.compile_mode) if args.compile else model_ddp
+    if not args.compile:
+        return model_ddp
+    # the first step waits for the compiler (seconds to minutes, without a word of output): said up front
+    print(f'torch.compile (mode {args.compile_mode}) compiles the training step in its first call, which takes '
+          f'longer than the steps after it (--no-compile trains eagerly)', flush=True)
+    return compile_with_fallback(model_ddp, args.compile_mode)
 
 
 def compile_with_fallback(model, mode='default'):
