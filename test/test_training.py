@@ -196,6 +196,24 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted, ca
     assert sorted(f for f in os.listdir(tmp_path / 'straight') if f.startswith('events.out.tfevents')) == events
 
 
+def test_resuming_into_another_runs_folder_is_refused_and_its_own_earlier_epoch_continues_it(small_folder, tmp_path,
+                                                                                               uninterrupted, capsys):
+    """--resume of run A's checkpoint with --output_dir of run B overwrote B's checkpoint-last.pth
+    without a word; a checkpoint of B's own folder (going back to an earlier epoch) continues B."""
+    flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--epochs', 4, '--max_steps', 1]
+    shutil.copytree(uninterrupted[0], tmp_path / 'other')
+    other_last = (tmp_path / 'other' / checkpoint.LAST).read_bytes()
+    with pytest.raises(UsageError, match=f'^{tmp_path / "other"} holds the checkpoint-last.pth of another run, which '
+                                         f'continuing {uninterrupted[0] / checkpoint.LAST} there would overwrite: '
+                                         f'give another --output_dir, or leave --resume out'):
+        run_pretrain(*flags, '--resume', uninterrupted[0] / checkpoint.LAST, '--output_dir', tmp_path / 'other')
+    assert (tmp_path / 'other' / checkpoint.LAST).read_bytes() == other_last
+    capsys.readouterr()
+    run_pretrain(*flags, '--resume', tmp_path / 'other' / 'checkpoint-2.pth', '--output_dir', tmp_path / 'other')
+    assert f'resumed from {tmp_path / "other" / "checkpoint-2.pth"}: epoch 3' in capsys.readouterr().out
+    assert checkpoint.load(tmp_path / 'other' / checkpoint.LAST)['step'] == 13  # 3 epochs of 4 steps, then 1
+
+
 def test_a_stop_between_log_steps_and_the_resumed_run_log_the_intervals_loss(small_folder, tmp_path,
                                                                               uninterrupted, capsys):
     """--log_freq 3 over epochs of 4 steps logs steps 3, 4, 6, 8, 9, 12, each with the mean loss of the

@@ -81,6 +81,7 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
         progress = Progress(**carried)
         start_iter = epoch_samples // dist.micro_batch_images(args)
         if carried:
+            check_another_runs_folder(resume, args.output_dir)
             print(f'resumed from {resume}: epoch {start_epoch}, {epoch_samples} of its samples done, '
                   f'step {progress.step}')
         else:
@@ -96,6 +97,18 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
     else:
         print(f'training epochs {start_epoch} to {args.epochs - 1}')
     return start_epoch, start_iter, progress
+
+
+def check_another_runs_folder(path, output_dir):
+    """--resume of a checkpoint outside --output_dir into a folder that holds a run's own
+    checkpoint-last.pth would overwrite that run's checkpoint (and mix both runs' logs): refused.
+    A checkpoint of the folder itself (an earlier epoch's, to go back to it) continues its run."""
+    last = os.path.join(output_dir, checkpoint.LAST) if output_dir else None
+    if not last or not os.path.isfile(last) or os.path.samefile(os.path.dirname(os.path.abspath(path)), output_dir):
+        return
+    raise UsageError(f'{output_dir} holds the checkpoint-last.pth of another run, which continuing {path} there '
+                     f'would overwrite: give another --output_dir, or leave --resume out to continue the run of '
+                     f'{output_dir}')
 
 
 def start_afresh_from_weights(path, args):
