@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -447,6 +448,20 @@ def test_files_that_are_not_checkpoints_get_advice_that_holds(tmp_path):
         warnings.simplefilter('error')
         with pytest.raises(UsageError, match=r"plain.pkl' is a pickle \(protocol 4\) that torch.save did not write"):
             checkpoint.load(str(tmp_path / 'plain.pkl'))
+    # zip archives torch.save did not write: what they are (it said "cut short?", after torch's TorchScript warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # TorchScript is deprecated; its files are still about
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / 'scripted.pt')
+    np.savez(tmp_path / 'jax.npz', **{'Transformer/encoder_norm/scale': np.ones(2)})
+    with zipfile.ZipFile(tmp_path / 'bundle.zip', 'w') as bundle:
+        bundle.writestr('weights/model.pth', b'')
+    for name, what in (('scripted.pt', r"is a TorchScript model \(torch.jit.save\), not a checkpoint of weights: save"),
+                       ('jax.npz', r"is a NumPy archive \(.npz: JAX or TensorFlow weights, say\), not a PyTorch"),
+                       ('bundle.zip', r"is a zip archive without the data.pkl of a PyTorch checkpoint")):
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            with pytest.raises(UsageError, match=f"{name}' {what}"):
+                checkpoint.load(str(tmp_path / name))
     torch.save({'w': torch.zeros(2)}, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)  # protocol 2
     assert checkpoint.load(str(tmp_path / 'legacy.pth'))['w'].shape == (2,)
 
@@ -539,6 +554,18 @@ def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root,
     shutil.copytree(os.path.join(demo_root, 'val'), tmp_path / 'val_only' / 'val')
     assert run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--device', 'cpu', '--num_workers', 0,
                         '--data_path', tmp_path / 'val_only', '--output_dir', '')['acc1'] == stats['acc1']
+    # a checkpoint of timm's train.py, written by its CheckpointSaver: its input size is (channels, height, width)
+    from timm.utils import CheckpointSaver
+    classifier = create_classifier('vit_tiny_patch8', img_size=32, num_classes=10)
+    classifier.load_state_dict(checkpoint.load(finetuned / checkpoint.LAST)['model'])
+    timm_args = argparse.Namespace(model='vit_tiny_patch8', input_size=[3, 32, 32], img_size=None, num_classes=10)
+    (tmp_path / 'timm').mkdir()
+    CheckpointSaver(classifier, torch.optim.SGD(classifier.parameters(), lr=0.1), args=timm_args,
+                    checkpoint_dir=str(tmp_path / 'timm')).save_checkpoint(0, 1.0)
+    assert run_finetune('--eval', '--resume', tmp_path / 'timm' / 'last.pth.tar', '--device', 'cpu', '--num_workers', 0,
+                        '--data_path', 'demo', '--output_dir', '')['acc1'] == stats['acc1']
+    assert checkpoint.saved_args({'arch': 'visiontransformer'}) == {}  # the class's name where it had no args
+    assert checkpoint.saved_args({'arch': 'vit_tiny_patch8'}) == {'model': 'vit_tiny_patch8'}
     # synthetic images have no folders: their val split's classes are the training ones (was "has no val/ folder")
     torch.save({'model': create_classifier('vit_tiny_patch8', img_size=32, num_classes=1000).state_dict(),
                 'args': {'model': 'vit_tiny_patch8', 'input_size': 32, 'finetune': ''}}, tmp_path / 'imagenet.pth')

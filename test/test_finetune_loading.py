@@ -140,7 +140,14 @@ def test_weights_in_the_wrappers_other_code_saves_them_in_load_as_the_bare_state
     torch.save({'model': {f'module.{k}': v for k, v in expected.items()}}, tmp_path / 'ddp.pth')
     save_file({k: v.contiguous() for k, v in expected.items()}, tmp_path / 'weights.safetensors')
     torch.save(expected, tmp_path / 'model.pt.safetensors.pth')  # its name says nothing: the bytes decide
-    for name in ('module.pth', 'model_state.pth', 'ddp.pth', 'weights.safetensors', 'model.pt.safetensors.pth'):
+    # torch.compile's `_orig_mod.` (alone, or inside DDP's `module.`), and an AveragedModel's (SWA) `module.` with its
+    # count n_averaged: each was refused as another model's keys
+    compiled = torch.compile(mae).state_dict()
+    torch.save({'model': compiled}, tmp_path / 'compiled.pth')
+    torch.save({'model': {f'module.{k}': v for k, v in compiled.items()}}, tmp_path / 'ddp_compiled.pth')
+    torch.save(torch.optim.swa_utils.AveragedModel(mae).state_dict(), tmp_path / 'swa.pth')
+    for name in ('module.pth', 'model_state.pth', 'ddp.pth', 'weights.safetensors', 'model.pt.safetensors.pth',
+                 'compiled.pth', 'ddp_compiled.pth', 'swa.pth'):
         path = str(tmp_path / name)
         state = checkpoint.model_state_of(checkpoint.load(path), path)
         assert state.keys() == expected.keys(), name
@@ -156,6 +163,11 @@ def test_weights_in_the_wrappers_other_code_saves_them_in_load_as_the_bare_state
     torch.save({'model': {'epoch': 3}}, tmp_path / 'not_weights.pth')
     with pytest.raises(UsageError, match='holds no model weights'):
         checkpoint.load_pretrained(model, str(tmp_path / 'not_weights.pth'))
+    # EMA weights alone: where they are read (it said "holds no model weights")
+    torch.save({'model_ema': expected, 'args': {}}, tmp_path / 'ema_only.pth')
+    with pytest.raises(UsageError, match=r"ema_only.pth' holds EMA weights only \(its 'model_ema' entry\): --eval and "
+                                         r"export.py read them with --model_ema"):
+        checkpoint.load_pretrained(model, str(tmp_path / 'ema_only.pth'))
 
 
 def test_classifiers_by_name():

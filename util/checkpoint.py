@@ -13,6 +13,7 @@ import operator
 import os
 import pickle
 import re
+import zipfile
 
 import torch
 
@@ -120,6 +121,10 @@ def load(path, mmap=False):
         raise UsageError(f'{path!r} is a pickle (protocol {start[1]}) that torch.save did not write, and checkpoints '
                          f'are loaded as data: read it with pickle, then save its weights as tensors with torch.save '
                          f'and give that file')
+    if start == CHECKPOINT_STARTS[0]:
+        other_zip = other_zip_archive(path)
+        if other_zip:
+            raise UsageError(f'{path!r} {other_zip}')
     mmap = mmap and start == CHECKPOINT_STARTS[0]
     try:
         return load_as_data(path, mmap=mmap)
@@ -164,6 +169,26 @@ def not_a_checkpoint(path, start):
             return f'{path!r} {what}'
     return (f'{path!r} is not a PyTorch checkpoint (it starts with {start!r}, not a zip archive, a pickle or '
             f'safetensors): give the .pth file a training run or a release wrote{older_checkpoint_hint(path)}')
+
+
+def other_zip_archive(path):
+    """What a zip archive that torch.save did not write is, and what to give instead; None for a
+    checkpoint's archive (its data.pkl) or one zipfile cannot read (cut short: torch.load says so)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if any(name.split('/')[-1] == 'constants.pkl' for name in names):  # torch.jit.save's, beside its code/
+        return ('is a TorchScript model (torch.jit.save), not a checkpoint of weights: save its weights with '
+                'torch.save(model.state_dict(), ...) and give that file')
+    if any(name.split('/')[-1] == 'data.pkl' for name in names):
+        return None
+    if names and all(name.endswith('.npy') for name in names):
+        return ('is a NumPy archive (.npz: JAX or TensorFlow weights, say), not a PyTorch checkpoint: convert its '
+                'arrays to a state dict of tensors in this model\'s key names and save that with torch.save')
+    return 'is a zip archive without the data.pkl of a PyTorch checkpoint: give the .pth file a training run or a ' \
+           'release wrote (or unzip this one, if it holds it)'
 
 
 def is_safetensors(start):
@@ -214,10 +239,29 @@ def resume_path(resume, output_dir):
 
 def saved_args(ckpt):
     """The arguments of the run that wrote a loaded checkpoint, as a dict: this project's (a dict),
-    the official MAE code's (an argparse.Namespace); {} when it has none."""
+    the official MAE code's (an argparse.Namespace), timm's train.py's (a Namespace, in the names
+    of timm_run_args); {} when it has none."""
     args = ckpt.get('args') if isinstance(ckpt, dict) else None
     args = vars(args) if isinstance(args, argparse.Namespace) else args
-    return args if isinstance(args, dict) else {}
+    args = args if isinstance(args, dict) else {}
+    return timm_run_args(args, ckpt['arch']) if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), str) else args
+
+
+def timm_run_args(args, arch):
+    """The arguments of a checkpoint of timm's train.py (its CheckpointSaver records 'arch'), in
+    this project's meaning: the model from 'arch' where the args lack one (it is the model's class
+    name without them: kept only where timm knows the name); --input_size as one number of pixels
+    (timm's is (channels, height, width), or img_size), dropped where it is not square."""
+    import timm
+    args = dict(args)
+    if 'model' not in args and timm.is_model(arch):
+        args['model'] = arch
+    size = args.get('input_size')
+    if isinstance(size, (list, tuple)):
+        args['input_size'] = size[-1] if len(size) == 3 and size[1] == size[2] else None
+    if args.get('input_size') is None and isinstance(args.get('img_size'), int):
+        args['input_size'] = args['img_size']
+    return args
 
 
 def of_finetuning(run_args):
@@ -450,17 +494,35 @@ def is_state_dict(obj):
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+# What wrappers put before every key of a model's state dict: DistributedDataParallel and
+# torch.optim.swa_utils.AveragedModel ('module.'), torch.compile ('_orig_mod.'), nested either way.
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+
+
+def without_wrapper_prefixes(state):
+    """`state` with the prefixes of WRAPPER_PREFIXES that all its keys share removed, and
+    AveragedModel's count of averaged models (n_averaged, not a weight) dropped."""
+    if 'n_averaged' in state and all(k.startswith('module.') for k in state if k != 'n_averaged'):
+        state = {k: v for k, v in state.items() if k != 'n_averaged'}
+    while state and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def model_state_of(ckpt, path):
     """The weights inside a checkpoint: one of WEIGHT_ENTRIES, or a bare state dict. Keys that all
-    start with `module.` (a DistributedDataParallel wrapper saved as it was) lose the prefix;
+    start with a wrapper's prefix (DDP's `module.`, torch.compile's `_orig_mod.`) lose it;
     mmpretrain's layout (backbone.*, neck.*, head.*) comes back in the official one (util/mmpretrain.py)."""
     entries = [ckpt[key] for key in WEIGHT_ENTRIES if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict)]
     state = entries[0] if entries else ckpt
+    ema = next((k for k in EMA_ENTRIES if isinstance(ckpt, dict) and is_state_dict(ckpt.get(k))), None)
+    if not is_state_dict(state) and ema:
+        raise UsageError(f'{path!r} holds EMA weights only (its {ema!r} entry): --eval and export.py read them with '
+                         f'--model_ema; elsewhere, give a file with them as its \'model\' entry')
     if not is_state_dict(state):
         raise UsageError(f'{path!r} holds no model weights (expected a state dict of tensors, alone or as its '
                          f'{", ".join(repr(k) for k in WEIGHT_ENTRIES)} entry)')
-    if all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
+    state = without_wrapper_prefixes(state)
     return mmpretrain.official_layout(state) if mmpretrain.is_mmpretrain(state) else state
 
 
