@@ -580,6 +580,8 @@ def main(args):
     check_mode(args)
     keep_the_resumed_runs_start(args)
     mode = fill_recipe(args)
+    if trains_weights(args):
+        checkpoint.check_resumed_checkpoint(args)
     check_args(args)
     # an evaluation's printed arguments leave out the training recipe it fills but never reads
     unused = () if trains_weights(args) else recipe_training_flags() | {*TRAINING_ONLY_FLAGS, 'recipe_source'}

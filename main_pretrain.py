@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from util import dist
+from util import checkpoint, dist
 from util.datasets import (INPUT_PIPELINES, EpochSampler, JpegBatch, build_loader, build_pretrain_dataset,
                            check_data_path, eval_images)
 from util.images import BadImages, require_jpeg_decoder
@@ -51,8 +51,9 @@ def get_args_parser():
                                                  'MAE-HiViT). Flags left out take the published recipe of --model.',
                                      allow_abbrev=False)
     add_schedule_args(parser, recipe_note)
-    parser.add_argument('--model', default=DEFAULT_MODEL, type=str,
-                        help=f'pre-training model, by official name or alias (default: %(default)s). '
+    parser.add_argument('--model', default=None, type=str,
+                        help=f'pre-training model, by official name or alias (default: {DEFAULT_MODEL}, or the '
+                             f'model of the checkpoint a run resumes). '
                              f'{model_names_by_method()}')
     parser.add_argument('--input_size', default=None, type=int, help='image size in pixels; ' + recipe_note('input_size'))
     parser.add_argument('--crop_min', default=None, type=float,
@@ -154,6 +155,7 @@ def fill_recipe(args):
     """The flags left unset take the published recipe of --model (of --epochs epochs when the model
     has one of that length, e.g. SimMIM Swin-B's 800-epoch recipe), then --align's defaults, then
     the tensor input pipeline. returns: what was chosen, in words"""
+    args.model = args.model or checkpoint.resumed_model(args.resume, args.output_dir) or DEFAULT_MODEL
     recipe = pretrain_recipe(args.model, args.epochs)
     check_method_flags(args, recipe)
     apply_recipe(args, recipe)
@@ -194,6 +196,7 @@ def after_each_epoch(*hooks):
 
 def main(args):
     recipe = fill_recipe(args)
+    checkpoint.check_resumed_checkpoint(args)
     world, device, precision = start_run(args, deterministic=args.align)
     check_input_pipeline(args, device)
     check_data_path(args.data_path)  # the dataset itself needs the model's mask generator

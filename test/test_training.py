@@ -214,6 +214,25 @@ def test_resuming_into_another_runs_folder_is_refused_and_its_own_earlier_epoch_
     assert checkpoint.load(tmp_path / 'other' / checkpoint.LAST)['step'] == 13  # 3 epochs of 4 steps, then 1
 
 
+def test_a_resumption_without_model_takes_the_checkpoints_and_another_kind_is_refused_before_building(
+        small_folder, tmp_path, uninterrupted, capsys):
+    """--resume without --model built the default ViT-B (112 M parameters), then refused the checkpoint as
+    another model's ('this run has mae_vit_base_patch16'); fine-tuning built its default ViT-B before
+    refusing a pre-training checkpoint."""
+    from helpers import run_finetune
+    last = uninterrupted[0] / checkpoint.LAST
+    flags = ['--data_path', small_folder, '--batch_size', 16, '--num_workers', 0, '--device', 'cpu', '--epochs', 4,
+             '--max_steps', 1]
+    capsys.readouterr()
+    run_pretrain(*flags, '--resume', last, '--output_dir', tmp_path / 'more')
+    out = capsys.readouterr().out
+    assert f'resumed from {last}: epoch 3' in out and '\nmodel mae_vit_tiny: ' in out
+    with pytest.raises(UsageError, match=r"is a pre-training checkpoint \(--model mae_vit_tiny\), which fine-tuning "
+                                         r"cannot resume"):
+        run_finetune(*flags, '--resume', last, '--output_dir', tmp_path / 'finetune')
+    assert 'parameters' not in capsys.readouterr().out
+
+
 def test_a_stop_between_log_steps_and_the_resumed_run_log_the_intervals_loss(small_folder, tmp_path,
                                                                               uninterrupted, capsys):
     """--log_freq 3 over epochs of 4 steps logs steps 3, 4, 6, 8, 9, 12, each with the mean loss of the

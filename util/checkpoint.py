@@ -404,6 +404,30 @@ def check_same_kind_of_run(ckpt, path, args):
               f'{now:,}: the epochs change length (is it the same data set, copied whole?)')
 
 
+def check_resumed_checkpoint(args):
+    """check_same_kind_of_run on the header of the checkpoint a training run will resume (--resume,
+    or its folder's checkpoint-last.pth), before a model is built for it (a ViT-L, for a checkpoint
+    it cannot resume); a file that cannot be read is reported where the run loads it."""
+    path = resume_path(args.resume, args.output_dir)
+    try:
+        ckpt = load(path, mmap=True) if path else None
+    except UsageError:
+        return
+    if isinstance(ckpt, dict):
+        check_same_kind_of_run(ckpt, path, args)
+
+
+def resumed_model(resume, output_dir):
+    """The pre-training model of the checkpoint a run resumes (util.registry.pretraining_of), for a
+    resumption that leaves --model out; None where there is none, or it names none."""
+    from util.registry import pretraining_of
+    path = resume_path(resume, output_dir)
+    try:
+        return pretraining_of(load(path, mmap=True))[0] if path else None
+    except UsageError:  # reported where the run loads it
+        return None
+
+
 def other_run_advice(args):
     """What else to do with a checkpoint of another run: fine-tuning can start from its weights
     (--finetune); pre-training has no such flag, so a new run goes to another folder."""
