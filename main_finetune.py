@@ -198,6 +198,10 @@ def fill_recipe(args):
             for key, value in recorded.items():
                 if getattr(args, key) is None or (key == 'linprobe' and value):
                     setattr(args, key, value)
+    elif args.model is None and trains_weights(args):  # a resumed run's classifier, as its run shaped it
+        for key, value in resumed_classifier(args).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
     recipe, published, args.recipe_source = dict(RECIPES[mode]), {}, None
     if mode != 'scratch' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded
@@ -298,6 +302,21 @@ def recorded_classifier(ckpt, path):
         return {}
     return {k: saved[k] for k in ('model', 'input_size', 'global_pool', 'linprobe', 'nb_classes')
             if saved.get(k) is not None}
+
+
+def resumed_classifier(args):
+    """The flags that shape the classifier of the fine-tuning run a training run resumes (--resume, or
+    its folder's checkpoint-last.pth); {} where it resumes none (a file that cannot be read, or
+    another kind of run's, is reported where it is loaded). Its mode (--linprobe) is not taken: a
+    probe resumed as fine-tuning is refused."""
+    path = checkpoint.resume_path(args.resume, args.output_dir)
+    try:
+        ckpt = checkpoint.load(path, mmap=True) if path else None
+    except UsageError:
+        return {}
+    if not checkpoint.of_finetuning(checkpoint.saved_args(ckpt)):
+        return {}
+    return {k: v for k, v in recorded_classifier(ckpt, path).items() if k != 'linprobe'}
 
 
 def default_model_advice(args):

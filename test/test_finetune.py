@@ -171,6 +171,19 @@ def test_finetuning_a_demo_pretraining_beats_chance(demo_finetuning):
     assert os.path.isfile(finetuning / checkpoint.BEST)
 
 
+def test_a_resumption_without_model_builds_the_classifier_its_run_trained(demo_finetuning, tmp_path, capsys):
+    """demo_finetuning trained vit_tiny_patch8 at 32 px (its published 64 by default): resumed without --model and
+    --input_size, it was built at 64 px (or as the default ViT-B where the start names no model) and refused."""
+    last = demo_finetuning[1] / checkpoint.LAST
+    capsys.readouterr()
+    run_finetune('--resume', last, '--data_path', 'demo', '--num_workers', 0, '--device', 'cpu', '--batch_size', 32,
+                 '--epochs', 1, '--max_steps', 1, '--output_dir', tmp_path)
+    out = capsys.readouterr().out
+    assert f'resumed from {last}: epoch 0, 1280 of its samples done, step 40' in out  # 40 steps of 32
+    assert '\nmodel vit_tiny_patch8: ' in out
+    assert checkpoint.load(tmp_path / checkpoint.LAST)['args']['input_size'] == 32
+
+
 def test_linear_probe_trains_only_the_head(small_folder, tmp_path, capsys):
     import main_finetune
     from models_mae import mae_vit_tiny_patch8
