@@ -309,11 +309,7 @@ def resumed_classifier(args):
     its folder's checkpoint-last.pth); {} where it resumes none (a file that cannot be read, or
     another kind of run's, is reported where it is loaded). Its mode (--linprobe) is not taken: a
     probe resumed as fine-tuning is refused."""
-    path = checkpoint.resume_path(args.resume, args.output_dir)
-    try:
-        ckpt = checkpoint.load(path, mmap=True) if path else None
-    except UsageError:
-        return {}
+    path, ckpt = checkpoint.resumed_header(args)
     if not checkpoint.of_finetuning(checkpoint.saved_args(ckpt)):
         return {}
     return {k: v for k, v in recorded_classifier(ckpt, path).items() if k != 'linprobe'}
@@ -363,11 +359,9 @@ def keep_the_resumed_runs_start(args):
     started from (its --finetune, whose recipe it trains with): left out, --finetune is the run's;
     another file is refused, as its weights would not be loaded (and the run's checkpoints would
     then name it as their start)."""
-    path = checkpoint.resume_path(args.resume, args.output_dir) if trains_weights(args) else None
-    try:
-        ckpt = checkpoint.load(path, mmap=True) if path else None
-    except UsageError:  # a damaged file: said where the run resumes it
+    if not trains_weights(args):
         return
+    path, ckpt = checkpoint.resumed_header(args)
     run = ckpt.get('args') if isinstance(ckpt, dict) else None
     # this project's fine-tuning runs (an official checkpoint's args name paths of another machine)
     if not (isinstance(run, dict) and checkpoint.of_finetuning(run) and isinstance(run['finetune'], str)):

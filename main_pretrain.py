@@ -155,7 +155,7 @@ def fill_recipe(args):
     """The flags left unset take the published recipe of --model (of --epochs epochs when the model
     has one of that length, e.g. SimMIM Swin-B's 800-epoch recipe), then --align's defaults, then
     the tensor input pipeline. returns: what was chosen, in words"""
-    args.model = args.model or checkpoint.resumed_model(args.resume, args.output_dir) or DEFAULT_MODEL
+    args.model = args.model or checkpoint.resumed_model(args) or DEFAULT_MODEL
     recipe = pretrain_recipe(args.model, args.epochs)
     check_method_flags(args, recipe)
     apply_recipe(args, recipe)

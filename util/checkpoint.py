@@ -404,28 +404,31 @@ def check_same_kind_of_run(ckpt, path, args):
               f'{now:,}: the epochs change length (is it the same data set, copied whole?)')
 
 
-def check_resumed_checkpoint(args):
-    """check_same_kind_of_run on the header of the checkpoint a training run will resume (--resume,
-    or its folder's checkpoint-last.pth), before a model is built for it (a ViT-L, for a checkpoint
-    it cannot resume); a file that cannot be read is reported where the run loads it."""
+def resumed_header(args):
+    """(path, checkpoint) of what a run resumes (--resume, or its folder's checkpoint-last.pth),
+    its tensors mapped rather than read, for a look at its args before a model is built;
+    (None, None) where it resumes nothing, or the file cannot be read (said where the run loads it)."""
     path = resume_path(args.resume, args.output_dir)
     try:
-        ckpt = load(path, mmap=True) if path else None
+        return (path, load(path, mmap=True)) if path else (None, None)
     except UsageError:
-        return
+        return None, None
+
+
+def check_resumed_checkpoint(args):
+    """check_same_kind_of_run on the header of the checkpoint a training run will resume, before a
+    model is built for it (a ViT-L, for a checkpoint it cannot resume)."""
+    path, ckpt = resumed_header(args)
     if isinstance(ckpt, dict):
         check_same_kind_of_run(ckpt, path, args)
 
 
-def resumed_model(resume, output_dir):
+def resumed_model(args):
     """The pre-training model of the checkpoint a run resumes (util.registry.pretraining_of), for a
     resumption that leaves --model out; None where there is none, or it names none."""
     from util.registry import pretraining_of
-    path = resume_path(resume, output_dir)
-    try:
-        return pretraining_of(load(path, mmap=True))[0] if path else None
-    except UsageError:  # reported where the run loads it
-        return None
+    ckpt = resumed_header(args)[1]
+    return pretraining_of(ckpt)[0] if ckpt is not None else None
 
 
 def other_run_advice(args):
