@@ -368,16 +368,12 @@ def keep_the_resumed_runs_start(args):
         return
     if not args.finetune:
         args.finetune = run['finetune']
-    elif not same_file(args.finetune, run['finetune']):
+    elif not checkpoint.same_file(args.finetune, run['finetune']):
         started = f'from --finetune {run["finetune"]}' if run['finetune'] else 'from scratch (without --finetune)'
         instead = 'leave out --resume' if args.resume else 'give another --output_dir'
         raise UsageError(f'{path!r} is of a run that started {started}, and a resumed run goes on from its checkpoint: '
                          f'the weights of --finetune {args.finetune} would not be loaded. To resume the run, leave '
                          f'--finetune out; to start from {args.finetune}, {instead}')
-
-
-def same_file(path, other):
-    return path == other or (os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other))
 
 
 def check_args(args):

@@ -199,7 +199,8 @@ def test_resumed_run_continues_exactly(small_folder, tmp_path, uninterrupted, ca
 def test_resuming_into_another_runs_folder_is_refused_and_its_own_earlier_epoch_continues_it(small_folder, tmp_path,
                                                                                                uninterrupted, capsys):
     """--resume of run A's checkpoint with --output_dir of run B overwrote B's checkpoint-last.pth
-    without a word; a checkpoint of B's own folder (going back to an earlier epoch) continues B."""
+    without a word; a checkpoint of B's own folder (going back to an earlier epoch) continues B, and
+    so does the command that started B from A, launched again."""
     flags = [*RESUMABLE, '--data_path', small_folder, '--batch_size', 16, '--epochs', 4, '--max_steps', 1]
     shutil.copytree(uninterrupted[0], tmp_path / 'other')
     other_last = (tmp_path / 'other' / checkpoint.LAST).read_bytes()
@@ -212,6 +213,15 @@ def test_resuming_into_another_runs_folder_is_refused_and_its_own_earlier_epoch_
     run_pretrain(*flags, '--resume', tmp_path / 'other' / 'checkpoint-2.pth', '--output_dir', tmp_path / 'other')
     assert f'resumed from {tmp_path / "other" / "checkpoint-2.pth"}: epoch 3' in capsys.readouterr().out
     assert checkpoint.load(tmp_path / 'other' / checkpoint.LAST)['step'] == 13  # 3 epochs of 4 steps, then 1
+    # the same command launched again after an interruption continues its own run, not the checkpoint it began from
+    last = uninterrupted[0] / checkpoint.LAST
+    run_pretrain(*flags, '--resume', last, '--output_dir', tmp_path / 'continued')
+    capsys.readouterr()
+    run_pretrain(*flags, '--resume', last, '--output_dir', tmp_path / 'continued')
+    out = capsys.readouterr().out
+    assert (f'{tmp_path / "continued" / checkpoint.LAST} continues {last} (this command\'s run, launched before): '
+            f'resuming it, not {last} again') in out
+    assert checkpoint.load(tmp_path / 'continued' / checkpoint.LAST)['step'] == 14  # 12, then 1 a launch
 
 
 def test_a_resumption_without_model_takes_the_checkpoints_and_another_kind_is_refused_before_building(

@@ -237,6 +237,31 @@ def resume_path(resume, output_dir):
     return last if last and os.path.isfile(last) else None
 
 
+def training_resume_path(args):
+    """resume_path for a training run. Where --resume names a checkpoint outside --output_dir and the
+    folder's checkpoint-last.pth continues it (its run resumed that file: the same command launched
+    again after an interruption, as the README asks), the folder's newer checkpoint: resuming the
+    named file again would throw away what the run has trained since."""
+    path = resume_path(args.resume, args.output_dir)
+    last = os.path.join(args.output_dir, LAST) if args.output_dir else None
+    if not args.resume or not last or not os.path.isfile(last) or in_folder(path, args.output_dir):
+        return path  # one of the folder's own checkpoints: an earlier epoch's, to go back to it
+    try:
+        resumed_by_last = saved_args(load(last, mmap=True)).get('resume')
+    except UsageError:  # a damaged checkpoint-last.pth: not what the command names
+        return path
+    return last if isinstance(resumed_by_last, str) and same_file(resumed_by_last, args.resume) else path
+
+
+def in_folder(path, folder):
+    """Whether the file `path` lies in the existing `folder` itself (not in a folder below it)."""
+    return os.path.samefile(os.path.dirname(os.path.abspath(path)), folder)
+
+
+def same_file(path, other):
+    return path == other or (os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other))
+
+
 def saved_args(ckpt):
     """The arguments of the run that wrote a loaded checkpoint, as a dict: this project's (a dict),
     the official MAE code's (an argparse.Namespace), timm's train.py's (a Namespace, in the names
@@ -405,10 +430,10 @@ def check_same_kind_of_run(ckpt, path, args):
 
 
 def resumed_header(args):
-    """(path, checkpoint) of what a run resumes (--resume, or its folder's checkpoint-last.pth),
+    """(path, checkpoint) of what a training run resumes (training_resume_path),
     its tensors mapped rather than read, for a look at its args before a model is built;
     (None, None) where it resumes nothing, or the file cannot be read (said where the run loads it)."""
-    path = resume_path(args.resume, args.output_dir)
+    path = training_resume_path(args)
     try:
         return (path, load(path, mmap=True)) if path else (None, None)
     except UsageError:

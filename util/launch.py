@@ -74,7 +74,10 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
     """
     args.train_images = train_images
     start_epoch, start_iter, progress = args.start_epoch, 0, Progress()
-    resume = checkpoint.resume_path(args.resume, args.output_dir)
+    resume = checkpoint.training_resume_path(args)
+    if resume and args.resume and resume != args.resume:
+        print(f'{resume} continues {args.resume} (this command\'s run, launched before): resuming it, not '
+              f'{args.resume} again')
     if resume:
         start_epoch, epoch_samples, carried = checkpoint.restore_training_state(resume, model, optimizer, scaler,
                                                                                 args, ema=ema)
@@ -104,7 +107,7 @@ def check_another_runs_folder(path, output_dir):
     checkpoint-last.pth would overwrite that run's checkpoint (and mix both runs' logs): refused.
     A checkpoint of the folder itself (an earlier epoch's, to go back to it) continues its run."""
     last = os.path.join(output_dir, checkpoint.LAST) if output_dir else None
-    if not last or not os.path.isfile(last) or os.path.samefile(os.path.dirname(os.path.abspath(path)), output_dir):
+    if not last or not os.path.isfile(last) or checkpoint.in_folder(path, output_dir):
         return
     raise UsageError(f'{output_dir} holds the checkpoint-last.pth of another run, which continuing {path} there '
                      f'would overwrite: give another --output_dir, or leave --resume out to continue the run of '
