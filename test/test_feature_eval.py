@@ -169,6 +169,24 @@ def test_monitor_logs_the_knn_curve_that_knn_gives_for_the_same_weights(small_fo
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars('epoch/knn_acc1')] == \
         [(r['epoch'], pytest.approx(r['knn_acc1'])) for r in monitored]
+    # a stop signal during the k-NN pass after epoch 0 ends it (it waited for the pass over both splits); the resumed
+    # run measures the kept epoch as the uninterrupted run did
+    from util import signals
+    from util.errors import Preempted
+    flags = ['--model', 'mae_vit_tiny', '--data_path', small_folder, '--batch_size', 16, '--epochs', 3,
+             '--warmup_epochs', 0, '--blr', 1e-3, '--knn_freq', 2, '--knn_k', 20, 5, '--num_workers', 0,
+             '--device', 'cpu', '--output_dir', tmp_path / 'stopped']
+    with pytest.MonkeyPatch.context() as patch:
+        extracting = []  # the agreement at each batch of a feature pass, after its count of batches
+        patch.setattr(signals, 'fewest_over_ranks', lambda count: extracting.append(count) or count)
+        patch.setattr(signals, 'stop_agreed', lambda: bool(extracting))
+        with pytest.raises(Preempted, match='in the evaluation after an epoch, whose training is kept'):
+            run_pretrain(*flags)
+    assert not (tmp_path / 'stopped' / 'log.txt').exists()
+    run_pretrain(*flags, '--max_steps', 1)
+    first = read_jsonl(tmp_path / 'stopped' / 'log.txt')[0]
+    assert (first['epoch'], first['knn_acc1'], first['knn5_acc1']) == \
+        (0, epochs[0]['knn_acc1'], epochs[0]['knn5_acc1'])
     results = run_finetune('--knn', *TINY_VIT, '--finetune', tmp_path / 'pre' / 'checkpoint-last.pth', '--data_path',
                            small_folder, '--knn_k', 20, 5, '--num_workers', 0, '--device', 'cpu', '--output_dir',
                            tmp_path / 'knn')

@@ -403,6 +403,19 @@ def topk_correct(scores, labels):
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
+def batches_until_stopped(loader, stoppable):
+    """The loader's batches. stoppable: a stop signal noted while training (util.signals) ends them
+    with StoppedInEvaluation, agreed on by the ranks at each of the batches all of them have
+    (ShardSampler's counts may differ by one), so that no rank is left waiting in a collective."""
+    agreed_batches = signals.fewest_over_ranks(len(loader)) if stoppable else 0
+    for batch, item in enumerate(loader):
+        if batch < agreed_batches and signals.stop_agreed():
+            raise StoppedInEvaluation(f'stopped by {signals.received() or "a signal to another process"} in the '
+                                      f'evaluation after an epoch, whose training is kept for the resumed run to '
+                                      f'evaluate; {RESUME_ADVICE}')
+        yield item
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, precision, sum_over_ranks=True, label=None, stoppable=False):
     """Top-1, top-5 accuracy (%) and mean cross-entropy over the loader's images, summed over all
@@ -412,17 +425,12 @@ def evaluate(model, loader, device, precision, sum_over_ranks=True, label=None, 
     stoppable: a stop signal noted while training (util.signals) ends the evaluation with
     StoppedInEvaluation, agreed on by the ranks at each of the batches all of them have."""
     model.eval()
-    agreed_batches = signals.fewest_over_ranks(len(loader)) if stoppable else 0  # ShardSampler's may differ by one
     dev = device.torch_device
     # counts in int64 and the loss in float32: no float64 on MPS, and exact counts at any size
     correct = torch.zeros(2, dtype=torch.int64, device=dev)  # correct@1, correct@5
     loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
     seen = 0  # images, counted on the host: a device tensor of a count made per batch is a copy per batch
-    for batch, (images, targets) in enumerate(loader):
-        if batch < agreed_batches and signals.stop_agreed():
-            raise StoppedInEvaluation(f'stopped by {signals.received() or "a signal to another process"} in the '
-                                      f'evaluation after an epoch, whose training is kept for the resumed run to '
-                                      f'evaluate; {RESUME_ADVICE}')
+    for images, targets in batches_until_stopped(loader, stoppable):
         images, targets = model_input(to_device(images, dev)), to_device(targets, dev)
         with device.autocast(precision):
             logits = model(images)

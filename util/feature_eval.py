@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from util import dist
 from util.checkpoint import load_pretrained_state
 from util.datasets import SeededSamples, build_eval_loader, build_image_folder, eval_transform, number_of_classes
-from util.engine import model_input, to_device, topk_correct
+from util.engine import batches_until_stopped, model_input, to_device, topk_correct
 from util.errors import UsageError
 from util.export import timm_encoder_of
 from util.images import AlreadyCounted
@@ -71,14 +71,14 @@ def feature_loaders(args, world, pin_memory, beside_training=False):
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, precision):
+def extract_features(model, loader, device, precision, stoppable=False):
     """The model's outputs for this rank's images (a classifier built with num_classes=0 gives its
-    pooled features), in float32 on the device.
+    pooled features), in float32 on the device; `stoppable` as util.engine.evaluate's.
     returns: (features (N, D), labels (N,))"""
     model.eval()
     dev = device.torch_device
     features, labels = [], []
-    for images, targets in loader:
+    for images, targets in batches_until_stopped(loader, stoppable):
         with device.autocast(precision):
             features.append(model(model_input(to_device(images, dev))).float())
         labels.append(to_device(targets, dev))
@@ -176,13 +176,14 @@ def evaluate_features(bank, bank_labels, queries, query_labels, num_classes, ks=
 
 
 def frozen_feature_accuracy(model, train_loader, val_loader, device, precision, num_classes, ks=(20,),
-                            probe=True):
+                            probe=True, stoppable=False):
     """Extract the features of both splits with `model`, gather the training ones on every rank,
-    and evaluate them (`evaluate_features`); 'seconds' and 'train_images' are added."""
+    and evaluate them (`evaluate_features`); 'seconds' and 'train_images' are added. `stoppable`:
+    a stop signal ends the extraction (pre-training's pass after an epoch, util.engine.evaluate's)."""
     start = time.perf_counter()
-    bank, bank_labels = extract_features(model, train_loader, device, precision)
+    bank, bank_labels = extract_features(model, train_loader, device, precision, stoppable)
     bank, bank_labels = dist.all_gather_rows(bank), dist.all_gather_rows(bank_labels)
-    queries, query_labels = extract_features(model, val_loader, device, precision)
+    queries, query_labels = extract_features(model, val_loader, device, precision, stoppable)
     results = evaluate_features(bank, bank_labels, queries, query_labels, num_classes, ks, probe)
     results.update(train_images=len(bank), feature_dim=bank.shape[1], seconds=round(time.perf_counter() - start, 1))
     return results
@@ -234,7 +235,7 @@ class KnnMonitor:
             return {}
         classifier = encoder_as_classifier(self.model).to(self.device.torch_device)
         results = frozen_feature_accuracy(classifier, *self.loaders, self.device, self.precision, self.num_classes,
-                                          self.ks, probe=False)
+                                          self.ks, probe=False, stoppable=True)
         values = {'knn_acc1': results['knn_acc1'], 'knn_acc5': results['knn_acc5']}
         if len(self.ks) > 1:
             values.update({f'knn{k}_acc{n}': results[f'knn{k}_acc{n}'] for k in self.ks for n in (1, 5)})
