@@ -80,6 +80,31 @@ def test_a_demo_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ['file']
 
 
+def test_the_demo_folder_is_found_where_the_environment_says(tmp_path, monkeypatch):
+    """A `~` in $MIM_DEMO_DIR was left as it is (the set went to ./~/..., then was read from the home folder), an
+    empty or relative $XDG_CACHE_HOME put the set in the working directory (the XDG rule ignores it), and so did a
+    user without a home folder; a $MIM_DEMO_DIR holding other files failed after generating the whole set."""
+    from util.demo_data import VERSION, default_cache_dir, ensure_demo_dataset
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.setenv('MIM_DEMO_DIR', '~/demo')
+    assert default_cache_dir() == str(tmp_path / 'demo')
+    monkeypatch.delenv('MIM_DEMO_DIR')
+    for cache_home in ('', 'relative/cache'):
+        monkeypatch.setenv('XDG_CACHE_HOME', cache_home)
+        assert default_cache_dir() == str(tmp_path / '.cache' / 'masked-image-modeling' / f'demo-v{VERSION}')
+    monkeypatch.setattr(os.path, 'expanduser', lambda path: path)  # what it gives where there is no home
+    with pytest.raises(UsageError, match=r'^no home folder to keep the demo data set in \(\$HOME is unset, and this '
+                                         r'user has none\): set \$MIM_DEMO_DIR to a folder you can write to$'):
+        default_cache_dir()
+    monkeypatch.undo()
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'notes.txt').write_text('')
+    with pytest.raises(UsageError, match='it holds other files, and the set is made as a folder of its own: set '
+                                         r'\$MIM_DEMO_DIR to a new or empty folder$'):
+        ensure_demo_dataset(str(tmp_path / 'full'))
+    assert os.listdir(tmp_path / 'full') == ['notes.txt'] and sorted(os.listdir(tmp_path)) == ['full']
+
+
 def seeded_dataset(demo_root, seed=0):
     folder = build_image_folder('demo', 'train', pretrain_transform(32))
     return SeededSamples(folder, seed, mask_generator=UniformNoise(16))

@@ -29,10 +29,19 @@ _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges
 
 
 def default_cache_dir():
-    """$MIM_DEMO_DIR, else ~/.cache/masked-image-modeling/demo-v<VERSION>."""
+    """$MIM_DEMO_DIR (a `~` in it expanded: Docker's ENV and systemd leave it as it is), else
+    $XDG_CACHE_HOME/masked-image-modeling/demo-v<VERSION> (where absolute: the XDG rule), else the
+    same under ~/.cache. Without a home folder (no $HOME, no passwd entry: a container's numeric
+    user), a UsageError: the set went to a folder named `~` in the working directory."""
     if os.environ.get('MIM_DEMO_DIR'):
-        return os.environ['MIM_DEMO_DIR']
-    cache_home = os.environ.get('XDG_CACHE_HOME', os.path.join(os.path.expanduser('~'), '.cache'))
+        return os.path.expanduser(os.environ['MIM_DEMO_DIR'])
+    cache_home = os.environ.get('XDG_CACHE_HOME', '')
+    if not os.path.isabs(cache_home):
+        home = os.path.expanduser('~')
+        if home == '~':
+            raise UsageError('no home folder to keep the demo data set in ($HOME is unset, and this user has none): '
+                             'set $MIM_DEMO_DIR to a folder you can write to')
+        cache_home = os.path.join(home, '.cache')
     return os.path.join(cache_home, 'masked-image-modeling', f'demo-v{VERSION}')
 
 
@@ -147,6 +156,9 @@ def ensure_demo_dataset(root=None):
     root = root or default_cache_dir()
     if os.path.isdir(os.path.join(root, 'val')):
         return root
+    if os.path.isdir(root) and os.listdir(root):  # the set is renamed into place as a whole: not into this
+        raise UsageError(f'cannot write the demo data set in {root}: it holds other files, and the set is made as a '
+                         f'folder of its own: set $MIM_DEMO_DIR to a new or empty folder')
     print(f'generating the demo data set in {root} (once; a few seconds)', flush=True)
     parent = os.path.dirname(os.path.abspath(root))
     try:
