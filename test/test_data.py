@@ -105,6 +105,22 @@ def test_the_demo_folder_is_found_where_the_environment_says(tmp_path, monkeypat
     assert os.listdir(tmp_path / 'full') == ['notes.txt'] and sorted(os.listdir(tmp_path)) == ['full']
 
 
+def test_a_folder_named_demo_in_the_working_directory_is_not_the_demo_set_and_says_so(demo_root, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """--data_path demo trained on the built-in set, without a word, where the user's own ./demo was meant."""
+    from util import datasets
+    monkeypatch.chdir(tmp_path)
+    datasets.warn_of_a_local_demo_folder.cache_clear()
+    assert datasets.resolve_data_root('demo') == demo_root
+    (tmp_path / 'demo' / 'train' / 'a').mkdir(parents=True)
+    datasets.warn_of_a_local_demo_folder.cache_clear()
+    for _ in range(2):
+        assert datasets.resolve_data_root('demo') == demo_root
+    assert capsys.readouterr().out == (f'warning: --data_path demo is the built-in demo set, not the folder '
+                                       f'{tmp_path / "demo"} here: give --data_path ./demo for that folder\n')
+    assert datasets.resolve_data_root('./demo') == './demo'
+
+
 def seeded_dataset(demo_root, seed=0):
     folder = build_image_folder('demo', 'train', pretrain_transform(32))
     return SeededSamples(folder, seed, mask_generator=UniformNoise(16))

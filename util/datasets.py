@@ -17,6 +17,7 @@ loader hands uint8 batches to the device, where `normalize_images` makes the mod
 `JpegBatch` decodes a batch with nvJPEG and crops, resizes and flips it on the device.
 """
 import contextlib
+import functools
 import math
 import os
 import random
@@ -48,6 +49,7 @@ def resolve_data_root(data_path, split='train'):
     """The directory holding `train/` and `val/`: `demo` is the built-in set, generated on first
     use; anything else must be an ImageFolder root such as ImageNet's, with the `split` asked for."""
     if data_path == DEMO:
+        warn_of_a_local_demo_folder()
         return demo_data.ensure_demo_dataset()
     if not os.path.isdir(os.path.join(data_path, split)):
         missing = 'does not exist' if not os.path.exists(data_path) else \
@@ -66,6 +68,15 @@ def check_data_path(data_path, split='train'):
     --data_path is not a data set; `synthetic[:N]` needs no folder."""
     if not is_synthetic(data_path):
         resolve_data_root(data_path, split)
+
+
+@functools.cache  # once a run
+def warn_of_a_local_demo_folder():
+    """`--data_path demo` is the built-in set even where the working directory holds a folder
+    named demo, which would otherwise train nothing of the user's without a word."""
+    if os.path.isdir(DEMO):
+        print(f'warning: --data_path demo is the built-in demo set, not the folder {os.path.abspath(DEMO)} here: '
+              f'give --data_path ./demo for that folder', flush=True)
 
 
 def pretrain_transform(input_size, scale=(0.2, 1.0), interpolation='bicubic'):
