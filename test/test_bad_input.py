@@ -84,6 +84,19 @@ def test_a_missing_data_path_is_reported_before_the_model_is_built(tmp_path, cap
     assert 'parameters' not in capsys.readouterr().out  # the line printed once the model is built
 
 
+def test_a_training_run_without_an_output_dir_says_it_keeps_nothing(tmp_path, capsys):
+    """--output_dir '' (the official code's way to save nothing, and what "$OUT" gives with OUT unset) trained
+    and exited 0 without a word that nothing was written."""
+    run_pretrain(*TINY, '--max_steps', 1, '--batch_size', 8, '--epochs', 1, '--warmup_epochs', 0, '--output_dir', '')
+    assert ('warning: --output_dir is empty: this run writes no checkpoint, log or TensorBoard file; give a folder '
+            'to keep them') in capsys.readouterr().out
+    run_pretrain(*TINY, '--max_steps', 1, '--batch_size', 8, '--epochs', 1, '--warmup_epochs', 0, '--output_dir', '',
+                 '--log_dir', tmp_path)
+    assert ("warning: --output_dir is empty: this run writes no checkpoint, log.txt or log.jsonl (only --log_dir's "
+            "TensorBoard files); give") in capsys.readouterr().out
+    assert [name.startswith('events.out.tfevents') for name in os.listdir(tmp_path)] == [True]
+
+
 FINETUNE_TINY = ['--model', 'vit_tiny_patch16_224', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']
 
 

@@ -73,6 +73,10 @@ def resume_training(args, model, optimizer, scaler, train_images, ema=None):
     returns: (start_epoch, start_iter, progress)
     """
     args.train_images = train_images
+    if not args.output_dir:  # the official code's way to keep nothing, and what an unset shell variable gives
+        kept = 'checkpoint, log.txt or log.jsonl (only --log_dir\'s TensorBoard files)' if args.log_dir else \
+            'checkpoint, log or TensorBoard file'
+        print(f'warning: --output_dir is empty: this run writes no {kept}; give a folder to keep them', flush=True)
     start_epoch, start_iter, progress = args.start_epoch, 0, Progress()
     resume = checkpoint.training_resume_path(args)
     if resume and args.resume and resume != args.resume:
