@@ -243,9 +243,10 @@ class Case:
             errors = []  # the entry point's one-line errors, repeated below torchrun's report
             exit_codes = []  # the ranks' exit codes, from torchrun's failure report (its own is 1)
             had_finished = False  # the run said it had nothing left to train (util.launch)
+            console = Console()
             with stop_signals_passed_to(process, torchrun=self.nproc > 1):
                 for line in process.stdout:
-                    sys.stdout.write(line)
+                    console.write(line)
                     log.write(line)
                     error = ERROR_LINE.match(line)
                     if error:
@@ -346,6 +347,23 @@ def stop_signals_passed_to(process, torchrun):
             signal.signal(signum, handler)
 
 
+class Console:
+    """The case's stdout while it has a reader: one that goes away (`| head -1`) leaves the run, its
+    console log and its report going (a BrokenPipeError stopped the case, its log cut short)."""
+
+    def __init__(self):
+        self.open = True
+
+    def write(self, line):
+        if self.open:
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.open = False
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush, and later prints
+
+
 def file_size(path):
     return os.path.getsize(path) if os.path.exists(path) else 0
 
@@ -364,6 +382,13 @@ if __name__ == '__main__':
     except CaseError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # stdout's reader went away before the run's lines (Console): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:  # the run folder or a file of the case that cannot be made or written
+        where = f' ({e.filename})' if e.filename else ''
+        print(f'error: {e.strerror or e}{where}: give an --output_dir= you can write to', file=sys.stderr)
+        sys.exit(2)
     except ModuleNotFoundError as e:  # a python3 without the project's requirements ran the script
         print(f'error: {sys.executable} has no module {e.name!r}: run the script with the Python that has the '
               f'requirements (activate its virtual environment, or PYTHON=/path/to/python bash ...)', file=sys.stderr)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import read_jsonl, run_finetune, run_pretrain, run_script, write_broken_files
+from helpers import REPO, read_jsonl, run_finetune, run_pretrain, run_script, write_broken_files
 from util import checkpoint
 from util.errors import UsageError, run_cli
 from util.registry import create_classifier
@@ -95,6 +95,19 @@ def test_a_training_run_without_an_output_dir_says_it_keeps_nothing(tmp_path, ca
     assert ("warning: --output_dir is empty: this run writes no checkpoint, log.txt or log.jsonl (only --log_dir's "
             "TensorBoard files); give") in capsys.readouterr().out
     assert [name.startswith('events.out.tfevents') for name in os.listdir(tmp_path)] == [True]
+
+
+def test_a_console_reader_that_goes_away_ends_the_run_without_a_traceback(tmp_path):
+    """`python main_pretrain.py ... | head -1`: the next print raised BrokenPipeError, with its traceback (and the
+    interpreter's second one, flushing stdout at exit)."""
+    import subprocess
+    command = [sys.executable, 'main_pretrain.py', *map(str, TINY), '--max_steps', '2', '--batch_size', '8', '--epochs',
+               '1', '--warmup_epochs', '0', '--output_dir', str(tmp_path)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    process.stdout.close()  # as head does after its line: every later write to the pipe fails
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 1 and stderr == '', stderr[-2000:]
 
 
 FINETUNE_TINY = ['--model', 'vit_tiny_patch16_224', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']

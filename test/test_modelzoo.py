@@ -221,6 +221,32 @@ def test_bad_input_is_a_clear_error(script, args, message, tmp_path):
     assert last_line.startswith('error: ') and message in last_line
 
 
+def test_a_console_reader_that_goes_away_leaves_the_case_going(monkeypatch):
+    """`bash test/x.sh ... | head -1`: echoing the run's next line raised BrokenPipeError, which stopped the case
+    (its console log cut short, no report)."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, 'w') as stdout:
+        monkeypatch.setattr(sys, 'stdout', stdout)
+        console = modelzoo.Console()
+        console.write('first\n')
+        assert os.read(read_end, 100) == b'first\n'
+        os.close(read_end)  # as head does after its line
+        for line in ('second\n', 'third\n'):
+            console.write(line)
+        assert not console.open
+        monkeypatch.undo()
+
+
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path):
+    """A file given as --output_dir= (or a read-only one, a run folder that is a link) ended in a traceback."""
+    (tmp_path / 'file').write_text('')
+    result = run_script('bash', os.path.join('test', 'pretrain_performance_1p.sh'), '--data_path=demo',
+                        '--model=mae_vit_tiny', f'--output_dir={tmp_path / "file"}')
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: Not a directory ({tmp_path / 'file' / 'mae_vit_tiny_pretrain_bs64_1p_perf'}): give an --output_dir= "
+        f"you can write to"], result.stderr[-2000:]
+
+
 @pytest.mark.skipif(not os.path.exists('/bin/sh'), reason='needs a POSIX shell at /bin/sh')
 def test_sh_is_told_to_use_bash_and_a_linked_script_finds_its_folder(tmp_path):
     """`sh test/x.sh` (dash on Debian, Ubuntu) said `Bad substitution`; a script linked from

@@ -45,6 +45,13 @@ def run_cli(main, *args):
     except (RunEnded, Preempted) as e:
         print_error(usage_message(e), on_every_rank=not isinstance(e, Preempted))  # all ranks stop on a signal
         sys.exit(e.exit_code)
+    except BrokenPipeError:
+        if not stdout_is_gone():
+            raise
+        # the reader of stdout went away (`| head -1`): the end of a program that SIGPIPE stops, without a
+        # traceback, and without the interpreter's flush at exit into the closed pipe (another traceback)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (RuntimeError, MemoryError, OSError) as e:
         message = disk_full_message(e) if isinstance(e, OSError) else out_of_memory_message(e)
         distributed = int(os.environ.get('WORLD_SIZE', '1') or 1) > 1  # a single process has no peer to lose
@@ -57,6 +64,18 @@ def run_cli(main, *args):
             raise
         print_error(message)
         sys.exit(EXIT_USAGE)
+
+
+def stdout_is_gone():
+    """Whether stdout is a pipe whose reader has closed it (a BrokenPipeError may be a socket's):
+    poll() reports an error condition on such a pipe's end."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), no file descriptor
+        return True
 
 
 # What a collective says when a process of the group has gone (it stopped on an error of its own):
