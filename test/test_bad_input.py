@@ -775,3 +775,23 @@ def test_process_variables_set_by_hand_are_checked(env, message, monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match=message):
         dist.init_process_group(dist.read_world_from_env(), device=None)  # refused before the device is asked
+
+
+def test_a_master_port_in_use_is_one_line(monkeypatch):
+    """Rank 0 of processes started by hand serves the rendezvous at MASTER_PORT: one taken gave torch's
+    DistNetworkError traceback (EADDRINUSE)."""
+    import socket
+
+    from util import dist
+    from util.device import resolve_device
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for name, value in {'RANK': '0', 'WORLD_SIZE': '2', 'LOCAL_RANK': '0', 'MASTER_ADDR': '127.0.0.1',
+                            'MASTER_PORT': str(port)}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(UsageError, match=f'^MASTER_PORT {port} is in use on this machine \\(by another run, or '
+                                             f'another program\\): give every process of the run another MASTER_PORT$'):
+            dist.init_process_group(dist.read_world_from_env(), resolve_device('cpu', 0))
+    assert not torch.distributed.is_initialized()

@@ -78,9 +78,15 @@ def init_process_group(world, device, timeout_minutes=30):
                              f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]} (up to {timeout_minutes} '
                              f'minutes; Ctrl-C stops)', flush=True)
         with signals.ending_at_once():
-            dist.init_process_group(backend=device.dist_backend, init_method='env://',
-                                    world_size=world.world_size, rank=world.rank,
-                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+            try:
+                dist.init_process_group(backend=device.dist_backend, init_method='env://',
+                                        world_size=world.world_size, rank=world.rank,
+                                        timeout=datetime.timedelta(minutes=timeout_minutes))
+            except dist.DistNetworkError as e:  # rank 0 serves the rendezvous at MASTER_PORT (torchrun's agent does)
+                if 'EADDRINUSE' not in str(e):
+                    raise
+                raise UsageError(f'MASTER_PORT {os.environ["MASTER_PORT"]} is in use on this machine (by another run, '
+                                 f'or another program): give every process of the run another MASTER_PORT') from None
             dist.barrier()
     print_only_on_main_process(world.rank == 0)
 
