@@ -263,12 +263,20 @@ def test_plugin_present_but_no_device(monkeypatch, device_type):
     assert fake.set_device_calls == []
 
 
-def test_cuda_unavailable():
+def test_cuda_unavailable(monkeypatch):
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', 'placeholder')
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
     with pytest.raises(UsageError) as excinfo:
         resolve_device('cuda')
     message = str(excinfo.value)
     assert one_line(message)
     assert 'no cuda device is available' in message and 'CUDA build of PyTorch' in message
+    # an empty CUDA_VISIBLE_DEVICES hides every GPU of a machine that has them: the install hint was wrong there
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+    with pytest.raises(UsageError, match=r"^--device cuda was asked for but no cuda device is available, and "
+                                         r"CUDA_VISIBLE_DEVICES is '', which hides the cards that are not in it: "
+                                         r"unset it, or name the cards to use$"):
+        resolve_device('cuda')
 
 
 def test_mps_unavailable():

@@ -183,6 +183,11 @@ def resolve_device(name='auto', local_rank=None):
         raise UsageError(f'--device {name}: {_PLUGINS[name]} is installed but fails to import ({problem}); '
                          f'check that its driver/toolkit environment is set up (e.g. source its set_env.sh)')
     if not _is_available(name):
+        hidden = os.environ.get(VISIBLE_DEVICES.get(name, ''))
+        if hidden is not None:  # '' or '-1' hide every card: the install hint would point the wrong way
+            raise UsageError(f'--device {name} was asked for but no {name} device is available, and '
+                             f'{VISIBLE_DEVICES[name]} is {hidden!r}, which hides the cards that are not in it: unset '
+                             f'it, or name the cards to use')
         raise UsageError(f'--device {name} was asked for but no {name} device is available: '
                          f'{_INSTALL_HINTS[name]}, or choose another --device')
 
