@@ -110,6 +110,22 @@ def test_a_console_reader_that_goes_away_ends_the_run_without_a_traceback(tmp_pa
     assert process.returncode == 1 and stderr == '', stderr[-2000:]
 
 
+def test_output_folders_that_cannot_hold_the_run_are_named_for_what_they_are(tmp_path):
+    """A name with bytes that are not UTF-8 trained, then failed in TensorBoard's writer with a traceback; a link
+    to a missing folder was 'cannot write there (File exists)'."""
+    flags = [*TINY, '--max_steps', 1, '--batch_size', 8, '--epochs', 1, '--warmup_epochs', 0]
+    not_utf8 = os.fsdecode(os.fsencode(str(tmp_path)) + b'/run_\xff')
+    for flag in ('--output_dir', '--log_dir'):
+        with pytest.raises(UsageError, match=f"^{flag} '.*run_.udcff' has bytes in its name that are not UTF-8, "
+                                             f"which the logs cannot write: give a folder whose name is UTF-8$"):
+            run_pretrain(*flags, '--output_dir', tmp_path / 'out', flag, not_utf8)
+    os.symlink(tmp_path / 'missing', tmp_path / 'link')
+    with pytest.raises(UsageError, match=f"^--output_dir {tmp_path / 'link'} is a link to {tmp_path / 'missing'}, "
+                                         f"which does not exist: make that folder, or give another --output_dir$"):
+        run_pretrain(*flags, '--output_dir', tmp_path / 'link')
+    assert sorted(os.listdir(tmp_path)) == ['link']
+
+
 FINETUNE_TINY = ['--model', 'vit_tiny_patch16_224', '--device', 'cpu', '--num_workers', 0, '--data_path', 'demo']
 
 

@@ -171,6 +171,8 @@ def check_run_args(args):
     if args.log_freq is None:
         args.log_freq = 20
     check_output_outside_the_data(getattr(args, 'output_dir', None), getattr(args, 'data_path', None))
+    for flag in ('output_dir', 'log_dir'):
+        check_utf8_name(flag, getattr(args, flag, None))
     for name in ('batch_size', 'epochs', 'accum_iter', 'log_freq', 'save_freq'):
         if getattr(args, name) < 1:
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
@@ -186,6 +188,16 @@ def check_run_args(args):
     check_schedule_values(args)
     check_ranges(args)
     check_size_and_mask_ratio(args)
+
+
+def check_utf8_name(flag, path):
+    """A folder name with bytes that are not UTF-8 (Python holds them as surrogates) is refused up
+    front: TensorBoard's writer and the JSON logs fail on it after training has started."""
+    try:
+        (path or '').encode('utf-8')
+    except UnicodeEncodeError:
+        raise UsageError(f'--{flag} {path!r} has bytes in its name that are not UTF-8, which the logs cannot write: '
+                         f'give a folder whose name is UTF-8') from None
 
 
 def check_size_and_mask_ratio(args):

@@ -77,6 +77,9 @@ def folder_errors_as_usage(flag, folder):
     except OSError as e:
         if os.path.isfile(folder):
             raise UsageError(f'{flag} {folder} is a file: give a folder (a new one is made)') from None
+        if os.path.islink(folder) and not os.path.exists(folder):  # makedirs said 'File exists'
+            raise UsageError(f'{flag} {folder} is a link to {os.readlink(folder)}, which does not exist: make that '
+                             f'folder, or give another {flag}') from None
         raise UsageError(f'{flag} {folder}: cannot write there ({e.strerror or first_line(e)}): give a '
                          f'folder you can write to') from None
 
