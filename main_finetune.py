@@ -594,7 +594,7 @@ def main(args):
     check_args(args)
     # an evaluation's printed arguments leave out the training recipe it fills but never reads
     unused = () if trains_weights(args) else recipe_training_flags() | {*TRAINING_ONLY_FLAGS, 'recipe_source'}
-    world, device, precision = start_run(args, unused_flags=unused)
+    world, device, precision = start_run(args, unused_flags=unused, writes=not args.eval)
     print(f'mode: {"evaluation" if args.eval else "frozen features (--knn)" if args.knn else mode}' +
           (f', with {args.recipe_source}' if args.recipe_source and trains_weights(args) else ''))
     pin_memory = args.pin_mem and device.type != 'cpu'

@@ -16,10 +16,12 @@ from util.logger import counted
 from util.output_dir import lock_output_dir, make_log_dir
 
 
-def start_run(args, deterministic=False, unused_flags=()):
+def start_run(args, deterministic=False, unused_flags=(), writes=True):
     """Join the run: this process's rank, its device, the process group, the precision.
     `deterministic` asks the device for run-to-run identical arithmetic (--align); the flags named
-    in `unused_flags` (those of training, in an evaluation) are left out of the printed arguments.
+    in `unused_flags` (those of training, in an evaluation) are left out of the printed arguments;
+    a run that `writes` nothing (an evaluation) neither locks --output_dir nor makes --log_dir, so
+    that a read-only folder of checkpoints can be evaluated.
 
     returns: (world, device, precision)
     """
@@ -33,11 +35,12 @@ def start_run(args, deterministic=False, unused_flags=()):
         device.use_fast_fp32()
     dist.init_process_group(world, device)
     signals.join_agreement_group()
-    lock_for_every_rank(args.output_dir)
+    if writes:
+        lock_for_every_rank(args.output_dir)
     precision = device.resolve_precision(args.precision)
     resolve_compile(args, device.type, deterministic)
     args.log_dir = args.log_dir or args.output_dir
-    if args.log_dir and args.log_dir != args.output_dir and dist.is_main_process():
+    if writes and args.log_dir and args.log_dir != args.output_dir and dist.is_main_process():
         make_log_dir(args.log_dir)
     processes = counted(world.world_size, 'process', 'processes')
     print(f'device: {device.torch_device} x {processes}, precision: {precision}')
