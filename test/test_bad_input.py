@@ -742,6 +742,10 @@ def test_the_closing_lines_quote_the_tensorboard_command(capsys):
     print_outputs(argparse.Namespace(output_dir='runs/my run', log_dir='runs/my run'), None, 1.0)
     command = capsys.readouterr().out.split('TensorBoard: ', 1)[1].strip()
     assert shlex.split(command) == ['tensorboard', '--logdir', 'runs/my run']
+    # a folder named -x: tensorboard took it for an option ("argument --logdir: expected one argument")
+    print_outputs(argparse.Namespace(output_dir='-runs', log_dir='-runs'), None, 1.0)
+    command = capsys.readouterr().out.split('TensorBoard: ', 1)[1].strip()
+    assert shlex.split(command) == ['tensorboard', '--logdir', './-runs']
 
 
 def test_a_closing_throughput_of_one_logged_interval_says_it_holds_the_start_up(small_folder, tmp_path, capsys):
