@@ -152,6 +152,7 @@ def print_outputs(args, stats, seconds, bad_images=None):
         print(f'checkpoint: {os.path.join(args.output_dir, checkpoint.LAST)}\n'
               f'logs: {os.path.join(args.output_dir, "log.jsonl")} (steps), '
               f'{os.path.join(args.output_dir, "log.txt")} (epochs)')
-    if args.log_dir:  # a command to paste: quoted, and a folder named -x not taken for an option
-        log_dir = os.path.join('.', args.log_dir) if args.log_dir.startswith('-') else args.log_dir
+    log_dir = getattr(args, 'log_dir', None)  # start_run's: --log_dir, else --output_dir
+    if log_dir:  # a command to paste: quoted, and a folder named -x not taken for an option
+        log_dir = os.path.join('.', log_dir) if log_dir.startswith('-') else log_dir
         print(f'TensorBoard: tensorboard --logdir {shlex.quote(log_dir)}')
