@@ -210,6 +210,10 @@ def test_an_output_folder_inside_a_split_of_the_data_is_refused(tmp_path):
             check_output_outside_the_data(str(tmp_path / inside), str(tmp_path / 'data'))
     for outside in ('data/output', 'data/trainings', 'elsewhere', ''):
         check_output_outside_the_data(str(tmp_path / outside) if outside else '', str(tmp_path / 'data'))
+    # the built-in set's folder for --data_path demo (not a ./demo of the working directory)
+    demo = demo_data.ensure_demo_dataset()
+    with pytest.raises(UsageError, match=f"is inside --data_path's train/ folder, .*: choose a folder outside {demo}$"):
+        check_output_outside_the_data(os.path.join(demo, 'train', 'run2'), 'demo')
 
 
 class Payload:

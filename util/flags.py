@@ -212,14 +212,17 @@ def check_size_and_mask_ratio(args):
 
 
 def check_output_outside_the_data(output_dir, data_path):
-    """An --output_dir inside a split of --data_path would be read as a class folder of it."""
-    if not output_dir or not data_path or not os.path.isdir(data_path):
+    """An --output_dir inside a split of --data_path (the built-in set's folder for `demo`) would be
+    read as a class folder of it."""
+    from util import demo_data
+    root = demo_data.default_cache_dir() if data_path == 'demo' else data_path
+    if not output_dir or not root or not os.path.isdir(root):
         return
     for split in ('train', 'val'):
-        folder = os.path.realpath(os.path.join(data_path, split))
+        folder = os.path.realpath(os.path.join(root, split))
         if os.path.join(os.path.realpath(output_dir), '').startswith(os.path.join(folder, '')):
             raise UsageError(f'--output_dir {output_dir!r} is inside --data_path\'s {split}/ folder, where its files '
-                             f'would be read as a class of images: choose a folder outside {data_path}')
+                             f'would be read as a class of images: choose a folder outside {root}')
 
 
 # Flags that mean something only within an interval (a pair of values: each within it), with what
