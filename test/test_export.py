@@ -30,12 +30,20 @@ def pretraining_checkpoint(tmp_path, name, **kwargs):
     return model, save_checkpoint(tmp_path, name, model)
 
 
+def test_the_printed_call_names_the_file_wherever_it_is_run(tmp_path, capsys, monkeypatch):
+    """--output rel.safetensors printed file='rel.safetensors': the call worked only from that folder."""
+    _, path = pretraining_checkpoint(tmp_path, 'mae_vit_tiny')
+    monkeypatch.chdir(tmp_path)
+    _, code = export(capsys, path, 'rel.safetensors')
+    assert f"file={str(tmp_path / 'rel.safetensors')!r}" in code
+
+
 def export(capsys, checkpoint, output, *flags):
     """Run export.py in-process; returns the model built by the call it prints (in eval mode) and the call."""
     run_main('export', '--checkpoint', checkpoint, '--output', output, *flags)
     printed = capsys.readouterr().out
     code = printed.split('Load it with:\n', 1)[1]
-    assert 'create_model(' in code and f'file={str(output)!r}' in code, printed
+    assert 'create_model(' in code and f'file={os.path.abspath(output)!r}' in code, printed
     with safe_open(output, 'pt') as f:  # the encoder only
         assert not [k for k in f.keys() if k.startswith(('mask_token', 'decoder'))]
     namespace = {}

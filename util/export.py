@@ -208,7 +208,8 @@ def export_checkpoint(path, output, model=None, ema=False, input_size=None):
         (timm_name, kwargs, num_classes), state, description = export(ckpt, path, name, input_size)
     except WeightsDoNotFit as e:  # --model of another size than the run's, say
         raise WeightsDoNotFit(f'{e}{written_by_advice(model, recorded)}') from None
-    call = TimmCall(timm_name, kwargs, overlay_for(timm_name, output, num_classes))
+    # the printed call loads the file from any working directory
+    call = TimmCall(timm_name, kwargs, overlay_for(timm_name, os.path.abspath(output), num_classes))
 
     def check(file):
         try:
