@@ -579,20 +579,15 @@ def test_eval_of_a_missing_checkpoint_says_so_before_building_a_model(tmp_path, 
     assert 'parameters' not in capsys.readouterr().out
 
 
-def test_eval_writes_nothing_and_takes_any_output_dir(demo_finetuning, tmp_path):
-    """An evaluation locked --output_dir (writing its .lock): a read-only folder of checkpoints was refused."""
-    (tmp_path / 'file').write_text('')
-    assert run_finetune('--eval', '--resume', demo_finetuning[1] / checkpoint.LAST, '--device', 'cpu', '--num_workers',
-                        0, '--data_path', 'demo', '--output_dir', tmp_path / 'file' / 'unwritable')['images'] == 500
-    assert os.listdir(tmp_path) == ['file']
-
-
 def test_eval_takes_the_model_its_checkpoint_records(demo_finetuning, demo_root, capsys, tmp_path):
     """--eval builds the classifier the checkpoint records: its --model, its --input_size (32 here, where
     vit_tiny_patch8 is built for 64), and a linear probe's head and cls-token pooling."""
     _, finetuned = demo_finetuning
+    # an evaluation writes nothing: any --output_dir (it locked the folder: a read-only one was refused)
+    (tmp_path / 'file').write_text('')
     stats = run_finetune('--eval', '--resume', finetuned / checkpoint.LAST, '--device', 'cpu',
-                         '--num_workers', 0, '--data_path', 'demo', '--output_dir', '')
+                         '--num_workers', 0, '--data_path', 'demo', '--output_dir', tmp_path / 'file' / 'unwritable')
+    assert os.listdir(tmp_path) == ['file']
     out = capsys.readouterr().out
     assert 'model vit_tiny_patch8:' in out
     assert stats['acc1'] == read_jsonl(finetuned / 'log.txt')[-1]['test_acc1']  # as the run's own evaluation
