@@ -156,7 +156,9 @@ def ensure_demo_dataset(root=None):
     root = root or default_cache_dir()
     if os.path.isdir(os.path.join(root, 'val')):
         return root
-    if os.path.isdir(root) and os.listdir(root):  # the set is renamed into place as a whole: not into this
+    # the set is renamed into place as a whole, which a folder of other files refuses (another process may
+    # have just renamed its set there: looked at again)
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isdir(os.path.join(root, 'val')):
         raise UsageError(f'cannot write the demo data set in {root}: it holds other files, and the set is made as a '
                          f'folder of its own: set $MIM_DEMO_DIR to a new or empty folder')
     print(f'generating the demo data set in {root} (once; a few seconds)', flush=True)
