@@ -47,7 +47,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from compare_loss import parse_jsonl  # noqa: E402 - the one log.jsonl reader; imports no torch
-from util.errors import EXIT_PREEMPTED, RESUME_ADVICE, skip_the_last_collection  # noqa: E402 - the repository's util/
+from util.errors import (EXIT_PREEMPTED, RESUME_ADVICE, skip_the_last_collection,  # noqa: E402 - the repository's util/
+                         stdout_to_devnull)
 from util.logger import read_json_lines  # noqa: E402
 
 # What each kind of case runs by default; every value is overridden by the same --key=value.
@@ -361,7 +362,7 @@ class Console:
                 sys.stdout.flush()
             except BrokenPipeError:
                 self.open = False
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush, and later prints
+                stdout_to_devnull()
 
 
 def file_size(path):
@@ -383,7 +384,7 @@ if __name__ == '__main__':
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.exit_code)
     except BrokenPipeError:  # stdout's reader went away before the run's lines (Console): no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_to_devnull()
         sys.exit(1)
     except OSError as e:  # the run folder or a file of the case that cannot be made or written
         where = f' ({e.filename})' if e.filename else ''

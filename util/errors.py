@@ -48,9 +48,8 @@ def run_cli(main, *args):
     except BrokenPipeError:
         if not stdout_is_gone():
             raise
-        # the reader of stdout went away (`| head -1`): the end of a program that SIGPIPE stops, without a
-        # traceback, and without the interpreter's flush at exit into the closed pipe (another traceback)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # the reader of stdout went away (`| head -1`): the end of a program that SIGPIPE stops, without a traceback
+        stdout_to_devnull()
         sys.exit(1)
     except (RuntimeError, MemoryError, OSError) as e:
         message = disk_full_message(e) if isinstance(e, OSError) else out_of_memory_message(e)
@@ -64,6 +63,12 @@ def run_cli(main, *args):
             raise
         print_error(message)
         sys.exit(EXIT_USAGE)
+
+
+def stdout_to_devnull():
+    """Send what is still printed, and the interpreter's flush of stdout at exit (a second
+    BrokenPipeError traceback), to /dev/null: for a stdout whose reader has gone."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def stdout_is_gone():
