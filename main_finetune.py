@@ -104,8 +104,8 @@ def get_args_parser():
                              'beit_base_patch16_224, seresnet50 (default: vit_base_patch16, or the classifier of the '
                              'checkpoint\'s pre-training, e.g. vit_large_patch16 for MAE ViT-L, '
                              'swin_base_patch4_window7_224 for SimMIM Swin-B, or '
-                             'with --eval the model its checkpoint records, with its --input_size, pooling, '
-                             'probe head and --nb_classes; fine-tuning vit_large_patch16/'
+                             'with --eval (or a resumed run) the model its checkpoint records, with its --input_size, '
+                             'pooling, probe head and --nb_classes; fine-tuning vit_large_patch16/'
                              'vit_huge_patch14 defaults to MAE\'s ViT-L/H recipe: 50 epochs, blr 1e-3, layer decay '
                              f'0.75, drop path 0.2/0.3). This project\'s own: {model_names_by_method(pretraining=False)}')
     parser.add_argument('--input_size', default=None, type=int,
