@@ -41,7 +41,6 @@ Only numpy is needed; --plot draws with matplotlib (util/plots.py), imported onl
 imports neither torch nor matplotlib.
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -51,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from util.errors import UsageError
-from util.logger import PARTIAL_MARK
+from util.logger import PARTIAL_MARK, json_records
 
 
 class UnusableInput(UsageError):
@@ -162,15 +161,8 @@ def parse_jsonl(text, value='loss', position='step', count_missing=True):
     (with `count_missing` False: a line without an epoch, such as a `--knn` evaluation's appended
     to a run's log.txt, is no point of its curve)."""
     pairs = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith('{'):
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or value not in record:
+    for record in json_records(text.splitlines()):
+        if value not in record:
             continue
         number = record[value]
         if number is None:

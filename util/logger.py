@@ -28,17 +28,21 @@ def read_json_lines(path, offset=0):
     skipped: a resumed run appends after it."""
     if not os.path.isfile(path):
         return []
-    records = []
     with open(path, errors='replace') as f:
         f.seek(offset)
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+        return list(json_records(f))
+
+
+def json_records(lines):
+    """The JSON objects among `lines`, one a line; a line that is no object (cut short, or text of
+    another kind) is skipped."""
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 def cut_short(path):
