@@ -192,16 +192,15 @@ def fill_recipe(args):
     MAE's; from scratch, the model's own supervised recipe (HiViT's), else DeiT's. returns: the mode."""
     if not trains_weights(args):
         say_which_training_flags_are_ignored(args)
+    recorded = {}  # the classifier of the checkpoint evaluated or resumed, shaped as it was trained
     if args.eval:
         recorded = classifier_of_checkpoint(checkpoint.resume_path(args.resume, args.output_dir))
-        if args.model in (None, recorded.get('model')):  # its classifier, shaped as it was trained
-            for key, value in recorded.items():
-                if getattr(args, key) is None or (key == 'linprobe' and value):
-                    setattr(args, key, value)
-    elif args.model is None and trains_weights(args):  # a resumed run's classifier, as its run shaped it
-        for key, value in resumed_classifier(args).items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+        recorded = recorded if args.model in (None, recorded.get('model')) else {}
+    elif args.model is None and trains_weights(args):
+        recorded = resumed_classifier(args)
+    for key, value in recorded.items():
+        if getattr(args, key) is None or (key == 'linprobe' and value):
+            setattr(args, key, value)
     mode = 'linprobe' if args.linprobe else 'finetune' if args.finetune else 'scratch'
     recipe, published, args.recipe_source = dict(RECIPES[mode]), {}, None
     if mode != 'scratch' and os.path.isfile(args.finetune):  # a missing file is reported where it is loaded

@@ -242,9 +242,8 @@ def training_resume_path(args):
     folder's checkpoint-last.pth continues it (its run resumed that file: the same command launched
     again after an interruption, as the README asks), the folder's newer checkpoint: resuming the
     named file again would throw away what the run has trained since."""
-    path = resume_path(args.resume, args.output_dir)
-    last = os.path.join(args.output_dir, LAST) if args.output_dir else None
-    if not args.resume or not last or not os.path.isfile(last) or in_folder(path, args.output_dir):
+    path, last = resume_path(args.resume, args.output_dir), resume_path(None, args.output_dir)
+    if not args.resume or not last or in_folder(path, args.output_dir):
         return path  # one of the folder's own checkpoints: an earlier epoch's, to go back to it
     try:
         resumed_by_last = saved_args(load(last, mmap=True)).get('resume')

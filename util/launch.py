@@ -113,8 +113,7 @@ def check_another_runs_folder(path, output_dir):
     """--resume of a checkpoint outside --output_dir into a folder that holds a run's own
     checkpoint-last.pth would overwrite that run's checkpoint (and mix both runs' logs): refused.
     A checkpoint of the folder itself (an earlier epoch's, to go back to it) continues its run."""
-    last = os.path.join(output_dir, checkpoint.LAST) if output_dir else None
-    if not last or not os.path.isfile(last) or checkpoint.in_folder(path, output_dir):
+    if not checkpoint.resume_path(None, output_dir) or checkpoint.in_folder(path, output_dir):
         return
     raise UsageError(f'{output_dir} holds the checkpoint-last.pth of another run, which continuing {path} there '
                      f'would overwrite: give another --output_dir, or leave --resume out to continue the run of '
@@ -124,8 +123,8 @@ def check_another_runs_folder(path, output_dir):
 def start_afresh_from_weights(path, args):
     """--resume of weights alone (a release, say): training starts at epoch 0 from them, as the
     official code does, in an --output_dir that holds no run whose checkpoint it would overwrite."""
-    last = os.path.join(args.output_dir, checkpoint.LAST) if args.output_dir else None
-    if last and os.path.isfile(last) and not os.path.samefile(last, path):
+    last = checkpoint.resume_path(None, args.output_dir)  # the folder's run, if one is there
+    if last and not os.path.samefile(last, path):
         raise UsageError(f'{args.output_dir} holds the checkpoint-last.pth of a run, which this one, starting afresh '
                          f'from the weights of {path}, would overwrite: give another --output_dir (or --resume {last} '
                          f'to continue that run)')
